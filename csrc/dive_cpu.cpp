@@ -1,0 +1,260 @@
+// DiVE regulariser on the CPU: row chunks in parallel, loops the compiler vectorises.
+//
+// Forward (dive_stats): each chunk reads its rows once. Per row the four squared norms,
+// then u and v into a small L1-resident block buffer; per block of kRowBlock rows the
+// block mean and M2 about it, merged into the chunk's running statistics with Chan's
+// update (exact, no |u|^2 - 2 m.u + |m|^2 cancellation). Output: one part per chunk.
+// Backward (dive_backward): one pass per row: norms, gradient wrt the normalised vector,
+// projection through the normalisation Jacobian, write.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "dive_common.h"
+
+namespace dive_fast {
+namespace {
+
+constexpr int64_t kRowBlock = 8;
+
+template <typename acc_t>
+struct ChunkStats {
+  std::vector<acc_t> mean_u, mean_v;
+  acc_t n = 0, m2_u = 0, m2_v = 0, pvl = 0, norm_u = 0, norm_v = 0;
+  acc_t bad[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  explicit ChunkStats(int64_t D) : mean_u(D, 0), mean_v(D, 0) {}
+};
+
+template <typename T, typename acc_t>
+inline acc_t sum_squares(const T* x, int64_t D) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t v = static_cast<acc_t>(x[d]);
+    s += v * v;
+  }
+  return s;
+}
+
+template <typename acc_t>
+inline acc_t inverse_norm(acc_t sumsq, bool normalize) {
+  return normalize ? acc_t(1) / std::sqrt(sumsq) : acc_t(1);
+}
+
+template <typename acc_t>
+inline void count_bad(acc_t* bad, const acc_t (&ss)[4]) {
+  for (int k = 0; k < 4; ++k) {
+    bad[k] += !(ss[k] <= std::numeric_limits<acc_t>::max());  // NaN or Inf
+    bad[4 + k] += ss[k] == acc_t(0);
+  }
+}
+
+// Block mean of `rows` rows in buf, the block's M2 about it, and Chan's merge into the
+// running (n, mean, m2). Returns the updated m2.
+template <typename acc_t>
+inline acc_t merge_block(const acc_t* buf, int64_t rows, int64_t D, acc_t n_run,
+                         acc_t* mean, acc_t m2, acc_t* block_mean) {
+  const acc_t inv_rows = acc_t(1) / rows;
+  for (int64_t d = 0; d < D; ++d) block_mean[d] = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* r = buf + i * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) block_mean[d] += r[d];
+  }
+  acc_t block_m2 = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* r = buf + i * D;
+#pragma omp simd reduction(+ : block_m2)
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t dev = r[d] - block_mean[d] * inv_rows;
+      block_m2 += dev * dev;
+    }
+  }
+  const acc_t total = n_run + rows;
+  const acc_t w = rows / total;
+  acc_t shift = 0;
+#pragma omp simd reduction(+ : shift)
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t delta = block_mean[d] * inv_rows - mean[d];
+    shift += delta * delta;
+    mean[d] += delta * w;
+  }
+  return m2 + block_m2 + n_run * w * shift;
+}
+
+template <typename ft_t, typename pre_t, typename acc_t>
+void stats_chunk(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
+                 const at::Tensor& T0, int64_t r0, int64_t r1, bool normalize,
+                 ChunkStats<acc_t>& st) {
+  const int64_t D = A.size(1);
+  const ft_t* a_base = A.data_ptr<ft_t>();
+  const pre_t* a0_base = A0.data_ptr<pre_t>();
+  const ft_t* t_base = T.data_ptr<ft_t>();
+  const pre_t* t0_base = T0.data_ptr<pre_t>();
+  std::vector<acc_t> ubuf(kRowBlock * D), vbuf(kRowBlock * D), block_mean(D);
+  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, r1 - b0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = b0 + i;
+      const ft_t* a = a_base + r * A.stride(0);
+      const pre_t* a0 = a0_base + r * A0.stride(0);
+      const ft_t* t = t_base + r * T.stride(0);
+      const pre_t* t0 = t0_base + r * T0.stride(0);
+      const acc_t ss[4] = {sum_squares<ft_t, acc_t>(a, D), sum_squares<pre_t, acc_t>(a0, D),
+                           sum_squares<ft_t, acc_t>(t, D), sum_squares<pre_t, acc_t>(t0, D)};
+      count_bad(st.bad, ss);
+      const acc_t ia = inverse_norm(ss[0], normalize), ia0 = inverse_norm(ss[1], normalize);
+      const acc_t it = inverse_norm(ss[2], normalize), it0 = inverse_norm(ss[3], normalize);
+      acc_t* u = ubuf.data() + i * D;
+      acc_t* v = vbuf.data() + i * D;
+      acc_t pv = 0, nu = 0, nv = 0;
+#pragma omp simd reduction(+ : pv, nu, nv)
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t ud = static_cast<acc_t>(a[d]) * ia - static_cast<acc_t>(a0[d]) * ia0;
+        const acc_t vd = static_cast<acc_t>(t[d]) * it - static_cast<acc_t>(t0[d]) * it0;
+        u[d] = ud;
+        v[d] = vd;
+        pv += (ud - vd) * (ud - vd);
+        nu += ud * ud;
+        nv += vd * vd;
+      }
+      st.pvl += pv;
+      st.norm_u += std::sqrt(nu);
+      st.norm_v += std::sqrt(nv);
+    }
+    st.m2_u = merge_block(ubuf.data(), rows, D, st.n, st.mean_u.data(), st.m2_u, block_mean.data());
+    st.m2_v = merge_block(vbuf.data(), rows, D, st.n, st.mean_v.data(), st.m2_v, block_mean.data());
+    st.n += rows;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
+                                                  const at::Tensor& img_pre,
+                                                  const at::Tensor& txt_ft,
+                                                  const at::Tensor& txt_pre, bool normalize) {
+  check_inputs(img_ft, img_pre, txt_ft, txt_pre);
+  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
+  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
+  const int64_t B = A.size(0), D = A.size(1);
+  const int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const auto acc_type = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto means = at::empty({parts, 2, D}, A.options().dtype(acc_type));
+  auto scalars = at::zeros({parts, kNumScalars}, A.options().dtype(acc_type));
+  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), true, [&](auto ft_tag, auto pre_tag, auto acc_tag) {
+    using ft_t = typename decltype(ft_tag)::type;
+    using pre_t = typename decltype(pre_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        // Whole row blocks per part, so that parts never split a block.
+        const int64_t r0 = std::min(B, (blocks * p / parts) * kRowBlock);
+        const int64_t r1 = std::min(B, (blocks * (p + 1) / parts) * kRowBlock);
+        ChunkStats<acc_t> st(D);
+        stats_chunk<ft_t, pre_t, acc_t>(A, A0, T, T0, r0, r1, normalize, st);
+        acc_t* mp = means.data_ptr<acc_t>() + p * 2 * D;
+        std::copy(st.mean_u.begin(), st.mean_u.end(), mp);
+        std::copy(st.mean_v.begin(), st.mean_v.end(), mp + D);
+        acc_t* sp = scalars.data_ptr<acc_t>() + p * kNumScalars;
+        sp[kCount] = st.n;
+        sp[kM2U] = st.m2_u;
+        sp[kM2V] = st.m2_v;
+        sp[kPvl] = st.pvl;
+        sp[kNormU] = st.norm_u;
+        sp[kNormV] = st.norm_v;
+        for (int k = 0; k < 8; ++k) sp[kNonFinite + k] = st.bad[k];
+      }
+    });
+  });
+  return {means, scalars};
+}
+
+template <typename ft_t, typename pre_t, typename acc_t>
+void backward_rows(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
+                   const at::Tensor& T0, const acc_t* m, acc_t c_avl, acc_t c_pvl,
+                   bool normalize, at::Tensor& GA, at::Tensor& GT, int64_t r0, int64_t r1) {
+  const int64_t D = A.size(1);
+  std::vector<acc_t> gu(D), gv(D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const ft_t* a = A.data_ptr<ft_t>() + r * A.stride(0);
+    const pre_t* a0 = A0.data_ptr<pre_t>() + r * A0.stride(0);
+    const ft_t* t = T.data_ptr<ft_t>() + r * T.stride(0);
+    const pre_t* t0 = T0.data_ptr<pre_t>() + r * T0.stride(0);
+    ft_t* ga = GA.data_ptr<ft_t>() + r * D;
+    ft_t* gt = GT.data_ptr<ft_t>() + r * D;
+    const acc_t ia = inverse_norm(sum_squares<ft_t, acc_t>(a, D), normalize);
+    const acc_t ia0 = inverse_norm(sum_squares<pre_t, acc_t>(a0, D), normalize);
+    const acc_t it = inverse_norm(sum_squares<ft_t, acc_t>(t, D), normalize);
+    const acc_t it0 = inverse_norm(sum_squares<pre_t, acc_t>(t0, D), normalize);
+    acc_t dot_a = 0, dot_t = 0;
+#pragma omp simd reduction(+ : dot_a, dot_t)
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t ah = static_cast<acc_t>(a[d]) * ia, th = static_cast<acc_t>(t[d]) * it;
+      const acc_t ud = ah - static_cast<acc_t>(a0[d]) * ia0;
+      const acc_t vd = th - static_cast<acc_t>(t0[d]) * it0;
+      const acc_t g_u = c_avl * (ud - m[d]) + c_pvl * (ud - vd);
+      const acc_t g_v = c_avl * (vd - m[d]) - c_pvl * (ud - vd);
+      gu[d] = g_u;
+      gv[d] = g_v;
+      dot_a += ah * g_u;
+      dot_t += th * g_v;
+    }
+    if (!normalize) dot_a = dot_t = 0;
+    // dL/de = (g - e_hat (e_hat . g)) / |e|; ia = it = 1 without normalisation.
+    const acc_t pa = dot_a * ia, pt = dot_t * it;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      ga[d] = static_cast<ft_t>((gu[d] - static_cast<acc_t>(a[d]) * pa) * ia);
+      gt[d] = static_cast<ft_t>((gv[d] - static_cast<acc_t>(t[d]) * pt) * it);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
+    const at::Tensor& img_ft, const at::Tensor& img_pre, const at::Tensor& txt_ft,
+    const at::Tensor& txt_pre, const at::Tensor& m, const at::Tensor& c_avl,
+    const at::Tensor& c_pvl, bool normalize) {
+  check_inputs(img_ft, img_pre, txt_ft, txt_pre);
+  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
+  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
+  const int64_t B = A.size(0), D = A.size(1);
+  TORCH_CHECK(m.numel() == D, "m must have ", D, " elements, got ", m.numel());
+  auto GA = at::empty({B, D}, A.options());
+  auto GT = at::empty({B, D}, T.options());
+  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), true, [&](auto ft_tag, auto pre_tag, auto acc_tag) {
+    using ft_t = typename decltype(ft_tag)::type;
+    using pre_t = typename decltype(pre_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    const at::Tensor m_acc = m.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t ca = c_avl.item().template to<acc_t>(), cp = c_pvl.item().template to<acc_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+      backward_rows<ft_t, pre_t, acc_t>(A, A0, T, T0, m_acc.data_ptr<acc_t>(), ca, cp, normalize,
+                                        GA, GT, r0, r1);
+    });
+  });
+  return {GA, GT};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dive_fast_C, lib) {
+  lib.def("dive_stats(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, "
+          "bool normalize) -> (Tensor, Tensor)");
+  lib.def("dive_backward(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, "
+          "Tensor m, Tensor c_avl, Tensor c_pvl, bool normalize) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dive_fast_C, CPU, lib) {
+  lib.impl("dive_stats", &dive_stats_cpu);
+  lib.impl("dive_backward", &dive_backward_cpu);
+}
+
+}  // namespace dive_fast
+
+// Importing dive_fast._C registers the ops above; the module itself exports nothing.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}

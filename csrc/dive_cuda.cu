@@ -1,0 +1,287 @@
+// DiVE regulariser on CUDA GPUs; same statistics layout and algorithm as dive_cpu.cpp.
+//
+// dive_stats: a persistent grid; each CTA walks blocks of `rows` rows. One warp per row
+// computes the four norms and writes u, v into shared memory (the only global read of
+// the inputs); then threads over columns take the block mean and M2 about it and merge
+// them into the CTA's running mean (Chan's update), kept in shared memory. One part per
+// CTA goes back to dive_fast.ops.dive.finalize.
+// dive_backward: one warp per row, one pass over global memory (the row is re-read from
+// L1/L2 for the final write).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cfloat>
+
+#include "dive_common.h"
+
+namespace dive_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBufferElements = 4096;  // rows * D per shared buffer (u and v each)
+constexpr int kMaxDim = 8192;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Deterministic CTA-wide sum (fixed order); every thread gets the result.
+__device__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  return total;
+}
+
+template <typename T>
+__device__ __forceinline__ float ld(const T* p) {
+  return static_cast<float>(*p);
+}
+
+template <typename ft_t, typename pre_t>
+__global__ void __launch_bounds__(kThreads) dive_stats_kernel(
+    const ft_t* __restrict__ A, const pre_t* __restrict__ A0, const ft_t* __restrict__ T,
+    const pre_t* __restrict__ T0, int64_t sA, int64_t sA0, int64_t sT, int64_t sT0, int64_t B,
+    int D, int rows_per_block, bool normalize, float* __restrict__ means,
+    float* __restrict__ scalars) {
+  extern __shared__ float smem[];
+  float* ubuf = smem;                                // [rows_per_block, D]
+  float* vbuf = ubuf + rows_per_block * D;           // [rows_per_block, D]
+  float* mean_u = vbuf + rows_per_block * D;         // [D]
+  float* mean_v = mean_u + D;                        // [D]
+  __shared__ float scratch[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int d = threadIdx.x; d < D; d += kThreads) mean_u[d] = mean_v[d] = 0.f;
+
+  // Per-thread partial sums, reduced across the CTA at the end.
+  float m2_u = 0.f, m2_v = 0.f, pvl = 0.f, norm_u = 0.f, norm_v = 0.f;
+  float bad[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float n_run = 0.f;
+  const int64_t num_blocks = (B + rows_per_block - 1) / rows_per_block;
+  for (int64_t blk = blockIdx.x; blk < num_blocks; blk += gridDim.x) {
+    const int64_t first = blk * rows_per_block;
+    const int rows = B - first < rows_per_block ? static_cast<int>(B - first) : rows_per_block;
+    __syncthreads();  // the previous block's buffers are consumed
+    for (int i = warp; i < rows; i += kWarps) {
+      const int64_t r = first + i;
+      const ft_t* a = A + r * sA;
+      const pre_t* a0 = A0 + r * sA0;
+      const ft_t* t = T + r * sT;
+      const pre_t* t0 = T0 + r * sT0;
+      float ss[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int d = lane; d < D; d += 32) {
+        const float x0 = ld(a + d), x1 = ld(a0 + d), x2 = ld(t + d), x3 = ld(t0 + d);
+        ss[0] += x0 * x0; ss[1] += x1 * x1; ss[2] += x2 * x2; ss[3] += x3 * x3;
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) ss[k] = warp_sum(ss[k]);
+      if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          bad[k] += !(ss[k] <= FLT_MAX);
+          bad[4 + k] += ss[k] == 0.f;
+        }
+      }
+      const float ia = normalize ? rsqrtf(ss[0]) : 1.f, ia0 = normalize ? rsqrtf(ss[1]) : 1.f;
+      const float it = normalize ? rsqrtf(ss[2]) : 1.f, it0 = normalize ? rsqrtf(ss[3]) : 1.f;
+      float pv = 0.f, nu = 0.f, nv = 0.f;
+      for (int d = lane; d < D; d += 32) {
+        const float ud = ld(a + d) * ia - ld(a0 + d) * ia0;
+        const float vd = ld(t + d) * it - ld(t0 + d) * it0;
+        ubuf[i * D + d] = ud;
+        vbuf[i * D + d] = vd;
+        pv += (ud - vd) * (ud - vd);
+        nu += ud * ud;
+        nv += vd * vd;
+      }
+      pv = warp_sum(pv);
+      nu = warp_sum(nu);
+      nv = warp_sum(nv);
+      if (lane == 0) {
+        pvl += pv;
+        norm_u += sqrtf(nu);
+        norm_v += sqrtf(nv);
+      }
+    }
+    __syncthreads();
+    const float total = n_run + rows, w = rows / total, cross = n_run * w, inv_rows = 1.f / rows;
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      float su = 0.f, sv = 0.f;
+      for (int i = 0; i < rows; ++i) { su += ubuf[i * D + d]; sv += vbuf[i * D + d]; }
+      const float bu = su * inv_rows, bv = sv * inv_rows;
+      for (int i = 0; i < rows; ++i) {
+        const float du = ubuf[i * D + d] - bu, dv = vbuf[i * D + d] - bv;
+        m2_u += du * du;
+        m2_v += dv * dv;
+      }
+      const float eu = bu - mean_u[d], ev = bv - mean_v[d];
+      m2_u += cross * eu * eu;
+      m2_v += cross * ev * ev;
+      mean_u[d] += eu * w;
+      mean_v[d] += ev * w;
+    }
+    n_run = total;
+  }
+  __syncthreads();
+  float* out = means + static_cast<int64_t>(blockIdx.x) * 2 * D;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    out[d] = mean_u[d];
+    out[D + d] = mean_v[d];
+  }
+  float* sc = scalars + static_cast<int64_t>(blockIdx.x) * kNumScalars;
+  const float sums[5] = {block_sum(m2_u, scratch), block_sum(m2_v, scratch),
+                         block_sum(pvl, scratch), block_sum(norm_u, scratch),
+                         block_sum(norm_v, scratch)};
+  float bads[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) bads[k] = block_sum(bad[k], scratch);
+  if (threadIdx.x == 0) {
+    sc[kCount] = n_run;
+    sc[kM2U] = sums[0];
+    sc[kM2V] = sums[1];
+    sc[kPvl] = sums[2];
+    sc[kNormU] = sums[3];
+    sc[kNormV] = sums[4];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) sc[kNonFinite + k] = bads[k];
+  }
+}
+
+template <typename ft_t, typename pre_t>
+__global__ void __launch_bounds__(kThreads) dive_backward_kernel(
+    const ft_t* __restrict__ A, const pre_t* __restrict__ A0, const ft_t* __restrict__ T,
+    const pre_t* __restrict__ T0, int64_t sA, int64_t sA0, int64_t sT, int64_t sT0, int64_t B,
+    int D, const float* __restrict__ m, const float* __restrict__ c_avl_ptr,
+    const float* __restrict__ c_pvl_ptr, bool normalize, ft_t* __restrict__ GA,
+    ft_t* __restrict__ GT) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (r >= B) return;
+  const float c_avl = *c_avl_ptr, c_pvl = *c_pvl_ptr;
+  const ft_t* a = A + r * sA;
+  const pre_t* a0 = A0 + r * sA0;
+  const ft_t* t = T + r * sT;
+  const pre_t* t0 = T0 + r * sT0;
+  float ss[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int d = lane; d < D; d += 32) {
+    const float x0 = ld(a + d), x1 = ld(a0 + d), x2 = ld(t + d), x3 = ld(t0 + d);
+    ss[0] += x0 * x0; ss[1] += x1 * x1; ss[2] += x2 * x2; ss[3] += x3 * x3;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) ss[k] = warp_sum(ss[k]);
+  const float ia = normalize ? rsqrtf(ss[0]) : 1.f, ia0 = normalize ? rsqrtf(ss[1]) : 1.f;
+  const float it = normalize ? rsqrtf(ss[2]) : 1.f, it0 = normalize ? rsqrtf(ss[3]) : 1.f;
+  float dot_a = 0.f, dot_t = 0.f;
+  if (normalize) {
+    for (int d = lane; d < D; d += 32) {
+      const float ah = ld(a + d) * ia, th = ld(t + d) * it;
+      const float ud = ah - ld(a0 + d) * ia0, vd = th - ld(t0 + d) * it0;
+      dot_a += ah * (c_avl * (ud - m[d]) + c_pvl * (ud - vd));
+      dot_t += th * (c_avl * (vd - m[d]) - c_pvl * (ud - vd));
+    }
+    dot_a = warp_sum(dot_a) * ia;
+    dot_t = warp_sum(dot_t) * it;
+  }
+  ft_t* ga = GA + r * D;
+  ft_t* gt = GT + r * D;
+  for (int d = lane; d < D; d += 32) {
+    const float x = ld(a + d), y = ld(t + d);
+    const float ud = x * ia - ld(a0 + d) * ia0, vd = y * it - ld(t0 + d) * it0;
+    const float gu = c_avl * (ud - m[d]) + c_pvl * (ud - vd);
+    const float gv = c_avl * (vd - m[d]) - c_pvl * (ud - vd);
+    ga[d] = static_cast<ft_t>((gu - x * dot_a) * ia);
+    gt[d] = static_cast<ft_t>((gv - y * dot_t) * it);
+  }
+}
+
+void check_cuda_inputs(const at::Tensor& a, const at::Tensor& a0, const at::Tensor& t,
+                       const at::Tensor& t0) {
+  check_inputs(a, a0, t, t0);
+  TORCH_CHECK(a.is_cuda(), "the cuda backend takes CUDA tensors");
+  TORCH_CHECK(a.size(1) <= kMaxDim, "the cuda backend supports dim <= ", kMaxDim, ", got ",
+              a.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> dive_stats_cuda(const at::Tensor& img_ft,
+                                                   const at::Tensor& img_pre,
+                                                   const at::Tensor& txt_ft,
+                                                   const at::Tensor& txt_pre, bool normalize) {
+  check_cuda_inputs(img_ft, img_pre, txt_ft, txt_pre);
+  const c10::cuda::CUDAGuard guard(img_ft.device());
+  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
+  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
+  const int64_t B = A.size(0);
+  const int D = static_cast<int>(A.size(1));
+  const int rows = std::max(1, std::min(16, kBufferElements / D));
+  const int64_t num_blocks = (B + rows - 1) / rows;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, img_ft.get_device()));
+  const int grid = static_cast<int>(std::min<int64_t>(num_blocks, 2 * sms));
+  const size_t smem = sizeof(float) * (2 * static_cast<size_t>(rows) * D + 2 * D);
+  auto means = at::empty({grid, 2, D}, A.options().dtype(at::kFloat));
+  auto scalars = at::empty({grid, kNumScalars}, A.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), false, [&](auto ft_tag, auto pre_tag, auto) {
+    using ft_t = typename decltype(ft_tag)::type;
+    using pre_t = typename decltype(pre_tag)::type;
+    auto kernel = dive_stats_kernel<ft_t, pre_t>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    kernel<<<grid, kThreads, smem, stream>>>(
+        A.data_ptr<ft_t>(), A0.data_ptr<pre_t>(), T.data_ptr<ft_t>(), T0.data_ptr<pre_t>(),
+        A.stride(0), A0.stride(0), T.stride(0), T0.stride(0), B, D, rows, normalize,
+        means.data_ptr<float>(), scalars.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {means, scalars};
+}
+
+std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
+    const at::Tensor& img_ft, const at::Tensor& img_pre, const at::Tensor& txt_ft,
+    const at::Tensor& txt_pre, const at::Tensor& m, const at::Tensor& c_avl,
+    const at::Tensor& c_pvl, bool normalize) {
+  check_cuda_inputs(img_ft, img_pre, txt_ft, txt_pre);
+  const c10::cuda::CUDAGuard guard(img_ft.device());
+  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
+  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
+  const int64_t B = A.size(0);
+  const int D = static_cast<int>(A.size(1));
+  TORCH_CHECK(m.numel() == D, "m must have ", D, " elements, got ", m.numel());
+  const auto m32 = m.to(at::kFloat).contiguous();
+  const auto ca = c_avl.to(at::kFloat).contiguous(), cp = c_pvl.to(at::kFloat).contiguous();
+  auto GA = at::empty({B, D}, A.options());
+  auto GT = at::empty({B, D}, T.options());
+  const int64_t grid = (B + kWarps - 1) / kWarps;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), false, [&](auto ft_tag, auto pre_tag, auto) {
+    using ft_t = typename decltype(ft_tag)::type;
+    using pre_t = typename decltype(pre_tag)::type;
+    dive_backward_kernel<ft_t, pre_t><<<grid, kThreads, 0, stream>>>(
+        A.data_ptr<ft_t>(), A0.data_ptr<pre_t>(), T.data_ptr<ft_t>(), T0.data_ptr<pre_t>(),
+        A.stride(0), A0.stride(0), T.stride(0), T0.stride(0), B, D, m32.data_ptr<float>(),
+        ca.data_ptr<float>(), cp.data_ptr<float>(), normalize, GA.data_ptr<ft_t>(),
+        GT.data_ptr<ft_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {GA, GT};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dive_fast_C, CUDA, lib) {
+  lib.impl("dive_stats", &dive_stats_cuda);
+  lib.impl("dive_backward", &dive_backward_cuda);
+}
+
+}  // namespace dive_fast

@@ -1,0 +1,35 @@
+"""Lazy loading of the compiled ``dive_fast._C`` extension (C++ CPU and CUDA kernels).
+
+``import dive_fast`` never requires it: when it is missing or broken the reference
+backend serves, and ``backends.select`` warns once, saying why.
+"""
+from __future__ import annotations
+
+import functools
+import torch
+
+OP_NAMESPACE = "dive_fast_C"
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> tuple[bool, str]:
+    """(loaded, reason). Importing the module registers its ops with torch.library."""
+    try:
+        from dive_fast import _C  # noqa: F401
+    except Exception as exc:  # ImportError, or a symbol/ABI error from a stale build
+        reason = f"dive_fast._C is not importable ({type(exc).__name__}: {exc}); " \
+                 "build it with `pip install --no-build-isolation -e .`"
+        return False, reason
+    return True, ""
+
+
+def has_kernel(dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for this device (CPU or CUDA)."""
+    if not load()[0]:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{OP_NAMESPACE}::dive_stats", dispatch_key)
+
+
+def ops():
+    return getattr(torch.ops, OP_NAMESPACE)

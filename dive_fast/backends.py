@@ -1,0 +1,92 @@
+"""Which DiVE backend runs where, and why not (xformers' not_supported_reasons in spirit)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "DIVE_FAST_BACKEND"
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torch.float32,
+                       dim: int = 512) -> str | None:
+    """None when ``backend`` can run on inputs of this device type and dtype, else why not."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend takes CPU tensors, got {device_type}"
+        loaded, why = _extension.load()
+        if not loaded:
+            return why
+        return None if _extension.has_kernel("CPU") else "dive_fast._C has no CPU kernel"
+    if dtype not in LOW_PRECISION:
+        return f"the {backend} backend takes float32, bfloat16 or float16, got {dtype}"
+    if backend == "triton":
+        why = triton_import_error()
+        if why:
+            return why
+        if device_type == "cpu" and not triton_interpreted():
+            return "triton needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        if device_type not in ("cpu", "cuda"):
+            return f"triton does not run on {device_type} tensors"
+        from .ops.dive_triton import MAX_DIM
+        if dim > MAX_DIM:
+            return f"the triton kernels keep a whole row in registers: dim {dim} > {MAX_DIM}"
+        return None
+    # cuda
+    if device_type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {device_type}"
+    loaded, why = _extension.load()
+    if not loaded:
+        return why
+    if not _extension.has_kernel("CUDA"):
+        return ("dive_fast._C was built without CUDA kernels (no CUDA toolkit at build time; "
+                "rebuild with DIVE_FAST_BUILD_CUDA=1)")
+    return None
+
+
+_warned: set[str] = set()
+
+
+def select(device_type: str, dtype: torch.dtype, dim: int, requested: str | None = None) -> str:
+    """The backend to run: the requested one (argument, else $DIVE_FAST_BACKEND) or the
+    fastest one available. A forced backend that cannot run raises, naming why."""
+    requested = requested or os.environ.get(ENV_VAR) or None
+    if requested and requested != "auto":
+        why = unavailable_reason(requested, device_type, dtype, dim)
+        if why:
+            raise RuntimeError(f"DiVE backend {requested!r} cannot run here: {why}")
+        return requested
+    preferred = ("cpu",) if device_type == "cpu" else ("triton", "cuda")
+    reasons = []
+    for name in preferred:
+        why = unavailable_reason(name, device_type, dtype, dim)
+        if why is None:
+            return name
+        reasons.append(f"{name}: {why}")
+    key = f"{device_type}/{dtype}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn("dive_fast: using the reference backend for "
+                      f"{device_type} {dtype} inputs ({'; '.join(reasons)})", RuntimeWarning, stacklevel=3)
+    return "reference"

@@ -1,0 +1,1 @@
+"""Fused ops. One module per op family: reference (oracle), Triton kernels, registration."""

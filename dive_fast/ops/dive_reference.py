@@ -1,0 +1,93 @@
+"""Plain-PyTorch DiVE regulariser: the readable oracle and the fallback backend.
+
+Every backend produces the same *statistics* of the difference vectors, so that the
+EMA update and the losses (``dive.finalize``) are computed once, in one place:
+
+- ``means``   [K, 2, D]: mean of u (index 0) and of v (index 1) over the rows of part k;
+- ``scalars`` [K, NUM_SCALARS]: see the column constants below.
+
+A backend may split the rows into any number K of parts. The AVL sum is recombined
+exactly as sum_k (M2_k + n_k * |mean_k - m|^2), a sum of non-negative terms, so it
+stays accurate when all difference vectors are nearly equal (where the expanded
+|u|^2 - 2 m.u + |m|^2 form cancels catastrophically in fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+# Columns of the ``scalars`` statistics tensor.
+COUNT, M2_U, M2_V, PVL_SUM, NORM_U_SUM, NORM_V_SUM = range(6)
+NONFINITE = 6  # 6..9: rows with a NaN/Inf (or overflowing) squared norm, per input
+ZERO_NORM = 10  # 10..13: rows of zero norm, per input
+NUM_SCALARS = 14
+INPUT_NAMES = ("img_ft", "img_pre", "txt_ft", "txt_pre")
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 inputs accumulate in float64 (gradcheck); everything else in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _normalized(x: torch.Tensor, acc: torch.dtype, normalize: bool):
+    x = x.to(acc)
+    sumsq = (x * x).sum(1)
+    return (x * sumsq.rsqrt()[:, None] if normalize else x), sumsq
+
+
+def reference_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
+    acc = accumulation_dtype(img_ft)
+    (a, sa), (a0, sa0), (t, st), (t0, st0) = (
+        _normalized(x, acc, normalize) for x in (img_ft, img_pre, txt_ft, txt_pre))
+    u, v = a - a0, t - t0
+    mean_u, mean_v = u.mean(0), v.mean(0)
+    scalars = torch.zeros(1, NUM_SCALARS, dtype=acc, device=u.device)
+    scalars[0, COUNT] = u.shape[0]
+    scalars[0, M2_U] = ((u - mean_u) ** 2).sum()
+    scalars[0, M2_V] = ((v - mean_v) ** 2).sum()
+    scalars[0, PVL_SUM] = ((u - v) ** 2).sum()
+    scalars[0, NORM_U_SUM] = u.norm(dim=1).sum()
+    scalars[0, NORM_V_SUM] = v.norm(dim=1).sum()
+    for i, s in enumerate((sa, sa0, st, st0)):
+        scalars[0, NONFINITE + i] = (~torch.isfinite(s)).sum()
+        scalars[0, ZERO_NORM + i] = (s == 0).sum()
+    return torch.stack((mean_u, mean_v))[None], scalars
+
+
+def reference_backward(img_ft, img_pre, txt_ft, txt_pre, m, c_avl, c_pvl, normalize: bool):
+    """Input gradients with m held constant.
+
+    dL/du = c_avl (u - m) + c_pvl (u - v),  dL/dv = c_avl (v - m) - c_pvl (u - v),
+    then through e_hat = e/|e|:  dL/de = (g - e_hat (e_hat . g)) / |e|.
+    """
+    acc = accumulation_dtype(img_ft)
+    (a, sa), (a0, _), (t, st), (t0, _) = (
+        _normalized(x, acc, normalize) for x in (img_ft, img_pre, txt_ft, txt_pre))
+    u, v = a - a0, t - t0
+    m = m.to(acc)
+    c_avl, c_pvl = c_avl.to(acc), c_pvl.to(acc)
+    gu = c_avl * (u - m) + c_pvl * (u - v)
+    gv = c_avl * (v - m) - c_pvl * (u - v)
+    if normalize:
+        gu = (gu - a * (a * gu).sum(1, keepdim=True)) * sa.rsqrt()[:, None]
+        gv = (gv - t * (t * gv).sum(1, keepdim=True)) * st.rsqrt()[:, None]
+    return gu.to(img_ft.dtype), gv.to(txt_ft.dtype)
+
+
+def dive_loss_float64(img_ft, img_pre, txt_ft, txt_pre, m, *, lam=1000.0, momentum=0.99,
+                      update=True, normalize=True, avl=True, pvl=True):
+    """Independent, direct float64 transcription of the spec (test and benchmark oracle).
+
+    Differentiable by autograd; returns (loss, avl, pvl, m_new).
+    """
+    x = [z.double() for z in (img_ft, img_pre, txt_ft, txt_pre)]
+    if normalize:
+        x = [z / z.norm(dim=1, keepdim=True) for z in x]
+    u, v = x[0] - x[1], x[2] - x[3]
+    m = m.double()
+    if update:
+        b = torch.cat((u, v)).mean(0).detach()
+        m = momentum * m + (1 - momentum) * b
+    l_avl = (((u - m) ** 2).sum(1) + ((v - m) ** 2).sum(1)).mean()
+    l_pvl = ((u - v) ** 2).sum(1).mean()
+    loss = lam * (float(avl) * l_avl + float(pvl) * l_pvl)
+    return loss, l_avl, l_pvl, m
