@@ -68,6 +68,7 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torc
 _warned: set[str] = set()
 
 
+@torch.compiler.assume_constant_result  # a host-side decision: dynamo records the answer
 def select(device_type: str, dtype: torch.dtype, dim: int, requested: str | None = None) -> str:
     """The backend to run: the requested one (argument, else $DIVE_FAST_BACKEND) or the
     fastest one available. A forced backend that cannot run raises, naming why."""

@@ -1,0 +1,102 @@
+"""Accuracy checks shared by the tests, the benchmarks and the GPU check script.
+
+The rule (flash-attention's): a backend's error against a float64 oracle may be at most
+twice PyTorch's own error when the same formula runs eagerly in the input dtype, plus a
+small dtype floor. Errors are relative to the oracle's largest magnitude.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loss import dive_loss
+from .ops.dive_reference import dive_loss_float64
+
+# Error floor per input dtype, relative to the quantity's scale.
+ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 1e-3,
+               torch.bfloat16: 8e-3}
+QUANTITIES = ("loss", "avl", "pvl", "m", "grad_img", "grad_txt")
+
+
+def make_inputs(B: int, D: int, dtype=torch.float32, device="cpu", seed: int = 0,
+                layout: str = "contiguous", spread: float = 1.0):
+    """Four [B, D] embeddings: frozen ones random, fine-tuned ones a perturbation of them.
+
+    layout: "contiguous"; "transposed" (column stride B); "strided" (every other row and
+    column of a larger tensor).
+    """
+    g = torch.Generator().manual_seed(seed)
+    pre = [torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    ft = [p + spread * torch.randn(B, D, generator=g, dtype=torch.float64) for p in pre]
+    out = []
+    for x in (ft[0], pre[0], ft[1], pre[1]):
+        x = x.to(device=device, dtype=dtype)
+        if layout == "transposed":
+            x = x.t().contiguous().t()
+        elif layout == "strided":
+            big = torch.zeros(2 * B, 2 * D, dtype=dtype, device=device)
+            big[::2, ::2] = x
+            x = big[::2, ::2]
+        elif layout != "contiguous":
+            raise ValueError(f"unknown layout {layout!r}")
+        out.append(x)
+    return out
+
+
+def run_backend(backend: str, inputs, m, **options):
+    """Loss parts, new m and input gradients (of the loss) from one backend."""
+    a, t = (x.detach().requires_grad_(True) for x in (inputs[0], inputs[2]))
+    out = dive_loss(a, inputs[1], t, inputs[3], m, backend=backend, **options)
+    out.loss.backward()
+    return dict(loss=out.loss, avl=out.avl, pvl=out.pvl, m=out.m, grad_img=a.grad, grad_txt=t.grad)
+
+
+def run_eager(inputs, m, dtype, **options):
+    """The spec's formula run by autograd in ``dtype`` (float64: the oracle)."""
+    options = {k: v for k, v in options.items() if k not in ("check_values", "distributed")}
+    xs = [x.detach().to(dtype) for x in inputs]
+    a, t = (x.requires_grad_(True) for x in (xs[0], xs[2]))
+    loss, l_avl, l_pvl, m_new = _eager_formula(a, xs[1], t, xs[3], m.to(dtype), **options)
+    loss.backward()
+    return dict(loss=loss, avl=l_avl, pvl=l_pvl, m=m_new, grad_img=a.grad, grad_txt=t.grad)
+
+
+def _eager_formula(a, a0, t, t0, m, lam=1000.0, momentum=0.99, update=True, normalize=True,
+                   avl=True, pvl=True):
+    if a.dtype == torch.float64:
+        return dive_loss_float64(a, a0, t, t0, m, lam=lam, momentum=momentum, update=update,
+                                 normalize=normalize, avl=avl, pvl=pvl)
+    x = [a, a0, t, t0]
+    if normalize:
+        x = [z / z.norm(dim=1, keepdim=True) for z in x]
+    u, v = x[0] - x[1], x[2] - x[3]
+    if update:
+        m = momentum * m + (1 - momentum) * torch.cat((u, v)).mean(0).detach()
+    l_avl = (((u - m) ** 2).sum(1) + ((v - m) ** 2).sum(1)).mean()
+    l_pvl = ((u - v) ** 2).sum(1).mean()
+    return lam * (float(avl) * l_avl + float(pvl) * l_pvl), l_avl, l_pvl, m
+
+
+def relative_error(x, ref) -> float:
+    if x is None or ref is None:
+        return 0.0 if x is None and ref is None else float("inf")
+    ref = ref.detach().double()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (x.detach().double() - ref).abs().max().item() if ref.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def compare_with_oracle(backend: str, inputs, m, **options):
+    """[(quantity, error, bound)] for one backend; ok when every error <= its bound."""
+    dtype = inputs[0].dtype
+    ours = run_backend(backend, inputs, m, **options)
+    oracle = run_eager(inputs, m, torch.float64, **options)
+    own = run_eager(inputs, m, dtype, **options) if dtype != torch.float64 else oracle
+    rows = []
+    for q in QUANTITIES:
+        bound = 2 * relative_error(own[q], oracle[q]) + ERROR_FLOOR[dtype]
+        rows.append((q, relative_error(ours[q], oracle[q]), bound))
+    return rows
+
+
+def failures(rows):
+    return [(q, e, b) for q, e, b in rows if not e <= b]

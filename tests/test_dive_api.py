@@ -1,0 +1,185 @@
+"""DiVELoss contract: registration, torch.compile, state, dispatch and bad input."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import backend_params
+from dive_fast import DiVELoss, backends, dive_loss
+from dive_fast import _extension
+from dive_fast.ops.dive import dive_backward, dive_forward
+from dive_fast.testing import make_inputs
+
+ALL = backend_params()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_opcheck(backend):
+    x = make_inputs(6, 10, seed=0)
+    a, t = x[0].clone().requires_grad_(True), x[2].clone().requires_grad_(True)
+    m = torch.zeros(10)
+    torch.library.opcheck(dive_forward, (a, x[1], t, x[3], m, 0.9, True, True, 10.0, 1.0, 1.0,
+                                         False, backend))
+    c = torch.tensor(0.5)
+    torch.library.opcheck(dive_backward, (x[0], x[1], x[2], x[3], m, c, c, True, backend))
+
+
+@pytest.mark.parametrize("backend", backend_params(("reference", "cpu")))
+def test_compiled_equals_eager(backend):
+    """A compiled step that calls DiVELoss: no graph break, the same loss, m and grads."""
+    torch._dynamo.reset()
+    proj = torch.nn.Linear(12, 8)
+    x = make_inputs(10, 12, seed=1)
+    pre = [torch.randn(10, 8), torch.randn(10, 8)]
+
+    def step(loss_fn, proj):
+        img, txt = proj(x[0]), proj(x[2])
+        return loss_fn(img, pre[0], txt, pre[1])
+
+    results = []
+    for compiled in (False, True):
+        loss_fn = DiVELoss(8, lam=5.0, momentum=0.5, backend=backend)
+        p = torch.nn.Linear(12, 8)
+        p.load_state_dict(proj.state_dict())
+        fn = torch.compile(step, fullgraph=True) if compiled else step
+        losses = [fn(loss_fn, p) for _ in range(2)]
+        losses[-1].backward()
+        results.append((torch.stack(losses).detach(), loss_fn.m.clone(), p.weight.grad.clone()))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip(tmp_path):
+    loss_fn = DiVELoss(8, momentum=0.5)
+    loss_fn(*make_inputs(4, 8, seed=3))
+    assert loss_fn.m.abs().sum() > 0
+    torch.save(loss_fn.state_dict(), tmp_path / "dive.pt")
+    other = DiVELoss(8, momentum=0.5)
+    other.load_state_dict(torch.load(tmp_path / "dive.pt", weights_only=True))
+    assert torch.equal(other.m, loss_fn.m) and other.m.dtype == torch.float32
+
+
+def test_return_parts():
+    loss_fn = DiVELoss(8)
+    x = make_inputs(5, 8, seed=4)
+    loss, parts = loss_fn(*x, return_parts=True)
+    assert set(parts) == {"avl", "pvl", "b", "mean_norm_u", "mean_norm_v"}
+    assert loss.item() == pytest.approx(1000.0 * (parts["avl"] + parts["pvl"]).item(), rel=1e-5)
+    u = torch.nn.functional.normalize(x[0]) - torch.nn.functional.normalize(x[1])
+    assert parts["mean_norm_u"].item() == pytest.approx(u.norm(dim=1).mean().item(), rel=1e-5)
+    assert all(not p.requires_grad for p in parts.values())
+
+
+def test_momentum_zero_is_batch_mean():
+    x = make_inputs(6, 4, seed=5)
+    loss_fn = DiVELoss(4, momentum=0.0)
+    _, parts = loss_fn(*x, return_parts=True)
+    torch.testing.assert_close(loss_fn.m, parts["b"])
+
+
+# --- bad input -------------------------------------------------------------------------
+
+def _x(B=4, D=8, **kw):
+    return make_inputs(B, D, seed=0, **kw)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda x: [x[0][:, :4], *x[1:]], "img_ft has dim 4 but DiVELoss"),
+    (lambda x: [x[0], x[1][:3], *x[2:]], "img_pre has shape"),
+    (lambda x: [x[0], x[1], x[2], x[3][None]], "txt_pre must be 2-D"),
+    (lambda x: [x[0].long(), *x[1:]], "img_ft must be float32"),
+    (lambda x: [x[0], x[1], x[2].to(torch.complex64), x[3]], "txt_ft must be float32"),
+    (lambda x: [z[:0] for z in x], "empty batch"),
+    (lambda x: [x[0], x[1].to("meta"), *x[2:]], "img_pre is on meta"),
+    (lambda x: [x[0], x[1], x[2].half(), x[3]], "txt_ft must share img_ft's dtype"),
+])
+def test_bad_inputs_name_the_argument(mutate, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        DiVELoss(8)(*mutate(_x()))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("index, name", [(0, "img_ft"), (3, "txt_pre")])
+def test_non_finite_inputs_raise_and_keep_m(backend, index, name):
+    loss_fn = DiVELoss(8, momentum=0.5, backend=backend)
+    loss_fn(*_x())
+    m_before = loss_fn.m.clone()
+    x = _x()
+    x[index][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=f"{name} has 1 row"):
+        loss_fn(*x)
+    assert torch.equal(loss_fn.m, m_before)
+    # Without the check (no host sync): the loss is NaN and m is still protected.
+    loss_fn.check_values = False
+    assert torch.isnan(loss_fn(*x))
+    assert torch.equal(loss_fn.m, m_before)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_zero_norm_rows(backend):
+    x = _x()
+    x[1][0] = 0.0
+    with pytest.raises(ValueError, match="img_pre has 1 row.*zero norm"):
+        DiVELoss(8, backend=backend)(*x)
+    DiVELoss(8, normalize=False, backend=backend)(*x)  # fine without normalisation
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="momentum"):
+        DiVELoss(8, momentum=1.5)
+    with pytest.raises(ValueError, match="dim"):
+        DiVELoss(0)
+
+
+# --- dispatch --------------------------------------------------------------------------
+
+def test_forcing_an_unusable_backend_names_why(monkeypatch):
+    with pytest.raises(RuntimeError, match="'cuda' cannot run here: the cuda backend takes CUDA"):
+        dive_loss(*_x(), torch.zeros(8), backend="cuda")
+    monkeypatch.setenv(backends.ENV_VAR, "nope")
+    with pytest.raises(RuntimeError, match="unknown backend 'nope'"):
+        dive_loss(*_x(), torch.zeros(8))
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.select("cpu", torch.float32, 8) == "reference"
+    monkeypatch.delenv(backends.ENV_VAR)
+    expected = "cpu" if backends.unavailable_reason("cpu", "cpu") is None else "reference"
+    assert backends.select("cpu", torch.float32, 8) == expected
+
+
+def test_info_lists_every_backend():
+    out = subprocess.run([sys.executable, "-m", "dive_fast.info"], capture_output=True,
+                         text=True, check=True).stdout
+    for name in backends.BACKENDS:
+        assert f"  {name}" in out
+    assert "torch:" in out and "triton:" in out
+
+
+def test_import_without_extension_falls_back():
+    """With dive_fast._C unimportable, import works and the reference serves, with a warning."""
+    code = ("import sys, warnings; sys.modules['dive_fast._C'] = None\n"
+            "import torch, dive_fast\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    x = [torch.randn(3, 4) for _ in range(4)]\n"
+            "    dive_fast.DiVELoss(4)(*x)\n"
+            "print('WARN', [str(i.message) for i in w])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", backends.ENV_VAR)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    assert "using the reference backend" in out and "dive_fast._C is not importable" in out
+
+
+def test_cuda_sources_compiled_into_extension():
+    """The build compiles and links csrc/dive_cuda.cu whenever a CUDA toolkit is present."""
+    if os.environ.get("DIVE_FAST_BUILD_CUDA") == "0":
+        pytest.skip("DIVE_FAST_BUILD_CUDA=0: CUDA kernels deliberately not built")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        pytest.skip("no CUDA toolkit (nvcc) on this machine: CUDA sources cannot be compiled")
+    assert _extension.load()[0], _extension.load()[1]
+    assert _extension.has_kernel("CUDA"), "dive_fast._C was built without its CUDA kernels"
