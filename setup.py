@@ -5,6 +5,8 @@ Knobs (environment variables; none needs a visible GPU):
                          unset: build them when a CUDA toolkit is found.
   TORCH_CUDA_ARCH_LIST   target architectures, default "8.0;9.0" (A100, H100/H200).
   CUDA_HOME              the toolkit root; found from nvcc on PATH when unset.
+  DIVE_FAST_CPU_ARCH     -march for the C++ kernels, default "native" (this machine's SIMD);
+                         set e.g. "x86-64-v2" for a binary that runs on other CPUs.
   MAX_JOBS               parallel compile jobs (ninja).
 """
 import os
@@ -48,7 +50,7 @@ def extensions():
         raise RuntimeError("DIVE_FAST_BUILD_CUDA=1 but no CUDA toolkit was found "
                            "(set CUDA_HOME or put nvcc on PATH)")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", f"-march={os.environ.get('DIVE_FAST_CPU_ARCH', 'native')}"]
     sources = ["csrc/dive_cpu.cpp"]
     if build_cuda:
         return [CUDAExtension(

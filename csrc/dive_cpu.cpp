@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -173,6 +175,20 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
   return {means, scalars};
 }
 
+// Fresh multi-MB outputs are page-faulted in on first write; transparent huge pages cut
+// the faults (and TLB misses) 512-fold. A hint only: ignored where THP is off.
+at::Tensor empty_huge_page_hinted(at::IntArrayRef size, const at::TensorOptions& options) {
+  auto out = at::empty(size, options);
+  constexpr uintptr_t kHuge = 2u << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t end = begin + out.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+#ifdef MADV_HUGEPAGE
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
 template <typename ft_t, typename pre_t, typename acc_t>
 void backward_rows(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
                    const at::Tensor& T0, const acc_t* m, acc_t c_avl, acc_t c_pvl,
@@ -223,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
   const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
   const int64_t B = A.size(0), D = A.size(1);
   TORCH_CHECK(m.numel() == D, "m must have ", D, " elements, got ", m.numel());
-  auto GA = at::empty({B, D}, A.options());
-  auto GT = at::empty({B, D}, T.options());
+  auto GA = empty_huge_page_hinted({B, D}, A.options());
+  auto GT = empty_huge_page_hinted({B, D}, T.options());
   dispatch_dtypes(A.scalar_type(), A0.scalar_type(), true, [&](auto ft_tag, auto pre_tag, auto acc_tag) {
     using ft_t = typename decltype(ft_tag)::type;
     using pre_t = typename decltype(pre_tag)::type;

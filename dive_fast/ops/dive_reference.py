@@ -73,21 +73,22 @@ def reference_backward(img_ft, img_pre, txt_ft, txt_pre, m, c_avl, c_pvl, normal
     return gu.to(img_ft.dtype), gv.to(txt_ft.dtype)
 
 
-def dive_loss_float64(img_ft, img_pre, txt_ft, txt_pre, m, *, lam=1000.0, momentum=0.99,
-                      update=True, normalize=True, avl=True, pvl=True):
-    """Independent, direct float64 transcription of the spec (test and benchmark oracle).
-
-    Differentiable by autograd; returns (loss, avl, pvl, m_new).
-    """
-    x = [z.double() for z in (img_ft, img_pre, txt_ft, txt_pre)]
+def dive_loss_eager(img_ft, img_pre, txt_ft, txt_pre, m, *, lam=1000.0, momentum=0.99,
+                    update=True, normalize=True, avl=True, pvl=True):
+    """Direct transcription of the spec, run by autograd in the inputs' own dtype: the
+    'eager PyTorch' baseline of the benchmarks. Returns (loss, avl, pvl, m_new)."""
+    x = [img_ft, img_pre, txt_ft, txt_pre]
     if normalize:
         x = [z / z.norm(dim=1, keepdim=True) for z in x]
     u, v = x[0] - x[1], x[2] - x[3]
-    m = m.double()
+    m = m.to(u.dtype)
     if update:
-        b = torch.cat((u, v)).mean(0).detach()
-        m = momentum * m + (1 - momentum) * b
+        m = momentum * m + (1 - momentum) * torch.cat((u, v)).mean(0).detach()
     l_avl = (((u - m) ** 2).sum(1) + ((v - m) ** 2).sum(1)).mean()
     l_pvl = ((u - v) ** 2).sum(1).mean()
-    loss = lam * (float(avl) * l_avl + float(pvl) * l_pvl)
-    return loss, l_avl, l_pvl, m
+    return lam * (float(avl) * l_avl + float(pvl) * l_pvl), l_avl, l_pvl, m
+
+
+def dive_loss_float64(img_ft, img_pre, txt_ft, txt_pre, m, **options):
+    """The float64 oracle of tests and benchmarks (differentiable by autograd)."""
+    return dive_loss_eager(*(z.double() for z in (img_ft, img_pre, txt_ft, txt_pre, m)), **options)
