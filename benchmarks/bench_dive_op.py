@@ -1,0 +1,130 @@
+"""DiVE op benchmark: every backend against eager PyTorch, torch.compile and the memory floor.
+
+    python benchmarks/bench_dive_op.py                       # CPU, the issue's grid
+    python benchmarks/bench_dive_op.py --device cuda --dtypes float32 bfloat16
+
+Writes long-format CSV (op, impl, mode, B, D, dtype, median/p20/p80 ms, ratio to the
+floor, device, versions) and a PNG. The floor of the exact algorithm: m must be updated
+from every row before any gradient is final, so the forward reads the four inputs once
+and the backward reads them again and writes two gradients: 10*B*D values (fwd 4, bwd 6)
+at this device's measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import copy_bandwidth, environment, measure, write_csv  # noqa: E402
+
+from dive_fast import backends, dive_loss  # noqa: E402
+from dive_fast.ops.dive_reference import dive_loss_eager  # noqa: E402
+from dive_fast.testing import make_inputs  # noqa: E402
+
+FLOOR_VALUES = {"fwd": 4, "bwd": 6, "fwd+bwd": 10}
+
+
+def eager_impl(inputs, m):
+    return dive_loss_eager(*inputs, m)[0]
+
+
+def backend_impl(name):
+    def run(inputs, m):
+        return dive_loss(*inputs, m, backend=name, check_values=False).loss
+    return run
+
+
+def implementations(device: str, dtype, D: int, wanted):
+    impls = {"eager": eager_impl, "torch.compile": torch.compile(eager_impl, dynamic=False)}
+    for name in backends.BACKENDS:
+        if backends.unavailable_reason(name, device.split(":")[0], dtype, D) is None:
+            impls[name] = backend_impl(name)
+    return {k: v for k, v in impls.items() if not wanted or k in wanted}
+
+
+def time_modes(fn, inputs, m, device, repeats):
+    a, t = (inputs[i].detach().requires_grad_(True) for i in (0, 2))
+    args = [a, inputs[1], t, inputs[3]]
+
+    def fwd():
+        with torch.no_grad():
+            fn(args, m)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(args, m), (a, t))
+
+    loss = fn(args, m)
+
+    def bwd():
+        torch.autograd.grad(loss, (a, t), retain_graph=True)
+
+    return {"fwd": measure(fwd, device, repeats), "bwd": measure(bwd, device, repeats),
+            "fwd+bwd": measure(fwd_bwd, device, repeats)}
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sel = [r for r in rows if r["mode"] == "fwd+bwd"]
+    shapes = sorted({(r["dtype"], r["B"], r["D"]) for r in sel})
+    impls = list(dict.fromkeys(r["impl"] for r in sel))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(shapes)), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        ys = [next((r["ratio_to_floor"] for r in sel if (r["dtype"], r["B"], r["D"]) == s
+                    and r["impl"] == impl), float("nan")) for s in shapes]
+        ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=impl)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="memory floor")
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+    ax.set_xticklabels([f"B={b}\nD={d}\n{t}" for t, b, d in shapes], fontsize=8)
+    ax.set_ylabel("fwd+bwd time / memory floor (log)")
+    ax.set_title(f"DiVE regulariser on {sel[0]['device']}" if sel else "DiVE regulariser")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batches", type=int, nargs="+", default=[512, 4096, 32768])
+    p.add_argument("--dims", type=int, nargs="+", default=[512, 768])
+    p.add_argument("--dtypes", nargs="+", default=["float32"])
+    p.add_argument("--impls", nargs="*", default=None, help="subset of implementations")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results/dive_op_cpu.csv")
+    args = p.parse_args(argv)
+    env = environment(args.device)
+    bandwidth = copy_bandwidth(args.device)
+    print(f"{env['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for D in args.dims:
+            for B in args.batches:
+                inputs = make_inputs(B, D, dtype=dtype, device=args.device, seed=0)
+                m = torch.zeros(D, device=args.device)
+                itemsize = inputs[0].element_size()
+                for impl, fn in implementations(args.device, dtype, D, args.impls).items():
+                    for mode, stats in time_modes(fn, inputs, m, args.device, args.repeats).items():
+                        floor_ms = FLOOR_VALUES[mode] * B * D * itemsize / bandwidth * 1e3
+                        rows.append({"op": "dive", "impl": impl, "mode": mode, "B": B, "D": D,
+                                     "dtype": dtype_name, **stats, "floor_ms": floor_ms,
+                                     "ratio_to_floor": stats["median_ms"] / floor_ms,
+                                     "copy_GBps": bandwidth / 1e9, **env})
+                        r = rows[-1]
+                        print(f"{dtype_name:9s} B={B:6d} D={D:4d} {impl:14s} {mode:8s} "
+                              f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor",
+                              flush=True)
+    write_csv(rows, args.out)
+    plot(rows, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Timing, environment and long-format CSV helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict[str, str]:
+    import dive_fast
+    env = {"device": device_name(device), "torch": torch.__version__,
+           "dive_fast": dive_fast.__version__, "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "none"
+    return env
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn, device: str, repeats: int = 10, warmup: int = 2, min_time_s: float = 0.0):
+    """Median, 20th and 80th percentile of wall time in ms over ``repeats`` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
+            "repeats": len(times)}
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Bytes/s moved (read + write) by a large device copy: the memory floor's yardstick."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, repeats)["median_ms"] / 1e3
+    return 2 * nbytes / t
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,111 @@
+"""The embedded world's labelled tasks and caption sets, generated deterministically.
+
+Every sample is a pure function of (world seed, set name, split, index): the same
+arguments give the same scene, caption and bytes, in any process or loader worker.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .language import caption
+from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, STYLES, render
+
+PLAIN = ("black", "gray")
+PATTERNED = ("striped", "dotted", "checkered")
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """A labelled classification set: which attribute is the label, and its distribution."""
+    name: str
+    kind: str  # "id", "ood" or "zeroshot"
+    attribute: str  # shape, colour, size, position, count, background
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    styles: tuple[str, ...] = STYLES
+    backgrounds: tuple[str, ...] = BACKGROUNDS
+    radius_jitter: float = 0.03
+    fixed: dict = field(default_factory=dict)  # attributes held fixed
+
+
+SHAPE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.",
+                   "a drawing of a {}.", "a small {}.", "a large {}.")
+TASKS = {t.name: t for t in (
+    Task("shapes", "id", "shape", SHAPES, SHAPE_TEMPLATES, styles=("photo",), backgrounds=PLAIN),
+    Task("shapes-sketch", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("sketch",)),
+    Task("shapes-texture", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("textured",),
+         backgrounds=PATTERNED),
+    Task("shapes-noise", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("noisy",),
+         backgrounds=PLAIN),
+    Task("shapes-v2", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("photo",),
+         backgrounds=PLAIN, radius_jitter=0.07),
+    Task("colour", "zeroshot", "colour", tuple(COLOURS),
+         ("a photo of a {} shape.", "a {} object.", "an image of a {} shape.", "a {} shape.")),
+    Task("size", "zeroshot", "size", tuple(SIZES),
+         ("a photo of a {} shape.", "a {} object.", "an image of a {} shape."),
+         fixed={"count": 1}),
+    Task("position", "zeroshot", "position", tuple(POSITIONS),
+         ("a photo of a shape in the {}.", "a shape at the {}.", "an object in the {} corner."),
+         fixed={"count": 1}),
+    Task("count", "zeroshot", "count", ("one shape", "two shapes", "three shapes"),
+         ("a photo of {}.", "a picture of {}.", "{}.")),
+    Task("background", "zeroshot", "background", BACKGROUNDS,
+         ("a photo of a shape on a {} background.", "an object against a {} backdrop.",
+          "a shape over a {} background."), styles=("photo", "textured", "noisy")),
+)}
+SPLITS = ("train", "val", "test")
+
+
+def _rng(seed: int, *keys) -> np.random.Generator:
+    return np.random.default_rng([seed, *(zlib.crc32(str(k).encode()) for k in keys)])
+
+
+def sample_scene(rng: np.random.Generator, *, styles=STYLES, backgrounds=BACKGROUNDS,
+                 radius_jitter: float = 0.03, **fixed) -> dict:
+    """A random scene; keyword attributes are held fixed."""
+    def choose(name, options):
+        return fixed[name] if name in fixed else options[int(rng.integers(len(options)))]
+
+    count = choose("count", (1, 1, 2, 3))  # single objects are half of all scenes
+    size = choose("size", ("small",) if count > 1 else tuple(SIZES))
+    scene = {"shape": choose("shape", SHAPES), "colour": choose("colour", tuple(COLOURS)),
+             "size": size, "count": count, "position": choose("position", tuple(POSITIONS)),
+             "background": choose("background", backgrounds), "style": choose("style", styles)}
+    scene["radius"] = SIZES[size] + float(rng.uniform(-radius_jitter, radius_jitter))
+    scene["seed"] = int(rng.integers(2**63))
+    return scene
+
+
+def task_scene(task: Task, split: str, index: int, seed: int = DEFAULT_SEED) -> tuple[dict, int]:
+    """(scene, label) of sample ``index``; labels cycle so every split is balanced."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    label = index % len(task.classnames)
+    value = task.classnames[label]
+    if task.attribute == "count":
+        value = label + 1
+    rng = _rng(seed, "task", task.name, split, index)
+    fixed = {**task.fixed, task.attribute: value}
+    return sample_scene(rng, styles=task.styles, backgrounds=task.backgrounds,
+                        radius_jitter=task.radius_jitter, **fixed), label
+
+
+def task_image(task: Task, split: str, index: int, seed: int = DEFAULT_SEED, size: int = 32):
+    scene, label = task_scene(task, split, index, seed)
+    return render(scene, size), label
+
+
+def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 32):
+    """(image, caption, scene) of an image-caption corpus: "pretrain" (the pre-training
+    stream) or "reference" (the fixed CC3M stand-in), over the whole world."""
+    rng = _rng(seed, "captions", corpus, index)
+    scene = sample_scene(rng)
+    return render(scene, size), caption(scene, rng), scene
+
+
+def tasks_of_kind(kind: str) -> list[Task]:
+    return [t for t in TASKS.values() if t.kind == kind]
