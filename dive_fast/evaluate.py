@@ -1,0 +1,195 @@
+"""Evaluation as the paper does it: zero-shot heads from templates; ID, OOD and zero-shot
+accuracy; RSA between the pre-trained and the fine-tuned embedding geometry.
+
+    python -m dive_fast.evaluate                                  # pre-trained tiny model
+    python -m dive_fast.evaluate --checkpoint runs/x/checkpoints/final.pt
+    python -m dive_fast.evaluate --model ViT-B-16 --pretrained openai \\
+        --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import ImageFolderTask, WorldCaptions, WorldTask, collate
+from .world.tasks import TASKS
+
+KINDS = ("id", "ood", "zeroshot")
+
+
+@torch.no_grad()
+def zeroshot_head(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
+    """[classes, dim]: per class the normalised mean of its normalised prompt embeddings."""
+    rows = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        emb = model.encode_text(tokens, normalize=True).float().mean(0)
+        rows.append(emb / emb.norm())
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def accuracy(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
+    """(top-1 accuracy, samples seen, samples skipped); streams, memory flat in set size."""
+    correct = seen = skipped = 0
+    for images, labels, n_skipped in tqdm(loader, desc=desc, leave=False, disable=desc is None):
+        skipped += n_skipped
+        if images is None:
+            continue
+        feats = model.encode_image(images.to(device), normalize=True).float()
+        correct += (feats @ head.T).argmax(1).eq(labels.to(device)).sum().item()
+        seen += labels.numel()
+    return (correct / seen if seen else float("nan")), seen, skipped
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(x)
+    r[x.argsort()] = torch.arange(x.numel(), dtype=x.dtype, device=x.device)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def rsa(pre: torch.Tensor, ft: torch.Tensor) -> float:
+    """Spearman correlation of the upper triangles of the two cosine-similarity matrices."""
+    if pre.shape != ft.shape or pre.shape[0] < 3:
+        raise ValueError(f"RSA needs two [N>=3, dim] embeddings of one set, got "
+                         f"{tuple(pre.shape)} and {tuple(ft.shape)}")
+    pre = torch.nn.functional.normalize(pre.double(), dim=1)
+    ft = torch.nn.functional.normalize(ft.double(), dim=1)
+    iu = torch.triu_indices(len(pre), len(pre), offset=1)
+    return spearman((pre @ pre.T)[iu[0], iu[1]], (ft @ ft.T)[iu[0], iu[1]])
+
+
+@torch.no_grad()
+def embed_pairs(model, tokenizer, loader, device="cpu"):
+    imgs, txts = [], []
+    for images, texts, _ in loader:
+        if images is None:
+            continue
+        imgs.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+        txts.append(model.encode_text(tokenizer(texts).to(device), normalize=True).float().cpu())
+    return torch.cat(imgs), torch.cat(txts)
+
+
+def rsa_report(pre_model, model, tokenizer, loader, device="cpu") -> dict:
+    pi, pt = embed_pairs(pre_model, tokenizer, loader, device)
+    fi, ft = embed_pairs(model, tokenizer, loader, device)
+    return {"image": rsa(pi, fi), "text": rsa(pt, ft),
+            "joint": rsa(torch.cat((pi, pt)), torch.cat((fi, ft)))}
+
+
+def world_eval_sets(transform, n_per_task=500, seed=0, size=32):
+    """{name: (kind, dataset)} over the embedded world's test splits."""
+    return {name: (task.kind, WorldTask(task, "test", n_per_task, transform, seed, size))
+            for name, task in TASKS.items()}
+
+
+def world_rsa_set(transform, n=256, seed=0, size=32):
+    return WorldCaptions("rsa-heldout", n, transform, seed, size)
+
+
+def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
+             batch_size=256, workers=0, progress=True) -> dict:
+    """The report: accuracy per set grouped by kind, their means, and RSA (if pre_model)."""
+    model.eval()
+    report = {k: {} for k in KINDS}
+    skipped = 0
+    for name, (kind, dataset) in eval_sets.items():
+        head = zeroshot_head(model, tokenizer, dataset.classnames, dataset.templates, device)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        acc, _, n_skipped = accuracy(model, head, loader, device, desc=name if progress else None)
+        report[kind][name] = acc
+        skipped += n_skipped
+    for kind in KINDS:
+        vals = list(report[kind].values())
+        report[f"{kind}_mean"] = sum(vals) / len(vals) if vals else None
+    if pre_model is not None and rsa_set is not None:
+        loader = DataLoader(rsa_set, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        report["rsa"] = rsa_report(pre_model, model, tokenizer, loader, device)
+    report["skipped_images"] = skipped
+    return report
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Markdown: one row per method, columns ID, each OOD, OOD mean, each zero-shot, mean, RSA."""
+    first = next(iter(rows.values()))
+    cols = ([("id", k) for k in first["id"]] + [("ood", k) for k in first["ood"]] +
+            [("ood_mean", None)] + [("zeroshot", k) for k in first["zeroshot"]] +
+            [("zeroshot_mean", None)])
+    head = ["method"] + [k if k else kind.replace("_", " ") for kind, k in cols] + \
+        ["RSA img", "RSA txt", "RSA joint"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, r in rows.items():
+        vals = [_pct(r[kind][k] if k else r[kind]) for kind, k in cols]
+        rs = r.get("rsa")
+        vals += [f"{rs[k]:.3f}" for k in ("image", "text", "joint")] if rs else ["–"] * 3
+        lines.append("| " + " | ".join([method] + vals) + " |")
+    return "\n".join(lines)
+
+
+def parse_task(spec: str, transform):
+    try:
+        kind, name, path = spec.split(":", 2)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--task wants KIND:NAME:PATH, got {spec!r}") from None
+    if kind not in KINDS:
+        raise argparse.ArgumentTypeError(f"--task kind must be one of {KINDS}, got {kind!r}")
+    return name, (kind, ImageFolderTask(path, transform))
+
+
+def main(argv=None):
+    from .models import ensure_pretrained_tiny, load_clip, TINY_MODELS
+    from .checkpoint import load_model_weights
+
+    p = argparse.ArgumentParser(description="Evaluate a CLIP model: ID, OOD, zero-shot, RSA.")
+    p.add_argument("--model", default="dive-tiny")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip tag or checkpoint path (tiny models: the cached one)")
+    p.add_argument("--checkpoint", default=None, help="a dive_fast.train checkpoint to evaluate")
+    p.add_argument("--task", action="append", default=[],
+                   help="KIND:NAME:PATH image folder (kind id/ood/zeroshot); default: the world")
+    p.add_argument("--n-per-task", type=int, default=500)
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    args = p.parse_args(argv)
+    pretrained = args.pretrained
+    if pretrained is None and args.model in TINY_MODELS:
+        pretrained = str(ensure_pretrained_tiny(args.model, args.world_seed))
+    bundle = load_clip(args.model, pretrained, args.device)
+    pre_model = None
+    if args.checkpoint:
+        pre_model = load_clip(args.model, pretrained, args.device).model.eval()
+        load_model_weights(bundle.model, args.checkpoint)
+    tf = bundle.preprocess_val
+    sets = dict(parse_task(s, tf) for s in args.task) if args.task else \
+        world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
+    rsa_set = world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size) if not args.task else None
+    report = evaluate(bundle.model, bundle.tokenizer, sets, pre_model=pre_model, rsa_set=rsa_set,
+                      device=args.device, batch_size=args.batch_size, workers=args.workers)
+    label = "fine-tuned" if args.checkpoint else "zero-shot"
+    print(format_table({label: report}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

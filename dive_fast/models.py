@@ -1,0 +1,93 @@
+"""CLIP models: open_clip ones by name (pretrained tag or local checkpoint) and the
+project's own tiny configs, whose pre-trained weights ``dive_fast.pretrain`` caches."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+CACHE_ENV = "DIVE_FAST_CACHE"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def cache_dir() -> Path:
+    """Where pre-trained tiny models live: $DIVE_FAST_CACHE or ~/.cache/dive_fast."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dive_fast")
+
+
+def tiny_checkpoint(name: str, seed: int = 0) -> Path:
+    return cache_dir() / f"{name}-world{seed}.safetensors"
+
+
+@dataclass
+class ClipBundle:
+    model: nn.Module
+    preprocess_train: object
+    preprocess_val: object
+    tokenizer: object
+    name: str
+    pretrained: str | None
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    @property
+    def context_length(self) -> int:
+        return self.tokenizer.context_length
+
+
+def load_clip(name: str, pretrained: str | None = None, device="cpu") -> ClipBundle:
+    """An open_clip model with its transforms and tokenizer.
+
+    ``pretrained``: an open_clip tag (e.g. "openai", downloads weights), a local checkpoint
+    path (.safetensors, or a torch file loaded with weights_only=True: no code runs), or
+    None for random weights. A checkpoint written by dive_fast.train also loads here.
+    """
+    known = open_clip.list_models()
+    if name not in known:
+        raise ValueError(f"unknown model {name!r}; open_clip knows e.g. "
+                         f"{', '.join(TINY_MODELS + ('ViT-B-16', 'ViT-B-32'))} "
+                         f"({len(known)} in all, see open_clip.list_models())")
+    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin",
+                                                                  ".safetensors"))):
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+    try:
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"could not load {name!r} weights from {pretrained!r}: {exc}") from exc
+    return ClipBundle(model, train_tf, val_tf, open_clip.get_tokenizer(name), name, pretrained)
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """The pre-trained reference f0, g0: eval mode, no gradients, optionally low precision."""
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    return frozen.to(dtype) if dtype is not None else frozen
+
+
+def encode(model: nn.Module, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+           normalize: bool = True):
+    """(image features, text features), each None when its input is None."""
+    img = model.encode_image(images, normalize=normalize) if images is not None else None
+    txt = model.encode_text(tokens, normalize=normalize) if tokens is not None else None
+    return img, txt
+
+
+def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kwargs) -> Path:
+    """The cached pre-trained tiny model, pre-training it first when absent."""
+    path = tiny_checkpoint(name, seed)
+    if not path.is_file():
+        from .pretrain import pretrain
+        pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
+    return path
