@@ -185,3 +185,46 @@ def task_metadata(root) -> dict:
     """A task folder's task.json (written by dive_fast.world), if any."""
     meta = Path(root) / "task.json"
     return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+class Indexed(Dataset):
+    """(image, (target, index)): lets the trainer look samples up in an embedding cache."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return None if item is None else (item[0], (item[1], i))
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Indices of an endless sequence of seeded epoch permutations, from global position
+    ``start`` on; under data parallelism each rank takes its slice of every global batch.
+    A resumed run starts at step * global_batch and sees exactly the batches it would have."""
+
+    def __init__(self, n: int, seed: int, batch_size: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if n <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.n, self.seed, self.batch, self.step = n, seed, batch_size, start_step
+        self.rank, self.world = rank, world_size
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, k: int) -> int:
+        epoch = k // self.n
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return int(self._perm[k % self.n])
+
+    def __iter__(self):
+        step = self.step
+        while True:
+            base = (step * self.world + self.rank) * self.batch
+            for j in range(self.batch):
+                yield self._index(base + j)
+            step += 1
