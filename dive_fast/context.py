@@ -24,11 +24,11 @@ class Encoders(nn.Module):
 
 class StepContext:
     def __init__(self, model, frozen, tokenizer, classnames, templates, device, *, seed=0,
-                 clip_loss=None, cache=None, amp_dtype=None, ddp_kwargs=None):
+                 rank=0, world_size=1, clip_loss=None, cache=None, amp_dtype=None, ddp_kwargs=None):
         self.model, self.frozen, self.tokenizer = model, frozen, tokenizer
         self.classnames, self.templates = list(classnames), list(templates)
         self.device, self.seed, self.clip_loss, self.cache = device, seed, clip_loss, cache
-        self.amp_dtype = amp_dtype
+        self.amp_dtype, self.rank, self.world_size = amp_dtype, rank, world_size
         self.embed_dim = model.text_projection.shape[1] if getattr(model, "text_projection", None) is not None \
             else model.visual.output_dim
         self.encoders = Encoders(model)
@@ -47,9 +47,12 @@ class StepContext:
         return self.tokenizer(list(texts)).to(self.device, non_blocking=True)
 
     def prompts(self, labels, step: int):
-        """FLYP: one random template per image, reproducible from (seed, step)."""
+        """FLYP: one random template per image, reproducible from (seed, step) and drawn
+        for the global batch, so that data parallel runs pick what one process would."""
         g = torch.Generator().manual_seed(self.seed * 7919 + step)
-        which = torch.randint(len(self.templates), (len(labels),), generator=g)
+        n = len(labels)
+        which = torch.randint(len(self.templates), (n * self.world_size,), generator=g)
+        which = which[self.rank * n:(self.rank + 1) * n]
         return self.prompt_tokens[labels.cpu(), which].to(self.device, non_blocking=True)
 
     def encode(self, image_batches, token_batches):

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reference-csv", default=None, help="open_clip CSV of reference pairs")
     a("--reference-shards", default=None, help="webdataset shards of reference pairs")
     a("--task", action="append", default=[], help="KIND:NAME:PATH eval image folder")
+    a("--augment", action=argparse.BooleanOptionalAction, default=True,
+      help="FLYP's RandomResizedCrop(scale 0.9-1) on target images (world data)")
     a("--frozen-cache", action=argparse.BooleanOptionalAction, default=True,
       help="cache frozen reference embeddings (exact: the reference transform is fixed)")
     a("--amp", choices=["auto", "bf16", "fp32"], default="auto",
@@ -107,8 +109,11 @@ def loader(ds, batch, seed, start_step, rank, world, workers, pin):
         return DataLoader(ds.batched(batch, collation_fn=collate, partial=False), batch_size=None,
                           num_workers=workers, pin_memory=pin)
     sampler = ResumableSampler(len(ds), seed, batch, start_step, rank, world)
+    # An own generator: creating the iterator must not draw from the global RNG, whose
+    # state a resumed run restores (and which drives the augmentation with workers=0).
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                      collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0)
+                      collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def batches(dl):
@@ -163,9 +168,7 @@ def restore(path, args, model, method, opt, sched, scaler) -> int:
         sched.load_state_dict(ckpt["scheduler"])
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
-    return int(ckpt["step"])
+    return int(ckpt["step"]), ckpt["rng"]
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -222,7 +225,9 @@ def run(args) -> dict:
     model = bundle.model
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     train_tf = bundle.preprocess_train
-    if args.train_folder is None:  # FLYP's crop, at the world's resolution
+    if not args.augment:
+        train_tf = bundle.preprocess_val
+    elif args.train_folder is None:  # FLYP's crop, at the world's resolution
         from torchvision import transforms as T
         train_tf = T.Compose([T.RandomResizedCrop(bundle.image_size, scale=(0.9, 1.0),
                                                   interpolation=T.InterpolationMode.BICUBIC),
@@ -254,7 +259,7 @@ def run(args) -> dict:
         if on_gpu:
             ddp["device_ids"] = [torch.device(device).index]
     ctx = StepContext(model, frozen, bundle.tokenizer, classnames, templates, device,
-                      seed=args.seed, clip_loss=clip_loss, cache=cache, amp_dtype=amp_dtype,
+                      seed=args.seed, rank=rank, world_size=world, clip_loss=clip_loss, cache=cache, amp_dtype=amp_dtype,
                       ddp_kwargs=ddp)
     method.build(ctx, args)
     if args.compile:
@@ -274,12 +279,12 @@ def run(args) -> dict:
                                 fused=on_gpu or None)
         warmup = args.warmup if args.warmup is not None else min(500, max(1, args.steps // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, warmup))
-        resume = find_resume(args)
+        resume, rng = find_resume(args), None
         if resume is not None:
-            start_step = restore(resume, args, model, method, opt, sched, scaler)
+            start_step, rng = restore(resume, args, model, method, opt, sched, scaler)
             log.info("resumed from %s at step %d", resume, start_step)
         train_loop(args, ctx, method, model, opt, sched, scaler, target_ds, ref_ds, start_step,
-                   rank, world, out)
+                   rank, world, out, rng)
     if main_proc:
         pre_model = load_clip(args.model, pretrained, device).model.eval()
         ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -304,7 +309,7 @@ def run(args) -> dict:
 
 
 def train_loop(args, ctx, method, model, opt, sched, scaler, target_ds, ref_ds, start_step,
-               rank, world, out):
+               rank, world, out, rng=None):
     pin = str(ctx.device).startswith("cuda")
     targets = batches(loader(target_ds, args.batch_size, args.seed, start_step, rank, world,
                              args.workers, pin))
@@ -318,6 +323,9 @@ def train_loop(args, ctx, method, model, opt, sched, scaler, target_ds, ref_ds, 
                desc=args.method, disable=args.no_progress or not main_proc)
     t_last, n_samples = time.perf_counter(), 0
     model.train()
+    if rng is not None:  # a resumed run continues the random streams where they stopped
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
     for step in bar:
         images, labels, skipped = next(targets)
         reference = None

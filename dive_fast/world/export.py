@@ -1,0 +1,98 @@
+"""``python -m dive_fast.world --out DIR``: the embedded world on disk, in the real formats.
+
+    DIR/tasks/<task>/<split>/<NN_class>/<index>.png   image folders (ImageNet layout),
+        with classnames.txt, templates.txt and task.json beside the class folders
+    DIR/<corpus>/images/<index>.jpg + captions.csv    open_clip CSV (tab, filepath/title)
+    DIR/<corpus>/shards/<corpus>-NNNNNN.tar           webdataset shards (jpg + txt)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .tasks import DEFAULT_SEED, SPLITS, TASKS, caption_pair, task_image
+
+
+def write_task(out: Path, name: str, split: str, n: int, seed: int, size: int) -> Path:
+    task = TASKS[name]
+    root = out / "tasks" / name / split
+    folders = [root / f"{i:02d}_{c.replace(' ', '_')}" for i, c in enumerate(task.classnames)]
+    for f in folders:
+        f.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, label = task_image(task, split, i, seed, size)
+        Image.fromarray(img).save(folders[label] / f"{i:06d}.png")
+    (root / "classnames.txt").write_text("\n".join(task.classnames) + "\n")
+    (root / "templates.txt").write_text("\n".join(task.templates) + "\n")
+    (root / "task.json").write_text(json.dumps({"task": name, "kind": task.kind, "split": split,
+                                                "seed": seed, "n": n}))
+    return root
+
+
+def write_captions(out: Path, corpus: str, n: int, seed: int, size: int, shard_size: int,
+                   formats=("csv", "wds")) -> Path:
+    import webdataset as wds
+
+    root = out / corpus
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    writer = None
+    if "wds" in formats:
+        (root / "shards").mkdir(exist_ok=True)
+        writer = wds.ShardWriter(str(root / "shards" / f"{corpus}-%06d.tar"), maxcount=shard_size,
+                                 verbose=0)
+    with open(root / "captions.csv", "w", newline="") as f:
+        table = csv.writer(f, delimiter="\t")
+        table.writerow(["filepath", "title"])
+        for i in tqdm(range(n), desc=corpus, leave=False):
+            img, text, _ = caption_pair(corpus, i, seed, size)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=95)
+            if "csv" in formats:
+                (root / "images" / f"{i:07d}.jpg").write_bytes(buf.getvalue())
+                table.writerow([f"images/{i:07d}.jpg", text])
+            if writer is not None:
+                writer.write({"__key__": f"{i:07d}", "jpg": buf.getvalue(), "txt": text})
+    if writer is not None:
+        writer.close()
+    return root
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write the embedded world to disk.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    p.add_argument("--splits", default="train,test")
+    p.add_argument("--n", type=int, default=200, help="images per task split")
+    p.add_argument("--pairs", type=int, default=1000, help="reference image-caption pairs")
+    p.add_argument("--pretrain-pairs", type=int, default=0, help="pre-training pairs")
+    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--formats", default="csv,wds")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    for name in names:
+        if name not in TASKS:
+            p.error(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        for split in args.splits.split(","):
+            if split not in SPLITS:
+                p.error(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+            write_task(out, name, split, args.n, args.seed, args.size)
+    formats = tuple(args.formats.split(","))
+    if args.pairs:
+        write_captions(out, "reference", args.pairs, args.seed, args.size, args.shard_size, formats)
+    if args.pretrain_pairs:
+        write_captions(out, "pretrain", args.pretrain_pairs, args.seed, args.size,
+                       args.shard_size, formats)
+    print(f"wrote the world (seed {args.seed}) to {out}")
+
+
+if __name__ == "__main__":
+    main()

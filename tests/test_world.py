@@ -1,0 +1,81 @@
+"""The embedded world: deterministic, and its labels are true to its pixels."""
+import numpy as np
+import pytest
+
+from dive_fast.world import COLOURS, POSITIONS, SHAPES, TASKS, caption_pair, render, task_image
+from dive_fast.world.tasks import _rng, sample_scene
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    a = [task_image(TASKS["shapes"], "train", i, seed=3)[0] for i in range(5)]
+    b = [task_image(TASKS["shapes"], "train", i, seed=3)[0] for i in range(5)]
+    c = [task_image(TASKS["shapes"], "train", i, seed=4)[0] for i in range(5)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert caption_pair("reference", 7, seed=1)[1] == caption_pair("reference", 7, seed=1)[1]
+
+
+def test_splits_and_labels_balanced():
+    task = TASKS["colour"]
+    labels = [task_image(task, "test", i)[1] for i in range(2 * len(task.classnames))]
+    assert labels == list(range(len(task.classnames))) * 2
+    with pytest.raises(ValueError, match="split must be one of"):
+        task_image(task, "nope", 0)
+
+
+def _object_pixels(img, scene):
+    """Pixels far from the plain background colour: the object's."""
+    bg = np.median(img.reshape(-1, 3), axis=0)
+    return np.abs(img.astype(float) - bg).sum(-1) > 90
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_colour_and_position_recoverable_from_pixels(index):
+    rng = _rng(0, "pixel-test", index)
+    scene = sample_scene(rng, styles=("photo",), backgrounds=("black",), count=1, size="large")
+    img = render(scene, 32)
+    mask = _object_pixels(img, scene)
+    assert mask.sum() > 20
+    mean = img[mask].mean(0) / 255
+    nearest = min(COLOURS, key=lambda c: np.abs(np.asarray(COLOURS[c]) - mean).sum())
+    assert nearest == scene["colour"]
+    ys, xs = np.nonzero(mask)
+    quadrant = ("top" if ys.mean() < 16 else "bottom") + " " + ("left" if xs.mean() < 16 else "right")
+    assert quadrant == scene["position"]
+    assert scene["position"] in POSITIONS
+
+
+def test_size_and_count_recoverable_from_pixels():
+    areas = {}
+    for size in ("small", "large"):
+        scene = sample_scene(_rng(0, "size", size), styles=("photo",), backgrounds=("black",),
+                             count=1, size=size, shape="square")
+        areas[size] = _object_pixels(render(scene, 32), scene).sum()
+    assert areas["large"] > 2.5 * areas["small"]
+    from scipy import ndimage
+    for count in (1, 2, 3):
+        scene = sample_scene(_rng(0, "count", count), styles=("photo",), backgrounds=("black",),
+                             count=count, shape="circle")
+        assert ndimage.label(_object_pixels(render(scene, 64), scene))[1] == count
+
+
+def test_captions_describe_the_scene():
+    for i in range(50):
+        _, text, scene = caption_pair("pretrain", i)
+        words = text.lower()
+        named = [c for c in COLOURS if c in words.split()]
+        assert named in ([], [scene["colour"]])
+        assert not any(s in words for s in SHAPES if s != scene["shape"] and s not in scene["shape"]
+                       and not (s == "ring" and "background" in words))
+
+
+def test_every_task_renders_and_has_templates():
+    kinds = {t.kind for t in TASKS.values()}
+    assert kinds == {"id", "ood", "zeroshot"}
+    assert len([t for t in TASKS.values() if t.kind == "ood"]) >= 3
+    assert len([t for t in TASKS.values() if t.kind == "zeroshot"]) >= 4
+    assert len(TASKS["shapes"].classnames) >= 10
+    for task in TASKS.values():
+        img, label = task_image(task, "val", 1)
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert all("{}" in t for t in task.templates)
