@@ -1,9 +1,8 @@
 // DiVE regulariser on the CPU: row chunks in parallel, loops the compiler vectorises.
 //
-// Forward (dive_stats): each chunk reads its rows once. Per row the four squared norms,
-// then u and v into a small L1-resident block buffer; per block of kRowBlock rows the
-// block mean and M2 about it, merged into the chunk's running statistics with Chan's
-// update (exact, no |u|^2 - 2 m.u + |m|^2 cancellation). Output: one part per chunk.
+// Forward (dive_stats): each chunk (one per thread) reads its rows once: per row the four
+// squared norms, then u and v, summed about a shift (see stats_chunk). Output: per chunk
+// the mean and M2 of u and v, combined exactly in dive_fast.ops.dive.finalize.
 // Backward (dive_backward): one pass per row: norms, gradient wrt the normalised vector,
 // projection through the normalisation Jacobian, write.
 #include <ATen/Parallel.h>
@@ -21,7 +20,7 @@
 namespace dive_fast {
 namespace {
 
-constexpr int64_t kRowBlock = 8;
+constexpr int64_t kRowBlock = 64;  // rows per unit of parallel work
 
 template <typename acc_t>
 struct ChunkStats {
@@ -55,39 +54,10 @@ inline void count_bad(acc_t* bad, const acc_t (&ss)[4]) {
   }
 }
 
-// Block mean of `rows` rows in buf, the block's M2 about it, and Chan's merge into the
-// running (n, mean, m2). Returns the updated m2.
-template <typename acc_t>
-inline acc_t merge_block(const acc_t* buf, int64_t rows, int64_t D, acc_t n_run,
-                         acc_t* mean, acc_t m2, acc_t* block_mean) {
-  const acc_t inv_rows = acc_t(1) / rows;
-  for (int64_t d = 0; d < D; ++d) block_mean[d] = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* r = buf + i * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) block_mean[d] += r[d];
-  }
-  acc_t block_m2 = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* r = buf + i * D;
-#pragma omp simd reduction(+ : block_m2)
-    for (int64_t d = 0; d < D; ++d) {
-      const acc_t dev = r[d] - block_mean[d] * inv_rows;
-      block_m2 += dev * dev;
-    }
-  }
-  const acc_t total = n_run + rows;
-  const acc_t w = rows / total;
-  acc_t shift = 0;
-#pragma omp simd reduction(+ : shift)
-  for (int64_t d = 0; d < D; ++d) {
-    const acc_t delta = block_mean[d] * inv_rows - mean[d];
-    shift += delta * delta;
-    mean[d] += delta * w;
-  }
-  return m2 + block_m2 + n_run * w * shift;
-}
-
+// One chunk of rows in a single pass over memory. Per row: the four squared norms, then
+// u and v, accumulated as sums of (u - c) and |u - c|^2 about a shift c = the chunk's
+// first u (the shifted-data algorithm): with c a sample of the data, M2 = Q - |S|^2 / n
+// does not cancel, unlike the unshifted |u|^2 - 2 m.u + |m|^2 form.
 template <typename ft_t, typename pre_t, typename acc_t>
 void stats_chunk(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
                  const at::Tensor& T0, int64_t r0, int64_t r1, bool normalize,
@@ -97,41 +67,73 @@ void stats_chunk(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
   const pre_t* a0_base = A0.data_ptr<pre_t>();
   const ft_t* t_base = T.data_ptr<ft_t>();
   const pre_t* t0_base = T0.data_ptr<pre_t>();
-  std::vector<acc_t> ubuf(kRowBlock * D), vbuf(kRowBlock * D), block_mean(D);
-  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, r1 - b0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t r = b0 + i;
-      const ft_t* a = a_base + r * A.stride(0);
-      const pre_t* a0 = a0_base + r * A0.stride(0);
-      const ft_t* t = t_base + r * T.stride(0);
-      const pre_t* t0 = t0_base + r * T0.stride(0);
-      const acc_t ss[4] = {sum_squares<ft_t, acc_t>(a, D), sum_squares<pre_t, acc_t>(a0, D),
-                           sum_squares<ft_t, acc_t>(t, D), sum_squares<pre_t, acc_t>(t0, D)};
-      count_bad(st.bad, ss);
-      const acc_t ia = inverse_norm(ss[0], normalize), ia0 = inverse_norm(ss[1], normalize);
-      const acc_t it = inverse_norm(ss[2], normalize), it0 = inverse_norm(ss[3], normalize);
-      acc_t* u = ubuf.data() + i * D;
-      acc_t* v = vbuf.data() + i * D;
-      acc_t pv = 0, nu = 0, nv = 0;
-#pragma omp simd reduction(+ : pv, nu, nv)
+  // Sums of (u - c): per block of kRowBlock rows in acc_t, then into double (two-level,
+  // so that the rounding error does not grow with the chunk's length).
+  std::vector<acc_t> cu(D), cv(D), su(D, 0), sv(D, 0);
+  std::vector<double> total_u(D, 0), total_v(D, 0);
+  double qu = 0, qv = 0, pvl = 0, norm_u = 0, norm_v = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const ft_t* a = a_base + r * A.stride(0);
+    const pre_t* a0 = a0_base + r * A0.stride(0);
+    const ft_t* t = t_base + r * T.stride(0);
+    const pre_t* t0 = t0_base + r * T0.stride(0);
+    const acc_t ss[4] = {sum_squares<ft_t, acc_t>(a, D), sum_squares<pre_t, acc_t>(a0, D),
+                         sum_squares<ft_t, acc_t>(t, D), sum_squares<pre_t, acc_t>(t0, D)};
+    count_bad(st.bad, ss);
+    const acc_t ia = inverse_norm(ss[0], normalize), ia0 = inverse_norm(ss[1], normalize);
+    const acc_t it = inverse_norm(ss[2], normalize), it0 = inverse_norm(ss[3], normalize);
+    if (r == r0) {
       for (int64_t d = 0; d < D; ++d) {
-        const acc_t ud = static_cast<acc_t>(a[d]) * ia - static_cast<acc_t>(a0[d]) * ia0;
-        const acc_t vd = static_cast<acc_t>(t[d]) * it - static_cast<acc_t>(t0[d]) * it0;
-        u[d] = ud;
-        v[d] = vd;
-        pv += (ud - vd) * (ud - vd);
-        nu += ud * ud;
-        nv += vd * vd;
+        cu[d] = static_cast<acc_t>(a[d]) * ia - static_cast<acc_t>(a0[d]) * ia0;
+        cv[d] = static_cast<acc_t>(t[d]) * it - static_cast<acc_t>(t0[d]) * it0;
       }
-      st.pvl += pv;
-      st.norm_u += std::sqrt(nu);
-      st.norm_v += std::sqrt(nv);
     }
-    st.m2_u = merge_block(ubuf.data(), rows, D, st.n, st.mean_u.data(), st.m2_u, block_mean.data());
-    st.m2_v = merge_block(vbuf.data(), rows, D, st.n, st.mean_v.data(), st.m2_v, block_mean.data());
-    st.n += rows;
+    acc_t pv = 0, nu = 0, nv = 0, du2 = 0, dv2 = 0;
+    acc_t* __restrict__ su_p = su.data();
+    acc_t* __restrict__ sv_p = sv.data();
+    const acc_t* __restrict__ cu_p = cu.data();
+    const acc_t* __restrict__ cv_p = cv.data();
+#pragma omp simd reduction(+ : pv, nu, nv, du2, dv2)
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t ud = static_cast<acc_t>(a[d]) * ia - static_cast<acc_t>(a0[d]) * ia0;
+      const acc_t vd = static_cast<acc_t>(t[d]) * it - static_cast<acc_t>(t0[d]) * it0;
+      const acc_t eu = ud - cu_p[d], ev = vd - cv_p[d];
+      su_p[d] += eu;
+      sv_p[d] += ev;
+      du2 += eu * eu;
+      dv2 += ev * ev;
+      pv += (ud - vd) * (ud - vd);
+      nu += ud * ud;
+      nv += vd * vd;
+    }
+    qu += du2;
+    qv += dv2;
+    if ((r - r0) % kRowBlock == kRowBlock - 1 || r == r1 - 1) {
+      for (int64_t d = 0; d < D; ++d) {
+        total_u[d] += su[d];
+        total_v[d] += sv[d];
+        su[d] = sv[d] = 0;
+      }
+    }
+    pvl += pv;
+    norm_u += std::sqrt(nu);
+    norm_v += std::sqrt(nv);
   }
+  const int64_t n = r1 - r0;
+  double shift_u = 0, shift_v = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double mu = total_u[d] / n, mv = total_v[d] / n;
+    shift_u += mu * mu;
+    shift_v += mv * mv;
+    st.mean_u[d] = static_cast<acc_t>(cu[d] + mu);
+    st.mean_v[d] = static_cast<acc_t>(cv[d] + mv);
+  }
+  st.n = n;
+  st.m2_u = static_cast<acc_t>(std::max(0.0, qu - n * shift_u));
+  st.m2_v = static_cast<acc_t>(std::max(0.0, qv - n * shift_v));
+  st.pvl = pvl;
+  st.norm_u = norm_u;
+  st.norm_v = norm_v;
 }
 
 std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
@@ -153,7 +155,6 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
     using acc_t = typename decltype(acc_tag)::type;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        // Whole row blocks per part, so that parts never split a block.
         const int64_t r0 = std::min(B, (blocks * p / parts) * kRowBlock);
         const int64_t r1 = std::min(B, (blocks * (p + 1) / parts) * kRowBlock);
         ChunkStats<acc_t> st(D);
