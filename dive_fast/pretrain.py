@@ -26,7 +26,7 @@ from .models import load_clip, tiny_checkpoint
 
 log = logging.getLogger(__name__)
 # Steps that keep the default pre-training within ~10 minutes on 2 CPU cores.
-DEFAULT_STEPS = {"dive-tiny": 1100, "dive-micro": 40}
+DEFAULT_STEPS = {"dive-tiny": 2000, "dive-micro": 40}
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -38,7 +38,7 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None = None,
-             batch_size: int = 128, lr: float = 2e-3, warmup: int = 50, workers: int = 1,
+             batch_size: int = 128, lr: float = 2e-3, warmup: int = 100, workers: int = 1,
              device: str = "cpu", progress: bool = True, eval_per_task: int = 300) -> Path:
     torch.manual_seed(seed)
     steps = steps or DEFAULT_STEPS.get(name, 600)

@@ -6,7 +6,7 @@ import numpy as np
 
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
            "diamond": "diamonds", "plus": "pluses", "cross": "crosses", "star": "stars",
-           "hexagon": "hexagons", "ring": "rings", "crescent": "crescents",
+           "heart": "hearts", "ring": "rings", "crescent": "crescents",
            "shape": "shapes", "object": "objects"}
 COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of"), 3: ("three",)}
 SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
@@ -28,7 +28,7 @@ def caption(scene: dict, rng: np.random.Generator, drop: float = 0.25) -> str:
         return rng.random() >= drop
 
     count = scene["count"]
-    noun = scene["shape"] if rng.random() >= 0.2 else _pick(rng, ("shape", "object"))
+    noun = scene["shape"] if rng.random() >= 0.1 else _pick(rng, ("shape", "object"))
     noun = noun if count == 1 else PLURALS[noun]
     count_word = _pick(rng, COUNT_WORDS[count])
     if count_word == "a" and noun[0] in "aeiou":

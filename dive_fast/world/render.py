@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-SHAPES = ("circle", "square", "triangle", "diamond", "plus", "cross", "star", "hexagon",
+SHAPES = ("circle", "square", "triangle", "diamond", "plus", "cross", "star", "heart",
           "ring", "crescent")
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95),
            "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.15, 0.8), "orange": (1.0, 0.55, 0.05),
            "pink": (1.0, 0.5, 0.75), "cyan": (0.1, 0.85, 0.9)}
-SIZES = {"small": 0.15, "large": 0.3}  # radius as a fraction of the image side
+SIZES = {"small": 0.18, "large": 0.32}  # radius as a fraction of the image side
 POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27),
              "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
 COUNTS = (1, 2, 3)
@@ -40,8 +40,9 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if shape == "star":
         theta = np.arctan2(y, x) + np.pi / 2
         return np.sqrt(r2) <= 0.55 + 0.45 * np.cos(5 * theta)
-    if shape == "hexagon":
-        return np.maximum(np.abs(x) * 0.866 + np.abs(y) * 0.5, np.abs(y)) <= 0.87
+    if shape == "heart":  # (x^2 + y^2 - 1)^3 <= x^2 y^3, point up in image coordinates
+        hx, hy = 1.1 * x, -1.1 * y + 0.15
+        return (hx * hx + hy * hy - 1) ** 3 <= hx * hx * hy ** 3
     if shape == "ring":
         return (r2 <= 1.0) & (r2 >= 0.36)
     if shape == "crescent":

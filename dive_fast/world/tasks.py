@@ -99,11 +99,25 @@ def task_image(task: Task, split: str, index: int, seed: int = DEFAULT_SEED, siz
     return render(scene, size), label
 
 
+HARD_GROUP = 128  # pre-training samples that share a narrow palette (hard negatives)
+
+
 def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 32):
     """(image, caption, scene) of an image-caption corpus: "pretrain" (the pre-training
-    stream) or "reference" (the fixed CC3M stand-in), over the whole world."""
+    stream) or "reference" (the fixed CC3M stand-in), over the whole world.
+
+    In "pretrain", each run of HARD_GROUP consecutive samples draws its colours and
+    backgrounds from two of each: a contrastive batch then cannot tell its pairs apart by
+    colour and background alone and must learn shape, position, size and count too."""
     rng = _rng(seed, "captions", corpus, index)
-    scene = sample_scene(rng)
+    if corpus == "pretrain":
+        group = _rng(seed, "palette", index // HARD_GROUP)
+        colours = tuple(group.choice(list(COLOURS), size=2, replace=False))
+        backgrounds = tuple(group.choice(list(BACKGROUNDS), size=2, replace=False))
+        scene = sample_scene(rng, backgrounds=backgrounds,
+                             colour=colours[int(rng.integers(2))])
+    else:
+        scene = sample_scene(rng)
     return render(scene, size), caption(scene, rng), scene
 
 
