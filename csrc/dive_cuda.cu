@@ -49,6 +49,23 @@ __device__ __forceinline__ float ld(const T* p) {
   return static_cast<float>(*p);
 }
 
+// The four rows' squared norms (warp-reduced: every lane gets them) and inverse norms.
+template <typename ft_t, typename pre_t>
+__device__ __forceinline__ void row_norms(const ft_t* a, const pre_t* a0, const ft_t* t,
+                                          const pre_t* t0, int D, int lane, bool normalize,
+                                          float (&ss)[4], float (&inv)[4]) {
+  ss[0] = ss[1] = ss[2] = ss[3] = 0.f;
+  for (int d = lane; d < D; d += 32) {
+    const float x0 = ld(a + d), x1 = ld(a0 + d), x2 = ld(t + d), x3 = ld(t0 + d);
+    ss[0] += x0 * x0; ss[1] += x1 * x1; ss[2] += x2 * x2; ss[3] += x3 * x3;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    ss[k] = warp_sum(ss[k]);
+    inv[k] = normalize ? rsqrtf(ss[k]) : 1.f;
+  }
+}
+
 template <typename ft_t, typename pre_t>
 __global__ void __launch_bounds__(kThreads) dive_stats_kernel(
     const ft_t* __restrict__ A, const pre_t* __restrict__ A0, const ft_t* __restrict__ T,
@@ -79,13 +96,8 @@ __global__ void __launch_bounds__(kThreads) dive_stats_kernel(
       const pre_t* a0 = A0 + r * sA0;
       const ft_t* t = T + r * sT;
       const pre_t* t0 = T0 + r * sT0;
-      float ss[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int d = lane; d < D; d += 32) {
-        const float x0 = ld(a + d), x1 = ld(a0 + d), x2 = ld(t + d), x3 = ld(t0 + d);
-        ss[0] += x0 * x0; ss[1] += x1 * x1; ss[2] += x2 * x2; ss[3] += x3 * x3;
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k) ss[k] = warp_sum(ss[k]);
+      float ss[4], inv[4];
+      row_norms(a, a0, t, t0, D, lane, normalize, ss, inv);
       if (lane == 0) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -93,8 +105,7 @@ __global__ void __launch_bounds__(kThreads) dive_stats_kernel(
           bad[4 + k] += ss[k] == 0.f;
         }
       }
-      const float ia = normalize ? rsqrtf(ss[0]) : 1.f, ia0 = normalize ? rsqrtf(ss[1]) : 1.f;
-      const float it = normalize ? rsqrtf(ss[2]) : 1.f, it0 = normalize ? rsqrtf(ss[3]) : 1.f;
+      const float ia = inv[0], ia0 = inv[1], it = inv[2], it0 = inv[3];
       float pv = 0.f, nu = 0.f, nv = 0.f;
       for (int d = lane; d < D; d += 32) {
         const float ud = ld(a + d) * ia - ld(a0 + d) * ia0;
@@ -173,15 +184,9 @@ __global__ void __launch_bounds__(kThreads) dive_backward_kernel(
   const pre_t* a0 = A0 + r * sA0;
   const ft_t* t = T + r * sT;
   const pre_t* t0 = T0 + r * sT0;
-  float ss[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int d = lane; d < D; d += 32) {
-    const float x0 = ld(a + d), x1 = ld(a0 + d), x2 = ld(t + d), x3 = ld(t0 + d);
-    ss[0] += x0 * x0; ss[1] += x1 * x1; ss[2] += x2 * x2; ss[3] += x3 * x3;
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) ss[k] = warp_sum(ss[k]);
-  const float ia = normalize ? rsqrtf(ss[0]) : 1.f, ia0 = normalize ? rsqrtf(ss[1]) : 1.f;
-  const float it = normalize ? rsqrtf(ss[2]) : 1.f, it0 = normalize ? rsqrtf(ss[3]) : 1.f;
+  float ss[4], inv[4];
+  row_norms(a, a0, t, t0, D, lane, normalize, ss, inv);
+  const float ia = inv[0], ia0 = inv[1], it = inv[2], it0 = inv[3];
   float dot_a = 0.f, dot_t = 0.f;
   if (normalize) {
     for (int d = lane; d < D; d += 32) {

@@ -26,7 +26,7 @@ from .models import load_clip, tiny_checkpoint
 
 log = logging.getLogger(__name__)
 # Steps that keep the default pre-training within ~10 minutes on 2 CPU cores.
-DEFAULT_STEPS = {"dive-tiny": 2000, "dive-micro": 40}
+DEFAULT_STEPS = {"dive-tiny": 1800, "dive-micro": 40}
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -35,6 +35,16 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def apply_update(loss, opt, sched, model) -> None:
+    """Backward, optimiser and schedule step, and CLIP's clamp of the logit scale."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
 
 
 def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None = None,
@@ -57,12 +67,7 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
     for images, texts, _ in bar:
         img, txt, scale = model(images.to(device), bundle.tokenizer(texts).to(device))
         loss = loss_fn(img, txt, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        apply_update(loss, opt, sched, model)
         bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{bar.n * batch_size / (time.time() - start + 1e-9):.0f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

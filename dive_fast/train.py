@@ -32,7 +32,7 @@ from .data import (CsvCaptions, ImageFolderTask, Indexed, ResumableSampler, Worl
 from .evaluate import evaluate, format_table, parse_task, world_eval_sets, world_rsa_set
 from .methods import METHODS, make_method
 from .models import TINY_MODELS, ensure_pretrained_tiny, frozen_copy, load_clip
-from .pretrain import cosine_lr
+from .pretrain import apply_update, cosine_lr
 
 log = logging.getLogger("dive_fast.train")
 
@@ -345,12 +345,7 @@ def train_loop(args, ctx, method, model, opt, sched, scaler, target_ds, ref_ds, 
             log.warning("skipping step %d: non-finite loss %s", step, values[0])
             opt.zero_grad(set_to_none=True)
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        apply_update(loss, opt, sched, model)
         n_samples += len(images) + (len(reference[0]) if reference else 0)
         done = step + 1
         if main_proc and (done % args.log_every == 0 or done == args.steps):

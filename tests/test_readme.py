@@ -1,0 +1,18 @@
+"""The README opens with the two set-up commands, and CI runs the second one verbatim."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```", 2)[1]
+    return [l.strip() for l in block.splitlines()[1:] if l.strip() and not l.startswith("#")]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
+    train_cmd, test_cmd = _commands()
+    assert train_cmd.endswith("python -m dive_fast.train")
+    assert "pytest" in test_cmd
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in [l.strip() for l in ci]
