@@ -99,13 +99,19 @@ def world_rsa_set(transform, n=256, seed=0, size=32):
 
 
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
-             batch_size=256, workers=0, progress=True) -> dict:
-    """The report: accuracy per set grouped by kind, their means, and RSA (if pre_model)."""
+             batch_size=256, workers=0, progress=True, heads=None) -> dict:
+    """The report: accuracy per set grouped by kind, their means, and RSA (if pre_model).
+
+    ``heads`` maps class-name tuples to trained classifier weights [classes, dim] (FT's
+    linear head), used instead of the zero-shot head for sets with those classes."""
     model.eval()
     report = {k: {} for k in KINDS}
     skipped = 0
+    heads = heads or {}
     for name, (kind, dataset) in eval_sets.items():
-        head = zeroshot_head(model, tokenizer, dataset.classnames, dataset.templates, device)
+        head = heads.get(tuple(dataset.classnames))
+        if head is None:
+            head = zeroshot_head(model, tokenizer, dataset.classnames, dataset.templates, device)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
         acc, _, n_skipped = accuracy(model, head, loader, device, desc=name if progress else None)
         report[kind][name] = acc

@@ -32,6 +32,10 @@ class Method:
     def loss(self, ctx, target, reference, step: int):
         raise RuntimeError(f"{self.name} does not train")
 
+    def eval_heads(self, ctx, alpha: float = 1.0) -> dict:
+        """Trained classifier heads for evaluation, by class-name tuple (none: zero-shot)."""
+        return {}
+
 
 class ZeroShot(Method):
     name, trains = "zeroshot", False
@@ -136,6 +140,12 @@ class FT(Method):
 
     def extra_modules(self):
         return {"head": self.head}
+
+    def eval_heads(self, ctx, alpha=1.0):
+        """The linear head for the ID label set; WiSE-FT interpolates it with the
+        zero-shot head it started from."""
+        w = self.head.weight.detach()
+        return {tuple(ctx.classnames): (1 - alpha) * ctx.zeroshot_head + alpha * w}
 
     def before_step(self, ctx, step):
         ctx.model.visual.requires_grad_(step >= self.lp_steps)

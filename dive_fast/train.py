@@ -291,12 +291,14 @@ def run(args) -> dict:
         if method.trains:
             report[args.method] = evaluate(model, bundle.tokenizer, sets, pre_model=pre_model,
                                            rsa_set=rsa_set, device=device,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress,
+                                           heads=method.eval_heads(ctx))
             for alpha in [float(a) for a in args.wise_ft.split(",") if a.strip()]:
                 wise_ft(model, pre_state, ft_state, alpha)
                 report[f"{args.method} wise-ft {alpha:g}"] = evaluate(
                     model, bundle.tokenizer, sets, pre_model=pre_model, rsa_set=rsa_set,
-                    device=device, progress=not args.no_progress)
+                    device=device, progress=not args.no_progress,
+                    heads=method.eval_heads(ctx, alpha))
             model.load_state_dict(ft_state)
         table = format_table(report)
         (out / "table.md").write_text(table + "\n")

@@ -85,3 +85,11 @@ def test_spearman_matches_definition():
     assert spearman(a, a ** 3) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert math.isfinite(spearman(torch.randn(30), torch.randn(30)))
+
+
+def test_trained_heads_replace_the_zeroshot_head_for_their_classes():
+    sets = {"id": ("id", LabelSet(200, 10)), "z": ("zeroshot", LabelSet(200, 4, 1))}
+    shifted = torch.eye(10).roll(1, dims=0)  # a head that always answers the next class
+    report = evaluate(PerfectModel(10), Tokenizer(), sets, progress=False,
+                      heads={sets["id"][1].classnames: shifted})
+    assert report["id"]["id"] == 0.0 and report["zeroshot"]["z"] == 1.0

@@ -107,15 +107,17 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
     stream) or "reference" (the fixed CC3M stand-in), over the whole world.
 
     In "pretrain", each run of HARD_GROUP consecutive samples draws its colours and
-    backgrounds from two of each: a contrastive batch then cannot tell its pairs apart by
-    colour and background alone and must learn shape, position, size and count too."""
+    backgrounds from two of each and its shapes from three: a contrastive batch then
+    cannot tell its pairs apart by the salient attributes alone and must learn the
+    finer ones (which shape of three, position, size, count) too."""
     rng = _rng(seed, "captions", corpus, index)
     if corpus == "pretrain":
         group = _rng(seed, "palette", index // HARD_GROUP)
         colours = tuple(group.choice(list(COLOURS), size=2, replace=False))
         backgrounds = tuple(group.choice(list(BACKGROUNDS), size=2, replace=False))
-        scene = sample_scene(rng, backgrounds=backgrounds,
-                             colour=colours[int(rng.integers(2))])
+        shapes = tuple(group.choice(list(SHAPES), size=3, replace=False))
+        scene = sample_scene(rng, backgrounds=backgrounds, colour=colours[int(rng.integers(2))],
+                             shape=shapes[int(rng.integers(3))])
     else:
         scene = sample_scene(rng)
     return render(scene, size), caption(scene, rng), scene

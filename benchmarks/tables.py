@@ -1,0 +1,62 @@
+"""Markdown tables from the benchmark CSVs (what the README shows).
+
+    python benchmarks/tables.py benchmarks/results/dive_op_cpu.csv benchmarks/results/step_cpu.csv
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+
+
+def op_table(rows) -> str:
+    rows = [r for r in rows if r["mode"] == "fwd+bwd"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    shapes = list(dict.fromkeys((r["dtype"], int(r["B"]), int(r["D"])) for r in rows))
+    out = ["| B' | D | floor ms | " + " | ".join(f"{i} ms (x floor)" for i in impls) + " |",
+           "|---|---|---|" + "---|" * len(impls)]
+    for dtype, B, D in shapes:
+        sel = {r["impl"]: r for r in rows if (r["dtype"], int(r["B"]), int(r["D"])) == (dtype, B, D)}
+        floor = float(next(iter(sel.values()))["floor_ms"])
+        cells = [f"{float(sel[i]['median_ms']):.2f} ({float(sel[i]['ratio_to_floor']):.2f}x)"
+                 if i in sel else "–" for i in impls]
+        out.append(f"| {B} | {D} | {floor:.2f} | " + " | ".join(cells) + " |")
+    first = rows[0]
+    out.append(f"\n{first['device']}, copy bandwidth {float(first['copy_GBps']):.1f} GB/s, "
+               f"torch {first['torch']}, {first['dtype']}.")
+    return "\n".join(out)
+
+
+def step_table(rows) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    med = lambda v, k: statistics.median(float(r[k]) for r in rows if r["variant"] == v)  # noqa: E731
+    base = "flyp-B+B'"
+    phases = ["data_ms", "trainable_fwd_bwd_ms", "frozen_fwd_ms", "losses_ms", "optimizer_ms"]
+    out = ["| variant | samples/step | step ms | samples/s | peak MiB | time vs FLYP(B+B') | "
+           "memory vs FLYP(B+B') | data / trainable fwd+bwd / frozen fwd / losses / optimizer ms |",
+           "|---|---|---|---|---|---|---|---|"]
+    for v in variants:
+        s = next(r for r in rows if r["variant"] == v)
+        out.append(f"| {v} | {s['samples_per_step']} | {med(v, 'step_ms'):.1f} | "
+                   f"{med(v, 'samples_per_s'):.1f} | {med(v, 'peak_mem_MiB'):.0f} | "
+                   f"{med(v, 'step_ms') / med(base, 'step_ms'):.3f}x | "
+                   f"{med(v, 'peak_mem_MiB') / med(base, 'peak_mem_MiB'):.3f}x | "
+                   + " / ".join(f"{med(v, p):.1f}" for p in phases) + " |")
+    if "dive-naive" in variants and "dive-fast" in variants:
+        first = rows[0]
+        out.append(f"\ndive-fast is {med('dive-naive', 'step_ms') / med('dive-fast', 'step_ms'):.2f}x "
+                   f"faster than dive-naive. {first['device']}, torch {first['torch']}; "
+                   f"peak memory: {first['peak_mem_kind']}.")
+    return "\n".join(out)
+
+
+def main(paths):
+    for path in paths:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        print(step_table(rows) if "variant" in rows[0] else op_table(rows))
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
