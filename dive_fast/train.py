@@ -259,12 +259,11 @@ def run(args) -> dict:
         if on_gpu:
             ddp["device_ids"] = [torch.device(device).index]
     ctx = StepContext(model, frozen, bundle.tokenizer, classnames, templates, device,
-                      seed=args.seed, rank=rank, world_size=world, clip_loss=clip_loss, cache=cache, amp_dtype=amp_dtype,
-                      ddp_kwargs=ddp)
+                      seed=args.seed, rank=rank, world_size=world, clip_loss=clip_loss,
+                      cache=cache, amp_dtype=amp_dtype, ddp_kwargs=ddp)
     method.build(ctx, args)
-    if args.compile:
-        model.visual = torch.compile(model.visual)
-        model.transformer = torch.compile(model.transformer)
+    if args.compile:  # the wrapper, so that the model's state_dict keys stay as they are
+        ctx.encoders = torch.compile(ctx.encoders)
 
     sets, rsa_set = eval_sets(args, bundle)
     report = {}
