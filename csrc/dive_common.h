@@ -56,4 +56,17 @@ inline void check_inputs(const at::Tensor& a, const at::Tensor& a0, const at::Te
               "txt_ft must share img_ft's dtype and txt_pre img_pre's");
 }
 
+// The four inputs after the shared checks, with unit column stride; [B, D].
+struct RowInputs {
+  at::Tensor a, a0, t, t0;
+  int64_t B, D;
+};
+
+inline RowInputs prepare_inputs(const at::Tensor& img_ft, const at::Tensor& img_pre,
+                                const at::Tensor& txt_ft, const at::Tensor& txt_pre) {
+  check_inputs(img_ft, img_pre, txt_ft, txt_pre);
+  return {unit_column_stride(img_ft), unit_column_stride(img_pre), unit_column_stride(txt_ft),
+          unit_column_stride(txt_pre), img_ft.size(0), img_ft.size(1)};
+}
+
 }  // namespace dive_fast

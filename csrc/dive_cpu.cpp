@@ -144,10 +144,7 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
                                                   const at::Tensor& img_pre,
                                                   const at::Tensor& txt_ft,
                                                   const at::Tensor& txt_pre, bool normalize) {
-  check_inputs(img_ft, img_pre, txt_ft, txt_pre);
-  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
-  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
-  const int64_t B = A.size(0), D = A.size(1);
+  const auto [A, A0, T, T0, B, D] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   const auto acc_type = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -258,10 +255,7 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
     const at::Tensor& img_ft, const at::Tensor& img_pre, const at::Tensor& txt_ft,
     const at::Tensor& txt_pre, const at::Tensor& m, const at::Tensor& c_avl,
     const at::Tensor& c_pvl, bool normalize) {
-  check_inputs(img_ft, img_pre, txt_ft, txt_pre);
-  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
-  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
-  const int64_t B = A.size(0), D = A.size(1);
+  const auto [A, A0, T, T0, B, D] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   TORCH_CHECK(m.numel() == D, "m must have ", D, " elements, got ", m.numel());
   auto GA = empty_huge_page_hinted({B, D}, A.options());
   auto GT = empty_huge_page_hinted({B, D}, T.options());

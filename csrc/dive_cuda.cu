@@ -212,7 +212,6 @@ __global__ void __launch_bounds__(kThreads) dive_backward_kernel(
 
 void check_cuda_inputs(const at::Tensor& a, const at::Tensor& a0, const at::Tensor& t,
                        const at::Tensor& t0) {
-  check_inputs(a, a0, t, t0);
   TORCH_CHECK(a.is_cuda(), "the cuda backend takes CUDA tensors");
   TORCH_CHECK(a.size(1) <= kMaxDim, "the cuda backend supports dim <= ", kMaxDim, ", got ",
               a.size(1));
@@ -224,10 +223,8 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cuda(const at::Tensor& img_ft,
                                                    const at::Tensor& txt_pre, bool normalize) {
   check_cuda_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const c10::cuda::CUDAGuard guard(img_ft.device());
-  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
-  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
-  const int64_t B = A.size(0);
-  const int D = static_cast<int>(A.size(1));
+  const auto [A, A0, T, T0, B, D64] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
+  const int D = static_cast<int>(D64);
   const int rows = std::max(1, std::min(16, kBufferElements / D));
   const int64_t num_blocks = (B + rows - 1) / rows;
   int sms = 0;
@@ -258,10 +255,8 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
     const at::Tensor& c_pvl, bool normalize) {
   check_cuda_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const c10::cuda::CUDAGuard guard(img_ft.device());
-  const auto A = unit_column_stride(img_ft), A0 = unit_column_stride(img_pre);
-  const auto T = unit_column_stride(txt_ft), T0 = unit_column_stride(txt_pre);
-  const int64_t B = A.size(0);
-  const int D = static_cast<int>(A.size(1));
+  const auto [A, A0, T, T0, B, D64] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
+  const int D = static_cast<int>(D64);
   TORCH_CHECK(m.numel() == D, "m must have ", D, " elements, got ", m.numel());
   const auto m32 = m.to(at::kFloat).contiguous();
   const auto ca = c_avl.to(at::kFloat).contiguous(), cp = c_pvl.to(at::kFloat).contiguous();
