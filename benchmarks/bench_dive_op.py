@@ -38,6 +38,9 @@ def backend_impl(name):
 
 
 def implementations(device: str, dtype, D: int, wanted):
+    # A fresh compile per shape: dynamo's cache is per code object, and past its
+    # recompile limit it silently falls back to eager.
+    torch._dynamo.reset()
     impls = {"eager": eager_impl, "torch.compile": torch.compile(eager_impl, dynamic=False)}
     for name in backends.BACKENDS:
         if backends.unavailable_reason(name, device.split(":")[0], dtype, D) is None:

@@ -2,6 +2,7 @@
 
     python benchmarks/replicate.py                      # ~40 min on 2 CPU cores
     python benchmarks/replicate.py --steps 50 --methods flyp dive   # a quick look
+    python benchmarks/replicate.py --methods --extra-lams 10 100 --append  # lambda sweep
 
 Each method fine-tunes the cached pre-trained dive-tiny with the same steps, batch, lr
 and seeds (stated in the output), then is evaluated on ID, every OOD shift, every
@@ -22,26 +23,32 @@ DEFAULT = ["zeroshot", "ft", "flyp", "flyp+replay", "snd-like", "dive", "dive-av
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=DEFAULT)
+    p.add_argument("--methods", nargs="*", default=DEFAULT)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-per-task", type=int, default=500)
+    p.add_argument("--extra-lams", type=float, nargs="*", default=[],
+                   help="also run dive with these lambdas (rows 'dive lambda=X')")
+    p.add_argument("--append", action="store_true", help="add rows to an existing table")
     p.add_argument("--runs", default="runs/replication")
     p.add_argument("--out", default="benchmarks/results/replication")
     args = p.parse_args(argv)
-    rows = {}
+    rows = json.loads(Path(f"{args.out}.json").read_text())["rows"] if args.append else {}
     settings = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr",
                 str(args.lr), "--seed", str(args.seed), "--eval-per-task",
                 str(args.eval_per_task), "--no-progress", "--checkpoint-every", "1000000"]
-    for method in args.methods:
-        report = train.main(["--method", method, "--out", f"{args.runs}/{method}",
-                             "--wise-ft", "" if method == "zeroshot" else "0.5", *settings])
+    runs = [(m, m, []) for m in args.methods] + \
+        [(f"dive lambda={lam:g}", "dive", ["--lam", str(lam)]) for lam in args.extra_lams]
+    for label, method, extra in runs:
+        report = train.main(["--method", method, "--out", f"{args.runs}/{label.replace(' ', '_')}",
+                             "--wise-ft", "" if method == "zeroshot" else "0.5", *settings,
+                             *extra])
         for name, row in report.items():
             if name == "zero-shot" and "zero-shot" in rows:
                 continue
-            rows[name] = row
+            rows[name.replace(method, label, 1)] = row
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table = format_table(rows)
         header = (f"dive-tiny on the embedded world (seed {args.seed}); each method: "
