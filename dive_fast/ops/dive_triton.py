@@ -26,6 +26,13 @@ def interpreted() -> bool:
 
 
 @triton.jit
+def _tile(ptr, rows, cols, mask, stride_r, stride_c):
+    """A [BLOCK_B, BLOCK_D] tile of a strided [B, D] input, as float32 (zeros off the edge)."""
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _row_scale(x, rmask, NORMALIZE: tl.constexpr):
     sumsq = tl.sum(x * x, axis=1)
     if NORMALIZE:
@@ -67,10 +74,10 @@ def _dive_stats_kernel(
         rows = blk * BLOCK_B + tl.arange(0, BLOCK_B)
         rmask = rows < B
         mask = rmask[:, None] & cmask[None, :]
-        a = tl.load(A + rows[:, None] * s_a0 + cols[None, :] * s_a1, mask=mask, other=0.0).to(tl.float32)
-        a0 = tl.load(A0 + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(T + rows[:, None] * s_t0 + cols[None, :] * s_t1, mask=mask, other=0.0).to(tl.float32)
-        t0 = tl.load(T0 + rows[:, None] * s_q0 + cols[None, :] * s_q1, mask=mask, other=0.0).to(tl.float32)
+        a = _tile(A, rows, cols, mask, s_a0, s_a1)
+        a0 = _tile(A0, rows, cols, mask, s_p0, s_p1)
+        t = _tile(T, rows, cols, mask, s_t0, s_t1)
+        t0 = _tile(T0, rows, cols, mask, s_q0, s_q1)
         ss_a, inv_a = _row_scale(a, rmask, NORMALIZE)
         ss_a0, inv_a0 = _row_scale(a0, rmask, NORMALIZE)
         ss_t, inv_t = _row_scale(t, rmask, NORMALIZE)
@@ -130,10 +137,10 @@ def _dive_backward_kernel(
     rmask = rows < B
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
-    a = tl.load(A + rows[:, None] * s_a0 + cols[None, :] * s_a1, mask=mask, other=0.0).to(tl.float32)
-    a0 = tl.load(A0 + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(T + rows[:, None] * s_t0 + cols[None, :] * s_t1, mask=mask, other=0.0).to(tl.float32)
-    t0 = tl.load(T0 + rows[:, None] * s_q0 + cols[None, :] * s_q1, mask=mask, other=0.0).to(tl.float32)
+    a = _tile(A, rows, cols, mask, s_a0, s_a1)
+    a0 = _tile(A0, rows, cols, mask, s_p0, s_p1)
+    t = _tile(T, rows, cols, mask, s_t0, s_t1)
+    t0 = _tile(T0, rows, cols, mask, s_q0, s_q1)
     m = tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
     c_avl = tl.load(C_AVL).to(tl.float32)
     c_pvl = tl.load(C_PVL).to(tl.float32)
