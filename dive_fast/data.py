@@ -7,7 +7,6 @@ a corrupt or missing image is logged, never the end of a long run.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -179,12 +178,6 @@ def webdataset_captions(urls, transform, shuffle_buffer: int = 1000, seed: int =
                            shardshuffle=False, empty_check=False)
             .shuffle(shuffle_buffer, rng=__import__("random").Random(seed))
             .decode("pil", handler=skip).map(to_pair, handler=skip))
-
-
-def task_metadata(root) -> dict:
-    """A task folder's task.json (written by dive_fast.world), if any."""
-    meta = Path(root) / "task.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 class Indexed(Dataset):

@@ -76,14 +76,6 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     return frozen.to(dtype) if dtype is not None else frozen
 
 
-def encode(model: nn.Module, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-           normalize: bool = True):
-    """(image features, text features), each None when its input is None."""
-    img = model.encode_image(images, normalize=normalize) if images is not None else None
-    txt = model.encode_text(tokens, normalize=normalize) if tokens is not None else None
-    return img, txt
-
-
 def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kwargs) -> Path:
     """The cached pre-trained tiny model, pre-training it first when absent."""
     path = tiny_checkpoint(name, seed)

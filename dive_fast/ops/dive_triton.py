@@ -8,8 +8,6 @@ Backward: one pass, one row block per program: reads the four tiles, writes two 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -19,10 +17,6 @@ from .dive_reference import NUM_SCALARS, accumulation_dtype
 # fp32 elements per [BLOCK_B, BLOCK_D] tile: bounds registers per program.
 TILE_ELEMENTS = 4096
 MAX_DIM = 16384
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -121,7 +121,3 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
     else:
         scene = sample_scene(rng)
     return render(scene, size), caption(scene, rng), scene
-
-
-def tasks_of_kind(kind: str) -> list[Task]:
-    return [t for t in TASKS.values() if t.kind == kind]

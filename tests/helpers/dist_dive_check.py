@@ -2,7 +2,6 @@
 import json
 import sys
 
-import torch
 import torch.distributed as dist
 
 from dive_fast import DiVELoss
