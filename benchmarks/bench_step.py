@@ -130,8 +130,9 @@ def run_variant(args) -> dict:
                 texts, idx = zip(*ref_targets)
         with timer("trainable_fwd_bwd"):
             if variant == "dive-fast":
+                ref_tokens = ctx.tokenize(texts)
                 (it, ir), (tt, tr) = ctx.encode([images, ref_images],
-                                                [ctx.prompts(labels, step), ctx.tokenize(texts)])
+                                                [ctx.prompts(labels, step), ref_tokens])
             elif variant == "dive-naive":
                 (it,), (tt,) = ctx.encode([images], [ctx.prompts(labels, step)])
                 (ir,), (tr,) = ctx.encode([ref_images], [ctx.tokenize(texts)])
@@ -140,7 +141,7 @@ def run_variant(args) -> dict:
         if variant.startswith("dive"):
             with timer("frozen_fwd"), torch.no_grad():
                 if variant == "dive-fast":
-                    i0, t0_ = ctx.frozen_reference(ref_images, texts, idx)
+                    i0, t0_ = ctx.frozen_reference(ref_images, ref_tokens, idx)
                 else:  # every step, full precision, no overlap
                     i0 = frozen.encode_image(ref_images.to(device), normalize=True).float()
                     t0_ = frozen.encode_text(ctx.tokenize(texts), normalize=True).float()

@@ -68,9 +68,10 @@ class StepContext:
         return split(img, image_batches), split(txt, token_batches)
 
     @torch.no_grad()
-    def frozen_reference(self, images, texts, indices):
+    def frozen_reference(self, images, tokens, indices):
         """Normalised frozen (image, text) embeddings of the reference batch (no_grad, not
-        inference_mode: the DiVE op saves them for its backward)."""
+        inference_mode: the DiVE op saves them for its backward). ``tokens`` are the
+        captions' tokens, already made for the trainable forward; None skips the text."""
         if self.cache is not None:
             return frozen_cache.lookup(self.cache, indices, self.device)
         stream = self.side_stream
@@ -78,15 +79,16 @@ class StepContext:
             # Co-scheduling: the frozen forward copies its own inputs and runs on a side
             # stream, overlapping the trainable forward already queued on the main stream.
             with torch.cuda.stream(stream), torch.autocast("cuda", dtype=torch.bfloat16):
-                out = self._frozen_forward(images, texts)
+                out = self._frozen_forward(images, tokens)
             main = torch.cuda.current_stream()
             main.wait_stream(stream)
             for t in out:
-                t.record_stream(main)  # freed blocks must not be reused before main is done
+                if t is not None:
+                    t.record_stream(main)  # freed blocks must not be reused before main is done
             return out
-        return self._frozen_forward(images, texts)
+        return self._frozen_forward(images, tokens)
 
-    def _frozen_forward(self, images, texts):
+    def _frozen_forward(self, images, tokens):
         img = self.frozen.encode_image(images.to(self.device, non_blocking=True), normalize=True)
-        txt = self.frozen.encode_text(self.tokenize(texts), normalize=True)
-        return img.float(), txt.float()
+        txt = None if tokens is None else self.frozen.encode_text(tokens, normalize=True).float()
+        return img.float(), txt

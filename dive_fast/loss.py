@@ -11,7 +11,7 @@ from .ops.dive_reference import INPUT_NAMES
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m: Tensor, dim: int | None = None) -> None:
+def validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m: Tensor) -> None:
     """Shape, dtype and device checks, free of host synchronisation."""
     tensors = dict(zip(INPUT_NAMES, (img_ft, img_pre, txt_ft, txt_pre)))
     for name, x in tensors.items():
@@ -30,8 +30,6 @@ def validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m: Tensor, dim: int | None
             raise ValueError(f"{name} is on {x.device} but img_ft is on {img_ft.device}")
     if shape[0] == 0:
         raise ValueError("empty batch: img_ft has 0 rows; DiVE needs at least one reference pair")
-    if dim is not None and shape[1] != dim:
-        raise ValueError(f"img_ft has dim {shape[1]} but the loss was built with dim={dim}")
     if txt_ft.dtype != img_ft.dtype or txt_pre.dtype != img_pre.dtype:
         raise TypeError("txt_ft must share img_ft's dtype and txt_pre img_pre's, got "
                         f"{img_ft.dtype}/{txt_ft.dtype} and {img_pre.dtype}/{txt_pre.dtype}")

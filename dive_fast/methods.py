@@ -60,11 +60,14 @@ class _WithReference(FLYP):
     uses_reference = True
 
     def encode_both(self, ctx, target, reference, step):
+        """Features of target and reference samples, and the caption tokens (reused by the
+        frozen forward when its embeddings are not cached)."""
         images, labels = target
         ref_images, (texts, _) = reference
+        ref_tokens = ctx.tokenize(texts)
         (img_t, img_r), (txt_t, txt_r) = ctx.encode(
-            [images, ref_images], [ctx.prompts(labels, step), ctx.tokenize(texts)])
-        return img_t, txt_t, img_r, txt_r
+            [images, ref_images], [ctx.prompts(labels, step), ref_tokens])
+        return img_t, txt_t, img_r, txt_r, ref_tokens
 
 
 class FLYPReplay(_WithReference):
@@ -72,7 +75,7 @@ class FLYPReplay(_WithReference):
     name = "flyp+replay"
 
     def loss(self, ctx, target, reference, step):
-        img_t, txt_t, img_r, txt_r = self.encode_both(ctx, target, reference, step)
+        img_t, txt_t, img_r, txt_r, _ = self.encode_both(ctx, target, reference, step)
         clip, replay = self.clip_part(ctx, img_t, txt_t), self.clip_part(ctx, img_r, txt_r)
         return clip + replay, {"clip": clip.detach(), "replay": replay.detach()}
 
@@ -86,9 +89,9 @@ class SnDLike(_WithReference):
 
     def loss(self, ctx, target, reference, step):
         images, labels = target
-        ref_images, (texts, idx) = reference
+        ref_images, (_, idx) = reference
         (img_t, img_r), (txt_t,) = ctx.encode([images, ref_images], [ctx.prompts(labels, step)])
-        img0, _ = ctx.frozen_reference(ref_images, texts, idx)
+        img0, _ = ctx.frozen_reference(ref_images, None, idx)
         clip = self.clip_part(ctx, img_t, txt_t)
         dist = (F.normalize(img_r.float(), dim=-1) - img0.float()).pow(2).sum(-1).mean()
         return clip + self.lam * dist, {"clip": clip.detach(), "snd": dist.detach()}
@@ -105,9 +108,9 @@ class DiVE(_WithReference):
                             ).to(ctx.device)
 
     def loss(self, ctx, target, reference, step):
-        img_t, txt_t, img_r, txt_r = self.encode_both(ctx, target, reference, step)
-        _, (texts, idx) = reference
-        img0, txt0 = ctx.frozen_reference(reference[0], texts, idx)
+        img_t, txt_t, img_r, txt_r, ref_tokens = self.encode_both(ctx, target, reference, step)
+        ref_images, (_, idx) = reference
+        img0, txt0 = ctx.frozen_reference(ref_images, ref_tokens, idx)
         clip = self.clip_part(ctx, img_t, txt_t)
         reg, parts = self.reg(img_r, img0, txt_r, txt0, return_parts=True)
         return clip + reg, {"clip": clip.detach(), "avl": parts["avl"], "pvl": parts["pvl"]}

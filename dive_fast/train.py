@@ -127,13 +127,12 @@ def batches(dl):
 
 # --- checkpoints -----------------------------------------------------------------------
 
-def checkpoint_state(step, args, model, method, opt, sched, scaler):
+def checkpoint_state(step, args, model, method, opt, sched):
     return {"state_dict": model.state_dict(), "step": step, "method": args.method,
             "model": args.model, "batch_size": args.batch_size,
             "extra": {k: m.state_dict() for k, m in method_modules(method).items()},
             "optimizer": opt.state_dict() if opt else None,
             "scheduler": sched.state_dict() if sched else None,
-            "scaler": scaler.state_dict() if scaler else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
 
@@ -153,7 +152,7 @@ def find_resume(args) -> Path | None:
     return found[-1] if found else None
 
 
-def restore(path, args, model, method, opt, sched, scaler) -> int:
+def restore(path, args, model, method, opt, sched) -> int:
     ckpt = load_checkpoint(path)
     for key in ("method", "model", "batch_size"):
         if ckpt.get(key) != getattr(args, key):
@@ -166,8 +165,6 @@ def restore(path, args, model, method, opt, sched, scaler) -> int:
         opt.load_state_dict(ckpt["optimizer"])
     if sched and ckpt["scheduler"]:
         sched.load_state_dict(ckpt["scheduler"])
-    if scaler and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
     return int(ckpt["step"]), ckpt["rng"]
 
 
@@ -270,7 +267,7 @@ def run(args) -> dict:
     if main_proc:
         report["zero-shot"] = evaluate(model, bundle.tokenizer, sets, pre_model=None,
                                        device=device, progress=not args.no_progress)
-    start_step, opt, sched, scaler = 0, None, None, None
+    start_step, opt, sched = 0, None, None
     if method.trains and args.steps > 0:
         params = [p for p in model.parameters()] + \
             [p for m in method.extra_modules().values() for p in m.parameters()]
@@ -280,9 +277,9 @@ def run(args) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, warmup))
         resume, rng = find_resume(args), None
         if resume is not None:
-            start_step, rng = restore(resume, args, model, method, opt, sched, scaler)
+            start_step, rng = restore(resume, args, model, method, opt, sched)
             log.info("resumed from %s at step %d", resume, start_step)
-        train_loop(args, ctx, method, model, opt, sched, scaler, target_ds, ref_ds, start_step,
+        train_loop(args, ctx, method, model, opt, sched, target_ds, ref_ds, start_step,
                    rank, world, out, rng)
     if main_proc:
         pre_model = load_clip(args.model, pretrained, device).model.eval()
@@ -309,7 +306,7 @@ def run(args) -> dict:
     return report
 
 
-def train_loop(args, ctx, method, model, opt, sched, scaler, target_ds, ref_ds, start_step,
+def train_loop(args, ctx, method, model, opt, sched, target_ds, ref_ds, start_step,
                rank, world, out, rng=None):
     pin = str(ctx.device).startswith("cuda")
     targets = batches(loader(target_ds, args.batch_size, args.seed, start_step, rank, world,
@@ -359,7 +356,7 @@ def train_loop(args, ctx, method, model, opt, sched, scaler, target_ds, ref_ds, 
             metrics.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr", "skipped")})
         if main_proc and (done % args.checkpoint_every == 0 or done == args.steps):
-            last_ckpt = atomic_save(checkpoint_state(done, args, model, method, opt, sched, scaler),
+            last_ckpt = atomic_save(checkpoint_state(done, args, model, method, opt, sched),
                                     ckpt_dir / f"step-{done:08d}.pt")
             prune(ckpt_dir, "step-*.pt", args.keep)
     if metrics:
