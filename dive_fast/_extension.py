@@ -33,3 +33,14 @@ def has_kernel(dispatch_key: str) -> bool:
 
 def ops():
     return getattr(torch.ops, OP_NAMESPACE)
+
+
+def cpu_gradient_cache_bytes() -> int:
+    """Bytes of recycled gradient blocks the CPU backward holds (0 without the extension)."""
+    return int(ops().cpu_cached_bytes()) if load()[0] else 0
+
+
+def release_cpu_gradient_cache() -> None:
+    """Frees the CPU backward's cached gradient blocks (those of live tensors stay theirs)."""
+    if load()[0]:
+        ops().cpu_release_cached()

@@ -3,6 +3,7 @@ project's own tiny configs, whose pre-trained weights ``dive_fast.pretrain`` cac
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,13 @@ def cache_dir() -> Path:
 
 
 def tiny_checkpoint(name: str, seed: int = 0) -> Path:
-    return cache_dir() / f"{name}-world{seed}.safetensors"
+    """The cache file of a pre-trained tiny model. Its name carries a digest of the model
+    config and the pre-training stream's version, so a change to either never reuses
+    stale weights."""
+    from .world.tasks import PRETRAIN_STREAM_VERSION
+    config = (CONFIG_DIR / f"{name}.json").read_bytes()
+    digest = hashlib.sha1(config + str(PRETRAIN_STREAM_VERSION).encode()).hexdigest()[:8]
+    return cache_dir() / f"{name}-world{seed}-{digest}.safetensors"
 
 
 @dataclass

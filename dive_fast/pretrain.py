@@ -37,6 +37,18 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups as CLIP trains: gains, biases, embeddings of positions and
+    the logit scale get no weight decay (decaying the logit scale towards 0 would flatten
+    the contrastive softmax)."""
+    decay, keep = [], []
+    for name, p in named_parameters:
+        exempt = p.ndim < 2 or "logit_scale" in name or "positional_embedding" in name \
+            or name.endswith(("class_embedding", "bias"))
+        (keep if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
 def apply_update(loss, opt, sched, model) -> None:
     """Backward, optimiser and schedule step, and CLIP's clamp of the logit scale."""
     opt.zero_grad(set_to_none=True)
@@ -48,7 +60,7 @@ def apply_update(loss, opt, sched, model) -> None:
 
 
 def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None = None,
-             batch_size: int = 128, lr: float = 2e-3, warmup: int = 100, workers: int = 1,
+             batch_size: int = 128, lr: float = 5e-4, warmup: int = 100, workers: int = 1,
              device: str = "cpu", progress: bool = True, eval_per_task: int = 300) -> Path:
     torch.manual_seed(seed)
     steps = steps or DEFAULT_STEPS.get(name, 600)
@@ -59,7 +71,7 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
                          bundle.image_size)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         persistent_workers=workers > 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(decay_groups(model.named_parameters(), 0.1), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
     loss_fn = ClipLoss()
     start = time.time()
@@ -68,7 +80,7 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
         img, txt, scale = model(images.to(device), bundle.tokenizer(texts).to(device))
         loss = loss_fn(img, txt, scale)
         apply_update(loss, opt, sched, model)
-        bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{bar.n * batch_size / (time.time() - start + 1e-9):.0f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}", samples_s=f"{bar.n * batch_size / (time.time() - start + 1e-9):.0f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -90,7 +102,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", default=None, help="default: the cache folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -32,7 +32,7 @@ from .data import (CsvCaptions, ImageFolderTask, Indexed, ResumableSampler, Worl
 from .evaluate import evaluate, format_table, parse_task, world_eval_sets, world_rsa_set
 from .methods import METHODS, make_method
 from .models import TINY_MODELS, ensure_pretrained_tiny, frozen_copy, load_clip
-from .pretrain import apply_update, cosine_lr
+from .pretrain import apply_update, cosine_lr, decay_groups
 
 log = logging.getLogger("dive_fast.train")
 
@@ -269,10 +269,9 @@ def run(args) -> dict:
                                        device=device, progress=not args.no_progress)
     start_step, opt, sched = 0, None, None
     if method.trains and args.steps > 0:
-        params = [p for p in model.parameters()] + \
-            [p for m in method.extra_modules().values() for p in m.parameters()]
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd,
-                                fused=on_gpu or None)
+        params = [*model.named_parameters(),
+                  *(p for m in method.extra_modules().values() for p in m.named_parameters())]
+        opt = torch.optim.AdamW(decay_groups(params, args.wd), lr=args.lr, fused=on_gpu or None)
         warmup = args.warmup if args.warmup is not None else min(500, max(1, args.steps // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, warmup))
         resume, rng = find_resume(args), None

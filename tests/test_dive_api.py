@@ -183,3 +183,24 @@ def test_cuda_sources_compiled_into_extension():
         pytest.skip("no CUDA toolkit (nvcc) on this machine: CUDA sources cannot be compiled")
     assert _extension.load()[0], _extension.load()[1]
     assert _extension.has_kernel("CUDA"), "dive_fast._C was built without its CUDA kernels"
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+def test_cpu_backward_recycles_gradient_blocks(backend):
+    """Large gradients reuse freed blocks (no fresh pages per step) and stay exact."""
+    _extension.release_cpu_gradient_cache()
+    x = make_inputs(1024, 300, seed=1)  # 1.2 MB per gradient: above the cache's minimum
+    m, c = torch.randn(300), torch.tensor(0.7)
+    want = dive_backward(*x, m, c, c, True, "reference")
+    first = dive_backward(*make_inputs(1024, 300, seed=2), m, c, c, True, backend)
+    pointers = {g.data_ptr() for g in first}
+    del first
+    assert _extension.cpu_gradient_cache_bytes() > 0
+    # The recycled blocks still hold the other inputs' gradients: all must be overwritten.
+    again = dive_backward(*x, m, c, c, True, backend)
+    assert {g.data_ptr() for g in again} == pointers
+    for got, ref in zip(again, want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    del again
+    _extension.release_cpu_gradient_cache()
+    assert _extension.cpu_gradient_cache_bytes() == 0

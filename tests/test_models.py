@@ -14,6 +14,29 @@ def test_tiny_configs_registered():
     assert bundle.image_size == 16 and bundle.context_length == 32
 
 
+def test_cache_name_changes_with_the_config(tmp_path, monkeypatch):
+    """A changed tiny config (or pre-training stream) never reuses stale cached weights."""
+    import dive_fast.models as models
+    monkeypatch.setattr(models, "CONFIG_DIR", tmp_path)
+    (tmp_path / "m.json").write_text('{"embed_dim": 8}')
+    first = tiny_checkpoint("m")
+    (tmp_path / "m.json").write_text('{"embed_dim": 16}')
+    assert tiny_checkpoint("m") != first and tiny_checkpoint("m").parent == first.parent
+
+
+def test_weight_decay_spares_gains_biases_and_the_logit_scale():
+    from dive_fast.pretrain import decay_groups
+    model = load_clip("dive-micro").model
+    decay, keep = decay_groups(model.named_parameters(), 0.1)
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    kept = {id(p) for p in keep["params"]}
+    named = dict(model.named_parameters())
+    assert id(named["logit_scale"]) in kept
+    assert all(id(p) in kept for n, p in named.items() if n.endswith("bias") or p.ndim < 2)
+    assert all(id(p) not in kept for n, p in named.items() if n.endswith("attn.in_proj_weight"))
+    assert len(decay["params"]) + len(keep["params"]) == len(named)
+
+
 def test_cached_pretrained_micro_loads_with_metadata(micro_cache):
     path = tiny_checkpoint("dive-micro")
     meta = json.loads(path.with_suffix(".json").read_text())

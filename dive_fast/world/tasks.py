@@ -100,6 +100,7 @@ def task_image(task: Task, split: str, index: int, seed: int = DEFAULT_SEED, siz
 
 
 HARD_GROUP = 128  # pre-training samples that share a narrow palette (hard negatives)
+PRETRAIN_STREAM_VERSION = 1  # bump whenever caption_pair("pretrain", ...) changes
 
 
 def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 32):
