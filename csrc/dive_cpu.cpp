@@ -16,10 +16,10 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <mutex>
-#include <unordered_map>
 #include <limits>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "dive_common.h"

@@ -12,6 +12,8 @@ import open_clip
 import torch
 from torch import nn
 
+from .world.tasks import PRETRAIN_STREAM_VERSION
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 CACHE_ENV = "DIVE_FAST_CACHE"
@@ -27,7 +29,6 @@ def tiny_checkpoint(name: str, seed: int = 0) -> Path:
     """The cache file of a pre-trained tiny model. Its name carries a digest of the model
     config and the pre-training stream's version, so a change to either never reuses
     stale weights."""
-    from .world.tasks import PRETRAIN_STREAM_VERSION
     config = (CONFIG_DIR / f"{name}.json").read_bytes()
     digest = hashlib.sha1(config + str(PRETRAIN_STREAM_VERSION).encode()).hexdigest()[:8]
     return cache_dir() / f"{name}-world{seed}-{digest}.safetensors"

@@ -38,13 +38,12 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups as CLIP trains: gains, biases, embeddings of positions and
-    the logit scale get no weight decay (decaying the logit scale towards 0 would flatten
-    the contrastive softmax)."""
+    """AdamW parameter groups as CLIP trains: no weight decay on tensors below 2-D (gains,
+    biases, the class embedding, the logit scale, whose decay towards 0 would flatten the
+    contrastive softmax) nor on position embeddings."""
     decay, keep = [], []
     for name, p in named_parameters:
-        exempt = p.ndim < 2 or "logit_scale" in name or "positional_embedding" in name \
-            or name.endswith(("class_embedding", "bias"))
+        exempt = p.ndim < 2 or "positional_embedding" in name
         (keep if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 

@@ -152,7 +152,8 @@ def find_resume(args) -> Path | None:
     return found[-1] if found else None
 
 
-def restore(path, args, model, method, opt, sched) -> int:
+def restore(path, args, model, method, opt, sched) -> tuple[int, dict]:
+    """Loads a checkpoint into the run; returns its step and the RNG states to resume."""
     ckpt = load_checkpoint(path)
     for key in ("method", "model", "batch_size"):
         if ckpt.get(key) != getattr(args, key):
