@@ -3,11 +3,44 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <tuple>
+
 namespace dive_fast {
 
 // Columns of the per-part statistics (must match dive_fast/ops/dive_reference.py).
 constexpr int kCount = 0, kM2U = 1, kM2V = 2, kPvl = 3, kNormU = 4, kNormV = 5;
 constexpr int kNonFinite = 6, kZeroNorm = 10, kNumScalars = 14;
+constexpr int kInfoSize = 10;  // mean |u|, mean |v|, 4 non-finite, 4 zero-norm row counts
+
+// The forward's outputs, (loss, avl, pvl, m_new, b, info), as the ops return them.
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor>;
+
+// Empty outputs of a finalisation: scalars, b and info in the partials' dtype, m_new in m's.
+inline ForwardOutputs empty_forward_outputs(const at::Tensor& means, const at::Tensor& m) {
+  const auto opts = means.options();
+  return {at::empty({}, opts), at::empty({}, opts), at::empty({}, opts), at::empty_like(m),
+          at::empty({means.size(2)}, opts), at::empty({kInfoSize}, opts)};
+}
+
+inline void check_finalize_inputs(const at::Tensor& means, const at::Tensor& scalars,
+                                  const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                                  const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(means.dim() == 3 && means.size(1) == 2 && means.is_contiguous(),
+              "means must be a contiguous [K, 2, D] tensor");
+  TORCH_CHECK(scalars.dim() == 2 && scalars.size(0) == means.size(0) &&
+                  scalars.size(1) == kNumScalars && scalars.is_contiguous(),
+              "scalars must be a contiguous [K, ", kNumScalars, "] tensor");
+  TORCH_CHECK(scalars.scalar_type() == means.scalar_type(), "means and scalars differ in dtype");
+  const int64_t D = means.size(2);
+  TORCH_CHECK(m.numel() == D && m.dim() == 1, "m must have ", D, " elements, got ", m.sizes());
+  TORCH_CHECK(!m_out || (m_out->sizes() == m.sizes() && m_out->device() == m.device()),
+              "m_out must have m's shape and device");
+  TORCH_CHECK(!b || (b->numel() == D && b->scalar_type() == means.scalar_type() &&
+                     b->is_contiguous()),
+              "b must be a contiguous vector of ", D, " values in the partials' dtype");
+}
 
 template <typename T>
 struct Tag {

@@ -1,8 +1,9 @@
 // DiVE regulariser on the CPU: row chunks in parallel, loops the compiler vectorises.
 //
-// Forward (dive_stats): each chunk (one per thread) reads its rows once: per row the four
-// squared norms, then u and v, summed about a shift (see stats_chunk). Output: per chunk
-// the mean and M2 of u and v, combined exactly in dive_fast.ops.dive.finalize.
+// Forward (dive_forward = dive_stats + dive_finalize in one call): each chunk (one per
+// thread) reads its rows once: per row the four squared norms, then u and v, summed
+// about a shift (see stats_chunk), giving per chunk the mean and M2 of u and v; the
+// finalisation combines them exactly (finalize_host) into b, the new m and both losses.
 // Backward (dive_backward): one pass per row: norms, gradient wrt the normalised vector,
 // projection through the normalisation Jacobian, write.
 #include <ATen/Parallel.h>
@@ -180,6 +181,92 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
   return {means, scalars};
 }
 
+// The finalisation: the mathematics of dive_fast.ops.dive.finalize (the reference), in the
+// form the CUDA and Triton finalisation kernels share. Per column, the parts' u and v
+// means are merged one by one (Chan's update, weights n_k) into this process's batch mean
+// b_local and dev = sum_k n_k |mean_k - b_local|^2. Then m_new = momentum m +
+// (1 - momentum) b, with b = b_local or the mean over ranks when given, and m kept when b
+// is not finite; AVL = (sum M2 + dev + 2n |b_local - m_new|^2) / n, every term
+// non-negative (no cancellation when all difference vectors are nearly equal).
+template <typename acc_t>
+void finalize_host(const acc_t* means, const acc_t* scalars, int64_t K, int64_t D,
+                   const acc_t* m, const acc_t* b_global, double momentum, double lam_avl,
+                   double lam_pvl, acc_t* m_new, acc_t* m_out, acc_t* b_out, acc_t* loss,
+                   acc_t* avl, acc_t* pvl, acc_t* info) {
+  double sums[kNumScalars] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int j = 0; j < kNumScalars; ++j) sums[j] += scalars[k * kNumScalars + j];
+  }
+  const double total = sums[kCount];
+  std::vector<double> b_local(D);
+  double dev = 0, bad = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    double n_run = 0, mean = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const double n = scalars[k * kNumScalars + kCount];
+      for (int part = 0; part < 2; ++part) {  // u, then v
+        const double tot = n_run + n, w = n / tot, e = means[(2 * k + part) * D + d] - mean;
+        dev += n_run * w * e * e;
+        mean += e * w;
+        n_run = tot;
+      }
+    }
+    b_local[d] = mean;
+    b_out[d] = static_cast<acc_t>(mean);
+    bad += !(std::abs(b_global ? double(b_global[d]) : mean) <= std::numeric_limits<acc_t>::max());
+  }
+  double off = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double b = b_global ? double(b_global[d]) : b_local[d], old = m[d];
+    const acc_t updated = static_cast<acc_t>(bad == 0 ? momentum * old + (1 - momentum) * b : old);
+    m_new[d] = updated;
+    if (m_out != nullptr) m_out[d] = updated;  // m[d] is read: m_out may be m
+    const double e = b_local[d] - double(updated);
+    off += e * e;
+  }
+  const double l_avl = (sums[kM2U] + sums[kM2V] + dev + 2 * total * off) / total;
+  const double l_pvl = sums[kPvl] / total;
+  *loss = static_cast<acc_t>(lam_avl * l_avl + lam_pvl * l_pvl);
+  *avl = static_cast<acc_t>(l_avl);
+  *pvl = static_cast<acc_t>(l_pvl);
+  info[0] = static_cast<acc_t>(sums[kNormU] / total);
+  info[1] = static_cast<acc_t>(sums[kNormV] / total);
+  for (int j = 0; j < 8; ++j) info[2 + j] = static_cast<acc_t>(sums[kNonFinite + j]);
+}
+
+ForwardOutputs dive_finalize_cpu(const at::Tensor& means, const at::Tensor& scalars,
+                                 const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                                 const std::optional<at::Tensor>& b, double momentum,
+                                 double lam_avl, double lam_pvl) {
+  check_finalize_inputs(means, scalars, m, m_out, b);
+  const auto acc_type = means.scalar_type();
+  const at::Tensor m_acc = m.to(acc_type).contiguous();  // no copy for a float32 buffer
+  auto out = empty_forward_outputs(means, m_acc);
+  auto& [loss, avl, pvl, m_new, b_out, info] = out;
+  // m_out is written in the loop when it can be; else copied once after.
+  const bool direct = m_out && m_out->scalar_type() == acc_type && m_out->is_contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "dive_finalize", [&] {
+    finalize_host<scalar_t>(
+        means.data_ptr<scalar_t>(), scalars.data_ptr<scalar_t>(), means.size(0), means.size(2),
+        m_acc.data_ptr<scalar_t>(), b ? b->data_ptr<scalar_t>() : nullptr, momentum, lam_avl,
+        lam_pvl, m_new.data_ptr<scalar_t>(), direct ? m_out->data_ptr<scalar_t>() : nullptr,
+        b_out.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(), avl.data_ptr<scalar_t>(),
+        pvl.data_ptr<scalar_t>(), info.data_ptr<scalar_t>());
+  });
+  if (m_new.scalar_type() != m.scalar_type()) m_new = m_new.to(m.scalar_type());
+  if (m_out && !direct) m_out->copy_(m_new);
+  return out;
+}
+
+ForwardOutputs dive_forward_cpu(const at::Tensor& img_ft, const at::Tensor& img_pre,
+                                const at::Tensor& txt_ft, const at::Tensor& txt_pre,
+                                const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                                bool normalize, double momentum, double lam_avl,
+                                double lam_pvl) {
+  const auto [means, scalars] = dive_stats_cpu(img_ft, img_pre, txt_ft, txt_pre, normalize);
+  return dive_finalize_cpu(means, scalars, m, m_out, std::nullopt, momentum, lam_avl, lam_pvl);
+}
+
 // Gradient outputs are large (B' x D) and die within the step; fresh ones cost the OS
 // zeroing and faulting in every page on first write (glibc maps and unmaps blocks this
 // big each time), a third of the backward at memory speed. Their blocks are recycled
@@ -254,6 +341,19 @@ class GradientBlockCache {
   size_t cached_ = 0;
 };
 
+// The backward's loss coefficients, (c_avl, c_pvl) = scale * (lam_avl g_loss + g_avl,
+// lam_pvl g_loss + g_pvl), read on the host; a missing upstream gradient counts as zero.
+std::pair<double, double> loss_coefficients(const std::optional<at::Tensor>& g_loss,
+                                                   const std::optional<at::Tensor>& g_avl,
+                                                   const std::optional<at::Tensor>& g_pvl,
+                                                   double lam_avl, double lam_pvl, double scale) {
+  const auto value = [](const std::optional<at::Tensor>& g) {
+    return g ? g->item().toDouble() : 0.0;
+  };
+  const double g = value(g_loss);
+  return {scale * (lam_avl * g + value(g_avl)), scale * (lam_pvl * g + value(g_pvl))};
+}
+
 // Gradient rows go to memory that nothing reads soon: float32 rows are written with
 // non-temporal stores, which skip the read-for-ownership of every destination line.
 template <typename ft_t, typename acc_t>
@@ -316,8 +416,9 @@ void backward_rows(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
     const at::Tensor& img_ft, const at::Tensor& img_pre, const at::Tensor& txt_ft,
-    const at::Tensor& txt_pre, const at::Tensor& m, const at::Tensor& c_avl,
-    const at::Tensor& c_pvl, bool normalize) {
+    const at::Tensor& txt_pre, const at::Tensor& m, const std::optional<at::Tensor>& g_loss,
+    const std::optional<at::Tensor>& g_avl, const std::optional<at::Tensor>& g_pvl,
+    double lam_avl, double lam_pvl, double scale, bool normalize) {
   const auto [A, A0, T, T0, B, D] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   TORCH_CHECK(m.numel() == D, "m must have ", D, " elements, got ", m.numel());
   auto& cache = GradientBlockCache::instance();
@@ -328,7 +429,8 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
     using pre_t = typename decltype(pre_tag)::type;
     using acc_t = typename decltype(acc_tag)::type;
     const at::Tensor m_acc = m.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t ca = c_avl.item().template to<acc_t>(), cp = c_pvl.item().template to<acc_t>();
+    const auto [c_avl, c_pvl] = loss_coefficients(g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale);
+    const acc_t ca = static_cast<acc_t>(c_avl), cp = static_cast<acc_t>(c_pvl);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
     at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
       backward_rows<ft_t, pre_t, acc_t>(A, A0, T, T0, m_acc.data_ptr<acc_t>(), ca, cp, normalize,
@@ -341,10 +443,19 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY(dive_fast_C, lib) {
+  // The statistics (per-part means and scalars), the finalisation of such statistics
+  // (b given: the mean over ranks), and the two in one call; m_out receives m_new too.
   lib.def("dive_stats(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, "
           "bool normalize) -> (Tensor, Tensor)");
+  lib.def("dive_finalize(Tensor means, Tensor scalars, Tensor m, Tensor(a!)? m_out, Tensor? b, "
+          "float momentum, float lam_avl, float lam_pvl) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  lib.def("dive_forward(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, Tensor m, "
+          "Tensor(a!)? m_out, bool normalize, float momentum, float lam_avl, float lam_pvl) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   lib.def("dive_backward(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, "
-          "Tensor m, Tensor c_avl, Tensor c_pvl, bool normalize) -> (Tensor, Tensor)");
+          "Tensor m, Tensor? g_loss, Tensor? g_avl, Tensor? g_pvl, float lam_avl, "
+          "float lam_pvl, float scale, bool normalize) -> (Tensor, Tensor)");
   // The CPU backward's cache of gradient blocks: bytes held, and a way to free them.
   lib.def("cpu_cached_bytes() -> int", [] { return int64_t(GradientBlockCache::instance().cached_bytes()); });
   lib.def("cpu_release_cached() -> ()", [] { GradientBlockCache::instance().release_all(); });
@@ -352,6 +463,8 @@ TORCH_LIBRARY(dive_fast_C, lib) {
 
 TORCH_LIBRARY_IMPL(dive_fast_C, CPU, lib) {
   lib.impl("dive_stats", &dive_stats_cpu);
+  lib.impl("dive_finalize", &dive_finalize_cpu);
+  lib.impl("dive_forward", &dive_forward_cpu);
   lib.impl("dive_backward", &dive_backward_cpu);
 }
 

@@ -4,9 +4,13 @@
 // computes the four norms and writes u, v into shared memory (the only global read of
 // the inputs); then threads over columns take the block mean and M2 about it and merge
 // them into the CTA's running mean (Chan's update), kept in shared memory. One part per
-// CTA goes back to dive_fast.ops.dive.finalize.
+// CTA.
+// dive_finalize: one CTA, threads over columns, the same mathematics as finalize_host in
+// dive_cpu.cpp (and the Triton finalisation): the parts' means merged per column into b,
+// the EMA update, both losses and the info counts. dive_forward = the two launches.
 // dive_backward: one warp per row, one pass over global memory (the row is re-read from
-// L1/L2 for the final write).
+// L1/L2 for the final write); the loss coefficients are formed from the upstream
+// gradients on the device (no host sync, no extra launch).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -43,6 +47,14 @@ __device__ float block_sum(float v, float* scratch) {
   for (int w = 0; w < kWarps; ++w) total += scratch[w];
   return total;
 }
+
+// The backward's loss coefficients: c_avl = k_loss_avl * loss + k_avl * avl, c_pvl likewise,
+// from the upstream gradients on the device; a missing one points at a present one with
+// weight 0.
+struct GradTerms {
+  const float *loss, *avl, *pvl;
+  float k_loss_avl, k_loss_pvl, k_avl, k_pvl;
+};
 
 template <typename T>
 __device__ __forceinline__ float ld(const T* p) {
@@ -169,17 +181,82 @@ __global__ void __launch_bounds__(kThreads) dive_stats_kernel(
   }
 }
 
+// One CTA. Pass 1: per column (one thread per column, strided), the parts' u and v means
+// merged one by one with Chan's update into b_local and the deviation sum dev; pass 2
+// (each thread its own columns again): m_new, written to m_new and m_out (which may be m:
+// m[d] is read only by the thread that writes it), and sum_d |b_local - m_new|^2.
+template <typename m_t>
+__global__ void __launch_bounds__(kThreads) dive_finalize_kernel(
+    const float* __restrict__ means, const float* __restrict__ scalars, int K, int D,
+    const m_t* m, const float* __restrict__ b_global, float momentum, float lam_avl,
+    float lam_pvl, m_t* __restrict__ m_new, m_t* m_out, float* __restrict__ b_out,
+    float* __restrict__ loss, float* __restrict__ avl_out, float* __restrict__ pvl_out,
+    float* __restrict__ info) {
+  __shared__ float scratch[kWarps];
+  float sums[kNumScalars];
+#pragma unroll
+  for (int j = 0; j < kNumScalars; ++j) sums[j] = 0.f;
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+#pragma unroll
+    for (int j = 0; j < kNumScalars; ++j) sums[j] += scalars[k * kNumScalars + j];
+  }
+#pragma unroll
+  for (int j = 0; j < kNumScalars; ++j) sums[j] = block_sum(sums[j], scratch);
+  const float total = sums[kCount];
+  float dev = 0.f, bad = 0.f;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float n_run = 0.f, mean = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const float n = scalars[k * kNumScalars + kCount];
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {  // u, then v
+        const float tot = n_run + n, w = n / tot, e = means[(2 * k + part) * D + d] - mean;
+        dev += n_run * w * e * e;
+        mean += e * w;
+        n_run = tot;
+      }
+    }
+    b_out[d] = mean;
+    bad += !(fabsf(b_global != nullptr ? b_global[d] : mean) <= FLT_MAX);
+  }
+  dev = block_sum(dev, scratch);
+  const bool finite = block_sum(bad, scratch) == 0.f;
+  float off = 0.f;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    const float b_local = b_out[d], b = b_global != nullptr ? b_global[d] : b_local;
+    const float old = static_cast<float>(m[d]);
+    const m_t updated = static_cast<m_t>(finite ? momentum * old + (1.f - momentum) * b : old);
+    m_new[d] = updated;
+    if (m_out != nullptr) m_out[d] = updated;
+    const float e = b_local - static_cast<float>(updated);
+    off += e * e;
+  }
+  off = block_sum(off, scratch);
+  if (threadIdx.x == 0) {
+    const float avl = (sums[kM2U] + sums[kM2V] + dev + 2.f * total * off) / total;
+    const float pvl = sums[kPvl] / total;
+    *loss = lam_avl * avl + lam_pvl * pvl;
+    *avl_out = avl;
+    *pvl_out = pvl;
+    info[0] = sums[kNormU] / total;
+    info[1] = sums[kNormV] / total;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) info[2 + j] = sums[kNonFinite + j];
+  }
+}
+
 template <typename ft_t, typename pre_t>
 __global__ void __launch_bounds__(kThreads) dive_backward_kernel(
     const ft_t* __restrict__ A, const pre_t* __restrict__ A0, const ft_t* __restrict__ T,
     const pre_t* __restrict__ T0, int64_t sA, int64_t sA0, int64_t sT, int64_t sT0, int64_t B,
-    int D, const float* __restrict__ m, const float* __restrict__ c_avl_ptr,
-    const float* __restrict__ c_pvl_ptr, bool normalize, ft_t* __restrict__ GA,
+    int D, const float* __restrict__ m, GradTerms g, bool normalize, ft_t* __restrict__ GA,
     ft_t* __restrict__ GT) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (r >= B) return;
-  const float c_avl = *c_avl_ptr, c_pvl = *c_pvl_ptr;
+  const float g_loss = *g.loss;
+  const float c_avl = g.k_loss_avl * g_loss + g.k_avl * *g.avl;
+  const float c_pvl = g.k_loss_pvl * g_loss + g.k_pvl * *g.pvl;
   const ft_t* a = A + r * sA;
   const pre_t* a0 = A0 + r * sA0;
   const ft_t* t = T + r * sT;
@@ -249,17 +326,63 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cuda(const at::Tensor& img_ft,
   return {means, scalars};
 }
 
+ForwardOutputs dive_finalize_cuda(const at::Tensor& means, const at::Tensor& scalars,
+                                  const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                                  const std::optional<at::Tensor>& b, double momentum,
+                                  double lam_avl, double lam_pvl) {
+  check_finalize_inputs(means, scalars, m, m_out, b);
+  TORCH_CHECK(means.scalar_type() == at::kFloat, "the cuda finalisation takes float32 partials");
+  TORCH_CHECK(!m_out || m_out->scalar_type() == m.scalar_type(), "m_out must have m's dtype");
+  const c10::cuda::CUDAGuard guard(means.device());
+  const at::Tensor m_c = m.contiguous();
+  auto out = empty_forward_outputs(means, m_c);
+  auto& [loss, avl, pvl, m_new, b_out, info] = out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_low_precision(m.scalar_type(), "m", [&](auto m_tag) {
+    using m_t = typename decltype(m_tag)::type;
+    dive_finalize_kernel<m_t><<<1, kThreads, 0, stream>>>(
+        means.data_ptr<float>(), scalars.data_ptr<float>(), static_cast<int>(means.size(0)),
+        static_cast<int>(means.size(2)), m_c.data_ptr<m_t>(),
+        b ? b->data_ptr<float>() : nullptr, static_cast<float>(momentum),
+        static_cast<float>(lam_avl), static_cast<float>(lam_pvl), m_new.data_ptr<m_t>(),
+        m_out ? m_out->data_ptr<m_t>() : nullptr, b_out.data_ptr<float>(),
+        loss.data_ptr<float>(), avl.data_ptr<float>(), pvl.data_ptr<float>(),
+        info.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+ForwardOutputs dive_forward_cuda(const at::Tensor& img_ft, const at::Tensor& img_pre,
+                                 const at::Tensor& txt_ft, const at::Tensor& txt_pre,
+                                 const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                                 bool normalize, double momentum, double lam_avl,
+                                 double lam_pvl) {
+  const auto [means, scalars] = dive_stats_cuda(img_ft, img_pre, txt_ft, txt_pre, normalize);
+  return dive_finalize_cuda(means, scalars, m, m_out, std::nullopt, momentum, lam_avl, lam_pvl);
+}
+
 std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
     const at::Tensor& img_ft, const at::Tensor& img_pre, const at::Tensor& txt_ft,
-    const at::Tensor& txt_pre, const at::Tensor& m, const at::Tensor& c_avl,
-    const at::Tensor& c_pvl, bool normalize) {
+    const at::Tensor& txt_pre, const at::Tensor& m, const std::optional<at::Tensor>& g_loss,
+    const std::optional<at::Tensor>& g_avl, const std::optional<at::Tensor>& g_pvl,
+    double lam_avl, double lam_pvl, double scale, bool normalize) {
   check_cuda_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const c10::cuda::CUDAGuard guard(img_ft.device());
   const auto [A, A0, T, T0, B, D64] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const int D = static_cast<int>(D64);
   TORCH_CHECK(m.numel() == D, "m must have ", D, " elements, got ", m.numel());
-  const auto m32 = m.to(at::kFloat).contiguous();
-  const auto ca = c_avl.to(at::kFloat).contiguous(), cp = c_pvl.to(at::kFloat).contiguous();
+  const auto m32 = m.to(at::kFloat).contiguous();  // no copy for a float32 buffer
+  const at::Tensor* present = g_loss ? &*g_loss : g_avl ? &*g_avl : &*g_pvl;
+  TORCH_CHECK(present->scalar_type() == at::kFloat, "upstream gradients must be float32");
+  const auto term = [&](const std::optional<at::Tensor>& g, double weight) {
+    return std::make_pair((g ? *g : *present).data_ptr<float>(),
+                          g ? static_cast<float>(weight * scale) : 0.f);
+  };
+  const auto [g_l, k_la] = term(g_loss, lam_avl);
+  const auto [g_a, k_a] = term(g_avl, 1.0);
+  const auto [g_p, k_p] = term(g_pvl, 1.0);
+  const GradTerms g{g_l, g_a, g_p, k_la, term(g_loss, lam_pvl).second, k_a, k_p};
   auto GA = at::empty({B, D}, A.options());
   auto GT = at::empty({B, D}, T.options());
   const int64_t grid = (B + kWarps - 1) / kWarps;
@@ -269,9 +392,8 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
     using pre_t = typename decltype(pre_tag)::type;
     dive_backward_kernel<ft_t, pre_t><<<grid, kThreads, 0, stream>>>(
         A.data_ptr<ft_t>(), A0.data_ptr<pre_t>(), T.data_ptr<ft_t>(), T0.data_ptr<pre_t>(),
-        A.stride(0), A0.stride(0), T.stride(0), T0.stride(0), B, D, m32.data_ptr<float>(),
-        ca.data_ptr<float>(), cp.data_ptr<float>(), normalize, GA.data_ptr<ft_t>(),
-        GT.data_ptr<ft_t>());
+        A.stride(0), A0.stride(0), T.stride(0), T0.stride(0), B, D, m32.data_ptr<float>(), g,
+        normalize, GA.data_ptr<ft_t>(), GT.data_ptr<ft_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {GA, GT};
@@ -281,6 +403,8 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
 
 TORCH_LIBRARY_IMPL(dive_fast_C, CUDA, lib) {
   lib.impl("dive_stats", &dive_stats_cuda);
+  lib.impl("dive_finalize", &dive_finalize_cuda);
+  lib.impl("dive_forward", &dive_forward_cuda);
   lib.impl("dive_backward", &dive_backward_cuda);
 }
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .ops.dive import INFO_SIZE, DiVEOutput, dive_forward
+from .ops.dive import INFO_SIZE, DiVEFunction, DiVEOutput
 from .ops.dive_reference import INPUT_NAMES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -57,23 +57,29 @@ def dive_loss(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, 
               lam: float = 1000.0, momentum: float = 0.99, update: bool = True,
               normalize: bool = True, avl: bool = True, pvl: bool = True,
               distributed: bool = True, check_values: bool = True,
-              backend: str | None = None) -> DiVEOutput:
+              backend: str | None = None, m_out: Tensor | None = None) -> DiVEOutput:
     """Functional DiVE regulariser for callers that keep m themselves.
 
     Returns ``DiVEOutput(loss, avl, pvl, m, b, info)`` with m the updated EMA vector
-    (``update=False`` leaves it as given). ``check_values`` costs one host sync per call
-    and raises on NaN/Inf or zero-norm rows; without it such rows give a NaN loss, and
-    m is left unchanged either way. Under torch.compile the check is skipped.
+    (``update=False`` leaves it as given). ``m_out`` (optional, may be m itself) receives
+    the updated m too, written by the op (no extra copy). ``check_values`` costs one host
+    sync per call and raises on NaN/Inf or zero-norm rows; without it such rows give a NaN
+    loss, and m is left unchanged either way. Under torch.compile the check is skipped.
     """
     validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if m_out is not None and (m_out.shape != m.shape or m_out.dtype != m.dtype
+                              or m_out.device != m.device):
+        raise ValueError(f"m_out must match m ({tuple(m.shape)} {m.dtype} on {m.device}), got "
+                         f"{tuple(m_out.shape)} {m_out.dtype} on {m_out.device}")
     chosen = backends.select(img_ft.device.type, img_ft.dtype, img_ft.shape[1], backend)
     # The frozen embeddings never receive a gradient: detach so autograd keeps no graph.
-    out = DiVEOutput(*dive_forward(
-        img_ft, img_pre.detach(), txt_ft, txt_pre.detach(), m.detach(), float(momentum),
-        bool(update), bool(normalize), float(lam), float(avl), float(pvl), bool(distributed),
-        chosen))
+    # m_out may be m itself (DiVELoss's buffer): then the op reads m from m_out.
+    out = DiVEOutput(*DiVEFunction.apply(
+        img_ft, img_pre.detach(), txt_ft, txt_pre.detach(), None if m_out is m else m.detach(),
+        m_out, float(momentum), bool(update), bool(normalize), float(lam), float(avl), float(pvl),
+        bool(distributed), chosen))
     if check_values and not torch.compiler.is_compiling():
         raise_on_bad_values(out.info, normalize)
     return out
@@ -112,10 +118,8 @@ class DiVELoss(nn.Module):
         out = dive_loss(img_ft, img_pre, txt_ft, txt_pre, self.m, lam=self.lam,
                         momentum=self.momentum, update=self.training, normalize=self.normalize,
                         avl=self.avl, pvl=self.pvl, distributed=self.distributed,
-                        check_values=self.check_values, backend=self.backend)
-        if self.training:
-            with torch.no_grad():
-                self.m.copy_(out.m)
+                        check_values=self.check_values, backend=self.backend,
+                        m_out=self.m if self.training else None)  # m updated in place
         if not return_parts:
             return out.loss
         parts = {"avl": out.avl.detach(), "pvl": out.pvl.detach(), "b": out.b.detach(),

@@ -19,12 +19,42 @@ ALL = backend_params()
 @pytest.mark.parametrize("backend", ALL)
 def test_opcheck(backend):
     x = make_inputs(6, 10, seed=0)
-    a, t = x[0].clone().requires_grad_(True), x[2].clone().requires_grad_(True)
-    m = torch.zeros(10)
-    torch.library.opcheck(dive_forward, (a, x[1], t, x[3], m, 0.9, True, True, 10.0, 1.0, 1.0,
-                                         False, backend))
-    c = torch.tensor(0.5)
-    torch.library.opcheck(dive_backward, (x[0], x[1], x[2], x[3], m, c, c, True, backend))
+    m = 0.1 * torch.randn(10, generator=torch.Generator().manual_seed(0))
+    options = (0.9, True, True, 10.0, 1.0, 1.0, False, backend)
+    torch.library.opcheck(dive_forward, (*x, m, None, *options))  # functional
+    torch.library.opcheck(dive_forward, (*x, m, torch.zeros(10), *options))  # m_out given
+    torch.library.opcheck(dive_forward, (*x, None, m.clone(), *options))  # m_out in place
+    g = torch.tensor(0.5)
+    for grads in ((g, g, g), (g, None, None), (None, g, None)):
+        torch.library.opcheck(dive_backward, (*x, m, *grads, 10.0, 3.0, 0.25, True, backend))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_buffer_updated_in_place_and_saved_m_kept(backend):
+    """The op writes the new m into DiVELoss's buffer itself; a second forward before the
+    first backward leaves the first backward's m (saved separately) intact."""
+    loss_fn = DiVELoss(8, lam=5.0, momentum=0.5, backend=backend)
+    buffer, ptr = loss_fn.m, loss_fn.m.data_ptr()
+    x1, x2 = make_inputs(6, 8, seed=1), make_inputs(6, 8, seed=2)
+    a1, a2 = x1[0].clone().requires_grad_(True), x2[0].clone().requires_grad_(True)
+    out1 = dive_loss(a1, *x1[1:], torch.zeros(8), lam=5.0, momentum=0.5, backend=backend)
+    l1 = loss_fn(a1, *x1[1:])
+    assert loss_fn.m is buffer and loss_fn.m.data_ptr() == ptr
+    torch.testing.assert_close(loss_fn.m, out1.m)
+    loss_fn(a2, *x2[1:])  # moves m on before l1's backward
+    assert not torch.equal(loss_fn.m, out1.m)
+    l1.backward()
+    want = torch.autograd.grad(out1.loss, a1)[0]
+    torch.testing.assert_close(a1.grad, want)
+
+
+def test_functional_m_out():
+    x = make_inputs(5, 8, seed=3)
+    m, m_out = torch.zeros(8), torch.full((8,), 7.0)
+    out = dive_loss(*x, m, momentum=0.5, m_out=m_out)
+    assert torch.equal(m_out, out.m) and torch.equal(m, torch.zeros(8))
+    with pytest.raises(ValueError, match="m_out must match m"):
+        dive_loss(*x, m, m_out=torch.zeros(8, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", backend_params(("reference", "cpu")))
@@ -190,14 +220,15 @@ def test_cpu_backward_recycles_gradient_blocks(backend):
     """Large gradients reuse freed blocks (no fresh pages per step) and stay exact."""
     _extension.release_cpu_gradient_cache()
     x = make_inputs(1024, 300, seed=1)  # 1.2 MB per gradient: above the cache's minimum
-    m, c = torch.randn(300), torch.tensor(0.7)
-    want = dive_backward(*x, m, c, c, True, "reference")
-    first = dive_backward(*make_inputs(1024, 300, seed=2), m, c, c, True, backend)
+    m, g = torch.randn(300), torch.tensor(0.7)
+    args = (m, g, None, None, 1.0, 1.0, 1.0, True)
+    want = dive_backward(*x, *args, "reference")
+    first = dive_backward(*make_inputs(1024, 300, seed=2), *args, backend)
     pointers = {g.data_ptr() for g in first}
     del first
     assert _extension.cpu_gradient_cache_bytes() > 0
     # The recycled blocks still hold the other inputs' gradients: all must be overwritten.
-    again = dive_backward(*x, m, c, c, True, backend)
+    again = dive_backward(*x, *args, backend)
     assert {g.data_ptr() for g in again} == pointers
     for got, ref in zip(again, want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -1,24 +1,34 @@
 """The DiVE regulariser as torch.library custom ops with a custom autograd.
 
 ``dive_fast::dive_forward``: one read of the four inputs by the chosen backend yields
-difference-vector statistics; ``finalize`` turns them into the batch mean b (averaged
-across ranks when asked), the EMA update of m and both losses.
+difference-vector statistics, and the backend's finalisation turns them into the batch
+mean b, the EMA update of m and both losses: on the GPU backends two kernel launches and
+no other op, on the CPU one C++ call. Under torch.distributed (``all_reduce`` and more
+than one rank) b is averaged across ranks between the two. ``finalize`` below is the
+reference's finalisation, the mathematics every backend's follows.
 ``dive_fast::dive_backward``: one pass that reads the inputs again and writes the two
 input gradients, with m fixed at its updated value (no gradient flows through m).
+
+The forward op writes the new m into the caller's buffer itself (``m_out``), which
+spares a copy launch per step; torch.library does not let a mutating op carry its own
+autograd formula, so ``DiVEFunction`` (a ``torch.autograd.Function``, which torch.compile
+traces) joins the two ops.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .. import _extension
-from .dive_reference import (COUNT, M2_U, M2_V, NONFINITE, NORM_U_SUM, NORM_V_SUM, PVL_SUM,
-                             ZERO_NORM, accumulation_dtype, reference_backward, reference_stats)
+from .dive_reference import (COUNT, INFO_SIZE, M2_U, M2_V, NONFINITE, NORM_U_SUM, NORM_V_SUM,
+                             PVL_SUM, ZERO_NORM, accumulation_dtype, reference_backward,
+                             reference_stats)
 
-INFO_SIZE = 10  # mean |u|, mean |v|, 4 non-finite row counts, 4 zero-norm row counts
+__all__ = ["INFO_SIZE", "DiVEFunction", "DiVEOutput", "dive_backward", "dive_forward",
+           "finalize"]
 
 
 def _stats(backend: str, *inputs, normalize: bool):
@@ -30,33 +40,24 @@ def _stats(backend: str, *inputs, normalize: bool):
     return _extension.ops().dive_stats(*inputs, normalize)
 
 
-def _backward(backend: str, *args, normalize: bool):
-    if backend == "reference":
-        return reference_backward(*args, normalize)
-    if backend == "triton":
-        from .dive_triton import triton_backward
-        return triton_backward(*args, normalize)
-    return tuple(_extension.ops().dive_backward(*args, normalize))
+def batch_mean(means: Tensor, scalars: Tensor) -> Tensor:
+    """b: the mean of u and v over all rows, from per-part statistics."""
+    n = scalars[:, COUNT]
+    return (n[:, None, None] * means).sum((0, 1)) / (2 * n.sum())
 
 
-def _mean_across_ranks(b: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        b = b.clone()
-        dist.all_reduce(b)  # one all-reduce of D values; no host synchronisation
-        b /= dist.get_world_size()
-    return b
+def finalize(means: Tensor, scalars: Tensor, m: Tensor, momentum: float, b: Tensor | None = None):
+    """(avl, pvl, m_new, b, info) from per-part statistics; see dive_reference.
 
-
-def finalize(means: Tensor, scalars: Tensor, m: Tensor, momentum: float, update: bool,
-             all_reduce: bool):
-    """(avl, pvl, m_new, b, info) from per-part statistics; see dive_reference."""
+    ``b``: the batch mean to update m with (averaged over ranks), else the parts' own.
+    ``momentum`` 1 leaves m as it is (no update).
+    """
     n = scalars[:, COUNT]
     total = n.sum()
-    b = (n[:, None, None] * means).sum((0, 1)) / (2 * total)
-    if all_reduce:
-        b = _mean_across_ranks(b)
+    if b is None:
+        b = batch_mean(means, scalars)
     m_old = m.to(means.dtype)
-    m_new = momentum * m_old + (1 - momentum) * b if update else m_old
+    m_new = momentum * m_old + (1 - momentum) * b
     # A non-finite batch must not poison the EMA: keep the old m (no host sync).
     m_new = torch.where(torch.isfinite(b).all(), m_new, m_old)
     offset = ((means - m_new) ** 2).sum(2)  # [K, 2]
@@ -68,63 +69,120 @@ def finalize(means: Tensor, scalars: Tensor, m: Tensor, momentum: float, update:
     return avl, pvl, m_new, b, info
 
 
-@torch.library.custom_op("dive_fast::dive_forward", mutates_args=())
-def dive_forward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, m: Tensor,
-                 momentum: float, update: bool, normalize: bool, lam: float, w_avl: float,
-                 w_pvl: float, all_reduce: bool, backend: str
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, avl, pvl, m_new, b, info); loss = lam * (w_avl * avl + w_pvl * pvl)."""
-    means, scalars = _stats(backend, img_ft, img_pre, txt_ft, txt_pre, normalize=normalize)
-    avl, pvl, m_new, b, info = finalize(means, scalars, m, momentum, update, all_reduce)
-    loss = lam * (w_avl * avl + w_pvl * pvl)
-    return loss, avl, pvl, m_new.to(m.dtype), b, info
+def _finalize(backend: str, means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl):
+    """(loss, avl, pvl, m_new, b, info) by the backend's finalisation; m_out gets m_new."""
+    if backend == "reference":
+        avl, pvl, m_new, b, info = finalize(means, scalars, m, momentum, b)
+        m_new = m_new.to(m.dtype)
+        if m_out is not None:
+            m_out.copy_(m_new)
+        return lam_avl * avl + lam_pvl * pvl, avl, pvl, m_new, b, info
+    if backend == "triton":
+        from .dive_triton import triton_finalize
+        return triton_finalize(means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl)
+    return tuple(_extension.ops().dive_finalize(means, scalars, m, m_out, b, momentum, lam_avl,
+                                                lam_pvl))
+
+
+def _fused_forward(backend: str, inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl):
+    """Statistics and finalisation: on the GPU backends two launches, on the CPU one call."""
+    if backend == "reference":
+        means, scalars = reference_stats(*inputs, normalize)
+        return _finalize(backend, means, scalars, m, m_out, None, momentum, lam_avl, lam_pvl)
+    if backend == "triton":
+        from .dive_triton import triton_forward
+        return triton_forward(*inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl)
+    return tuple(_extension.ops().dive_forward(*inputs, m, m_out, normalize, momentum, lam_avl,
+                                               lam_pvl))
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.library.custom_op("dive_fast::dive_forward", mutates_args=("m_out",))
+def dive_forward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor,
+                 m: Optional[Tensor], m_out: Optional[Tensor], momentum: float, update: bool,
+                 normalize: bool, lam: float, w_avl: float, w_pvl: float, all_reduce: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, avl, pvl, m_new, b, info); loss = lam * (w_avl * avl + w_pvl * pvl).
+
+    ``m_out`` (optional) receives m_new as well, written by the finalisation itself;
+    ``m`` None: m is read from m_out (an in-place update of the module's buffer).
+    """
+    inputs = (img_ft, img_pre, txt_ft, txt_pre)
+    m = m_out if m is None else m
+    momentum = momentum if update else 1.0
+    lam_avl, lam_pvl = lam * w_avl, lam * w_pvl
+    world_size = _world_size() if all_reduce else 1
+    if world_size == 1:
+        return _fused_forward(backend, inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl)
+    # b crosses ranks before the EMA update: one all-reduce of D values, no host sync.
+    means, scalars = _stats(backend, *inputs, normalize=normalize)
+    b = batch_mean(means, scalars)
+    dist.all_reduce(b)
+    b /= world_size
+    return _finalize(backend, means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl)
 
 
 @dive_forward.register_fake
-def _(img_ft, img_pre, txt_ft, txt_pre, m, momentum, update, normalize, lam, w_avl, w_pvl,
+def _(img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum, update, normalize, lam, w_avl, w_pvl,
       all_reduce, backend):
     acc = accumulation_dtype(img_ft)
     scalar = img_ft.new_empty((), dtype=acc)
-    return (scalar, scalar.clone(), scalar.clone(), torch.empty_like(m),
+    return (scalar, scalar.clone(), scalar.clone(), torch.empty_like(m_out if m is None else m),
             img_ft.new_empty(img_ft.shape[1], dtype=acc), img_ft.new_empty(INFO_SIZE, dtype=acc))
 
 
 @torch.library.custom_op("dive_fast::dive_backward", mutates_args=())
 def dive_backward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, m: Tensor,
-                  c_avl: Tensor, c_pvl: Tensor, normalize: bool, backend: str
+                  g_loss: Optional[Tensor], g_avl: Optional[Tensor], g_pvl: Optional[Tensor],
+                  lam_avl: float, lam_pvl: float, scale: float, normalize: bool, backend: str
                   ) -> tuple[Tensor, Tensor]:
-    """Gradients for img_ft and txt_ft given dL/du = c_avl (u-m) + c_pvl (u-v), etc."""
-    return _backward(backend, img_ft, img_pre, txt_ft, txt_pre, m, c_avl, c_pvl,
-                     normalize=normalize)
+    """Gradients for img_ft and txt_ft given dL/du = c_avl (u-m) + c_pvl (u-v), etc., with
+    c_avl = scale (lam_avl g_loss + g_avl), c_pvl = scale (lam_pvl g_loss + g_pvl) from the
+    upstream gradients of (loss, avl, pvl) (None: zero), formed inside the kernel."""
+    args = (img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale)
+    if backend == "reference":
+        return reference_backward(*args, normalize)
+    if backend == "triton":
+        from .dive_triton import triton_backward
+        return triton_backward(*args, normalize)
+    return tuple(_extension.ops().dive_backward(*args, normalize))
 
 
 @dive_backward.register_fake
-def _(img_ft, img_pre, txt_ft, txt_pre, m, c_avl, c_pvl, normalize, backend):
+def _(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale,
+      normalize, backend):
     return torch.empty_like(img_ft, memory_format=torch.contiguous_format), \
         torch.empty_like(txt_ft, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    img_ft, img_pre, txt_ft, txt_pre, _, _, _, normalize, lam, w_avl, w_pvl, _, backend = inputs
-    ctx.save_for_backward(img_ft, img_pre, txt_ft, txt_pre, output[3])
-    ctx.normalize, ctx.lam, ctx.w_avl, ctx.w_pvl, ctx.backend = normalize, lam, w_avl, w_pvl, backend
+class DiVEFunction(torch.autograd.Function):
+    """Autograd of the forward op (arguments as ``dive_forward``'s): the backward op with m
+    at its updated value; gradients for img_ft and txt_ft only."""
 
+    @staticmethod
+    def forward(ctx, img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum, update, normalize,
+                lam, w_avl, w_pvl, all_reduce, backend):
+        out = dive_forward(img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum, update,
+                           normalize, lam, w_avl, w_pvl, all_reduce, backend)
+        ctx.save_for_backward(img_ft, img_pre, txt_ft, txt_pre, out[3])
+        ctx.normalize, ctx.lam_avl, ctx.lam_pvl, ctx.backend = normalize, lam * w_avl, \
+            lam * w_pvl, backend
+        ctx.mark_non_differentiable(*out[3:])
+        return out
 
-def _dive_forward_backward(ctx, g_loss, g_avl, g_pvl, *_):
-    img_ft, img_pre, txt_ft, txt_pre, m_new = ctx.saved_tensors
-    scale = 2.0 / img_ft.shape[0]
-    acc = accumulation_dtype(img_ft)
-    zero = torch.zeros((), dtype=g_loss.dtype, device=g_loss.device)
-    g_avl = zero if g_avl is None else g_avl
-    g_pvl = zero if g_pvl is None else g_pvl
-    c_avl = (g_loss * (ctx.lam * ctx.w_avl) + g_avl) * scale
-    c_pvl = (g_loss * (ctx.lam * ctx.w_pvl) + g_pvl) * scale
-    grad_img, grad_txt = dive_backward(img_ft, img_pre, txt_ft, txt_pre, m_new,
-                                       c_avl.to(acc), c_pvl.to(acc), ctx.normalize, ctx.backend)
-    return grad_img, None, grad_txt, None, None, None, None, None, None, None, None, None, None
-
-
-dive_forward.register_autograd(_dive_forward_backward, setup_context=_setup_context)
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, g_avl, g_pvl, *_):
+        img_ft, img_pre, txt_ft, txt_pre, m_new = ctx.saved_tensors
+        grad_img = grad_txt = None
+        if g_loss is not None or g_avl is not None or g_pvl is not None:
+            grad_img, grad_txt = dive_backward(
+                img_ft, img_pre, txt_ft, txt_pre, m_new, g_loss, g_avl, g_pvl, ctx.lam_avl,
+                ctx.lam_pvl, 2.0 / img_ft.shape[0], ctx.normalize, ctx.backend)
+        return (grad_img, None, grad_txt) + (None,) * 11
 
 
 class DiVEOutput(NamedTuple):

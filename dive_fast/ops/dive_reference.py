@@ -20,6 +20,7 @@ COUNT, M2_U, M2_V, PVL_SUM, NORM_U_SUM, NORM_V_SUM = range(6)
 NONFINITE = 6  # 6..9: rows with a NaN/Inf (or overflowing) squared norm, per input
 ZERO_NORM = 10  # 10..13: rows of zero norm, per input
 NUM_SCALARS = 14
+INFO_SIZE = 10  # the ops' info output: mean |u|, mean |v|, 4 non-finite, 4 zero-norm row counts
 INPUT_NAMES = ("img_ft", "img_pre", "txt_ft", "txt_pre")
 
 
@@ -53,18 +54,28 @@ def reference_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
     return torch.stack((mean_u, mean_v))[None], scalars
 
 
-def reference_backward(img_ft, img_pre, txt_ft, txt_pre, m, c_avl, c_pvl, normalize: bool):
+def loss_coefficients(g_loss, g_avl, g_pvl, lam_avl: float, lam_pvl: float, scale: float):
+    """(c_avl, c_pvl) = scale * (lam_avl g_loss + g_avl, lam_pvl g_loss + g_pvl), the upstream
+    gradients of (loss, avl, pvl) folded into the two coefficients; None counts as zero."""
+    def term(g, weight):
+        return 0.0 if g is None else g * (weight * scale)
+    return (term(g_loss, lam_avl) + term(g_avl, 1.0), term(g_loss, lam_pvl) + term(g_pvl, 1.0))
+
+
+def reference_backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl,
+                       lam_avl: float, lam_pvl: float, scale: float, normalize: bool):
     """Input gradients with m held constant.
 
     dL/du = c_avl (u - m) + c_pvl (u - v),  dL/dv = c_avl (v - m) - c_pvl (u - v),
-    then through e_hat = e/|e|:  dL/de = (g - e_hat (e_hat . g)) / |e|.
+    (c_avl, c_pvl from ``loss_coefficients``), then through e_hat = e/|e|:
+    dL/de = (g - e_hat (e_hat . g)) / |e|.
     """
+    c_avl, c_pvl = loss_coefficients(g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale)
     acc = accumulation_dtype(img_ft)
     (a, sa), (a0, _), (t, st), (t0, _) = (
         _normalized(x, acc, normalize) for x in (img_ft, img_pre, txt_ft, txt_pre))
     u, v = a - a0, t - t0
     m = m.to(acc)
-    c_avl, c_pvl = c_avl.to(acc), c_pvl.to(acc)
     gu = c_avl * (u - m) + c_pvl * (u - v)
     gv = c_avl * (v - m) - c_pvl * (u - v)
     if normalize:

@@ -1,18 +1,27 @@
 """Triton kernels for the DiVE regulariser (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-Forward: a persistent grid; each program walks row blocks, loads the four [BLOCK_B, D]
-tiles once, normalises, forms u and v, and keeps a running (count, mean, M2) of u and v
-merged block by block with Chan's update, plus the PVL and norm sums. One read of the
-inputs in all; the [K, 2, D] partials go to ``dive.finalize``.
-Backward: one pass, one row block per program: reads the four tiles, writes two grads.
+Forward, two launches: ``_dive_stats_kernel``, a persistent grid; each program walks row
+blocks, loads the four [BLOCK_B, D] tiles once, normalises, forms u and v, and keeps a
+running (count, mean, M2) of u and v merged block by block with Chan's update, plus the
+PVL and norm sums: one read of the inputs, [K, 2, D] partials. Then
+``_dive_finalize_kernel``, one program: the partials' batch mean b, the EMA update of m
+(kept when b is not finite), both losses and the info counts (the same mathematics as
+``dive.finalize``, the reference's).
+Backward, one launch: one row block per program reads the four tiles and writes both
+gradients; the loss coefficients come from the upstream gradients inside the kernel.
+``launch_config`` is the launchers' one choice of block sizes and warps (the
+ahead-of-time compile check enumerates it).
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .dive_reference import NUM_SCALARS, accumulation_dtype
+from .dive_reference import INFO_SIZE, NUM_SCALARS, accumulation_dtype
 
 # fp32 elements per [BLOCK_B, BLOCK_D] tile: bounds registers per program.
 TILE_ELEMENTS = 4096
@@ -121,9 +130,103 @@ def _dive_stats_kernel(
 
 
 @triton.jit
+def _merge_parts(n, x, n_run, mean, dev):
+    """Chan's update: merge a chunk of parts (counts n [BLOCK_K], column means x
+    [BLOCK_K, BLOCK_D]; zero weight off the edge) into the running per-column mean over
+    n_run rows and the running sum of squared deviations dev (summed over columns)."""
+    n_c = tl.sum(n, axis=0)
+    mean_c = tl.sum(n[:, None] * x, axis=0) / n_c
+    d = x - mean_c[None, :]
+    tot = n_run + n_c
+    w = n_c / tot
+    e = mean_c - mean
+    dev += tl.sum(tl.sum(n[:, None] * d * d, axis=0), axis=0) + n_run * w * tl.sum(e * e, axis=0)
+    return tot, mean + e * w, dev
+
+
+@triton.jit
+def _dive_finalize_kernel(
+    MEANS, SCAL, M, B_GLOBAL, M_NEW, M_OUT, B_OUT, LOSS, AVL, PVL, INFO, K, D,
+    momentum, lam_avl, lam_pvl,
+    HAS_B: tl.constexpr, HAS_M_OUT: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, NUM_SCAL: tl.constexpr,
+):
+    """One program. b: the parts' weighted mean of u and v (B_GLOBAL instead when given:
+    the mean over ranks); m_new = momentum m + (1 - momentum) b, or m where b is not
+    finite; AVL = (sum M2 + sum_k n_k |mean_k - m_new|^2) / n, the second sum taken as
+    dev + 2n |b_local - m_new|^2 with dev the parts' squared deviations about their own
+    weighted mean b_local: every term non-negative, no cancellation."""
+    ks = tl.arange(0, BLOCK_K)
+    cols0 = tl.arange(0, BLOCK_D)
+    sc = tl.arange(0, 16)
+    sums = tl.zeros([16], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        smask = (kk < K)[:, None] & (sc < NUM_SCAL)[None, :]
+        sums += tl.sum(tl.load(SCAL + kk[:, None] * NUM_SCAL + sc[None, :], mask=smask,
+                               other=0.0), axis=0)
+    total = tl.sum(tl.where(sc == 0, sums, 0.0), axis=0)
+    dev = total * 0.0
+    bad = total * 0.0
+    # Pass 1, per column block: b_local and dev over the parts' u and v means.
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        cmask = cols < D
+        n_run = total * 0.0
+        mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < K
+            n = tl.load(SCAL + kk * NUM_SCAL, mask=kmask, other=0.0)
+            mask = kmask[:, None] & cmask[None, :]
+            part = MEANS + kk[:, None] * 2 * D + cols[None, :]
+            n_run, mean, dev = _merge_parts(n, tl.load(part, mask=mask, other=0.0), n_run, mean, dev)
+            n_run, mean, dev = _merge_parts(n, tl.load(part + D, mask=mask, other=0.0), n_run,
+                                            mean, dev)
+        tl.store(B_OUT + cols, mean, mask=cmask)
+        if HAS_B:
+            mean = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
+        bad += _count(~(tl.abs(mean) <= 3.4028234663852886e38), cmask)
+    tl.debug_barrier()  # pass 2 reads the b_local stored above
+    finite = bad == 0.0
+    # Pass 2: the EMA update and sum_d |b_local - m_new|^2.
+    off = total * 0.0
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        cmask = cols < D
+        b_local = tl.load(B_OUT + cols, mask=cmask, other=0.0)
+        if HAS_B:
+            b = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
+        else:
+            b = b_local
+        m_old = tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+        m_new = tl.where(finite, momentum * m_old + (1.0 - momentum) * b, m_old)
+        tl.store(M_NEW + cols, m_new.to(M_NEW.dtype.element_ty), mask=cmask)
+        e = tl.where(cmask, b_local - m_new, 0.0)
+        off += tl.sum(e * e, axis=0)
+    if HAS_M_OUT:
+        # Pass 3: the caller's buffer, which may be M itself: written only once every
+        # read of M is done.
+        tl.debug_barrier()
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + cols0
+            cmask = cols < D
+            tl.store(M_OUT + cols, tl.load(M_NEW + cols, mask=cmask), mask=cmask)
+    m2 = tl.sum(tl.where((sc == 1) | (sc == 2), sums, 0.0), axis=0)
+    avl = (m2 + dev + 2.0 * total * off) / total
+    pvl = tl.sum(tl.where(sc == 3, sums, 0.0), axis=0) / total
+    tl.store(LOSS, lam_avl * avl + lam_pvl * pvl)
+    tl.store(AVL, avl)
+    tl.store(PVL, pvl)
+    # info: mean |u|, mean |v| (columns 4, 5 over n), then the eight row counts (6..13).
+    tl.store(INFO + sc - 4, tl.where(sc < 6, sums / total, sums), mask=(sc >= 4) & (sc < NUM_SCAL))
+
+
+@triton.jit
 def _dive_backward_kernel(
-    A, A0, T, T0, M, C_AVL, C_PVL, GA, GT, B, D,
+    A, A0, T, T0, M, G_LOSS, G_AVL, G_PVL, GA, GT, B, D,
     s_a0, s_a1, s_p0, s_p1, s_t0, s_t1, s_q0, s_q1,
+    k_loss_avl, k_loss_pvl, k_avl, k_pvl,
     NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -136,8 +239,9 @@ def _dive_backward_kernel(
     t = _tile(T, rows, cols, mask, s_t0, s_t1)
     t0 = _tile(T0, rows, cols, mask, s_q0, s_q1)
     m = tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
-    c_avl = tl.load(C_AVL).to(tl.float32)
-    c_pvl = tl.load(C_PVL).to(tl.float32)
+    g_loss = tl.load(G_LOSS).to(tl.float32)
+    c_avl = k_loss_avl * g_loss + k_avl * tl.load(G_AVL).to(tl.float32)
+    c_pvl = k_loss_pvl * g_loss + k_pvl * tl.load(G_PVL).to(tl.float32)
     _, inv_a = _row_scale(a, rmask, NORMALIZE)
     _, inv_a0 = _row_scale(a0, rmask, NORMALIZE)
     _, inv_t = _row_scale(t, rmask, NORMALIZE)
@@ -156,17 +260,27 @@ def _dive_backward_kernel(
     tl.store(GT + offs, gv.to(GT.dtype.element_ty), mask=mask)
 
 
-def _blocks(D: int):
-    block_d = triton.next_power_of_2(D)
-    return max(1, min(64, TILE_ELEMENTS // block_d)), block_d
+class LaunchConfig(NamedTuple):
+    block_b: int  # rows per tile
+    block_d: int  # columns per tile: the whole row, padded to a power of two
+    num_warps: int
+
+
+def launch_config(D: int) -> LaunchConfig:
+    """Block sizes and warps of the statistics and backward kernels for rows of D values."""
+    block_d = max(MIN_BLOCK_D, triton.next_power_of_2(D))
+    block_b = max(1, min(64, TILE_ELEMENTS // block_d))
+    return LaunchConfig(block_b, block_d, 8 if block_b * block_d >= 4096 else 4)
+
+
+# The finalisation's tile over [parts, columns] and its warps.
+FINALIZE = dict(BLOCK_K=16, BLOCK_D=256, num_warps=4)
+# D buckets the launchers can choose: MIN_BLOCK_D .. MAX_DIM, powers of two.
+MIN_BLOCK_D = 16
 
 
 def _strides(*xs):
     return [s for x in xs for s in x.stride()]
-
-
-def _num_warps(block_b: int, block_d: int) -> int:
-    return 8 if block_b * block_d >= 4096 else 4
 
 
 def _num_programs(device: torch.device, num_blocks: int) -> int:
@@ -179,27 +293,62 @@ def _num_programs(device: torch.device, num_blocks: int) -> int:
 
 def triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
     B, D = img_ft.shape
-    block_b, block_d = _blocks(D)
-    grid = _num_programs(img_ft.device, triton.cdiv(B, block_b))
+    cfg = launch_config(D)
+    grid = _num_programs(img_ft.device, triton.cdiv(B, cfg.block_b))
     acc = accumulation_dtype(img_ft)
     means = torch.empty(grid, 2, D, dtype=acc, device=img_ft.device)
     scalars = torch.empty(grid, NUM_SCALARS, dtype=acc, device=img_ft.device)
     _dive_stats_kernel[(grid,)](
         img_ft, img_pre, txt_ft, txt_pre, means, scalars, B, D,
         *_strides(img_ft, img_pre, txt_ft, txt_pre),
-        NORMALIZE=normalize, BLOCK_B=block_b, BLOCK_D=block_d, NUM_SCAL=NUM_SCALARS,
-        num_warps=_num_warps(block_b, block_d))
+        NORMALIZE=normalize, BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d, NUM_SCAL=NUM_SCALARS,
+        num_warps=cfg.num_warps)
     return means, scalars
 
 
-def triton_backward(img_ft, img_pre, txt_ft, txt_pre, m, c_avl, c_pvl, normalize: bool):
+def triton_finalize(means, scalars, m, m_out, b, momentum: float, lam_avl: float,
+                    lam_pvl: float):
+    """(loss, avl, pvl, m_new, b, info) from the partials in one launch; ``b`` given: the
+    batch mean to update m with (averaged over ranks), else the partials' own.
+    ``m_out``, when given, receives m_new too (it may be m itself)."""
+    K, _, D = means.shape
+    new = functools.partial(torch.empty, dtype=means.dtype, device=means.device)
+    loss, avl, pvl, info = new(()), new(()), new(()), new(INFO_SIZE)
+    m_new, b_local = torch.empty_like(m), new(D)
+    _dive_finalize_kernel[(1,)](
+        means, scalars, m, b_local if b is None else b, m_new,
+        m_new if m_out is None else m_out, b_local, loss, avl, pvl, info, K, D,
+        momentum, lam_avl, lam_pvl, HAS_B=b is not None, HAS_M_OUT=m_out is not None,
+        NUM_SCAL=NUM_SCALARS, **FINALIZE)
+    return loss, avl, pvl, m_new, b_local if b is None else b, info
+
+
+def triton_forward(img_ft, img_pre, txt_ft, txt_pre, m, m_out, normalize: bool,
+                   momentum: float, lam_avl: float, lam_pvl: float):
+    """The single-process forward: two launches."""
+    means, scalars = triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize)
+    return triton_finalize(means, scalars, m, m_out, None, momentum, lam_avl, lam_pvl)
+
+
+def triton_backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl: float,
+                    lam_pvl: float, scale: float, normalize: bool):
+    """Both gradients in one launch, dL/du = c_avl (u - m) + c_pvl (u - v) with
+    c_avl = scale (lam_avl g_loss + g_avl), c_pvl likewise; a missing upstream gradient
+    (None) counts as zero: another one's pointer stands in with weight 0."""
+    present = next(g for g in (g_loss, g_avl, g_pvl) if g is not None)
+
+    def term(g, weight):
+        return (present, 0.0) if g is None else (g, weight * scale)
+
+    (gl, k_la), (_, k_lp) = term(g_loss, lam_avl), term(g_loss, lam_pvl)
+    (ga, k_a), (gp, k_p) = term(g_avl, 1.0), term(g_pvl, 1.0)
     B, D = img_ft.shape
-    block_b, block_d = _blocks(D)
+    cfg = launch_config(D)
     grad_img = torch.empty(B, D, dtype=img_ft.dtype, device=img_ft.device)
     grad_txt = torch.empty(B, D, dtype=txt_ft.dtype, device=txt_ft.device)
-    _dive_backward_kernel[(triton.cdiv(B, block_b),)](
-        img_ft, img_pre, txt_ft, txt_pre, m, c_avl, c_pvl, grad_img, grad_txt, B, D,
-        *_strides(img_ft, img_pre, txt_ft, txt_pre),
-        NORMALIZE=normalize, BLOCK_B=block_b, BLOCK_D=block_d,
-        num_warps=_num_warps(block_b, block_d))
+    _dive_backward_kernel[(triton.cdiv(B, cfg.block_b),)](
+        img_ft, img_pre, txt_ft, txt_pre, m, gl, ga, gp, grad_img, grad_txt, B, D,
+        *_strides(img_ft, img_pre, txt_ft, txt_pre), k_la, k_lp, k_a, k_p,
+        NORMALIZE=normalize, BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps)
     return grad_img, grad_txt
