@@ -7,6 +7,7 @@ small dtype floor. Errors are relative to the oracle's largest magnitude.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .loss import dive_loss
 from .ops.dive_reference import dive_loss_eager
@@ -88,3 +89,66 @@ def compare_with_oracle(backend: str, inputs, m, **options):
 
 def failures(rows):
     return [(q, e, b) for q, e, b in rows if not e <= b]
+
+
+class LaunchCounter(TorchDispatchMode):
+    """What a call issues: Triton kernel launches (``kernels``, by name) and PyTorch ops
+    (``ops``), those inside dive_fast's own custom ops included, those a Triton launch
+    issues itself (the interpreter's copies) not.
+
+    ``kernel_ops()`` leaves out the ops that launch nothing on a GPU: allocations, views
+    and dive_fast's Python custom ops themselves (what they issue is counted).
+    """
+
+    NO_KERNEL = ("aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty")
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[str] = []
+        self.ops: list[str] = []
+        self._in_launch = 0
+        self._depth = 0  # the mode is entered again inside our custom ops
+        self._patched = []
+
+    def kernel_ops(self) -> list[str]:
+        return [name for name, view in self.ops if not view and name not in self.NO_KERNEL
+                and not name.startswith("dive_fast::")]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._in_launch:
+            self.ops.append((func._schema.name, func.is_view))
+        if func.namespace == "dive_fast":
+            # Run our Python op's body with this mode pushed again, to see what it issues
+            # (calling func itself would come straight back here).
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(
+                    torch._C.DispatchKey.CompositeExplicitAutograd), *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self._depth += 1
+        if self._depth > 1:
+            return super().__enter__()
+        from .ops import dive_triton
+        for name in ("_dive_stats_kernel", "_dive_finalize_kernel", "_dive_backward_kernel"):
+            kernel = getattr(dive_triton, name)
+
+            def run(*args, _kernel=kernel, _name=name, **kwargs):
+                self.kernels.append(_name)
+                self._in_launch += 1
+                try:
+                    return type(_kernel).run(_kernel, *args, **kwargs)
+                finally:
+                    self._in_launch -= 1
+            kernel.run = run
+            self._patched.append(kernel)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            for kernel in self._patched:
+                del kernel.run
+            self._patched.clear()
+        return super().__exit__(*exc)

@@ -171,6 +171,7 @@ class DiVEFunction(torch.autograd.Function):
         ctx.normalize, ctx.lam_avl, ctx.lam_pvl, ctx.backend = normalize, lam * w_avl, \
             lam * w_pvl, backend
         ctx.mark_non_differentiable(*out[3:])
+        ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors (launches)
         return out
 
     @staticmethod
