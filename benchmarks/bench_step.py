@@ -3,13 +3,23 @@
     python benchmarks/bench_step.py                         # dive-tiny on this CPU
     python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16
 
-Variants, each in its own process (so peak memory is its own), run back to back:
+Every variant runs the training app's own code: ``train.build_method`` builds the task
+module (frozen copy, embedding cache, DDP-free here), ``train.batches`` the data stream,
+``optim.build`` the optimiser and ``step.train_step`` each step (non-finite guard,
+schedule, logit-scale clamp included), each variant in its own process (so peak memory is
+its own), interleaved over rounds:
   flyp-B        FLYP at batch B
   flyp-B+B'     FLYP at batch B + B' (the trainable work DiVE cannot avoid)
-  dive-naive    eager reference loss, frozen forward every step, separate trainable forwards
-  dive-fast     dive_fast: one concatenated forward, cached frozen embeddings, fused loss
-Reports samples/s (target + reference samples), peak memory, and a per-step breakdown
-(data, trainable forward+backward, frozen forward, losses, optimiser), as long-format CSV.
+  dive-naive    DiVE as written plainly: separate trainable forwards for target and
+                reference, the frozen forward every step after them, the eager loss
+                (the ``reference`` backend), no cache
+  dive-fast     ``--method dive`` as users run it: one concatenated forward, cached frozen
+                embeddings, the fused loss
+  dive-seq      no cache: the frozen forward every step, after the trainable one
+  dive-cosched  no cache: the frozen forward on a side CUDA stream (= dive-seq on a CPU)
+Reports samples/s, peak memory and a per-step breakdown (data; and from a short profiled
+run after the timed steps: trainable forward, frozen forward, losses, backward,
+optimiser), as long-format CSV.
 """
 from __future__ import annotations
 
@@ -19,41 +29,25 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, synchronize, write_csv  # noqa: E402
 
-VARIANTS = ("flyp-B", "flyp-B+B'", "dive-naive", "dive-fast")
-PHASES = ("data", "trainable_fwd_bwd", "frozen_fwd", "losses", "optimizer")
+VARIANTS = ("flyp-B", "flyp-B+B'", "dive-naive", "dive-fast", "dive-seq", "dive-cosched")
+DEFAULT_VARIANTS = VARIANTS[:4]
+PHASES = ("data", "trainable_fwd", "frozen_fwd", "losses", "backward", "optimizer")
 # open_clip's profile: GFLOP per image-text pair forward (x3 for forward + backward).
 GFLOP_PER_PAIR = {"ViT-B-16": 41.0, "ViT-B-32": 14.8}
 
 
-class Timer:
-    def __init__(self, device):
-        self.device, self.t = device, {p: 0.0 for p in PHASES}
-
-    def __call__(self, phase):
-        timer = self
-
-        class Span:
-            def __enter__(self):
-                synchronize(timer.device)
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                synchronize(timer.device)
-                timer.t[phase] += time.perf_counter() - self.t0
-        return Span()
-
-
 class SyntheticTask(torch.utils.data.Dataset):
-    """Seeded random images with shape labels, at any resolution."""
+    """Seeded random images with shape labels, at any resolution: model-bound timing of
+    big models without rendering images."""
     classnames = tuple(f"shape {i}" for i in range(10))
     templates = ("a photo of a {}.", "a {}.")
 
@@ -75,115 +69,132 @@ class SyntheticCaptions(SyntheticTask):
         return img, caption_pair("reference", i, size=8)[1]
 
 
-def run_variant(args) -> dict:
-    from open_clip.loss import ClipLoss
-    from torch.utils.data import DataLoader
+def naive_dive():
+    """DiVE written plainly (the baseline): its own subclass of the user's method."""
+    from dive_fast.methods import DiVE
 
-    from dive_fast import DiVELoss, frozen_cache
-    from dive_fast.context import StepContext
-    from dive_fast.data import Indexed, ResumableSampler, WorldCaptions, WorldTask, collate
-    from dive_fast.models import frozen_copy, load_clip
-    from dive_fast.ops.dive_reference import dive_loss_eager
+    class NaiveDiVE(DiVE):
+        def forward(self, batch, step):
+            (img_t,), (txt_t,) = self.encode([batch.images], [self.prompts(batch.labels, step)])
+            (img_r,), (txt_r,) = self.encode([batch.ref_images], [batch.ref_tokens])
+            img0, txt0 = self.frozen.embed(batch.ref_images, batch.ref_tokens)
+            return {"clip": self.clip(img_t, txt_t),
+                    "dive": self.dive(img_r, img0, txt_r, txt0)}
+    return NaiveDiVE
+
+
+def train_args(args, variant, out):
+    """The command line a user would give ``dive_fast.train`` for this variant."""
+    from dive_fast import train
+    B, Bp = args.batch, args.ref_batch or args.batch
+    batch = B + Bp if variant == "flyp-B+B'" else B
+    cli = ["--method", "flyp" if variant.startswith("flyp") else "dive", "--model", args.model,
+           "--pretrained", "", "--batch-size", str(batch), "--ref-batch-size", str(Bp),
+           "--ref-size", str(args.ref_size), "--amp", args.amp, "--device", args.device,
+           "--workers", str(args.workers), "--steps", str(args.warmup + args.steps + 3),
+           "--out", str(out), "--no-progress"]
+    if variant in ("dive-naive", "dive-seq", "dive-cosched"):
+        cli += ["--no-frozen-cache"]
+    if variant in ("dive-naive", "dive-seq"):
+        cli += ["--no-co-schedule"]
+    if variant == "dive-naive":
+        cli += ["--dive-backend", "reference"]
+    targs = train.build_parser().parse_args(cli)
+    train.check_args(targs)
+    return targs
+
+
+def run_variant(args) -> dict:
+    from dive_fast import optim, train
+    from dive_fast.data import WorldCaptions, WorldTask
+    from dive_fast.models import load_clip
+    from dive_fast.step import NonFiniteGuard, train_step
 
     torch.manual_seed(0)
-    device, variant, B, Bp = args.device, args.variant, args.batch, args.ref_batch or args.batch
+    device, variant = args.device, args.variant
     on_gpu = device.startswith("cuda")
-    amp = torch.bfloat16 if args.amp == "bf16" else None
+    targs = train_args(args, variant, Path(args.cache_dir))
     bundle = load_clip(args.model, None, device)
-    model, tf = bundle.model.train(), bundle.preprocess_val
-    size = bundle.image_size
-    if args.data == "synthetic":  # model-bound timing on big models: no image rendering
-        tasks, refs = SyntheticTask(4096, size), Indexed(SyntheticCaptions(args.ref_size, size))
+    tf, size = bundle.preprocess_val, bundle.image_size
+    if args.data == "synthetic":
+        target = SyntheticTask(4096, size)
+        reference = (SyntheticCaptions(args.ref_size, size), f"synthetic:{args.ref_size}")
     else:
-        tasks = WorldTask("shapes", "train", 4096, tf, size=size)
-        refs = Indexed(WorldCaptions("reference", args.ref_size, tf, size=size))
-    batch_t = B + Bp if variant == "flyp-B+B'" else B
-    load = lambda ds, b, seed: iter(DataLoader(  # noqa: E731
-        ds, batch_size=b, sampler=ResumableSampler(len(ds), seed, b), collate_fn=collate,
-        num_workers=args.workers, pin_memory=on_gpu, persistent_workers=args.workers > 0))
-    targets = load(tasks, batch_t, 0)
-    references = load(refs, Bp, 1) if variant.startswith("dive") else None
-    frozen = frozen_copy(model, torch.bfloat16 if on_gpu else None) if variant.startswith("dive") else None
-    cache = None
-    if variant == "dive-fast":
-        cache = frozen_cache.build(frozen, bundle.tokenizer, refs.dataset,
-                                   Path(args.cache_dir) / f"{args.model}-{args.ref_size}.npy",
-                                   device, progress=False)
-    ctx = StepContext(model, frozen, bundle.tokenizer, tasks.classnames, tasks.templates, device,
-                      clip_loss=ClipLoss(), cache=cache, amp_dtype=amp)
-    reg = DiVELoss(model.text_projection.shape[1], check_values=False).to(device)
-    m = torch.zeros(model.text_projection.shape[1], device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_gpu or None)
-    clip = lambda i, t: ctx.clip_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1),  # noqa: E731
-                                      model.logit_scale.exp())
-    step_times, timers = [], []
+        target = WorldTask("shapes", "train", 4096, tf, size=size)
+        reference = (WorldCaptions("reference", args.ref_size, tf, size=size),
+                     f"world:0:{args.ref_size}")
+    method, forward = train.build_method(targs, bundle, target.classnames, target.templates,
+                                         f"random:{args.model}", device, 0, 1,
+                                         Path(args.cache_dir), reference)
+    if variant == "dive-naive":
+        method = forward = naive_dive()(
+            bundle.model, bundle.tokenizer, target.classnames, target.templates, device=device,
+            config=method.config, frozen=method.frozen, amp_dtype=method.amp_dtype)
+    opt, sched = optim.build(method.named_parameters(), targs.lr, targs.wd, targs.steps, 1)
+    stream = train.batches(targs, method, target, reference[0], bundle.tokenizer)
+    guard = NonFiniteGuard(device)
+    method.train()
+    step_times, data_times = [], []
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        timer = Timer(device)
+
+    def one_step(step):
         t0 = time.perf_counter()
-        with timer("data"):
-            images, labels, _ = next(targets)
-            if references is not None:
-                ref_images, ref_targets, _ = next(references)
-                texts, idx = zip(*ref_targets)
-        with timer("trainable_fwd_bwd"):
-            if variant == "dive-fast":
-                ref_tokens = ctx.tokenize(texts)
-                (it, ir), (tt, tr) = ctx.encode([images, ref_images],
-                                                [ctx.prompts(labels, step), ref_tokens])
-            elif variant == "dive-naive":
-                (it,), (tt,) = ctx.encode([images], [ctx.prompts(labels, step)])
-                (ir,), (tr,) = ctx.encode([ref_images], [ctx.tokenize(texts)])
-            else:
-                (it,), (tt,) = ctx.encode([images], [ctx.prompts(labels, step)])
-        if variant.startswith("dive"):
-            with timer("frozen_fwd"), torch.no_grad():
-                if variant == "dive-fast":
-                    i0, t0_ = ctx.frozen_reference(ref_images, ref_tokens, idx)
-                else:  # every step, full precision, no overlap
-                    i0 = frozen.encode_image(ref_images.to(device), normalize=True).float()
-                    t0_ = frozen.encode_text(ctx.tokenize(texts), normalize=True).float()
-        with timer("losses"):
-            loss = clip(it, tt)
-            if variant == "dive-fast":
-                loss = loss + reg(ir, i0, tr, t0_)
-            elif variant == "dive-naive":
-                dl, _, _, m_new = dive_loss_eager(F.normalize(ir.float(), dim=-1), i0,
-                                                  F.normalize(tr.float(), dim=-1), t0_, m)
-                m = m_new.detach()
-                loss = loss + dl
-        with timer("trainable_fwd_bwd"):
-            loss.backward()
-        with timer("optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        batch = next(stream).to(device)
+        synchronize(device)
+        t1 = time.perf_counter()
+        train_step(forward, method, batch, step, opt, sched, guard)
+        synchronize(device)
+        return t1 - t0, time.perf_counter() - t0, batch.samples
+
+    for step in range(args.warmup + args.steps):
+        data_s, step_s, samples = one_step(step)
         if step >= args.warmup:
-            step_times.append(time.perf_counter() - t0)
-            timers.append(timer.t)
-    samples = batch_t + (Bp if variant.startswith("dive") else 0)
+            step_times.append(step_s)
+            data_times.append(data_s)
     med = statistics.median(step_times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if on_gpu else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = {"variant": variant, "model": args.model, "B": B, "B_ref": Bp, "samples_per_step": samples,
+    out = {"variant": variant, "model": args.model, "B": args.batch,
+           "B_ref": args.ref_batch or args.batch, "samples_per_step": samples,
            "step_ms": med * 1e3, "step_ms_p20": statistics.quantiles(step_times, n=5)[0] * 1e3,
            "step_ms_p80": statistics.quantiles(step_times, n=5)[3] * 1e3,
            "samples_per_s": samples / med, "peak_mem_MiB": peak,
            "peak_mem_kind": "cuda max allocated" if on_gpu else "process max RSS",
-           "baseline_rss_MiB": baseline_rss / 1024}
-    for p in PHASES:
-        out[f"{p}_ms"] = statistics.median(t[p] for t in timers) * 1e3
+           "baseline_rss_MiB": baseline_rss / 1024,
+           "data_ms": statistics.median(data_times) * 1e3,
+           **profile_phases(one_step, args.warmup + args.steps, 3, on_gpu)}
     flop = GFLOP_PER_PAIR.get(args.model)
     if flop and on_gpu:
-        peak_tflops = args.peak_tflops
-        out["MFU"] = 3 * flop * 1e9 * samples / med / (peak_tflops * 1e12)
+        out["MFU"] = 3 * flop * 1e9 * samples / med / (args.peak_tflops * 1e12)
     return out
+
+
+def profile_phases(one_step, first_step: int, steps: int, on_gpu: bool) -> dict:
+    """Mean ms per step of each labelled phase of ``train_step`` (CPU: wall time of the
+    range; GPU: kernel time under it), from a short run under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            one_step(first_step + i)
+    total = {}
+    for e in prof.key_averages():
+        if e.key.startswith("dive_fast."):
+            t = e.device_time_total if on_gpu else e.cpu_time_total
+            total[e.key[len("dive_fast."):]] = t / 1e3 / steps
+    fwd = total.get("forward", 0.0)
+    trainable, frozen = total.get("trainable_forward", 0.0), total.get("frozen_forward", 0.0)
+    return {"trainable_fwd_ms": trainable, "frozen_fwd_ms": frozen,
+            "losses_ms": max(0.0, fwd - trainable - frozen),
+            "backward_ms": total.get("backward", 0.0), "optimizer_ms": total.get("optimizer", 0.0)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", choices=VARIANTS, default=None, help="(internal) run one")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="dive-tiny")
     p.add_argument("--batch", type=int, default=128)
@@ -196,7 +207,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="variants run this many times, interleaved")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100/H200 bf16 dense)")
-    p.add_argument("--cache-dir", default="benchmarks/results/.cache")
+    p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: a "
+                   "temporary one per run, so that no stale cache is timed)")
     p.add_argument("--out", default="benchmarks/results/step_cpu.csv")
     args = p.parse_args(argv)
     if args.variant:
@@ -204,16 +216,20 @@ def main(argv=None):
         return
     env = environment(args.device)
     rows = []
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for rnd in range(args.rounds):
-        for variant in VARIANTS:
-            proc = subprocess.run([sys.executable, __file__, "--variant", variant, *passthrough],
-                                  capture_output=True, text=True, check=True)
-            row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "round": rnd, **env}
-            rows.append(row)
-            print(f"round {rnd} {variant:11s} step {row['step_ms']:8.1f} ms  "
-                  f"{row['samples_per_s']:7.1f} samples/s  peak {row['peak_mem_MiB']:7.0f} MiB  "
-                  + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache_dir or tmp
+        common = [a for a in (argv if argv is not None else sys.argv[1:])]
+        for rnd in range(args.rounds):
+            for variant in args.variants:
+                proc = subprocess.run([sys.executable, __file__, *common, "--cache-dir", cache,
+                                       "--variant", variant], capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+                row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "round": rnd, **env}
+                rows.append(row)
+                print(f"round {rnd} {variant:12s} step {row['step_ms']:8.1f} ms  "
+                      f"{row['samples_per_s']:7.1f} samples/s  peak {row['peak_mem_MiB']:7.0f} MiB  "
+                      + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES), flush=True)
     write_csv(rows, args.out)
     summarize(rows)
     print(f"wrote {args.out}")
@@ -225,13 +241,16 @@ def summarize(rows):
         by.setdefault(r["variant"], []).append(r)
     med = {v: statistics.median(r["step_ms"] for r in rs) for v, rs in by.items()}
     mem = {v: statistics.median(r["peak_mem_MiB"] for r in rs) for v, rs in by.items()}
-    print("\nvariant      step ms (median of rounds)  peak MiB   vs flyp-B+B' (time, memory)")
+    base = "flyp-B+B'" if "flyp-B+B'" in med else next(iter(med))
+    print(f"\nvariant       step ms (median of rounds)  peak MiB   vs {base} (time, memory)")
     for v in VARIANTS:
         if v in med:
-            print(f"{v:11s}  {med[v]:10.1f}  {mem[v]:14.0f}   {med[v] / med[VARIANTS[1]]:.3f}x, "
-                  f"{mem[v] / mem[VARIANTS[1]]:.3f}x")
+            print(f"{v:12s}  {med[v]:10.1f}  {mem[v]:14.0f}   {med[v] / med[base]:.3f}x, "
+                  f"{mem[v] / mem[base]:.3f}x")
     if "dive-naive" in med and "dive-fast" in med:
         print(f"dive-fast is {med['dive-naive'] / med['dive-fast']:.2f}x faster than dive-naive")
+    if "dive-seq" in med and "dive-cosched" in med:
+        print(f"co-scheduling: {med['dive-seq'] / med['dive-cosched']:.2f}x over sequential")
 
 
 if __name__ == "__main__":

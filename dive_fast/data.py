@@ -1,28 +1,43 @@
 """Datasets: the embedded world in memory, and the real formats on disk (image folders in
 the ImageNet layout, open_clip CSV and webdataset tar shards of image-caption pairs).
 
-A sample that cannot be read comes back as None; ``collate`` drops it and counts it, so
-a corrupt or missing image is logged, never the end of a long run.
+A sample that cannot be read comes back as None. Evaluation drops it (``collate``); the
+training loaders replace it (``Readable``, ``ShardedCaptions``) so that every batch is
+full, which data parallelism needs (ranks gather equal-sized feature blocks). Either way
+it is counted, logged (rate-limited) and reported, never the end of a long run.
 """
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import random
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .world.tasks import TASKS, Task, caption_pair, task_image
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_warned = [0]
+
+
+def warn_unreadable(what, exc) -> None:
+    """Logs the first 10 unreadable samples of this process, then every 100th."""
+    _warned[0] += 1
+    n = _warned[0]
+    if n <= 10 or n % 100 == 0:
+        more = " (from now on every 100th is logged)" if n == 10 else f" ({n} so far)" if n > 10 else ""
+        log.warning("skipping unreadable %s: %s%s", what, exc, more)
 
 
 def collate(batch):
-    """(images, targets, skipped): targets stay a list of strings for captions."""
+    """(images, targets, skipped) for evaluation: unreadable samples dropped and counted;
+    targets stay a list of strings for captions."""
     kept = [b for b in batch if b is not None]
     skipped = len(batch) - len(kept)
     if not kept:
@@ -34,12 +49,12 @@ def collate(batch):
     return images, targets, skipped
 
 
-def _open_image(path) -> Image.Image | None:
+def _open_image(source, name=None) -> Image.Image | None:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             return img.convert("RGB")
-    except (OSError, ValueError) as exc:  # missing, truncated or not an image
-        log.warning("skipping unreadable image %s: %s", path, exc)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # missing, truncated, not an image
+        warn_unreadable(f"image {name or source}", exc)
         return None
 
 
@@ -114,6 +129,9 @@ class ImageFolderTask(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def describe(self, i: int) -> str:
+        return str(self.samples[i][0])
+
     def __getitem__(self, i):
         path, label = self.samples[i]
         img = _open_image(path)
@@ -147,51 +165,196 @@ class CsvCaptions(Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def describe(self, i: int) -> str:
+        return str(self.root / self.rows[i][0])
+
     def __getitem__(self, i):
         file, text = self.rows[i]
         img = _open_image(self.root / file)
         return None if img is None else (self.transform(img), text)
 
 
-def webdataset_captions(urls, transform, shuffle_buffer: int = 1000, seed: int = 0):
-    """Streamed (image, caption) pairs from webdataset tar shards (jpg/png + txt, as
-    img2dataset writes CC3M), shuffled within a buffer. Undecodable samples are skipped
-    and logged."""
-    import webdataset as wds
-
-    if isinstance(urls, (str, Path)) and not any(c in str(urls) for c in "{*"):
-        if not Path(urls).exists():
-            raise FileNotFoundError(f"webdataset shard not found: {urls}")
-
-    def skip(exc):
-        log.warning("skipping unreadable webdataset sample: %s", exc)
-        return True
-
-    def to_pair(sample):
-        img = sample.get("jpg") or sample.get("png") or sample.get("jpeg")
-        text = sample.get("txt")
-        if img is None or text is None:
-            return None
-        return transform(img), text
-
-    return (wds.WebDataset(str(urls) if isinstance(urls, Path) else urls, handler=skip,
-                           shardshuffle=False, empty_check=False)
-            .shuffle(shuffle_buffer, rng=__import__("random").Random(seed))
-            .decode("pil", handler=skip).map(to_pair, handler=skip))
 
 
-class Indexed(Dataset):
-    """(image, (target, index)): lets the trainer look samples up in an embedding cache."""
+# --- training views: full batches, unreadable samples replaced and counted ---------------
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+class Readable(Dataset):
+    """Training view of a map-style dataset: item i is ``(image, target, index, skipped)``.
+    An unreadable sample is replaced by the next readable one of a fixed probe sequence
+    (i + k * stride mod n), so batches stay full and a resumed run reads what an unbroken
+    one read; ``index`` is the sample actually used (the frozen-embedding cache's row) and
+    ``skipped`` how many were passed over. ``max_consecutive`` unreadable in a row end the
+    run with the count and the first paths: a data set that is all or mostly broken must
+    not spin."""
+
+    def __init__(self, dataset, max_consecutive: int = 64):
+        self.dataset, self.max_consecutive = dataset, max_consecutive
+        n = len(dataset)
+        self.stride = next(s for s in (7919, 104729, 1299709) if n % s)
 
     def __len__(self):
         return len(self.dataset)
 
+    def _probe(self, i: int, k: int) -> int:
+        return (i + k * self.stride) % len(self.dataset)
+
     def __getitem__(self, i):
-        item = self.dataset[i]
-        return None if item is None else (item[0], (item[1], i))
+        tries = min(self.max_consecutive, len(self.dataset))
+        for k in range(tries):
+            j = self._probe(i, k)
+            item = self.dataset[j]
+            if item is not None:
+                return item[0], item[1], j, k
+        describe = getattr(self.dataset, "describe", lambda j: f"sample {j}")
+        raise RuntimeError(
+            f"{tries} consecutive unreadable samples in {type(self.dataset).__name__} "
+            f"({len(self.dataset)} in all), e.g. "
+            f"{', '.join(describe(self._probe(i, k)) for k in range(min(3, tries)))}: "
+            "fix or remove them")
+
+
+def train_collate(batch, tokenizer=None):
+    """(images, targets, indices, skipped, tokens) from ``Readable`` / ``ShardedCaptions``
+    items. Captions are tokenised here, in the loader workers, off the training loop's
+    critical path."""
+    images = torch.stack([b[0] for b in batch])
+    targets = [b[1] for b in batch]
+    tokens = None
+    if isinstance(targets[0], int):
+        targets = torch.tensor(targets)
+    elif tokenizer is not None:
+        tokens = tokenizer(targets)
+    indices = torch.tensor([b[2] for b in batch])
+    return images, targets, indices, sum(b[3] for b in batch), tokens
+
+
+def shard_list(urls) -> list[str]:
+    """Shard paths from a brace pattern ('/d/{00000..00331}.tar'), a glob, a '::'- or
+    ','-separated list, or a list; missing local files fail here, before any training."""
+    import braceexpand
+
+    if isinstance(urls, (str, Path)):
+        parts = [u for chunk in str(urls).split("::") for u in chunk.split(",") if u]
+        urls = [x for u in parts for x in braceexpand.braceexpand(u)]
+    out = []
+    for u in map(str, urls):
+        if any(c in u for c in "*?["):
+            found = sorted(str(p) for p in Path(u).parent.glob(Path(u).name))
+            if not found:
+                raise FileNotFoundError(f"no webdataset shard matches {u}")
+            out += found
+        elif "://" not in u and not u.startswith("pipe:") and not Path(u).is_file():
+            raise FileNotFoundError(f"webdataset shard not found: {u}")
+        else:
+            out.append(u)
+    if not out:
+        raise ValueError(f"no webdataset shards in {urls!r}")
+    return out
+
+
+def shard_pairs(shard: str, transform, counter: list):
+    """(image, caption) of one tar shard (jpg/png/jpeg + txt, as img2dataset writes CC3M).
+    A truncated or corrupt shard ends at its last good member; each such failure, and
+    each undecodable or incomplete sample, adds 1 to ``counter[0]``."""
+    from webdataset import tariterators
+
+    def on_error(exc):
+        counter[0] += 1
+        warn_unreadable(f"webdataset shard {shard}", exc)
+        return True
+
+    for sample in tariterators.tarfile_samples([{"url": shard}], handler=on_error):
+        key = f"{sample.get('__key__')} of {shard}"
+        data = sample.get("jpg") or sample.get("png") or sample.get("jpeg")
+        text = sample.get("txt")
+        img = None if data is None or text is None else _open_image(io.BytesIO(data), key)
+        if img is None:
+            counter[0] += 1
+            if data is None or text is None:
+                warn_unreadable(f"sample {key}", "no image or no caption")
+            continue
+        yield transform(img), text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+
+
+class ShardedCaptions(IterableDataset):
+    """Reference pairs streamed from webdataset shards, endlessly, epoch after epoch.
+
+    Each epoch shuffles the shard list with (seed, epoch); rank r of R takes shards r, r+R,
+    ... and loader worker w of W every W-th of those, so across ranks and workers each pair
+    is read once per epoch (exactly so when the shard count divides by R*W; otherwise the
+    ranks' epochs differ by a shard, and a warning says so). Pairs are shuffled within a
+    buffer, drained at each epoch's end. Items are ``(image, caption, -1, skipped)``:
+    streamed pairs have no index, so their frozen embeddings are computed each step
+    rather than cached.
+    Resuming starts the stream at epoch ``start_epoch`` (shards have no random access): a
+    resumed run sees other pairs than an unbroken one would; everything else is exact."""
+
+    def __init__(self, urls, transform, seed: int = 0, shuffle_buffer: int = 1000,
+                 rank: int = 0, world_size: int = 1, start_epoch: int = 0):
+        self.shards = shard_list(urls)
+        self.transform, self.seed, self.buffer = transform, seed, shuffle_buffer
+        self.rank, self.world, self.start_epoch = rank, world_size, start_epoch
+
+    def my_shards(self, epoch: int, worker: int = 0, workers: int = 1) -> list[str]:
+        order = list(self.shards)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[self.rank::self.world][worker::workers]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if len(self.shards) < self.world * workers:
+            raise ValueError(f"{len(self.shards)} webdataset shard(s) for {self.world} rank(s) x "
+                             f"{workers} loader worker(s): each needs at least one; write "
+                             "more, smaller shards or use fewer --workers")
+        if worker == 0 and self.rank == 0 and len(self.shards) % (self.world * workers):
+            log.warning("%d shards do not divide among %d rank(s) x %d worker(s): epochs "
+                        "differ by a shard between them", len(self.shards), self.world, workers)
+        rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_epoch}")
+        counter, buffer, epoch = [0], [], self.start_epoch
+        while True:
+            shards = self.my_shards(epoch, worker, workers)
+            read = 0
+            for pair in (p for s in shards for p in shard_pairs(s, self.transform, counter)):
+                read += 1
+                buffer.append(pair)
+                if len(buffer) >= self.buffer:
+                    yield self._emit(buffer, rng, counter)
+            if read == 0:
+                raise RuntimeError(f"no readable pairs in webdataset shards {shards} "
+                                   f"({counter[0]} unreadable)")
+            while buffer:  # drained at the epoch's end, so that epochs do not mix
+                yield self._emit(buffer, rng, counter)
+            epoch += 1
+
+    @staticmethod
+    def _emit(buffer, rng, counter):
+        image, caption = buffer.pop(rng.randrange(len(buffer)))
+        skipped, counter[0] = counter[0], 0
+        return image, caption, -1, skipped
+
+
+def heldout_pairs(transform, csv_path=None, shards=None, n: int = 256) -> list:
+    """The first ``n`` readable (image, caption) pairs of a held-out CSV or shard list, in
+    order: the fixed set over which RSA compares pre-trained and fine-tuned geometry."""
+    pairs = []
+    if csv_path:
+        ds = CsvCaptions(csv_path, transform)
+        for i in range(len(ds)):
+            if len(pairs) == n:
+                break
+            if (item := ds[i]) is not None:
+                pairs.append(item)
+    else:
+        counter = [0]
+        for s in shard_list(shards):
+            pairs += [p for _, p in zip(range(n - len(pairs)), shard_pairs(s, transform, counter))]
+            if len(pairs) == n:
+                break
+    if len(pairs) < 3:
+        raise ValueError(f"RSA needs at least 3 readable held-out pairs, found {len(pairs)} in "
+                         f"{csv_path or shards}")
+    return pairs
 
 
 class ResumableSampler(torch.utils.data.Sampler):

@@ -7,12 +7,17 @@ import torch
 import torch.distributed as dist
 
 
+_owned = []  # the process group this module created (and so destroys at shutdown)
+
+
 def init_from_env(device: str) -> tuple[int, int, str]:
-    """(rank, world_size, device) after torchrun's environment; gloo on CPU, nccl on GPU."""
+    """(rank, world_size, device) after torchrun's environment; gloo on CPU, nccl on GPU.
+    A process group the caller already initialised is used as it is."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)
+        _owned.append(True)
     if world > 1 and device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -30,5 +35,15 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    if _owned and dist.is_initialized():
         dist.destroy_process_group()
+        _owned.clear()
+
+
+def sum_over_ranks(value: int, device) -> int:
+    """The sum of a host integer over all ranks (itself in a single process)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t.item())

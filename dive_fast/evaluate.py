@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import ImageFolderTask, WorldCaptions, WorldTask, collate
+from .checkpoint import load_model_weights
+from .data import ImageFolderTask, WorldCaptions, WorldTask, collate, heldout_pairs
+from .fileio import atomic_write_text
+from .models import load_clip, resolve_pretrained
 from .world.tasks import TASKS
 
 KINDS = ("id", "ood", "zeroshot")
@@ -158,9 +160,6 @@ def parse_task(spec: str, transform):
 
 
 def main(argv=None):
-    from .models import ensure_pretrained_tiny, load_clip, TINY_MODELS
-    from .checkpoint import load_model_weights
-
     p = argparse.ArgumentParser(description="Evaluate a CLIP model: ID, OOD, zero-shot, RSA.")
     p.add_argument("--model", default="dive-tiny")
     p.add_argument("--pretrained", default=None,
@@ -173,11 +172,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
+    p.add_argument("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
+    p.add_argument("--rsa-size", type=int, default=256)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
-    pretrained = args.pretrained
-    if pretrained is None and args.model in TINY_MODELS:
-        pretrained = str(ensure_pretrained_tiny(args.model, args.world_seed))
+    pretrained = resolve_pretrained(args.model, args.pretrained, args.world_seed)
     bundle = load_clip(args.model, pretrained, args.device)
     pre_model = None
     if args.checkpoint:
@@ -186,14 +186,16 @@ def main(argv=None):
     tf = bundle.preprocess_val
     sets = dict(parse_task(s, tf) for s in args.task) if args.task else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
-    rsa_set = world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size) if not args.task else None
+    if args.rsa_csv or args.rsa_shards:
+        rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size)
+    else:
+        rsa_set = world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size) if not args.task else None
     report = evaluate(bundle.model, bundle.tokenizer, sets, pre_model=pre_model, rsa_set=rsa_set,
                       device=args.device, batch_size=args.batch_size, workers=args.workers)
     label = "fine-tuned" if args.checkpoint else "zero-shot"
     print(format_table({label: report}))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        atomic_write_text(args.out, json.dumps(report, indent=2))
     return report
 
 

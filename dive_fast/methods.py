@@ -1,40 +1,124 @@
-"""Fine-tuning methods as small strategies over one training step.
+"""Fine-tuning methods as task modules (open_clip's ``task`` shape).
 
-Each method says which data it needs and turns a step's batches into a loss; the loop in
-``train.py`` does the rest. The trainable forward is one concatenated pass over target
-and reference samples; frozen reference embeddings come from ``StepContext``.
+Each method is an ``nn.Module`` that owns what its loss needs: the trainable CLIP, its
+class prompts, the contrastive loss, and where used the frozen reference embeddings,
+``DiVELoss`` (with its EMA vector m) or FT's linear head. ``forward(batch, step)`` returns
+a dict of named losses whose sum is the objective; ``state_dict()`` holds all that a
+resume needs. Towers a method does not train are frozen in its constructor, so DDP,
+wrapping the whole task, sees only the parameters that learn.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from open_clip.loss import ClipLoss
+from torch import Tensor, nn
+from torch.profiler import record_function
 
+from .evaluate import zeroshot_head
+from .frozen import FrozenReference
 from .loss import DiVELoss
 
 
-class Method:
+@dataclass
+class Batch:
+    """One step's data: target images and labels; reference images, caption tokens and
+    cache rows (methods that use reference pairs); unreadable samples replaced."""
+    images: Tensor
+    labels: Tensor
+    ref_images: Tensor | None = None
+    ref_tokens: Tensor | None = None
+    ref_index: Tensor | None = None  # rows of the frozen-embedding cache; None when streamed
+    skipped: int = 0
+
+    @property
+    def samples(self) -> int:
+        return len(self.images) + (len(self.ref_images) if self.ref_images is not None else 0)
+
+    def to(self, device) -> "Batch":
+        """Tensors to ``device`` without blocking the host (the cache rows stay on the CPU,
+        where the cache is)."""
+        move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+        return replace(self, images=move(self.images), labels=move(self.labels),
+                       ref_images=move(self.ref_images), ref_tokens=move(self.ref_tokens))
+
+
+@dataclass
+class MethodConfig:
+    lam: float = 1000.0  # DiVE / SnD weight
+    momentum: float = 0.99  # DiVE's EMA momentum
+    dive_backend: str | None = None
+    lp_steps: int = 0  # LP-FT: linear-probe steps
+
+    @classmethod
+    def from_args(cls, args) -> "MethodConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def embed_dim(model) -> int:
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, nn.Linear):
+        return proj.out_features
+    return proj.shape[1] if proj is not None else model.visual.output_dim
+
+
+class Method(nn.Module):
     name = "base"
+    trains = True
     uses_reference = False  # needs reference image-caption pairs
     uses_frozen = False  # needs the frozen model's reference embeddings
-    trains = True
+    find_unused_parameters = False  # for DDP: parameters that may miss a step's graph
 
-    def build(self, ctx, args) -> None:
-        """Create method state (heads, losses) once the context exists."""
+    def __init__(self, model, tokenizer, classnames, templates, *, device, config=None,
+                 frozen: FrozenReference | None = None, amp_dtype=None, seed=0, rank=0,
+                 world_size=1):
+        super().__init__()
+        self.model, self.tokenizer, self.config = model, tokenizer, config or MethodConfig()
+        self.classnames, self.templates = tuple(classnames), tuple(templates)
+        self.device, self.amp_dtype = torch.device(device), amp_dtype
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.frozen = frozen  # a plain object: the frozen weights are not this module's state
+        self.embed_dim = embed_dim(model)
+        self.clip_loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
+                                  rank=rank, world_size=world_size)
+        prompts = [t.format(c) for c in self.classnames for t in self.templates]
+        self.prompt_tokens = tokenizer(prompts).view(len(self.classnames), len(self.templates),
+                                                     -1).to(self.device)
+        self.metrics: dict[str, Tensor] = {}  # extra per-step values to log (detached)
 
-    def extra_modules(self) -> dict[str, nn.Module]:
-        """Modules whose parameters are optimised and checkpointed with the model."""
-        return {}
-
-    def before_step(self, ctx, step: int) -> None:
-        pass
-
-    def loss(self, ctx, target, reference, step: int):
+    def forward(self, batch: Batch, step: int) -> dict[str, Tensor]:
         raise RuntimeError(f"{self.name} does not train")
 
-    def eval_heads(self, ctx, alpha: float = 1.0) -> dict:
+    def eval_heads(self, alpha: float = 1.0) -> dict:
         """Trained classifier heads for evaluation, by class-name tuple (none: zero-shot)."""
         return {}
+
+    # --- the pieces a method's forward is made of ---
+
+    def prompts(self, labels: Tensor, step: int) -> Tensor:
+        """FLYP: one random template per image, reproducible from (seed, step) and drawn for
+        the global batch, so that data parallel ranks pick what one process would."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + step)
+        n = len(labels)
+        which = torch.randint(len(self.templates), (n * self.world_size,), generator=g)
+        which = which[self.rank * n:(self.rank + 1) * n].to(self.device, non_blocking=True)
+        return self.prompt_tokens[labels, which]
+
+    def encode(self, images: list[Tensor], tokens: list[Tensor]):
+        """One trainable forward per tower over the concatenated batches, under the run's
+        autocast; raw features back, split as given (image list, text list)."""
+        with record_function("dive_fast.trainable_forward"), torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            img = self.model.encode_image(torch.cat(images)) if images else None
+            txt = self.model.encode_text(torch.cat(tokens)) if tokens else None
+        split = lambda x, parts: list(x.split([len(p) for p in parts])) if parts else []  # noqa: E731
+        return split(img, images), split(txt, tokens)
+
+    def clip(self, img: Tensor, txt: Tensor) -> Tensor:
+        return self.clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
+                              self.model.logit_scale.exp())
 
 
 class ZeroShot(Method):
@@ -45,75 +129,55 @@ class FLYP(Method):
     """CLIP loss between target images and a random class prompt each (FLYP)."""
     name = "flyp"
 
-    def clip_part(self, ctx, img_t, txt_t):
-        return ctx.clip_loss(F.normalize(img_t, dim=-1), F.normalize(txt_t, dim=-1),
-                             ctx.model.logit_scale.exp())
-
-    def loss(self, ctx, target, reference, step):
-        images, labels = target
-        (img_t,), (txt_t,) = ctx.encode([images], [ctx.prompts(labels, step)])
-        loss = self.clip_part(ctx, img_t, txt_t)
-        return loss, {"clip": loss.detach()}
+    def forward(self, batch, step):
+        (img,), (txt,) = self.encode([batch.images], [self.prompts(batch.labels, step)])
+        return {"clip": self.clip(img, txt)}
 
 
-class _WithReference(FLYP):
-    uses_reference = True
-
-    def encode_both(self, ctx, target, reference, step):
-        """Features of target and reference samples, and the caption tokens (reused by the
-        frozen forward when its embeddings are not cached)."""
-        images, labels = target
-        ref_images, (texts, _) = reference
-        ref_tokens = ctx.tokenize(texts)
-        (img_t, img_r), (txt_t, txt_r) = ctx.encode(
-            [images, ref_images], [ctx.prompts(labels, step), ref_tokens])
-        return img_t, txt_t, img_r, txt_r, ref_tokens
-
-
-class FLYPReplay(_WithReference):
+class FLYPReplay(Method):
     """FLYP plus the CLIP loss on reference pairs (a stand-in for replay methods)."""
-    name = "flyp+replay"
+    name, uses_reference = "flyp+replay", True
 
-    def loss(self, ctx, target, reference, step):
-        img_t, txt_t, img_r, txt_r, _ = self.encode_both(ctx, target, reference, step)
-        clip, replay = self.clip_part(ctx, img_t, txt_t), self.clip_part(ctx, img_r, txt_r)
-        return clip + replay, {"clip": clip.detach(), "replay": replay.detach()}
+    def forward(self, batch, step):
+        (img_t, img_r), (txt_t, txt_r) = self.encode(
+            [batch.images, batch.ref_images], [self.prompts(batch.labels, step), batch.ref_tokens])
+        return {"clip": self.clip(img_t, txt_t), "replay": self.clip(img_r, txt_r)}
 
 
-class SnDLike(_WithReference):
+class SnDLike(Method):
     """FLYP + lam * mean |f(x_ref) - f0(x_ref)|^2 on normalised image embeddings."""
-    name, uses_frozen = "snd-like", True
+    name, uses_reference, uses_frozen = "snd-like", True, True
 
-    def build(self, ctx, args):
-        self.lam = args.lam
-
-    def loss(self, ctx, target, reference, step):
-        images, labels = target
-        ref_images, (_, idx) = reference
-        (img_t, img_r), (txt_t,) = ctx.encode([images, ref_images], [ctx.prompts(labels, step)])
-        img0, _ = ctx.frozen_reference(ref_images, None, idx)
-        clip = self.clip_part(ctx, img_t, txt_t)
-        dist = (F.normalize(img_r.float(), dim=-1) - img0.float()).pow(2).sum(-1).mean()
-        return clip + self.lam * dist, {"clip": clip.detach(), "snd": dist.detach()}
+    def forward(self, batch, step):
+        frozen = self.frozen.launch(batch, text=False)  # overlaps the trainable forward on GPUs
+        (img_t, img_r), (txt_t,) = self.encode([batch.images, batch.ref_images],
+                                               [self.prompts(batch.labels, step)])
+        img0, _ = frozen()
+        dist = (F.normalize(img_r.float(), dim=-1) - img0).pow(2).sum(-1).mean()
+        self.metrics = {"snd_dist": dist.detach()}
+        return {"clip": self.clip(img_t, txt_t), "snd": self.config.lam * dist}
 
 
-class DiVE(_WithReference):
+class DiVE(Method):
     """FLYP + lam * (L_AVL + L_PVL) on the reference pairs, through dive_fast's fused op."""
-    name, uses_frozen = "dive", True
+    name, uses_reference, uses_frozen = "dive", True, True
     avl, pvl = True, True
 
-    def build(self, ctx, args):
-        self.reg = DiVELoss(ctx.embed_dim, lam=args.lam, momentum=args.momentum, avl=self.avl,
-                            pvl=self.pvl, backend=args.dive_backend, check_values=False
-                            ).to(ctx.device)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.config
+        self.dive = DiVELoss(self.embed_dim, lam=c.lam, momentum=c.momentum, avl=self.avl,
+                             pvl=self.pvl, backend=c.dive_backend, check_values=False
+                             ).to(self.device)
 
-    def loss(self, ctx, target, reference, step):
-        img_t, txt_t, img_r, txt_r, ref_tokens = self.encode_both(ctx, target, reference, step)
-        ref_images, (_, idx) = reference
-        img0, txt0 = ctx.frozen_reference(ref_images, ref_tokens, idx)
-        clip = self.clip_part(ctx, img_t, txt_t)
-        reg, parts = self.reg(img_r, img0, txt_r, txt0, return_parts=True)
-        return clip + reg, {"clip": clip.detach(), "avl": parts["avl"], "pvl": parts["pvl"]}
+    def forward(self, batch, step):
+        frozen = self.frozen.launch(batch)  # overlaps the trainable forward on GPUs
+        (img_t, img_r), (txt_t, txt_r) = self.encode(
+            [batch.images, batch.ref_images], [self.prompts(batch.labels, step), batch.ref_tokens])
+        img0, txt0 = frozen()
+        reg, parts = self.dive(img_r, img0, txt_r, txt0, return_parts=True)
+        self.metrics = {"avl": parts["avl"], "pvl": parts["pvl"]}
+        return {"clip": self.clip(img_t, txt_t), "dive": reg}
 
 
 class DiVEAVL(DiVE):
@@ -125,56 +189,54 @@ class DiVEPVL(DiVE):
 
 
 class FT(Method):
-    """Image encoder + linear head initialised from the zero-shot head, cross-entropy."""
+    """Image encoder + linear head initialised from the zero-shot head, cross-entropy. The
+    text tower and the logit scale are frozen: FT does not train them."""
     name = "ft"
-    lp_steps = 0
 
-    def build(self, ctx, args):
-        self.head = nn.Linear(ctx.embed_dim, len(ctx.classnames), bias=False).to(ctx.device)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        zs = zeroshot_head(self.model, self.tokenizer, self.classnames, self.templates,
+                           self.device)
+        self.register_buffer("zeroshot_weight", zs, persistent=False)
+        self.head = nn.Linear(self.embed_dim, len(self.classnames), bias=False).to(self.device)
         with torch.no_grad():
-            self.head.weight.copy_(ctx.zeroshot_head)
-        self.scale = float(ctx.model.logit_scale.exp().detach())
-        ctx.model.transformer.requires_grad_(False)  # the text tower is not trained by FT
-        for name in ("token_embedding", "positional_embedding", "ln_final", "text_projection",
-                     "logit_scale"):
-            part = getattr(ctx.model, name, None)
-            if part is not None:
-                part.requires_grad_(False)
+            self.head.weight.copy_(zs)
+        self.scale = float(self.model.logit_scale.exp().detach())
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.startswith("visual."))
 
-    def extra_modules(self):
-        return {"head": self.head}
+    @property
+    def lp_steps(self) -> int:
+        return 0
 
-    def eval_heads(self, ctx, alpha=1.0):
-        """The linear head for the ID label set; WiSE-FT interpolates it with the
-        zero-shot head it started from."""
+    def eval_heads(self, alpha=1.0):
+        """The linear head for the ID label set; WiSE-FT interpolates it with the zero-shot
+        head it started from."""
         w = self.head.weight.detach()
-        return {tuple(ctx.classnames): (1 - alpha) * ctx.zeroshot_head + alpha * w}
+        return {self.classnames: (1 - alpha) * self.zeroshot_weight + alpha * w}
 
-    def before_step(self, ctx, step):
-        ctx.model.visual.requires_grad_(step >= self.lp_steps)
-
-    def loss(self, ctx, target, reference, step):
-        images, labels = target
-        (img_t,), _ = ctx.encode([images], [])
-        logits = self.scale * self.head(F.normalize(img_t, dim=-1))
-        loss = F.cross_entropy(logits, labels.to(ctx.device))
-        return loss, {"ce": loss.detach()}
+    def forward(self, batch, step):
+        with torch.set_grad_enabled(step >= self.lp_steps and torch.is_grad_enabled()):
+            (img,), _ = self.encode([batch.images], [])
+        logits = self.scale * self.head(F.normalize(img.float(), dim=-1))
+        return {"ce": F.cross_entropy(logits, batch.labels)}
 
 
 class LPFT(FT):
     """Linear probe (encoder frozen) for the first lp_steps, then FT."""
     name = "lp-ft"
+    find_unused_parameters = True  # the image tower sits out the linear-probe steps
 
-    def build(self, ctx, args):
-        super().build(ctx, args)
-        self.lp_steps = args.lp_steps if args.lp_steps is not None else args.steps // 3
+    @property
+    def lp_steps(self) -> int:
+        return self.config.lp_steps
 
 
 METHODS = {m.name: m for m in (ZeroShot, FT, LPFT, FLYP, FLYPReplay, SnDLike, DiVE, DiVEAVL,
                                DiVEPVL)}
 
 
-def make_method(name: str) -> Method:
+def make_method(name: str, *args, **kwargs) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name]()
+    return METHODS[name](*args, **kwargs)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
-import torch
 from torch import nn
 
 from .world.tasks import PRETRAIN_STREAM_VERSION
@@ -77,17 +76,26 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu") -> ClipBun
     return ClipBundle(model, train_tf, val_tf, open_clip.get_tokenizer(name), name, pretrained)
 
 
-def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """The pre-trained reference f0, g0: eval mode, no gradients, optionally low precision."""
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The pre-trained reference f0, g0: eval mode, no gradients. Its weights stay in the
+    trainable model's dtype and it runs under the same autocast, so that identical weights
+    give identical embeddings (u = v = 0): a frozen copy cast to bf16 against a trainable
+    model under bf16 autocast would hand DiVE a rounding-noise floor to equalise."""
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
-    return frozen.to(dtype) if dtype is not None else frozen
+    return frozen
 
 
-def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kwargs) -> Path:
-    """The cached pre-trained tiny model, pre-training it first when absent."""
-    path = tiny_checkpoint(name, seed)
+def resolve_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> str | None:
+    """The weights to load: ``pretrained`` as given, or for a tiny config without it the
+    cached pre-trained file, which must exist (this loader never trains: run
+    ``python -m dive_fast.pretrain`` or let ``dive_fast.train`` build it)."""
+    if pretrained is not None or name not in TINY_MODELS:
+        return pretrained
+    path = tiny_checkpoint(name, world_seed)
     if not path.is_file():
-        from .pretrain import pretrain
-        pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
-    return path
+        raise FileNotFoundError(
+            f"no pre-trained {name} (world seed {world_seed}) in {cache_dir()}: run "
+            f"`python -m dive_fast.pretrain --model {name} --seed {world_seed}` first, or pass "
+            "--pretrained PATH ('' for random weights)")
+    return str(path)

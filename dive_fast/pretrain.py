@@ -11,51 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
 from open_clip.loss import ClipLoss
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import optim
 from .data import WorldCaptions, collate
+from .evaluate import evaluate, format_table, world_eval_sets
+from .fileio import atomic_write, atomic_write_text
 from .models import load_clip, tiny_checkpoint
 
 log = logging.getLogger(__name__)
 # Steps that keep the default pre-training within ~10 minutes on 2 CPU cores.
 DEFAULT_STEPS = {"dive-tiny": 1800, "dive-micro": 40}
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base learning rate: linear warm-up, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups as CLIP trains: no weight decay on tensors below 2-D (gains,
-    biases, the class embedding, the logit scale, whose decay towards 0 would flatten the
-    contrastive softmax) nor on position embeddings."""
-    decay, keep = [], []
-    for name, p in named_parameters:
-        exempt = p.ndim < 2 or "positional_embedding" in name
-        (keep if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
-
-
-def apply_update(loss, opt, sched, model) -> None:
-    """Backward, optimiser and schedule step, and CLIP's clamp of the logit scale."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))
 
 
 def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None = None,
@@ -70,29 +43,39 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
                          bundle.image_size)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         persistent_workers=workers > 0)
-    opt = torch.optim.AdamW(decay_groups(model.named_parameters(), 0.1), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    # Plain (foreach) AdamW, not train_step's fused one: the cached weights and the
+    # README's tables come from this exact arithmetic.
+    opt, sched = optim.build(model.named_parameters(), lr, 0.1, steps, warmup, fused=False)
     loss_fn = ClipLoss()
     start = time.time()
     bar = tqdm(loader, total=steps, desc=f"pretrain {name}", disable=not progress)
     for images, texts, _ in bar:
         img, txt, scale = model(images.to(device), bundle.tokenizer(texts).to(device))
         loss = loss_fn(img, txt, scale)
-        apply_update(loss, opt, sched, model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        optim.clamp_logit_scale(model)
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}", samples_s=f"{bar.n * batch_size / (time.time() - start + 1e-9):.0f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out)
+    payload = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write(out, lambda f: f.write(payload))
     meta = {"model": name, "world_seed": seed, "steps": steps, "batch_size": batch_size,
             "lr": lr, "seconds": round(time.time() - start, 1)}
     if eval_per_task:
-        from .evaluate import evaluate, world_eval_sets
         sets = world_eval_sets(bundle.preprocess_val, eval_per_task, seed, bundle.image_size)
         meta["zeroshot"] = evaluate(model, bundle.tokenizer, sets, device=device, progress=False)
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2))
     log.info("pre-trained %s in %.0f s -> %s", name, meta["seconds"], out)
     return out
+
+
+def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kwargs) -> Path:
+    """The cached pre-trained tiny model, pre-training it first when absent."""
+    path = tiny_checkpoint(name, seed)
+    if not path.is_file():
+        pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
+    return path
 
 
 def main(argv=None):
@@ -111,7 +94,6 @@ def main(argv=None):
                     workers=args.workers, device=args.device)
     meta = json.loads(path.with_suffix(".json").read_text())
     if "zeroshot" in meta:
-        from .evaluate import format_table
         print(format_table({f"{args.model} pre-trained": meta["zeroshot"]}))
     print(f"saved {path}")
 

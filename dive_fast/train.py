@@ -4,7 +4,8 @@
     python -m dive_fast.train --method flyp --steps 200
     torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-B-16 --pretrained openai \\
         --train-folder /data/imagenet/train --reference-shards '/data/cc3m/{00000..00331}.tar' \\
-        --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch/val
+        --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch/val \\
+        --rsa-shards /data/cc3m/00332.tar
 
 Writes to --out: metrics.jsonl, curves.png, checkpoints/ (atomic, last --keep kept),
 report.json and table.md (zero-shot row, fine-tuned row, WiSE-FT rows).
@@ -12,27 +13,27 @@ report.json and table.md (zero-shot row, fine-tuned row, WiSE-FT rows).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
-from open_clip.loss import ClipLoss
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
-from . import distributed, frozen_cache
+from . import distributed, frozen_cache, optim
 from .checkpoint import atomic_save, load_checkpoint, prune
-from .context import StepContext
-from .data import (CsvCaptions, ImageFolderTask, Indexed, ResumableSampler, WorldCaptions,
-                   WorldTask, collate, webdataset_captions)
+from .data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
+                   WorldCaptions, WorldTask, heldout_pairs, shard_list, train_collate)
 from .evaluate import evaluate, format_table, parse_task, world_eval_sets, world_rsa_set
-from .methods import METHODS, make_method
-from .models import TINY_MODELS, ensure_pretrained_tiny, frozen_copy, load_clip
-from .pretrain import apply_update, cosine_lr, decay_groups
+from .fileio import atomic_write_text
+from .frozen import FrozenReference
+from .methods import METHODS, Batch, MethodConfig, make_method
+from .models import TINY_MODELS, frozen_copy, load_clip
+from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
 
@@ -43,15 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--method", default="dive", choices=list(METHODS))
     a("--model", default="dive-tiny", help="open_clip model name or a dive_fast tiny config")
-    a("--pretrained", default=None, help="open_clip tag or checkpoint path "
-      "(tiny configs: the cached pre-trained weights, built on first use)")
+    a("--pretrained", default=None, help="open_clip tag or checkpoint path, '' for random "
+      "weights (tiny configs: the cached pre-trained weights, built on first use)")
     a("--out", default="runs/miniature")
     a("--steps", type=int, default=300)
     a("--batch-size", type=int, default=128, help="target batch B per rank")
-    a("--ref-batch-size", type=int, default=None, help="reference batch B' (default B)")
+    a("--ref-batch-size", type=int, default=None, help="reference batch B' per rank (default B)")
     a("--lr", type=float, default=1e-4)
     a("--wd", type=float, default=0.1)
     a("--warmup", type=int, default=None, help="warm-up steps (default min(500, steps/10))")
+    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     a("--lam", type=float, default=1000.0, help="DiVE / SnD weight lambda")
     a("--momentum", type=float, default=0.99, help="DiVE EMA momentum alpha")
     a("--dive-backend", default=None, help="force a DiVELoss backend")
@@ -64,12 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-per-task", type=int, default=500)
     a("--train-folder", default=None, help="target image folder (ImageNet layout)")
     a("--reference-csv", default=None, help="open_clip CSV of reference pairs")
-    a("--reference-shards", default=None, help="webdataset shards of reference pairs")
+    a("--reference-shards", default=None,
+      help="webdataset shards of reference pairs: brace pattern, glob or '::'-separated list")
     a("--task", action="append", default=[], help="KIND:NAME:PATH eval image folder")
+    a("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA on real data")
+    a("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
+    a("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
     a("--augment", action=argparse.BooleanOptionalAction, default=True,
       help="FLYP's RandomResizedCrop(scale 0.9-1) on target images (world data)")
     a("--frozen-cache", action=argparse.BooleanOptionalAction, default=True,
       help="cache frozen reference embeddings (exact: the reference transform is fixed)")
+    a("--co-schedule", action=argparse.BooleanOptionalAction, default=True,
+      help="GPU: run the uncached frozen forward on a side stream, overlapping the trainable one")
     a("--amp", choices=["auto", "bf16", "fp32"], default="auto",
       help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     a("--compile", action="store_true", help="torch.compile the towers")
@@ -78,94 +86,121 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint-every", type=int, default=100)
     a("--keep", type=int, default=2, help="checkpoints kept")
     a("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --out")
-    a("--on-nonfinite", choices=["stop", "skip"], default="stop")
+    a("--on-nonfinite", choices=["stop", "skip"], default="stop",
+      help="a step with non-finite loss or gradients is always skipped on the device; "
+           "'stop' also ends the run at the next log step, naming it")
     a("--log-every", type=int, default=10)
     a("--no-progress", action="store_true")
     return p
+
+
+def check_args(args) -> None:
+    """Cheap checks before any expensive work; each names the argument."""
+    for name in ("steps", "batch_size", "ref_batch_size", "checkpoint_every", "log_every",
+                 "rsa_size", "train_size", "ref_size", "eval_per_task"):
+        value = getattr(args, name)
+        low = 0 if name in ("steps", "eval_per_task") else 1
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if args.reference_csv and args.reference_shards:
+        raise ValueError("give one of --reference-csv and --reference-shards, not both")
+    if args.rsa_csv and args.rsa_shards:
+        raise ValueError("give one of --rsa-csv and --rsa-shards, not both")
+    try:
+        args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
+    if args.lp_steps is None:
+        args.lp_steps = args.steps // 3
+    if args.reference_shards:
+        shard_list(args.reference_shards)  # missing shards fail now, not at step 1
 
 
 # --- data ------------------------------------------------------------------------------
 
 def target_data(args, bundle, train_tf):
     if args.train_folder:
-        ds = ImageFolderTask(args.train_folder, train_tf)
-    else:
-        ds = WorldTask("shapes", "train", args.train_size, train_tf, args.world_seed, bundle.image_size)
-    return ds, ds.classnames, ds.templates
+        return ImageFolderTask(args.train_folder, train_tf)
+    return WorldTask("shapes", "train", args.train_size, train_tf, args.world_seed, bundle.image_size)
 
 
-def reference_data(args, bundle):
+def reference_data(args, bundle, rank, world):
+    """(dataset, id for the cache key; None when streamed)."""
     tf = bundle.preprocess_val  # deterministic, so the frozen embeddings can be cached
     if args.reference_shards:
-        return webdataset_captions(args.reference_shards, tf, seed=args.seed), "shards"
+        return ShardedCaptions(args.reference_shards, tf, seed=args.seed, rank=rank,
+                               world_size=world), None
     if args.reference_csv:
-        return Indexed(CsvCaptions(args.reference_csv, tf)), f"csv:{Path(args.reference_csv).resolve()}"
+        return CsvCaptions(args.reference_csv, tf), f"csv:{Path(args.reference_csv).resolve()}"
     ds = WorldCaptions("reference", args.ref_size, tf, args.world_seed, bundle.image_size)
-    return Indexed(ds), f"world:{args.world_seed}:{args.ref_size}"
+    return ds, f"world:{args.world_seed}:{args.ref_size}"
 
 
-def loader(ds, batch, seed, start_step, rank, world, workers, pin):
-    if isinstance(ds, torch.utils.data.IterableDataset):  # webdataset: streamed, no sampler
-        return DataLoader(ds.batched(batch, collation_fn=collate, partial=False), batch_size=None,
-                          num_workers=workers, pin_memory=pin)
+def loader(ds, batch, seed, start_step, rank, world, workers, pin, tokenizer=None):
+    collate = functools.partial(train_collate, tokenizer=tokenizer)
+    if isinstance(ds, IterableDataset):  # streamed shards: split by rank inside, no sampler
+        return DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate,
+                          pin_memory=pin, persistent_workers=workers > 0)
     sampler = ResumableSampler(len(ds), seed, batch, start_step, rank, world)
     # An own generator: creating the iterator must not draw from the global RNG, whose
     # state a resumed run restores (and which drives the augmentation with workers=0).
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+    return DataLoader(Readable(ds), batch_size=batch, sampler=sampler, num_workers=workers,
                       collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 
 
-def batches(dl):
-    """Batches with at least one readable sample; counts the skipped ones."""
-    skipped = 0
-    for images, targets, n_skipped in dl:
-        skipped += n_skipped
-        if images is not None:
-            yield images, targets, skipped
+def batch_stream(targets, references):
+    """Endless ``Batch``es: a target batch and, where the method uses them, reference pairs."""
+    targets = iter(targets)
+    references = iter(references) if references is not None else None
+    while True:
+        images, labels, _, skipped, _ = next(targets)
+        batch = Batch(images, labels, skipped=skipped)
+        if references is not None:
+            ref_images, _, index, ref_skipped, tokens = next(references)
+            batch.ref_images, batch.ref_tokens, batch.skipped = ref_images, tokens, skipped + ref_skipped
+            batch.ref_index = index if bool((index >= 0).all()) else None
+        yield batch
 
 
 # --- checkpoints -----------------------------------------------------------------------
 
-def checkpoint_state(step, args, model, method, opt, sched):
-    return {"state_dict": model.state_dict(), "step": step, "method": args.method,
-            "model": args.model, "batch_size": args.batch_size,
-            "extra": {k: m.state_dict() for k, m in method_modules(method).items()},
-            "optimizer": opt.state_dict() if opt else None,
-            "scheduler": sched.state_dict() if sched else None,
+# Settings a resumed run must share with the checkpoint it resumes.
+RESUME_KEYS = ("method", "model", "batch_size", "ref_batch_size", "lr", "wd", "steps", "lam",
+               "momentum", "train_folder", "reference_csv", "reference_shards", "seed")
+
+
+def checkpoint_state(step, args, method, opt, sched) -> dict:
+    method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
+    return {"state_dict": method.model.state_dict(), "method_state": method_state,
+            "step": step, **{k: getattr(args, k) for k in RESUME_KEYS},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-
-
-def method_modules(method):
-    mods = dict(method.extra_modules())
-    if hasattr(method, "reg"):
-        mods["dive"] = method.reg
-    return mods
 
 
 def find_resume(args) -> Path | None:
     if args.resume is None:
         return None
     if args.resume != "auto":
-        return Path(args.resume)
+        path = Path(args.resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+        return path
     found = sorted((Path(args.out) / "checkpoints").glob("step-*.pt"))
     return found[-1] if found else None
 
 
-def restore(path, args, model, method, opt, sched) -> tuple[int, dict]:
+def restore(path, args, method, opt, sched) -> tuple[int, dict]:
     """Loads a checkpoint into the run; returns its step and the RNG states to resume."""
     ckpt = load_checkpoint(path)
-    for key in ("method", "model", "batch_size"):
-        if ckpt.get(key) != getattr(args, key):
+    for key in RESUME_KEYS:
+        if key in ckpt and ckpt[key] != getattr(args, key):
             raise ValueError(f"cannot resume from {path}: it was written with {key}="
-                             f"{ckpt.get(key)!r}, this run has {key}={getattr(args, key)!r}")
-    model.load_state_dict(ckpt["state_dict"])
-    for name, mod in method_modules(method).items():
-        mod.load_state_dict(ckpt["extra"][name])
-    if opt and ckpt["optimizer"]:
-        opt.load_state_dict(ckpt["optimizer"])
-    if sched and ckpt["scheduler"]:
-        sched.load_state_dict(ckpt["scheduler"])
+                             f"{ckpt[key]!r}, this run has {key}={getattr(args, key)!r}")
+    state = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
+    method.load_state_dict({**state, **ckpt.get("method_state", {})})
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
     return int(ckpt["step"]), ckpt["rng"]
 
 
@@ -173,16 +208,23 @@ def restore(path, args, model, method, opt, sched) -> tuple[int, dict]:
 
 def resolve_pretrained(args) -> str | None:
     if args.pretrained is None and args.model in TINY_MODELS:
+        from .pretrain import ensure_pretrained_tiny  # the caller asks for pre-training
         return str(ensure_pretrained_tiny(args.model, args.world_seed))
     return args.pretrained
 
 
 def eval_sets(args, bundle):
+    """({name: (kind, dataset)}, RSA pairs or None)."""
     tf = bundle.preprocess_val
+    if args.rsa_csv or args.rsa_shards:
+        rsa = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size)
+    elif not args.task:
+        rsa = world_rsa_set(tf, n=args.rsa_size, seed=args.world_seed, size=bundle.image_size)
+    else:
+        rsa = None
     if args.task:
-        return dict(parse_task(s, tf) for s in args.task), None
-    return (world_eval_sets(tf, args.eval_per_task, args.world_seed, bundle.image_size),
-            world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size))
+        return dict(parse_task(s, tf) for s in args.task), rsa
+    return world_eval_sets(tf, args.eval_per_task, args.world_seed, bundle.image_size), rsa
 
 
 def wise_ft(model, pre_state, ft_state, alpha):
@@ -197,7 +239,8 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     if not rows:
         return
-    keys = [k for k in rows[0] if k not in ("step", "lr", "samples_per_s", "skipped")]
+    skip = ("step", "lr", "samples_per_s", "skipped_samples", "skipped_steps", "grad_norm")
+    keys = [k for k in rows[0] if k not in skip]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k in keys:
         axes[0].plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
@@ -207,17 +250,57 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     fig.tight_layout(); fig.savefig(out, dpi=110); plt.close(fig)
 
 
+def build_method(args, bundle, classnames, templates, pretrained, device, rank, world, out,
+                 reference=None):
+    """The method's task module and the module a step calls (its DDP wrapper under data
+    parallelism). ``reference``: (reference pairs, their id for the embedding cache's key,
+    None when streamed), for methods that use them."""
+    model = bundle.model
+    on_gpu = device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if (args.amp == "bf16" or (args.amp == "auto" and on_gpu)) else None
+    frozen = None
+    if METHODS[args.method].uses_frozen:
+        frozen = FrozenReference(frozen_copy(model), device, amp_dtype,
+                                 co_schedule=args.co_schedule)
+        ref_ds, ref_id = reference
+        if args.frozen_cache and ref_id is not None:
+            key = frozen_cache.cache_key(model=args.model, pretrained=pretrained, data=ref_id,
+                                         transform=repr(bundle.preprocess_val), n=len(ref_ds),
+                                         amp=str(amp_dtype))
+            path = out / "cache" / f"frozen-ref-{key}.npy"
+            if distributed.is_main():
+                frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path,
+                                   progress=not args.no_progress)
+            distributed.barrier()
+            frozen.cache = frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path)
+    method = make_method(args.method, model, bundle.tokenizer, classnames, templates,
+                         device=device, config=MethodConfig.from_args(args), frozen=frozen,
+                         amp_dtype=amp_dtype, seed=args.seed, rank=rank, world_size=world)
+    if args.compile:  # the encoders, so that state_dict keys stay as they are
+        model.encode_image = torch.compile(model.encode_image)
+        model.encode_text = torch.compile(model.encode_text)
+    forward = method
+    if world > 1 and method.trains:
+        kw = {"device_ids": [torch.device(device).index]} if on_gpu else {}
+        # m is kept equal on every rank by DiVE's all-reduced batch mean: no buffer sync.
+        forward = nn.parallel.DistributedDataParallel(
+            method, find_unused_parameters=method.find_unused_parameters,
+            forward_sync_buffers=False, **kw)
+    return method, forward
+
+
 def run(args) -> dict:
+    check_args(args)
     rank, world, device = distributed.init_from_env(args.device)
     args.device = device
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     out = Path(args.out)
     main_proc = distributed.is_main()
+    resume = find_resume(args)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    method = make_method(args.method)
+        atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
     pretrained = resolve_pretrained(args)
     bundle = load_clip(args.model, pretrained, device)
     model = bundle.model
@@ -230,75 +313,45 @@ def run(args) -> dict:
         train_tf = T.Compose([T.RandomResizedCrop(bundle.image_size, scale=(0.9, 1.0),
                                                   interpolation=T.InterpolationMode.BICUBIC),
                               *bundle.preprocess_val.transforms[-2:]])
-    target_ds, classnames, templates = target_data(args, bundle, train_tf)
-    on_gpu = device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if (args.amp == "bf16" or (args.amp == "auto" and on_gpu)) else None
-
-    frozen = cache = None
-    ref_ds = None
-    if method.uses_reference:
-        ref_ds, ref_id = reference_data(args, bundle)
-    if method.uses_frozen:
-        frozen = frozen_copy(model, torch.bfloat16 if on_gpu else None)
-        if args.frozen_cache and not isinstance(ref_ds, torch.utils.data.IterableDataset):
-            key = frozen_cache.cache_key(model=args.model, pretrained=pretrained, data=ref_id,
-                                         transform=repr(bundle.preprocess_val), n=len(ref_ds))
-            path = out / "cache" / f"frozen-ref-{key}.npy"
-            if main_proc:
-                frozen_cache.build(frozen, bundle.tokenizer, ref_ds.dataset, path, device,
-                                   progress=not args.no_progress)
-            distributed.barrier()
-            cache = frozen_cache.build(frozen, bundle.tokenizer, ref_ds.dataset, path, device)
-    clip_loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
-                         rank=rank, world_size=world)
-    ddp = None
-    if world > 1:
-        ddp = {"find_unused_parameters": args.method in ("ft", "lp-ft")}
-        if on_gpu:
-            ddp["device_ids"] = [torch.device(device).index]
-    ctx = StepContext(model, frozen, bundle.tokenizer, classnames, templates, device,
-                      seed=args.seed, rank=rank, world_size=world, clip_loss=clip_loss,
-                      cache=cache, amp_dtype=amp_dtype, ddp_kwargs=ddp)
-    method.build(ctx, args)
-    if args.compile:  # the wrapper, so that the model's state_dict keys stay as they are
-        ctx.encoders = torch.compile(ctx.encoders)
-
+    target_ds = target_data(args, bundle, train_tf)
     sets, rsa_set = eval_sets(args, bundle)
+    reference = reference_data(args, bundle, rank, world) if METHODS[args.method].uses_reference \
+        else (None, None)
+    method, forward = build_method(args, bundle, target_ds.classnames, target_ds.templates,
+                                   pretrained, device, rank, world, out, reference)
     report = {}
     if main_proc:
-        report["zero-shot"] = evaluate(model, bundle.tokenizer, sets, pre_model=None,
-                                       device=device, progress=not args.no_progress)
-    start_step, opt, sched = 0, None, None
+        report["zero-shot"] = evaluate(model, bundle.tokenizer, sets, device=device,
+                                       progress=not args.no_progress)
+    skipped = 0
     if method.trains and args.steps > 0:
-        params = [*model.named_parameters(),
-                  *(p for m in method.extra_modules().values() for p in m.named_parameters())]
-        opt = torch.optim.AdamW(decay_groups(params, args.wd), lr=args.lr, fused=on_gpu or None)
         warmup = args.warmup if args.warmup is not None else min(500, max(1, args.steps // 10))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, warmup))
-        resume, rng = find_resume(args), None
+        opt, sched = optim.build(method.named_parameters(), args.lr, args.wd, args.steps, warmup)
+        start_step, rng = 0, None
         if resume is not None:
-            start_step, rng = restore(resume, args, model, method, opt, sched)
+            start_step, rng = restore(resume, args, method, opt, sched)
             log.info("resumed from %s at step %d", resume, start_step)
-        train_loop(args, ctx, method, model, opt, sched, target_ds, ref_ds, start_step,
-                   rank, world, out, rng)
+        skipped = train_loop(args, method, forward, opt, sched, target_ds, reference[0],
+                             bundle.tokenizer, start_step, rank, world, out, rng)
     if main_proc:
         pre_model = load_clip(args.model, pretrained, device).model.eval()
         ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if method.trains:
-            report[args.method] = evaluate(model, bundle.tokenizer, sets, pre_model=pre_model,
-                                           rsa_set=rsa_set, device=device,
-                                           progress=not args.no_progress,
-                                           heads=method.eval_heads(ctx))
-            for alpha in [float(a) for a in args.wise_ft.split(",") if a.strip()]:
+            common = dict(pre_model=pre_model, rsa_set=rsa_set, device=device,
+                          progress=not args.no_progress)
+            report[args.method] = evaluate(model, bundle.tokenizer, sets,
+                                           heads=method.eval_heads(), **common)
+            report[args.method]["skipped_train_samples"] = skipped
+            for alpha in args.wise_ft_alphas:
                 wise_ft(model, pre_state, ft_state, alpha)
                 report[f"{args.method} wise-ft {alpha:g}"] = evaluate(
-                    model, bundle.tokenizer, sets, pre_model=pre_model, rsa_set=rsa_set,
-                    device=device, progress=not args.no_progress,
-                    heads=method.eval_heads(ctx, alpha))
+                    model, bundle.tokenizer, sets, heads=method.eval_heads(alpha), **common)
             model.load_state_dict(ft_state)
         table = format_table(report)
-        (out / "table.md").write_text(table + "\n")
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        if rsa_set is None:
+            table += "\n\nRSA: no held-out pairs given (--rsa-csv or --rsa-shards)."
+        atomic_write_text(out / "table.md", table + "\n")
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2))
         if (out / "metrics.jsonl").is_file():
             plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(table)
@@ -306,61 +359,75 @@ def run(args) -> dict:
     return report
 
 
-def train_loop(args, ctx, method, model, opt, sched, target_ds, ref_ds, start_step,
-               rank, world, out, rng=None):
-    pin = str(ctx.device).startswith("cuda")
-    targets = batches(loader(target_ds, args.batch_size, args.seed, start_step, rank, world,
-                             args.workers, pin))
-    refs = batches(loader(ref_ds, args.ref_batch_size or args.batch_size, args.seed + 1,
-                          start_step, rank, world, args.workers, pin)) if method.uses_reference else None
+def batches(args, method, target_ds, ref_ds, tokenizer, start_step=0, rank=0, world=1):
+    """The run's ``Batch`` stream from ``start_step`` on (loaders for targets and, where the
+    method uses them, reference pairs)."""
+    pin = method.device.type == "cuda"
+    targets = loader(target_ds, args.batch_size, args.seed, start_step, rank, world,
+                     args.workers, pin)
+    references = None
+    if method.uses_reference:
+        if isinstance(ref_ds, ShardedCaptions):  # a resumed stream starts a fresh epoch
+            ref_ds.start_epoch = start_step
+        references = loader(ref_ds, args.ref_batch_size or args.batch_size, args.seed + 1,
+                            start_step, rank, world, args.workers, pin, tokenizer)
+    return batch_stream(targets, references)
+
+
+def train_loop(args, method, forward, opt, sched, target_ds, ref_ds, tokenizer, start_step,
+               rank, world, out, rng=None) -> int:
+    """Runs steps start_step .. args.steps; returns the unreadable samples skipped (all ranks)."""
+    from tqdm.auto import tqdm
+
+    device = method.device
+    stream = batches(args, method, target_ds, ref_ds, tokenizer, start_step, rank, world)
     main_proc = distributed.is_main()
     metrics = open(out / "metrics.jsonl", "a") if main_proc else None
     ckpt_dir = out / "checkpoints"
     last_ckpt = None
+    guard = NonFiniteGuard(device)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
                desc=args.method, disable=args.no_progress or not main_proc)
-    t_last, n_samples = time.perf_counter(), 0
-    model.train()
+    t_last, n_samples, skipped = time.perf_counter(), 0, 0
+    method.train()
     if rng is not None:  # a resumed run continues the random streams where they stopped
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
     for step in bar:
-        images, labels, skipped = next(targets)
-        reference = None
-        if refs is not None:
-            ref_images, ref_targets, _ = next(refs)
-            texts, idx = zip(*ref_targets)
-            reference = (ref_images, (texts, idx))
-        method.before_step(ctx, step)
-        loss, parts = method.loss(ctx, (images, labels), reference, step)
-        values = torch.stack([loss.detach().float()] + [v.float() for v in parts.values()]).tolist()
-        if not math.isfinite(values[0]):
-            if args.on_nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite loss ({values[0]}) at step {step}; parts "
-                    f"{dict(zip(parts, values[1:]))}; last good checkpoint: {last_ckpt or 'none'}"
-                    f" (resume with --resume {last_ckpt or 'auto'}, or pass --on-nonfinite skip)")
-            log.warning("skipping step %d: non-finite loss %s", step, values[0])
-            opt.zero_grad(set_to_none=True)
-            continue
-        apply_update(loss, opt, sched, model)
-        n_samples += len(images) + (len(reference[0]) if reference else 0)
+        batch = next(stream).to(device)
+        values = train_step(forward, method, batch, step, opt, sched, guard, args.grad_clip)
+        n_samples += batch.samples
+        skipped += batch.skipped
         done = step + 1
-        if main_proc and (done % args.log_every == 0 or done == args.steps):
-            now = time.perf_counter()
-            rate = n_samples * world / (now - t_last)
-            t_last, n_samples = now, 0
-            row = {"step": done, "loss": values[0], **dict(zip(parts, values[1:])),
-                   "lr": sched.get_last_lr()[0], "samples_per_s": rate, "skipped": skipped}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr", "skipped")})
+        if done % args.log_every == 0 or done == args.steps:
+            # The host's only reads of device values (a sync): the step's losses and the guard.
+            names = list(values)
+            read = torch.stack([v.float() for v in values.values()] +
+                               [guard.skipped.float(), guard.first.float()]).tolist()
+            row = dict(zip(names, read[:-2]))
+            skipped_steps, first_bad = int(read[-2]), int(read[-1])
+            if first_bad >= 0 and args.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss or gradients at step {first_bad} (its update was skipped); "
+                    f"last good checkpoint: {last_ckpt or 'none'} (resume with --resume "
+                    f"{last_ckpt or 'auto'}, or pass --on-nonfinite skip)")
+            if main_proc:
+                now = time.perf_counter()
+                row.pop("skipped", None)
+                row = {"step": done, **row, "lr": sched.get_last_lr()[0],
+                       "samples_per_s": n_samples * world / (now - t_last),
+                       "skipped_samples": skipped, "skipped_steps": skipped_steps}
+                t_last, n_samples = now, 0
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")})
         if main_proc and (done % args.checkpoint_every == 0 or done == args.steps):
-            last_ckpt = atomic_save(checkpoint_state(done, args, model, method, opt, sched),
+            last_ckpt = atomic_save(checkpoint_state(done, args, method, opt, sched),
                                     ckpt_dir / f"step-{done:08d}.pt")
             prune(ckpt_dir, "step-*.pt", args.keep)
     if metrics:
         metrics.close()
+    return distributed.sum_over_ranks(skipped, device)
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ def test_cache_name_changes_with_the_config(tmp_path, monkeypatch):
 
 
 def test_weight_decay_spares_gains_biases_and_the_logit_scale():
-    from dive_fast.pretrain import decay_groups
+    from dive_fast.optim import decay_groups
     model = load_clip("dive-micro").model
     decay, keep = decay_groups(model.named_parameters(), 0.1)
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0

@@ -2,7 +2,8 @@
 
     DIR/tasks/<task>/<split>/<NN_class>/<index>.png   image folders (ImageNet layout),
         with classnames.txt, templates.txt and task.json beside the class folders
-    DIR/<corpus>/images/<index>.jpg + captions.csv    open_clip CSV (tab, filepath/title)
+    DIR/<corpus>/images/<index>.jpg + captions.csv    open_clip CSV (tab, filepath/title);
+        corpora: reference (--pairs), pretrain (--pretrain-pairs), rsa-heldout (--rsa-pairs)
     DIR/<corpus>/shards/<corpus>-NNNNNN.tar           webdataset shards (jpg + txt)
 """
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="images per task split")
     p.add_argument("--pairs", type=int, default=1000, help="reference image-caption pairs")
     p.add_argument("--pretrain-pairs", type=int, default=0, help="pre-training pairs")
+    p.add_argument("--rsa-pairs", type=int, default=0,
+                   help="held-out pairs for RSA (the rsa-heldout corpus)")
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--formats", default="csv,wds")
     args = p.parse_args(argv)
@@ -90,6 +93,9 @@ def main(argv=None):
         write_captions(out, "reference", args.pairs, args.seed, args.size, args.shard_size, formats)
     if args.pretrain_pairs:
         write_captions(out, "pretrain", args.pretrain_pairs, args.seed, args.size,
+                       args.shard_size, formats)
+    if args.rsa_pairs:
+        write_captions(out, "rsa-heldout", args.rsa_pairs, args.seed, args.size,
                        args.shard_size, formats)
     print(f"wrote the world (seed {args.seed}) to {out}")
 

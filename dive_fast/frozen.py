@@ -1,0 +1,65 @@
+"""The frozen pre-trained model's normalised reference embeddings f0(x), g0(t): looked up in
+the embedding cache, or computed, on GPUs on a side stream that overlaps the trainable
+forward. Same numerics as the trainable model (its weights' dtype, the run's autocast),
+so identical weights give u = v = 0 up to the rounding of one batch shape against another."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.profiler import record_function
+
+from . import frozen_cache
+
+Pending = Callable[[], tuple[Tensor, Tensor | None]]
+
+
+class FrozenReference:
+    def __init__(self, model, device, amp_dtype=None, cache: np.ndarray | None = None,
+                 co_schedule: bool = True):
+        self.model, self.device = model, torch.device(device)
+        self.amp_dtype, self.cache = amp_dtype, cache
+        on_gpu = self.device.type == "cuda"
+        self.side_stream = torch.cuda.Stream(self.device) if on_gpu and co_schedule else None
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Normalised float32 (image, text) embeddings; ``tokens`` None skips the text.
+        no_grad, not inference_mode: the DiVE op saves them for its backward."""
+        with record_function("dive_fast.frozen_forward"), torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            img = self.model.encode_image(images)
+            txt = None if tokens is None else self.model.encode_text(tokens)
+        norm = lambda x: None if x is None else F.normalize(x.float(), dim=-1)  # noqa: E731
+        return norm(img), norm(txt)
+
+    def launch(self, batch, text: bool = True) -> Pending:
+        """Starts the frozen embeddings of ``batch``'s reference pairs; the returned call
+        waits for them. Launch before the trainable forward so that the two overlap."""
+        if self.cache is not None and batch.ref_index is not None:
+            with record_function("dive_fast.frozen_forward"):  # a cache look-up
+                img, txt = frozen_cache.lookup(self.cache, batch.ref_index, self.device)
+            return lambda: (img, txt if text else None)
+        images, tokens = batch.ref_images, batch.ref_tokens if text else None
+        stream = self.side_stream
+        if stream is None:
+            out = self.embed(images, tokens)
+            return lambda: out
+        main = torch.cuda.current_stream(self.device)
+        stream.wait_stream(main)  # the batch's host-to-device copies were queued on main
+        with torch.cuda.stream(stream):
+            out = self.embed(images, tokens)
+        for t in (images, tokens):  # made on main, read on the side stream
+            if t is not None:
+                t.record_stream(stream)
+
+        def wait():
+            main.wait_stream(stream)
+            for t in out:  # made on the side stream, read on main
+                if t is not None:
+                    t.record_stream(main)
+            return out
+        return wait

@@ -1,0 +1,47 @@
+"""The optimiser as CLIP and FLYP train: AdamW with CLIP's weight-decay exemptions, a cosine
+schedule with linear warm-up, and the clamp of the logit scale after each update."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: temperature at most 100
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups as CLIP trains: no weight decay on tensors below 2-D (gains,
+    biases, the class embedding, the logit scale, whose decay towards 0 would flatten the
+    contrastive softmax) nor on position embeddings."""
+    decay, keep = [], []
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "positional_embedding" in name
+        (keep if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def build(named_parameters, lr: float, weight_decay: float, steps: int, warmup: int,
+          fused: bool = True):
+    """(AdamW, LambdaLR). Fused AdamW (CPU and GPU) is what lets ``train_step`` skip a
+    non-finite update on the device: it honours the optimiser's ``found_inf`` tensor."""
+    opt = torch.optim.AdamW(decay_groups(named_parameters, weight_decay), lr=lr,
+                            fused=fused or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    return opt, sched
+
+
+@torch.no_grad()
+def clamp_logit_scale(model) -> None:
+    scale = getattr(model, "logit_scale", None)
+    if scale is not None:
+        scale.clamp_(0, MAX_LOGIT_SCALE)

@@ -1,0 +1,127 @@
+"""How the package is put together: the kernel library needs torch alone, no module
+imports its way back to itself, and the frozen model sees what the trainable one sees."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dive_fast"
+# numpy stays visible: torch itself probes for it (torch._dynamo's trace rules).
+TRAINING_APP_ONLY = ("open_clip", "matplotlib", "webdataset", "tqdm", "PIL", "torchvision",
+                     "safetensors", "braceexpand", "triton", "scipy")
+
+
+def test_the_kernel_library_imports_and_runs_with_torch_alone(tmp_path):
+    """In a site folder holding every installed package but those only the training app
+    needs, DiVELoss imports, runs forward and backward, and names its backends."""
+    import sysconfig
+    packages = Path(sysconfig.get_paths()["purelib"])
+    hidden = {n.lower() for n in TRAINING_APP_ONLY} | {"open_clip_torch", "pillow"}
+    for entry in packages.iterdir():
+        name = entry.name.split("-")[0].split(".")[0].lower()
+        if name not in hidden and not entry.name.startswith(("__editable__", "_dive_fast")):
+            (tmp_path / entry.name).symlink_to(entry)
+    code = f"""
+import sys
+sys.path[:0] = [{str(PACKAGE.parent)!r}, {str(tmp_path)!r}]
+import torch
+import dive_fast
+from dive_fast import DiVELoss, info
+x = [torch.randn(6, 8, requires_grad=i % 2 == 0) for i in range(4)]
+loss = DiVELoss(8)(*x)
+loss.backward()
+assert torch.isfinite(loss) and x[0].grad is not None
+info.main()
+for name in {TRAINING_APP_ONLY!r}:
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    raise AssertionError(name + " is importable: the test hides nothing")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def _imports(path: Path) -> set[str]:
+    """dive_fast modules that ``path`` imports, at any depth of the file."""
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            names = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.startswith("dive_fast")}
+    return found
+
+
+def test_no_import_cycles():
+    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+    graph = {m: {t for t in _imports(p) if t in files and t != m} for m, p in files.items()}
+    # a package's __init__ importing its own submodules is not a cycle through the package
+    for m in graph:
+        graph[m] = {t for t in graph[m] if not m.startswith(t + ".")}
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                cycles.append(path[path.index(t):] + [t])
+            elif t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+    assert "dive_fast.pretrain" not in graph["dive_fast.models"]  # a loader never trains
+
+
+def test_frozen_embeddings_equal_the_trainable_ones_at_step_zero_under_bf16():
+    """Identical weights give u = v = 0 up to the rounding of one batch shape against
+    another (the trainable forward runs target and reference rows together), also under
+    bf16 autocast, where a frozen copy cast to bf16 would differ by a noise floor."""
+    from dive_fast.frozen import FrozenReference
+    from dive_fast.methods import Batch, make_method
+    from dive_fast.models import frozen_copy, load_clip
+
+    torch.manual_seed(0)
+    bundle = load_clip("dive-micro")
+    model = bundle.model.train()
+    frozen = FrozenReference(frozen_copy(model), "cpu", torch.bfloat16)
+    method = make_method("dive", model, bundle.tokenizer, ["a", "b"], ["{}"], device="cpu",
+                         frozen=frozen, amp_dtype=torch.bfloat16)
+    images, ref_images = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    tokens = bundle.tokenizer([f"a caption number {i}" for i in range(8)])
+    batch = Batch(images, torch.zeros(8, dtype=torch.long), ref_images, tokens)
+    (_, img_r), (_, txt_r) = method.encode([images, ref_images], [tokens, tokens])
+    img0, txt0 = frozen.launch(batch)()
+    norm = lambda x: torch.nn.functional.normalize(x.float(), dim=-1)  # noqa: E731
+    u = (norm(img_r) - img0).norm(dim=-1).mean().item()
+    v = (norm(txt_r) - txt0).norm(dim=-1).mean().item()
+    # The floor: the frozen model itself on the concatenated batch against the reference
+    # rows alone (the same weights, another batch shape).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        both = frozen.model.encode_image(torch.cat([images, ref_images]))[8:]
+    floor = (norm(both) - img0).norm(dim=-1).mean().item()
+    assert u <= 2 * floor + 1e-6 and v <= 1e-6, (u, v, floor)
+    cast = frozen_copy(model).to(torch.bfloat16)  # what the loop did before
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        old = norm(cast.encode_image(ref_images))
+    assert (norm(img_r) - old).norm(dim=-1).mean().item() > 2 * u
