@@ -9,8 +9,10 @@ it is counted, logged (rate-limited) and reported, never the end of a long run.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -47,6 +49,31 @@ def collate(batch):
     if isinstance(targets[0], int):
         targets = torch.tensor(targets)
     return images, targets, skipped
+
+
+def text_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "save it as UTF-8") from None
+    return [l.strip() for l in text.splitlines() if l.strip()]
+
+
+def check_templates(templates, source) -> None:
+    """Each prompt template must put the class name somewhere ('a photo of a {}.'):
+    without it every class gets the same prompt and the same zero-shot head."""
+    if not templates:
+        raise ValueError(f"{source}: no prompt templates")
+    for t in templates:
+        try:
+            ok = t.format("x") != t.format("y")
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{source}: prompt template {t!r} must contain {{}} once for the "
+                             "class name, e.g. 'a photo of a {}.'")
 
 
 def _open_image(source, name=None) -> Image.Image | None:
@@ -114,16 +141,20 @@ class ImageFolderTask(Dataset):
             raise ValueError(f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         names_file = root / "classnames.txt"
         if names_file.is_file():
-            self.classnames = tuple(l.strip() for l in names_file.read_text().splitlines() if l.strip())
+            self.classnames = tuple(text_lines(names_file))
             if len(self.classnames) != len(folders):
                 raise ValueError(f"{names_file} names {len(self.classnames)} classes but {root} "
                                  f"has {len(folders)} class folders")
         else:
             self.classnames = tuple(d.name.replace("_", " ") for d in folders)
+        twice = sorted({c for c in self.classnames if self.classnames.count(c) > 1})
+        if twice:
+            raise ValueError(f"{root}: class name(s) {twice} given to more than one class "
+                             "(their zero-shot heads would be identical)")
         tmpl_file = root / "templates.txt"
         self.templates = tuple(templates or (
-            [l.strip() for l in tmpl_file.read_text().splitlines() if l.strip()]
-            if tmpl_file.is_file() else DEFAULT_TEMPLATES))
+            text_lines(tmpl_file) if tmpl_file.is_file() else DEFAULT_TEMPLATES))
+        check_templates(self.templates, "the templates given" if templates else tmpl_file)
         self.transform = transform
 
     def __len__(self):
@@ -147,20 +178,38 @@ class CsvCaptions(Dataset):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"caption CSV not found: {path}")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            missing = {img_key, caption_key} - set(reader.fieldnames or ())
-            if missing:
-                raise ValueError(f"{path}: header {reader.fieldnames} lacks column(s) "
-                                 f"{sorted(missing)} (separator {sep!r})")
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                if row[img_key] is None or row[caption_key] is None:
-                    raise ValueError(f"{path}:{line}: malformed row {row}")
-                rows.append((row[img_key], row[caption_key]))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"caption CSV {path} is not UTF-8 text (byte {exc.start}: "
+                             f"{exc.reason}); save it as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
+        missing = {img_key, caption_key} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: header {reader.fieldnames} lacks column(s) "
+                             f"{sorted(missing)} (separator {sep!r})")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if row[img_key] is None or row[caption_key] is None:
+                raise ValueError(f"{path}:{line}: malformed row {row}")
+            rows.append((row[img_key], row[caption_key]))
         if not rows:
             raise ValueError(f"caption CSV {path} has no rows")
         self.rows, self.root, self.transform = rows, path.parent, transform
+        self.path = path
+
+    def fingerprint(self) -> str:
+        """A digest of what the pairs are: the CSV's bytes and each image file's size and
+        modification time (a manifest: no image is read), so that a CSV or an image
+        rewritten in place is a different data set (the embedding cache's key)."""
+        h = hashlib.sha256(self.path.read_bytes())
+        for file, _ in self.rows:
+            try:
+                st = os.stat(self.root / file)
+                h.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{file}\0missing\n".encode())
+        return f"csv:{h.hexdigest()}"
 
     def __len__(self):
         return len(self.rows)

@@ -9,7 +9,7 @@ accuracy; RSA between the pre-trained and the fine-tuned embedding geometry.
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model_weights
 from .data import ImageFolderTask, WorldCaptions, WorldTask, collate, heldout_pairs
-from .fileio import atomic_write_text
+from . import validate
+from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
+from .validate import KINDS, TaskSpec
 from .world.tasks import TASKS
-
-KINDS = ("id", "ood", "zeroshot")
 
 
 @torch.no_grad()
@@ -115,11 +115,13 @@ def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None,
         if head is None:
             head = zeroshot_head(model, tokenizer, dataset.classnames, dataset.templates, device)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-        acc, _, n_skipped = accuracy(model, head, loader, device, desc=name if progress else None)
-        report[kind][name] = acc
+        acc, seen, n_skipped = accuracy(model, head, loader, device, desc=name if progress else None)
+        report[kind][name] = acc if seen else None
+        if not seen:
+            report.setdefault("notes", {})[name] = f"no readable image ({n_skipped} unreadable)"
         skipped += n_skipped
     for kind in KINDS:
-        vals = list(report[kind].values())
+        vals = [v for v in report[kind].values() if v is not None]
         report[f"{kind}_mean"] = sum(vals) / len(vals) if vals else None
     if pre_model is not None and rsa_set is not None:
         loader = DataLoader(rsa_set, batch_size=batch_size, num_workers=workers, collate_fn=collate)
@@ -129,7 +131,11 @@ def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None,
 
 
 def _pct(x):
-    return "–" if x is None else f"{100 * x:.1f}"
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def _num(x):
+    return "–" if x is None or x != x else f"{x:.3f}"
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -138,25 +144,20 @@ def format_table(rows: dict[str, dict]) -> str:
     cols = ([("id", k) for k in first["id"]] + [("ood", k) for k in first["ood"]] +
             [("ood_mean", None)] + [("zeroshot", k) for k in first["zeroshot"]] +
             [("zeroshot_mean", None)])
-    head = ["method"] + [k if k else kind.replace("_", " ") for kind, k in cols] + \
+    head = ["method"] + [kind.replace("_", " ") if k is None else k for kind, k in cols] + \
         ["RSA img", "RSA txt", "RSA joint"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in rows.items():
-        vals = [_pct(r[kind][k] if k else r[kind]) for kind, k in cols]
+        vals = [_pct(r[kind] if k is None else r[kind][k]) for kind, k in cols]
         rs = r.get("rsa")
-        vals += [f"{rs[k]:.3f}" for k in ("image", "text", "joint")] if rs else ["–"] * 3
+        vals += [_num(rs[k]) for k in ("image", "text", "joint")] if rs else ["–"] * 3
         lines.append("| " + " | ".join([method] + vals) + " |")
     return "\n".join(lines)
 
 
-def parse_task(spec: str, transform):
-    try:
-        kind, name, path = spec.split(":", 2)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--task wants KIND:NAME:PATH, got {spec!r}") from None
-    if kind not in KINDS:
-        raise argparse.ArgumentTypeError(f"--task kind must be one of {KINDS}, got {kind!r}")
-    return name, (kind, ImageFolderTask(path, transform))
+def task_sets(specs: list[TaskSpec], transform) -> dict:
+    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``)."""
+    return {t.name: (t.kind, ImageFolderTask(t.path, transform)) for t in specs}
 
 
 def main(argv=None):
@@ -177,6 +178,12 @@ def main(argv=None):
     p.add_argument("--rsa-size", type=int, default=256)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
+    validate.device(args.device)
+    tasks = validate.task_specs(args.task)
+    for name in ("n_per_task", "batch_size", "rsa_size"):
+        validate.number(f"--{name.replace('_', '-')}", getattr(args, name), 3 if name == "rsa_size" else 1)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
     pretrained = resolve_pretrained(args.model, args.pretrained, args.world_seed)
     bundle = load_clip(args.model, pretrained, args.device)
     pre_model = None
@@ -184,7 +191,7 @@ def main(argv=None):
         pre_model = load_clip(args.model, pretrained, args.device).model.eval()
         load_model_weights(bundle.model, args.checkpoint)
     tf = bundle.preprocess_val
-    sets = dict(parse_task(s, tf) for s in args.task) if args.task else \
+    sets = task_sets(tasks, tf) if tasks else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
     if args.rsa_csv or args.rsa_shards:
         rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size)
@@ -195,7 +202,7 @@ def main(argv=None):
     label = "fine-tuned" if args.checkpoint else "zero-shot"
     print(format_table({label: report}))
     if args.out:
-        atomic_write_text(args.out, json.dumps(report, indent=2))
+        atomic_write_json(args.out, report)
     return report
 
 

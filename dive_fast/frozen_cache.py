@@ -2,8 +2,9 @@
 
 Exact when the reference transform is deterministic (the default): the frozen model sees
 the same pixels every epoch, so its embeddings never change. The key covers the model,
-its weights, the data set, the transform and the autocast dtype, so a change of any of
-them recomputes.
+its weights (a local file by a digest of its bytes), the data set (an open_clip CSV by a
+digest of its bytes and its images' sizes and times), the transform and the autocast
+dtype, so a change of any of them recomputes, in place or not.
 """
 from __future__ import annotations
 
@@ -16,11 +17,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write
+from .fileio import atomic_write, file_digest
 
 
 def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_id(pretrained: str | None) -> str | None:
+    """What the frozen model's weights are, for the key: a local file by its bytes (so a
+    file overwritten in place is new weights), anything else (an open_clip tag, random
+    weights) as given."""
+    if pretrained and Path(pretrained).is_file():
+        return f"sha256:{file_digest(pretrained)}"
+    return pretrained
 
 
 class _Numbered(Dataset):

@@ -11,6 +11,7 @@ from pathlib import Path
 import open_clip
 from torch import nn
 
+from . import validate
 from .world.tasks import PRETRAIN_STREAM_VERSION
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -68,11 +69,16 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu") -> ClipBun
                                                                   ".safetensors"))):
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+    validate.device(str(device), "device")
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, weights_only=True)
-    except RuntimeError as exc:
-        raise RuntimeError(f"could not load {name!r} weights from {pretrained!r}: {exc}") from exc
+    except (RuntimeError, AssertionError, KeyError, ValueError) as exc:
+        # open_clip reports weights of another model as a size mismatch, a missing key or
+        # an assertion ("text pos_embed width changed!")
+        raise RuntimeError(f"could not load weights {pretrained!r} into {name!r}: they do not "
+                           f"fit this model (weights of another model?): "
+                           f"{type(exc).__name__}: {exc}") from exc
     return ClipBundle(model, train_tf, val_tf, open_clip.get_tokenizer(name), name, pretrained)
 
 

@@ -24,15 +24,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import distributed, frozen_cache, optim
+from . import distributed, frozen_cache, metrics_log, optim, runlock, validate
 from .checkpoint import atomic_save, load_checkpoint, prune
 from .data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
                    WorldCaptions, WorldTask, heldout_pairs, shard_list, train_collate)
-from .evaluate import evaluate, format_table, parse_task, world_eval_sets, world_rsa_set
-from .fileio import atomic_write_text
+from .evaluate import evaluate, format_table, task_sets, world_eval_sets, world_rsa_set
+from .fileio import atomic_write_json, atomic_write_text
 from .frozen import FrozenReference
 from .methods import METHODS, Batch, MethodConfig, make_method
-from .models import TINY_MODELS, frozen_copy, load_clip
+from .models import CACHE_ENV, TINY_MODELS, cache_dir, frozen_copy, load_clip, tiny_checkpoint
 from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
@@ -94,14 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Lower (and upper) bounds of the numeric arguments; "above": the bound itself is refused.
+RANGES = {"steps": (0,), "batch_size": (1,), "ref_batch_size": (1,), "checkpoint_every": (1,),
+          "log_every": (1,), "rsa_size": (3,), "train_size": (1,), "ref_size": (1,),
+          "eval_per_task": (0,), "keep": (1,), "workers": (0,), "warmup": (0,),
+          "grad_clip": (0,), "lam": (0,), "momentum": (0, 1), "wd": (0,), "lr": (0, None, "above")}
+
+
 def check_args(args) -> None:
-    """Cheap checks before any expensive work; each names the argument."""
-    for name in ("steps", "batch_size", "ref_batch_size", "checkpoint_every", "log_every",
-                 "rsa_size", "train_size", "ref_size", "eval_per_task"):
-        value = getattr(args, name)
-        low = 0 if name in ("steps", "eval_per_task") else 1
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    """Every argument and input checked before any expensive work (model loading,
+    pre-training, caches, evaluation); each failure names the argument."""
+    for name, (low, *rest) in RANGES.items():
+        high = rest[0] if rest else None
+        validate.number(f"--{name.replace('_', '-')}", getattr(args, name), low, high,
+                        above="above" in rest)
+    if args.lp_steps is None:
+        args.lp_steps = args.steps // 3
+    validate.number("--lp-steps", args.lp_steps, 0, args.steps)
+    if args.warmup is None:
+        args.warmup = min(500, max(1, args.steps // 10))
     if args.reference_csv and args.reference_shards:
         raise ValueError("give one of --reference-csv and --reference-shards, not both")
     if args.rsa_csv and args.rsa_shards:
@@ -110,10 +121,36 @@ def check_args(args) -> None:
         args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
     except ValueError:
         raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
-    if args.lp_steps is None:
-        args.lp_steps = args.steps // 3
-    if args.reference_shards:
-        shard_list(args.reference_shards)  # missing shards fail now, not at step 1
+    for alpha in args.wise_ft_alphas:
+        validate.number("--wise-ft", alpha)
+    validate.device(args.device)
+    check_inputs(args)
+
+
+def check_inputs(args) -> None:
+    """The files and folders a run reads and writes, before any expensive work."""
+    validate.task_specs(args.task)
+    if args.train_folder:
+        validate.image_folder(args.train_folder, "--train-folder")
+    for arg, csv_path in (("--reference-csv", args.reference_csv), ("--rsa-csv", args.rsa_csv)):
+        if csv_path:
+            try:
+                CsvCaptions(csv_path, transform=None)
+            except (OSError, ValueError) as exc:
+                raise type(exc)(f"{arg}: {exc}") from None
+    for arg, urls in (("--reference-shards", args.reference_shards),
+                      ("--rsa-shards", args.rsa_shards)):
+        if urls:
+            shard_list(urls)  # missing shards fail now, not at step 1
+    if args.pretrained and Path(args.pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") \
+            and not Path(args.pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
+    validate.writable_folder(args.out, "--out")
+    if args.pretrained is None and args.model in TINY_MODELS and \
+            not tiny_checkpoint(args.model, args.world_seed).is_file():  # pre-training will write
+        validate.writable_folder(cache_dir(), f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
 
 
 # --- data ------------------------------------------------------------------------------
@@ -131,7 +168,8 @@ def reference_data(args, bundle, rank, world):
         return ShardedCaptions(args.reference_shards, tf, seed=args.seed, rank=rank,
                                world_size=world), None
     if args.reference_csv:
-        return CsvCaptions(args.reference_csv, tf), f"csv:{Path(args.reference_csv).resolve()}"
+        ds = CsvCaptions(args.reference_csv, tf)
+        return ds, ds.fingerprint()  # its contents: a CSV rewritten in place is new data
     ds = WorldCaptions("reference", args.ref_size, tf, args.world_seed, bundle.image_size)
     return ds, f"world:{args.world_seed}:{args.ref_size}"
 
@@ -165,9 +203,12 @@ def batch_stream(targets, references):
 
 # --- checkpoints -----------------------------------------------------------------------
 
-# Settings a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ("method", "model", "batch_size", "ref_batch_size", "lr", "wd", "steps", "lam",
-               "momentum", "train_folder", "reference_csv", "reference_shards", "seed")
+# Settings a resumed run must share with the checkpoint it resumes: everything that
+# changes the result (model and weights, method, optimiser and schedule, data, batches).
+RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", "world_size",
+               "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "momentum",
+               "amp", "augment", "train_folder", "reference_csv", "reference_shards",
+               "train_size", "ref_size", "world_seed", "seed")
 
 
 def checkpoint_state(step, args, method, opt, sched) -> dict:
@@ -178,25 +219,43 @@ def checkpoint_state(step, args, method, opt, sched) -> dict:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
 
+def claim_out(args, out: Path) -> None:
+    """A folder holding another run's checkpoints or metrics is refused unless resuming."""
+    if args.resume is not None:
+        return
+    held = sorted((out / "checkpoints").glob("step-*.pt"))
+    metrics = out / "metrics.jsonl"
+    if held or (metrics.is_file() and metrics.stat().st_size):
+        raise FileExistsError(
+            f"--out {out} already holds a run ({held[-1] if held else metrics}): pass "
+            "--resume auto to continue it, or give another --out")
+
+
 def find_resume(args) -> Path | None:
     if args.resume is None:
         return None
     if args.resume != "auto":
-        path = Path(args.resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
-        return path
+        return Path(args.resume)
     found = sorted((Path(args.out) / "checkpoints").glob("step-*.pt"))
     return found[-1] if found else None
 
 
-def restore(path, args, method, opt, sched) -> tuple[int, dict]:
-    """Loads a checkpoint into the run; returns its step and the RNG states to resume."""
+def load_resume(args) -> dict | None:
+    """The checkpoint to resume (checked against its digest and this run's settings)."""
+    path = find_resume(args)
+    if path is None:
+        return None
     ckpt = load_checkpoint(path)
     for key in RESUME_KEYS:
         if key in ckpt and ckpt[key] != getattr(args, key):
             raise ValueError(f"cannot resume from {path}: it was written with {key}="
                              f"{ckpt[key]!r}, this run has {key}={getattr(args, key)!r}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def restore(ckpt, method, opt, sched) -> tuple[int, dict]:
+    """Loads a checkpoint into the run; returns its step and the RNG states to resume."""
     state = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
     method.load_state_dict({**state, **ckpt.get("method_state", {})})
     opt.load_state_dict(ckpt["optimizer"])
@@ -223,31 +282,13 @@ def eval_sets(args, bundle):
     else:
         rsa = None
     if args.task:
-        return dict(parse_task(s, tf) for s in args.task), rsa
+        return task_sets(validate.task_specs(args.task, check_folders=False), tf), rsa
     return world_eval_sets(tf, args.eval_per_task, args.world_seed, bundle.image_size), rsa
 
 
 def wise_ft(model, pre_state, ft_state, alpha):
     model.load_state_dict({k: (1 - alpha) * pre_state[k] + alpha * v if v.is_floating_point() else v
                            for k, v in ft_state.items()})
-
-
-def plot_curves(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-    if not rows:
-        return
-    skip = ("step", "lr", "samples_per_s", "skipped_samples", "skipped_steps", "grad_norm")
-    keys = [k for k in rows[0] if k not in skip]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for k in keys:
-        axes[0].plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
-    axes[0].set_yscale("log"); axes[0].set_xlabel("step"); axes[0].legend(); axes[0].set_title("losses")
-    axes[1].plot([r["step"] for r in rows], [r["samples_per_s"] for r in rows])
-    axes[1].set_xlabel("step"); axes[1].set_title("samples/s")
-    fig.tight_layout(); fig.savefig(out, dpi=110); plt.close(fig)
 
 
 def build_method(args, bundle, classnames, templates, pretrained, device, rank, world, out,
@@ -264,7 +305,8 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
                                  co_schedule=args.co_schedule)
         ref_ds, ref_id = reference
         if args.frozen_cache and ref_id is not None:
-            key = frozen_cache.cache_key(model=args.model, pretrained=pretrained, data=ref_id,
+            key = frozen_cache.cache_key(model=args.model, weights=frozen_cache.weights_id(pretrained),
+                                         data=ref_id,
                                          transform=repr(bundle.preprocess_val), n=len(ref_ds),
                                          amp=str(amp_dtype))
             path = out / "cache" / f"frozen-ref-{key}.npy"
@@ -292,14 +334,21 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
 def run(args) -> dict:
     check_args(args)
     rank, world, device = distributed.init_from_env(args.device)
-    args.device = device
+    args.device, args.world_size = device, world
+    with runlock.hold(args.out, enabled=distributed.is_main()):  # this run owns --out
+        report = run_owned(args, rank, world, device)
+    distributed.shutdown()
+    return report
+
+
+def run_owned(args, rank, world, device) -> dict:
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     out = Path(args.out)
     main_proc = distributed.is_main()
-    resume = find_resume(args)
+    claim_out(args, out)
+    resume = load_resume(args)  # a corrupt or mismatched checkpoint fails now
     if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
     pretrained = resolve_pretrained(args)
     bundle = load_clip(args.model, pretrained, device)
@@ -325,12 +374,12 @@ def run(args) -> dict:
                                        progress=not args.no_progress)
     skipped = 0
     if method.trains and args.steps > 0:
-        warmup = args.warmup if args.warmup is not None else min(500, max(1, args.steps // 10))
-        opt, sched = optim.build(method.named_parameters(), args.lr, args.wd, args.steps, warmup)
+        opt, sched = optim.build(method.named_parameters(), args.lr, args.wd, args.steps,
+                                 args.warmup)
         start_step, rng = 0, None
         if resume is not None:
-            start_step, rng = restore(resume, args, method, opt, sched)
-            log.info("resumed from %s at step %d", resume, start_step)
+            start_step, rng = restore(resume, method, opt, sched)
+            log.info("resumed from %s at step %d", resume["path"], start_step)
         skipped = train_loop(args, method, forward, opt, sched, target_ds, reference[0],
                              bundle.tokenizer, start_step, rank, world, out, rng)
     if main_proc:
@@ -351,11 +400,10 @@ def run(args) -> dict:
         if rsa_set is None:
             table += "\n\nRSA: no held-out pairs given (--rsa-csv or --rsa-shards)."
         atomic_write_text(out / "table.md", table + "\n")
-        atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+        atomic_write_json(out / "report.json", report)
         if (out / "metrics.jsonl").is_file():
-            plot_curves(out / "metrics.jsonl", out / "curves.png")
+            metrics_log.plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(table)
-    distributed.shutdown()
     return report
 
 
@@ -382,7 +430,10 @@ def train_loop(args, method, forward, opt, sched, target_ds, ref_ds, tokenizer, 
     device = method.device
     stream = batches(args, method, target_ds, ref_ds, tokenizer, start_step, rank, world)
     main_proc = distributed.is_main()
-    metrics = open(out / "metrics.jsonl", "a") if main_proc else None
+    metrics = None
+    if main_proc:  # rows past the resumed checkpoint (or of a run started over) go
+        metrics_log.cut_back(out / "metrics.jsonl", start_step)
+        metrics = open(out / "metrics.jsonl", "a")
     ckpt_dir = out / "checkpoints"
     last_ckpt = None
     guard = NonFiniteGuard(device)
@@ -418,7 +469,7 @@ def train_loop(args, method, forward, opt, sched, target_ds, ref_ds, tokenizer, 
                        "samples_per_s": n_samples * world / (now - t_last),
                        "skipped_samples": skipped, "skipped_steps": skipped_steps}
                 t_last, n_samples = now, 0
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(metrics_log.row_line(row))
                 metrics.flush()
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")})
         if main_proc and (done % args.checkpoint_every == 0 or done == args.steps):

@@ -79,16 +79,25 @@ def main(argv=None):
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--formats", default="csv,wds")
     args = p.parse_args(argv)
+    for name, low in (("size", 8), ("n", 0), ("pairs", 0), ("pretrain_pairs", 0),
+                      ("rsa_pairs", 0), ("shard_size", 1)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    formats = tuple(f for f in args.formats.split(",") if f)
+    if not formats or set(formats) - {"csv", "wds"}:
+        p.error(f"--formats wants a comma-separated subset of csv,wds, got {args.formats!r}")
     out = Path(args.out)
     names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    splits = args.splits.split(",")
     for name in names:
         if name not in TASKS:
             p.error(f"unknown task {name!r}; known: {', '.join(TASKS)}")
-        for split in args.splits.split(","):
-            if split not in SPLITS:
-                p.error(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    for split in splits:
+        if split not in SPLITS:
+            p.error(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    for name in names:  # everything checked: now write
+        for split in splits:
             write_task(out, name, split, args.n, args.seed, args.size)
-    formats = tuple(args.formats.split(","))
     if args.pairs:
         write_captions(out, "reference", args.pairs, args.seed, args.size, args.shard_size, formats)
     if args.pretrain_pairs:
