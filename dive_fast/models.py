@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import open_clip
 from torch import nn
 
 from . import validate
+from .fileio import file_digest
 from .world.tasks import PRETRAIN_STREAM_VERSION
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -32,6 +34,16 @@ def tiny_checkpoint(name: str, seed: int = 0) -> Path:
     config = (CONFIG_DIR / f"{name}.json").read_bytes()
     digest = hashlib.sha1(config + str(PRETRAIN_STREAM_VERSION).encode()).hexdigest()[:8]
     return cache_dir() / f"{name}-world{seed}-{digest}.safetensors"
+
+
+def tiny_intact(path: Path) -> bool:
+    """Whether a cached tiny model's bytes match the digest recorded beside it when it was
+    pre-trained (a file without a record passes: nothing to check it against)."""
+    meta = path.with_suffix(".json")
+    if not meta.is_file():
+        return True
+    expected = json.loads(meta.read_text()).get("sha256")
+    return expected is None or file_digest(path) == expected
 
 
 @dataclass
@@ -99,6 +111,11 @@ def resolve_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -
     if pretrained is not None or name not in TINY_MODELS:
         return pretrained
     path = tiny_checkpoint(name, world_seed)
+    if path.is_file() and not tiny_intact(path):
+        raise RuntimeError(f"the cached pre-trained {name} {path} does not match the digest "
+                           "recorded when it was pre-trained (changed or damaged): delete it "
+                           f"and run `python -m dive_fast.pretrain --model {name} --seed "
+                           f"{world_seed}`")
     if not path.is_file():
         raise FileNotFoundError(
             f"no pre-trained {name} (world seed {world_seed}) in {cache_dir()}: run "

@@ -9,6 +9,7 @@ JSON beside it holding the settings and the zero-shot table measured at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from . import optim
 from .data import WorldCaptions, collate
 from .evaluate import evaluate, format_table, world_eval_sets
 from .fileio import atomic_write, atomic_write_text
-from .models import load_clip, tiny_checkpoint
+from .models import load_clip, tiny_checkpoint, tiny_intact
 
 log = logging.getLogger(__name__)
 # Steps that keep the default pre-training within ~10 minutes on 2 CPU cores.
@@ -61,7 +62,8 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
     payload = save({k: v.contiguous() for k, v in model.state_dict().items()})
     atomic_write(out, lambda f: f.write(payload))
     meta = {"model": name, "world_seed": seed, "steps": steps, "batch_size": batch_size,
-            "lr": lr, "seconds": round(time.time() - start, 1)}
+            "lr": lr, "seconds": round(time.time() - start, 1),
+            "sha256": hashlib.sha256(payload).hexdigest()}  # checked before reuse
     if eval_per_task:
         sets = world_eval_sets(bundle.preprocess_val, eval_per_task, seed, bundle.image_size)
         meta["zeroshot"] = evaluate(model, bundle.tokenizer, sets, device=device, progress=False)
@@ -71,11 +73,15 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
 
 
 def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kwargs) -> Path:
-    """The cached pre-trained tiny model, pre-training it first when absent."""
+    """The cached pre-trained tiny model, pre-training it first when absent, or when its
+    bytes do not match the digest recorded at pre-training (changed or damaged)."""
     path = tiny_checkpoint(name, seed)
-    if not path.is_file():
-        pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
-    return path
+    if path.is_file():
+        if tiny_intact(path):
+            return path
+        log.warning("the cached %s does not match its recorded digest: pre-training it again",
+                    path)
+    return pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
 
 
 def main(argv=None):
