@@ -58,13 +58,14 @@ void dispatch_low_precision(at::ScalarType t, const char* name, F&& f) {
 }
 
 // Calls f(Tag<ft_t>, Tag<pre_t>, Tag<acc_t>): fine-tuned and frozen inputs may differ in
-// dtype; accumulation is float64 for float64 inputs (gradcheck), else float32.
-template <typename F>
-void dispatch_dtypes(at::ScalarType ft, at::ScalarType pre, bool allow_double, F&& f) {
+// dtype; accumulation is float64 for float64 inputs (gradcheck), else float32. Without
+// kAllowDouble no float64 instance is compiled (the CUDA kernels).
+template <bool kAllowDouble, typename F>
+void dispatch_dtypes(at::ScalarType ft, at::ScalarType pre, F&& f) {
   if (ft == at::kDouble || pre == at::kDouble) {
-    TORCH_CHECK(allow_double, "float64 inputs are not supported by this backend");
+    TORCH_CHECK(kAllowDouble, "float64 inputs are not supported by this backend");
     TORCH_CHECK(ft == pre, "float64 inputs must all be float64, got ", ft, " and ", pre);
-    f(Tag<double>{}, Tag<double>{}, Tag<double>{});
+    if constexpr (kAllowDouble) f(Tag<double>{}, Tag<double>{}, Tag<double>{});
     return;
   }
   dispatch_low_precision(ft, "img_ft", [&](auto ft_tag) {

@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
   const auto acc_type = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto means = at::empty({parts, 2, D}, A.options().dtype(acc_type));
   auto scalars = at::zeros({parts, kNumScalars}, A.options().dtype(acc_type));
-  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), true, [&](auto ft_tag, auto pre_tag, auto acc_tag) {
+  dispatch_dtypes<true>(A.scalar_type(), A0.scalar_type(), [&](auto ft_tag, auto pre_tag, auto acc_tag) {
     using ft_t = typename decltype(ft_tag)::type;
     using pre_t = typename decltype(pre_tag)::type;
     using acc_t = typename decltype(acc_tag)::type;
@@ -424,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
   auto& cache = GradientBlockCache::instance();
   auto GA = cache.empty({B, D}, A.options());
   auto GT = cache.empty({B, D}, T.options());
-  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), true, [&](auto ft_tag, auto pre_tag, auto acc_tag) {
+  dispatch_dtypes<true>(A.scalar_type(), A0.scalar_type(), [&](auto ft_tag, auto pre_tag, auto acc_tag) {
     using ft_t = typename decltype(ft_tag)::type;
     using pre_t = typename decltype(pre_tag)::type;
     using acc_t = typename decltype(acc_tag)::type;

@@ -193,15 +193,16 @@ __global__ void __launch_bounds__(kThreads) dive_finalize_kernel(
     float* __restrict__ loss, float* __restrict__ avl_out, float* __restrict__ pvl_out,
     float* __restrict__ info) {
   __shared__ float scratch[kWarps];
-  float sums[kNumScalars];
-#pragma unroll
-  for (int j = 0; j < kNumScalars; ++j) sums[j] = 0.f;
-  for (int k = threadIdx.x; k < K; k += kThreads) {
-#pragma unroll
-    for (int j = 0; j < kNumScalars; ++j) sums[j] += scalars[k * kNumScalars + j];
+  __shared__ float sums[kNumScalars];
+  // The scalar columns summed over the parts: one warp per column, lanes over parts.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int j = warp; j < kNumScalars; j += kWarps) {
+    float s = 0.f;
+    for (int k = lane; k < K; k += 32) s += scalars[k * kNumScalars + j];
+    s = warp_sum(s);
+    if (lane == 0) sums[j] = s;
   }
-#pragma unroll
-  for (int j = 0; j < kNumScalars; ++j) sums[j] = block_sum(sums[j], scratch);
+  __syncthreads();
   const float total = sums[kCount];
   float dev = 0.f, bad = 0.f;
   for (int d = threadIdx.x; d < D; d += kThreads) {
@@ -287,6 +288,16 @@ __global__ void __launch_bounds__(kThreads) dive_backward_kernel(
   }
 }
 
+// The statistics kernel's launch shape: rows per block and dynamic shared memory (u and v
+// buffers of rows x D, the running means of D), as a function of D alone.
+int stats_rows_per_block(int64_t D) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, kBufferElements / D)));
+}
+
+int64_t stats_shared_bytes(int64_t D) {
+  return static_cast<int64_t>(sizeof(float)) * (2 * stats_rows_per_block(D) * D + 2 * D);
+}
+
 void check_cuda_inputs(const at::Tensor& a, const at::Tensor& a0, const at::Tensor& t,
                        const at::Tensor& t0) {
   TORCH_CHECK(a.is_cuda(), "the cuda backend takes CUDA tensors");
@@ -302,16 +313,16 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cuda(const at::Tensor& img_ft,
   const c10::cuda::CUDAGuard guard(img_ft.device());
   const auto [A, A0, T, T0, B, D64] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const int D = static_cast<int>(D64);
-  const int rows = std::max(1, std::min(16, kBufferElements / D));
+  const int rows = stats_rows_per_block(D);
   const int64_t num_blocks = (B + rows - 1) / rows;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, img_ft.get_device()));
   const int grid = static_cast<int>(std::min<int64_t>(num_blocks, 2 * sms));
-  const size_t smem = sizeof(float) * (2 * static_cast<size_t>(rows) * D + 2 * D);
+  const size_t smem = static_cast<size_t>(stats_shared_bytes(D));
   auto means = at::empty({grid, 2, D}, A.options().dtype(at::kFloat));
   auto scalars = at::empty({grid, kNumScalars}, A.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), false, [&](auto ft_tag, auto pre_tag, auto) {
+  dispatch_dtypes<false>(A.scalar_type(), A0.scalar_type(), [&](auto ft_tag, auto pre_tag, auto) {
     using ft_t = typename decltype(ft_tag)::type;
     using pre_t = typename decltype(pre_tag)::type;
     auto kernel = dive_stats_kernel<ft_t, pre_t>;
@@ -387,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
   auto GT = at::empty({B, D}, T.options());
   const int64_t grid = (B + kWarps - 1) / kWarps;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtypes(A.scalar_type(), A0.scalar_type(), false, [&](auto ft_tag, auto pre_tag, auto) {
+  dispatch_dtypes<false>(A.scalar_type(), A0.scalar_type(), [&](auto ft_tag, auto pre_tag, auto) {
     using ft_t = typename decltype(ft_tag)::type;
     using pre_t = typename decltype(pre_tag)::type;
     dive_backward_kernel<ft_t, pre_t><<<grid, kThreads, 0, stream>>>(
@@ -400,6 +411,12 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
 }
 
 }  // namespace
+
+// Host-side launch facts for the ahead-of-time resource check (dive_fast.ops.aot).
+TORCH_LIBRARY_FRAGMENT(dive_fast_C, lib) {
+  lib.def("cuda_stats_shared_bytes(int dim) -> int", &stats_shared_bytes);
+  lib.def("cuda_max_dim() -> int", [] { return int64_t(kMaxDim); });
+}
 
 TORCH_LIBRARY_IMPL(dive_fast_C, CUDA, lib) {
   lib.impl("dive_stats", &dive_stats_cuda);

@@ -51,7 +51,8 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torc
             return f"triton does not run on {device_type} tensors"
         from .ops.dive_triton import MAX_DIM
         if dim > MAX_DIM:
-            return f"the triton kernels keep a whole row in registers: dim {dim} > {MAX_DIM}"
+            return (f"the triton kernels keep a whole row in registers: dim {dim} > {MAX_DIM} "
+                    "(wider rows would spill)")
         return None
     # cuda
     if device_type != "cuda":

@@ -23,9 +23,14 @@ import triton.language as tl
 
 from .dive_reference import INFO_SIZE, NUM_SCALARS, accumulation_dtype
 
-# fp32 elements per [BLOCK_B, BLOCK_D] tile: bounds registers per program.
-TILE_ELEMENTS = 4096
-MAX_DIM = 16384
+# fp32 elements per [BLOCK_B, BLOCK_D] tile and per thread, and at most 8 warps: no
+# configuration spills on sm_80 or sm_90 (`python -m dive_fast.ops.aot`,
+# benchmarks/results/gpu_kernels.csv). Tried and dropped: 4096-element tiles at 8 warps
+# (ptxas capped some at 128 registers and spilled, D <= 256), 16 warps (capped at 64,
+# spills), rows of 8192 (32 warps, 64 registers: spills).
+TILE_ELEMENTS = 2048
+ELEMENTS_PER_THREAD = 8
+MAX_DIM = 4096  # wider rows: the cuda backend (or the reference)
 
 
 @triton.jit
@@ -270,7 +275,8 @@ def launch_config(D: int) -> LaunchConfig:
     """Block sizes and warps of the statistics and backward kernels for rows of D values."""
     block_d = max(MIN_BLOCK_D, triton.next_power_of_2(D))
     block_b = max(1, min(64, TILE_ELEMENTS // block_d))
-    return LaunchConfig(block_b, block_d, 8 if block_b * block_d >= 4096 else 4)
+    warps = block_b * block_d // (32 * ELEMENTS_PER_THREAD)
+    return LaunchConfig(block_b, block_d, max(4, min(8, warps)))
 
 
 # The finalisation's tile over [parts, columns] and its warps.

@@ -1,0 +1,329 @@
+"""Every GPU kernel compiled ahead of time for named targets, without a GPU, with its
+resource use (registers, spills, shared memory) as ptxas reports it.
+
+    python -m dive_fast.ops.aot --out benchmarks/results/gpu_kernels.csv   # sm_80 and sm_90
+
+Triton: every configuration the launchers can choose (``launch_config`` over the D
+buckets, fp32/bf16/fp16 for the fine-tuned and for the frozen inputs, normalisation on and
+off; the finalisation's variants, for every dtype of m) compiled by ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)`` down to a cubin, specialised as the runtime would for
+contiguous, 16-byte aligned inputs; registers and spills from ptxas's report of that
+compile, shared memory from the compiled metadata.
+CUDA: ``csrc/dive_cuda.cu`` compiled to a cubin per architecture by nvcc with
+``--resource-usage`` (the device code of the build: same flags), one row per template
+instance; the statistics kernel's dynamic shared memory is its launcher's
+(``cuda_stats_shared_bytes``) at the largest dim.
+
+``blocks_per_sm`` estimates how many blocks of the kernel fit on one SM at once, the
+least of the register, thread and shared-memory limits.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import io
+import itertools
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARCHS = (80, 90)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ROOT = Path(__file__).resolve().parents[2]
+# Per SM: 64K registers, 2048 threads; shared memory per SM and per block (opt-in maximum).
+REGISTERS_PER_SM, THREADS_PER_SM, REGISTER_UNIT = 65536, 2048, 256
+SHARED_PER_SM = {80: 167936, 90: 233472}
+SHARED_PER_BLOCK = {80: 166912, 90: 232448}
+FIELDS = ("backend", "kernel", "config", "arch", "registers", "spill_store_bytes",
+          "spill_load_bytes", "stack_bytes", "shared_bytes", "threads", "blocks_per_sm",
+          "compile_s", "error")
+
+
+def blocks_per_sm(registers: int, threads: int, shared: int, arch: int) -> int:
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    limits = [REGISTERS_PER_SM // max(1, per_warp * warps), THREADS_PER_SM // threads, 32]
+    if shared:
+        limits.append(SHARED_PER_SM[arch] // (shared + 1024))  # 1 KiB reserved per block
+    return min(limits)
+
+
+def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
+    """{entry function: registers, spill stores/loads, stack frame, static shared} from
+    ``ptxas -v`` (as nvcc --resource-usage and Triton's compile print it)."""
+    out = {}
+    for block in log.split("Compiling entry function '")[1:]:
+        name = block.split("'", 1)[0]
+        grab = lambda pattern: int(m.group(1)) if (m := re.search(pattern, block)) else 0  # noqa: E731
+        out[name] = {"registers": grab(r"Used (\d+) registers"),
+                     "spill_store_bytes": grab(r"(\d+) bytes spill stores"),
+                     "spill_load_bytes": grab(r"(\d+) bytes spill loads"),
+                     "stack_bytes": grab(r"(\d+) bytes stack frame"),
+                     "static_shared": grab(r"(\d+) bytes smem")}
+    return out
+
+
+# --- Triton ------------------------------------------------------------------------------
+
+def _dim_buckets():
+    from .dive_triton import MAX_DIM, MIN_BLOCK_D
+    d = MIN_BLOCK_D
+    while d <= MAX_DIM:
+        yield d
+        d *= 2
+
+
+def triton_jobs() -> list[tuple[str, str, dict]]:
+    """(kernel, config label, job) for every configuration the launchers can choose."""
+    from .dive_triton import FINALIZE, launch_config
+    jobs = []
+    for D, (ft, pre), normalize in itertools.product(_dim_buckets(), itertools.product(DTYPES, repeat=2),
+                                                     (True, False)):
+        cfg = launch_config(D)
+        label = (f"D<={D} BLOCK_B={cfg.block_b} BLOCK_D={cfg.block_d} warps={cfg.num_warps} "
+                 f"ft={ft} pre={pre} normalize={int(normalize)}")
+        for kernel in ("_dive_stats_kernel", "_dive_backward_kernel"):
+            jobs.append((kernel, label, dict(kernel=kernel, D=D, ft=ft, pre=pre,
+                                             normalize=normalize, num_warps=cfg.num_warps,
+                                             block_b=cfg.block_b, block_d=cfg.block_d)))
+    for m, has_b, has_m_out in itertools.product(DTYPES, (False, True), (False, True)):
+        label = (f"BLOCK_K={FINALIZE['BLOCK_K']} BLOCK_D={FINALIZE['BLOCK_D']} "
+                 f"warps={FINALIZE['num_warps']} m={m} all_reduced_b={int(has_b)} "
+                 f"m_out={int(has_m_out)}")
+        jobs.append(("_dive_finalize_kernel", label,
+                     dict(kernel="_dive_finalize_kernel", m=m, has_b=has_b, has_m_out=has_m_out)))
+    return jobs
+
+
+def _kernel_args(job: dict):
+    """Example arguments (tiny tensors for the pointers: only dtype and alignment count),
+    constexprs and warps for one job, as its launcher passes them."""
+    import torch
+
+    from . import dive_triton as k
+    from .dive_reference import NUM_SCALARS
+
+    ptr = lambda name: torch.empty(16, dtype=getattr(torch, DTYPES[name]))  # noqa: E731
+    f32 = ptr("fp32")
+    if job["kernel"] == "_dive_finalize_kernel":
+        m = ptr(job["m"])
+        args = [f32, f32, m, f32, m, m, f32, f32, f32, f32, f32, 100, 512, 0.99, 1000.0, 1000.0]
+        return k._dive_finalize_kernel, args, dict(
+            HAS_B=job["has_b"], HAS_M_OUT=job["has_m_out"], NUM_SCAL=NUM_SCALARS,
+            BLOCK_K=k.FINALIZE["BLOCK_K"], BLOCK_D=k.FINALIZE["BLOCK_D"]), k.FINALIZE["num_warps"]
+    D, B = job["D"], 1000  # contiguous rows: stride D, column stride 1
+    a, p = ptr(job["ft"]), ptr(job["pre"])
+    strides = [D, 1] * 4
+    constexprs = dict(NORMALIZE=job["normalize"], BLOCK_B=job["block_b"], BLOCK_D=job["block_d"])
+    if job["kernel"] == "_dive_stats_kernel":
+        args = [a, p, a, p, f32, f32, B, D, *strides]
+        return k._dive_stats_kernel, args, dict(constexprs, NUM_SCAL=NUM_SCALARS), job["num_warps"]
+    args = [a, p, a, p, f32, f32, f32, f32, a, a, B, D, *strides, 20.0, 20.0, 0.01, 0.01]
+    return k._dive_backward_kernel, args, constexprs, job["num_warps"]
+
+
+def compile_triton(job: dict, arch: int) -> dict:
+    """One configuration for one architecture: the ptxas report of a real compile."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    kernel, args, constexprs, num_warps = _kernel_args(job)
+    names = [n for n in kernel.arg_names if n not in constexprs]
+    signature, attrs = {}, {}
+    for name, value in zip(names, args):  # the runtime's own specialisation of each argument
+        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif attr:
+            attrs[(kernel.arg_names.index(name),)] = BaseBackend.parse_attr(attr)
+    signature.update({n: "constexpr" for n in constexprs})
+    row = {"backend": "triton", "kernel": job["kernel"], "arch": f"sm_{arch}",
+           "threads": 32 * num_warps, "error": ""}
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=num_warps))
+    except Exception as exc:  # a configuration that does not compile is a finding
+        return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    (entry,) = parse_ptxas(log.getvalue()).values()
+    shared = compiled.metadata.shared
+    return {**row, **{k: entry[k] for k in ("registers", "spill_store_bytes", "spill_load_bytes",
+                                            "stack_bytes")},
+            "shared_bytes": shared, "compile_s": round(time.perf_counter() - t0, 2),
+            "blocks_per_sm": blocks_per_sm(entry["registers"], 32 * num_warps, shared, arch),
+            "cubin_bytes": len(compiled.asm["cubin"])}
+
+
+def _worker_init(cache_dir: str) -> None:
+    import triton
+    triton.knobs.cache.dir = cache_dir  # a fresh cache: every compile runs ptxas (and logs)
+    triton.knobs.nvidia.dump_ptxas_log = True
+
+
+def _compile_one(item):
+    (kernel, label, job), arch = item
+    return {**compile_triton(job, arch), "config": label}
+
+
+def triton_rows(archs=ARCHS, jobs: int | None = None) -> list[dict]:
+    """Every Triton configuration for every architecture, in worker processes (spawned:
+    the kernels must be real JIT functions, not the interpreter's)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    items = list(itertools.product(triton_jobs(), archs))
+    with tempfile.TemporaryDirectory() as cache, concurrent.futures.ProcessPoolExecutor(
+            jobs or os.cpu_count(), mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init, initargs=(cache,)) as pool:
+        return list(pool.map(_compile_one, items, chunksize=4))
+
+
+# --- CUDA --------------------------------------------------------------------------------
+
+CXX_TYPES = {"float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16"}
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME")
+    return str(Path(home) / "bin" / "nvcc") if home else shutil.which("nvcc")
+
+
+def _cuda_config(demangled: str) -> tuple[str, str]:
+    """(kernel name, config) from a demangled template instance's name."""
+    name = re.search(r"(\w+)<", demangled).group(1)
+    types = re.search(r"<(.*?)>\(", demangled).group(1).split(", ")
+    labels = [CXX_TYPES.get(t, t) for t in types]
+    keys = ("m",) if name == "dive_finalize_kernel" else ("ft", "pre")
+    return name, " ".join(f"{k}={v}" for k, v in zip(keys, labels))
+
+
+def cuda_rows(archs=ARCHS) -> list[dict]:
+    """Each CUDA kernel instance's resources per architecture, from nvcc --resource-usage."""
+    import torch
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("no CUDA toolkit (nvcc) found")
+    from .. import _extension
+    ops = _extension.ops() if _extension.load()[0] else None
+    dynamic = {}
+    if ops is not None and hasattr(ops, "cuda_stats_shared_bytes"):
+        dim = int(ops.cuda_max_dim())
+        dynamic["dive_stats_kernel"] = (int(ops.cuda_stats_shared_bytes(dim)), dim)
+    flags = ["-O3", "-lineinfo", "-std=c++20", *COMMON_NVCC_FLAGS, f"-I{ROOT / 'csrc'}",
+             *(f"-I{p}" for p in include_paths(device_type="cuda")),
+             f"-I{Path(sys.base_prefix) / 'include' / f'python{sys.version_info.major}.{sys.version_info.minor}'}",
+             "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    del torch
+
+    def compile_arch(arch):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            proc = subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "--resource-usage", *flags,
+                                   str(ROOT / "csrc" / "dive_cuda.cu"), "-o", f"{tmp}/k.cubin"],
+                                  capture_output=True, text=True)
+            return arch, proc, time.perf_counter() - t0
+
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(len(archs)) as pool:
+        for arch, proc, seconds in pool.map(compile_arch, archs):
+            if proc.returncode != 0:
+                rows.append({"backend": "cuda", "kernel": "dive_cuda.cu", "config": "",
+                             "arch": f"sm_{arch}", "error": proc.stderr[-500:]})
+                continue
+            entries = parse_ptxas(proc.stdout + proc.stderr)
+            demangled = subprocess.run(["c++filt"], input="\n".join(entries), capture_output=True,
+                                       text=True).stdout.splitlines()
+            for (mangled, entry), readable in sorted(zip(entries.items(), demangled),
+                                                     key=lambda x: x[1]):
+                kernel, config = _cuda_config(readable)
+                extra, dim = dynamic.get(kernel, (0, None))
+                if dim is not None:
+                    config += f" dynamic_shared@D={dim}={extra}"
+                shared = entry["static_shared"] + extra
+                rows.append({"backend": "cuda", "kernel": kernel, "config": config,
+                             "arch": f"sm_{arch}", "threads": 256,
+                             **{k: entry[k] for k in ("registers", "spill_store_bytes",
+                                                      "spill_load_bytes", "stack_bytes")},
+                             "shared_bytes": shared,
+                             "blocks_per_sm": blocks_per_sm(entry["registers"], 256, shared, arch),
+                             "compile_s": round(seconds, 1), "error": ""})
+    return rows
+
+
+def collect(archs=ARCHS, jobs: int | None = None, cuda: bool = True) -> list[dict]:
+    return triton_rows(archs, jobs) + (cuda_rows(archs) if cuda else [])
+
+
+def write_csv(rows: list[dict], path) -> None:
+    import triton
+    versions = {"triton": triton.__version__, "nvcc": _nvcc_version()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS + tuple(versions), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, **versions} for r in rows)
+
+
+def _nvcc_version() -> str:
+    nvcc = _nvcc()
+    if nvcc is None:
+        return "none"
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def summary(rows: list[dict]) -> str:
+    """Per backend, kernel and architecture: configurations, registers, spills, shared."""
+    lines = ["| backend | kernel | arch | configs | registers | spilling configs | shared bytes "
+             "| blocks/SM |", "|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["backend"], r["kernel"], r["arch"])  # noqa: E731
+    for (backend, kernel, arch), group in itertools.groupby(sorted(rows, key=key), key=key):
+        group = [r for r in group if not r.get("error")]
+        if not group:
+            continue
+        span = lambda f: (f"{min(int(r[f]) for r in group)}-{max(int(r[f]) for r in group)}"  # noqa: E731
+                          if len({int(r[f]) for r in group}) > 1 else str(int(group[0][f])))
+        spills = sum(int(r["spill_store_bytes"]) + int(r["spill_load_bytes"]) > 0 for r in group)
+        lines.append(f"| {backend} | {kernel.strip('_')} | {arch} | {len(group)} | "
+                     f"{span('registers')} | {spills} | {span('shared_bytes')} | "
+                     f"{span('blocks_per_sm')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_kernels.csv"))
+    p.add_argument("--archs", type=int, nargs="+", default=list(ARCHS))
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPUs)")
+    p.add_argument("--no-cuda", action="store_true", help="Triton only (no CUDA toolkit)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = collect(tuple(args.archs), args.jobs, cuda=not args.no_cuda)
+    write_csv(rows, args.out)
+    print(summary(rows))
+    errors = [r for r in rows if r.get("error")]
+    for r in errors:
+        print(f"FAILED {r['backend']} {r['kernel']} {r['config']} {r['arch']}: {r['error']}")
+    print(f"{len(rows)} kernel configurations in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
