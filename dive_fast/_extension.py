@@ -23,6 +23,7 @@ def load() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.lru_cache(maxsize=None)  # fixed once loaded; the lookup costs ~10 us per call
 def has_kernel(dispatch_key: str) -> bool:
     """Whether the extension registered a kernel for this device (CPU or CUDA)."""
     if not load()[0]:
