@@ -75,17 +75,21 @@ def test_all_unreadable_training_folder_stops_with_the_paths(micro_cache, tmp_pa
     assert 0 < len(warnings) <= 11  # 64 unreadable samples, logged at most 10 + every 100th
 
 
-@pytest.mark.parametrize("cache", ["--no-frozen-cache", "--frozen-cache"])
-def test_all_unreadable_reference_csv_stops(micro_cache, tmp_path, cache, caplog):
-    csv = write_captions(tmp_path, "reference", 80, 0, 16, 100, formats=("csv",)) / "captions.csv"
-    for f in (csv.parent / "images").iterdir():
+@pytest.mark.parametrize("source", ["csv --no-frozen-cache", "csv --frozen-cache", "shards"])
+def test_all_unreadable_reference_pairs_stop(micro_cache, tmp_path, source, caplog):
+    root = write_captions(tmp_path, "reference", 80, 0, 16, 20)
+    for f in [*(root / "images").iterdir(), *(root / "shards").iterdir()]:
         f.write_bytes(b"truncated")
     caplog.set_level(logging.WARNING, logger="dive_fast.data")
-    expected = "consecutive unreadable .*images/" if cache == "--no-frozen-cache" else \
-        "no readable sample in the reference set"
+    refs, expected = {
+        "csv --no-frozen-cache": (["--reference-csv", str(root / "captions.csv"),
+                                   "--no-frozen-cache"], "64 consecutive unreadable .*images/"),
+        "csv --frozen-cache": (["--reference-csv", str(root / "captions.csv")],
+                               "no readable sample in the reference set"),
+        "shards": (["--reference-shards", str(root / "shards" / "*.tar")],
+                   r"no readable pairs in webdataset shards .*\(\d+ unreadable\)")}[source]
     with deadline(60), pytest.raises(RuntimeError, match=expected):
-        train.main(train_args(tmp_path / "out", "--method", "dive", "--reference-csv", str(csv),
-                              cache))
+        train.main(train_args(tmp_path / "out", "--method", "dive", *refs))
     assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) <= 11
 
 
