@@ -65,6 +65,12 @@ class ClipBundle:
         return self.tokenizer.context_length
 
 
+def is_weights_path(pretrained: str | None) -> bool:
+    """Whether ``pretrained`` names a local file rather than an open_clip tag."""
+    return bool(pretrained) and ("/" in pretrained or pretrained.endswith(
+        (".pt", ".pth", ".bin", ".safetensors")))
+
+
 def load_clip(name: str, pretrained: str | None = None, device="cpu") -> ClipBundle:
     """An open_clip model with its transforms and tokenizer.
 
@@ -77,8 +83,7 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu") -> ClipBun
         raise ValueError(f"unknown model {name!r}; open_clip knows e.g. "
                          f"{', '.join(TINY_MODELS + ('ViT-B-16', 'ViT-B-32'))} "
                          f"({len(known)} in all, see open_clip.list_models())")
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin",
-                                                                  ".safetensors"))):
+    if is_weights_path(pretrained):
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
     validate.device(str(device), "device")

@@ -32,7 +32,8 @@ from .evaluate import evaluate, format_table, task_sets, world_eval_sets, world_
 from .fileio import atomic_write_json, atomic_write_text
 from .frozen import FrozenReference
 from .methods import METHODS, Batch, MethodConfig, make_method
-from .models import CACHE_ENV, TINY_MODELS, cache_dir, frozen_copy, load_clip, tiny_checkpoint
+from .models import (CACHE_ENV, TINY_MODELS, cache_dir, frozen_copy, is_weights_path, load_clip,
+                     tiny_checkpoint)
 from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
@@ -134,16 +135,12 @@ def check_inputs(args) -> None:
         validate.image_folder(args.train_folder, "--train-folder")
     for arg, csv_path in (("--reference-csv", args.reference_csv), ("--rsa-csv", args.rsa_csv)):
         if csv_path:
-            try:
-                CsvCaptions(csv_path, transform=None)
-            except (OSError, ValueError) as exc:
-                raise type(exc)(f"{arg}: {exc}") from None
+            validate.caption_csv(csv_path, arg)
     for arg, urls in (("--reference-shards", args.reference_shards),
                       ("--rsa-shards", args.rsa_shards)):
         if urls:
             shard_list(urls)  # missing shards fail now, not at step 1
-    if args.pretrained and Path(args.pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") \
-            and not Path(args.pretrained).is_file():
+    if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")

@@ -96,8 +96,17 @@ def image_folder(path, arg: str) -> None:
     """Lists an image folder as ``data.ImageFolderTask`` does (class folders, images,
     classnames.txt, templates.txt), so that a bad one fails now, not after training."""
     from .data import ImageFolderTask
+    _opens(arg, lambda: ImageFolderTask(path, transform=None))
 
+
+def caption_csv(path, arg: str) -> None:
+    """Reads an open_clip CSV as ``data.CsvCaptions`` does (UTF-8, its columns, its rows)."""
+    from .data import CsvCaptions
+    _opens(arg, lambda: CsvCaptions(path, transform=None))
+
+
+def _opens(arg: str, open_it) -> None:
     try:
-        ImageFolderTask(path, transform=None)
+        open_it()
     except (OSError, ValueError) as exc:
         raise type(exc)(f"{arg}: {exc}") from None
