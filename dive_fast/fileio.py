@@ -18,6 +18,7 @@ def atomic_write(path, write: Callable[[object], None], mode: str = "wb") -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from others
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -27,6 +28,12 @@ def atomic_write(path, write: Callable[[object], None], mode: str = "wb") -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def file_digest(path) -> str:
