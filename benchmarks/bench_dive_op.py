@@ -3,11 +3,16 @@
     python benchmarks/bench_dive_op.py                       # CPU, the issue's grid
     python benchmarks/bench_dive_op.py --device cuda --dtypes float32 bfloat16
 
-Writes long-format CSV (op, impl, mode, B, D, dtype, median/p20/p80 ms, ratio to the
-floor, device, versions) and a PNG. The floor of the exact algorithm: m must be updated
+Writes long-format CSV (op, impl, mode, B, D, dtype, median/p20/p80 ms, ratios to the
+floors, device, versions) and a PNG. The floor of the exact algorithm: m must be updated
 from every row before any gradient is final, so the forward reads the four inputs once
 and the backward reads them again and writes two gradients: 10*B*D values (fwd 4, bwd 6)
-at this device's measured copy bandwidth.
+at this device's measured copy bandwidth (``floor_ms``), and on a GPU whose peak is
+known also at that peak (``hbm_floor_ms``: e.g. 4.8 TB/s on an H200). Small batches are
+bound by launches instead: ``launch_floor_ms`` is the launches a call needs (GPU: fwd 2,
+bwd 1; CPU: one op each way) at the cost of one trivial op measured in the same run.
+What is timed is what a user's call costs: ``dive_loss`` (or the eager formula) and
+``torch.autograd.grad``, nothing else.
 """
 from __future__ import annotations
 
@@ -25,6 +30,20 @@ from dive_fast.ops.dive_reference import dive_loss_eager  # noqa: E402
 from dive_fast.testing import make_inputs  # noqa: E402
 
 FLOOR_VALUES = {"fwd": 4, "bwd": 6, "fwd+bwd": 10}
+LAUNCHES = {"cuda": {"fwd": 2, "bwd": 1, "fwd+bwd": 3}, "cpu": {"fwd": 1, "bwd": 1, "fwd+bwd": 2}}
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM, from the data sheets
+
+
+def peak_bandwidth(name: str) -> float | None:
+    """Bytes/s of the device's memory by its data sheet, where known."""
+    return next((gbps * 1e9 for key, gbps in PEAK_GBPS.items() if key in name), None)
+
+
+def launch_seconds(device: str) -> float:
+    """One trivial op, issued back to back: the per-launch (GPU) or per-call (CPU) cost."""
+    x = torch.zeros(1, device=device)
+    n = 200
+    return measure(lambda: [x.add_(1.0) for _ in range(n)], device, repeats=5)["median_ms"] / n / 1e3
 
 
 def eager_impl(inputs, m):
@@ -100,11 +119,16 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["float32"])
     p.add_argument("--impls", nargs="*", default=None, help="subset of implementations")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--copy-mib", type=int, default=256, help="copy-bandwidth buffer size")
     p.add_argument("--out", default="benchmarks/results/dive_op_cpu.csv")
     args = p.parse_args(argv)
     env = environment(args.device)
-    bandwidth = copy_bandwidth(args.device)
-    print(f"{env['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = copy_bandwidth(args.device, args.copy_mib << 20)
+    peak = peak_bandwidth(env["device"]) if args.device.startswith("cuda") else None
+    launch_s = launch_seconds(args.device)
+    launches = LAUNCHES["cuda" if args.device.startswith("cuda") else "cpu"]
+    print(f"{env['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+          f"{f', peak {peak / 1e9:.0f} GB/s' if peak else ''}, one launch {launch_s * 1e6:.1f} us")
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -115,14 +139,23 @@ def main(argv=None):
                 itemsize = inputs[0].element_size()
                 for impl, fn in implementations(args.device, dtype, D, args.impls).items():
                     for mode, stats in time_modes(fn, inputs, m, args.device, args.repeats).items():
-                        floor_ms = FLOOR_VALUES[mode] * B * D * itemsize / bandwidth * 1e3
+                        nbytes = FLOOR_VALUES[mode] * B * D * itemsize
+                        floor_ms = nbytes / bandwidth * 1e3
+                        launch_ms = launches[mode] * launch_s * 1e3
+                        hbm = {"hbm_floor_ms": nbytes / peak * 1e3,
+                               "ratio_to_hbm": stats["median_ms"] / (nbytes / peak * 1e3),
+                               "peak_GBps": peak / 1e9} if peak else {}
                         rows.append({"op": "dive", "impl": impl, "mode": mode, "B": B, "D": D,
                                      "dtype": dtype_name, **stats, "floor_ms": floor_ms,
-                                     "ratio_to_floor": stats["median_ms"] / floor_ms,
+                                     "ratio_to_floor": stats["median_ms"] / floor_ms, **hbm,
+                                     "launch_floor_ms": launch_ms,
+                                     "ratio_to_launch_floor": stats["median_ms"] / launch_ms,
                                      "copy_GBps": bandwidth / 1e9, **env})
                         r = rows[-1]
+                        hbm_note = f" {r['ratio_to_hbm']:7.2f}x HBM" if peak else ""
                         print(f"{dtype_name:9s} B={B:6d} D={D:4d} {impl:14s} {mode:8s} "
-                              f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor",
+                              f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor"
+                              f"{hbm_note} {r['ratio_to_launch_floor']:7.1f}x launches",
                               flush=True)
     write_csv(rows, args.out)
     plot(rows, Path(args.out).with_suffix(".png"))

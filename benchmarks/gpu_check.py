@@ -1,92 +1,232 @@
-"""One prepared GPU check: every GPU backend against the float64 oracle, then timings.
+"""The prepared GPU check: every GPU backend and dtype against the float64 oracle, the
+kernel launches per call, op timings against the HBM and launch-latency floors, and the
+training-step benchmark.
 
-    bash benchmarks/gpu_check.sh            # on a machine with a CUDA GPU (a few minutes)
+    bash benchmarks/gpu_check.sh             # on a CUDA machine (budget: 8 minutes)
+    bash benchmarks/gpu_check.sh --dry-run   # anywhere: the same script on the CPU
 
-Writes to $OUT (or benchmarks/results/): gpu_accuracy.csv (each backend x shape x dtype
-x layout: quantity errors and bounds, pass/fail), dive_op_cuda.csv/.png (op timings vs
-eager, torch.compile and the memory floor) and step_cuda.csv (ViT-B-16, bf16, B = B' =
-256: samples/s, peak memory, breakdown, MFU) when open_clip is importable.
+The dry run takes every stage through its code on CPU tensors, with small shapes: the
+Triton kernels under TRITON_INTERPRET=1, the CUDA backend skipped with the reason, the
+step benchmark with the micro model. Writes, to $OUT or --out (default: on a GPU
+benchmarks/results/, dry run a temporary folder), CSVs named by device:
+gpu_accuracy_<device>.csv, gpu_launches_<device>.csv, dive_op_<device>.csv (and .png),
+step_<device>.csv. Exit status 0 only when every stage passed.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
-import torch
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:  # before triton is imported anywhere
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, write_csv  # noqa: E402
+from common import device_name, environment, write_csv  # noqa: E402
 
-from dive_fast import backends, info  # noqa: E402
-from dive_fast.testing import compare_with_oracle, failures, make_inputs  # noqa: E402
+from dive_fast import DiVELoss, backends, info  # noqa: E402
+from dive_fast.testing import LaunchCounter, compare_with_oracle, failures, make_inputs  # noqa: E402
 
-SHAPES = [(1, 1), (7, 19), (33, 130), (512, 512), (4096, 768), (32768, 512), (1000, 1024),
-          (300, 4096)]
+GPU_BACKENDS = ("triton", "cuda")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (B', D): edge cases, odd dims, the per-rank batch, CLIP's widths, the large batch.
+SHAPES = {"gpu": [(1, 1), (7, 19), (33, 130), (512, 512), (4096, 768), (32768, 512), (1000, 1024),
+                  (300, 4096)],
+          "dry": [(1, 1), (7, 19), (33, 130)]}
+MAX_LAUNCHES = {"forward": 2, "backward": 1}
+STEP_VARIANTS = ["flyp-B", "flyp-B+B'", "dive-naive", "dive-fast", "dive-seq", "dive-cosched"]
 
 
-def accuracy(out: Path) -> bool:
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+class Check:
+    """Runs the stages, each timed; a stage that raises or fails is reported, and the
+    others still run."""
+
+    def __init__(self):
+        self.results: list[tuple[str, str, float]] = []
+
+    def stage(self, name, fn, *args):
+        t0 = time.perf_counter()
+        print(f"\n== {name}", flush=True)
+        try:
+            ok = fn(*args)
+            status = "PASS" if ok is not False else "FAIL"
+        except Exception:
+            traceback.print_exc()
+            status = "ERROR"
+        self.results.append((name, status, time.perf_counter() - t0))
+        print(f"== {name}: {status} ({self.results[-1][2]:.0f} s)", flush=True)
+
+    def report(self) -> bool:
+        print("\nstage                 status  seconds")
+        for name, status, seconds in self.results:
+            print(f"{name:20s}  {status:6s}  {seconds:7.1f}")
+        return all(status == "PASS" for _, status, _ in self.results)
+
+
+def usable(backend: str, device: str) -> str | None:
+    """None when the backend runs on this device, else why not."""
+    why = backends.unavailable_reason(backend, device)
+    if why is None and device == "cuda" and not torch.cuda.is_available():
+        why = "no CUDA device visible"
+    return why
+
+
+def accuracy(device: str, shapes, out: Path) -> bool:
     rows, ok = [], True
-    env = environment("cuda")
-    for backend in ("triton", "cuda"):
-        why = backends.unavailable_reason(backend, "cuda")
+    env = environment(device)
+    for backend in GPU_BACKENDS:
+        why = usable(backend, device)
         if why:
             print(f"SKIP {backend}: {why}")
-            rows.append({"backend": backend, "status": f"unavailable: {why}", **env})
-            ok = False
+            rows.append({"backend": backend, "status": f"skipped: {why}", **env})
+            ok &= device == "cpu"  # on a GPU machine both backends must run
             continue
-        for B, D in SHAPES:
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                for layout in (("contiguous", "transposed") if B * D < 1e6 else ("contiguous",)):
-                    x = make_inputs(B, D, dtype=dtype, device="cuda", seed=B + D, layout=layout)
-                    m = 0.05 * torch.randn(D, device="cuda")
-                    t0 = time.perf_counter()
-                    res = compare_with_oracle(backend, x, m)
-                    bad = failures(res)
-                    ok &= not bad
-                    for q, err, bound in res:
-                        rows.append({"backend": backend, "B": B, "D": D, "dtype": str(dtype),
-                                     "layout": layout, "quantity": q, "error": err,
-                                     "bound": bound, "status": "ok" if err <= bound else "FAIL",
-                                     **env})
-                    print(f"{backend:6s} B={B:6d} D={D:5d} {str(dtype):15s} {layout:10s} "
-                          f"{'ok' if not bad else 'FAIL ' + str(bad)} ({time.perf_counter() - t0:.2f}s)",
-                          flush=True)
-        # the options and EMA paths, once per backend
-        x = make_inputs(64, 256, device="cuda", seed=1)
+        for (B, D), dtype in ((s, d) for s in shapes for d in DTYPES):
+            for layout in ("contiguous", "transposed") if B * D < 1e6 else ("contiguous",):
+                # The tests' inputs: seeded, m of the same scale (at D = 1, where u and v are
+                # 0 up to rounding, a much smaller m puts the fp32 rounding of the
+                # normalisation over the relative bound of every backend, the reference too).
+                x = make_inputs(B, D, dtype=dtype, device=device, seed=B * 31 + D, layout=layout)
+                m = 0.1 * torch.randn(D, generator=torch.Generator().manual_seed(1)).to(device)
+                t0 = time.perf_counter()
+                res = compare_with_oracle(backend, x, m)
+                bad = failures(res)
+                ok &= not bad
+                rows += [{"backend": backend, "B": B, "D": D, "dtype": str(dtype), "layout": layout,
+                          "quantity": q, "error": err, "bound": bound,
+                          "status": "ok" if err <= bound else "FAIL", **env} for q, err, bound in res]
+                print(f"{backend:6s} B={B:6d} D={D:5d} {str(dtype):15s} {layout:10s} "
+                      f"{'ok' if not bad else 'FAIL ' + str(bad)} ({time.perf_counter() - t0:.2f}s)",
+                      flush=True)
+        x = make_inputs(64, 256, device=device, seed=1)
         for opts in (dict(momentum=0.0), dict(avl=False), dict(pvl=False), dict(update=False),
                      dict(normalize=False)):
-            bad = failures(compare_with_oracle(backend, x, torch.zeros(256, device="cuda"), **opts))
+            bad = failures(compare_with_oracle(backend, x, torch.zeros(256, device=device), **opts))
             ok &= not bad
             print(f"{backend:6s} options {opts}: {'ok' if not bad else 'FAIL ' + str(bad)}")
-    write_csv(rows, out / "gpu_accuracy.csv")
+    write_csv(rows, out / f"gpu_accuracy_{slug(env['device'])}.csv")
     return ok
 
 
-def main():
-    out = Path(os.environ.get("OUT") or "benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    info.main()
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device visible: this script is for a GPU machine")
-    ok = accuracy(out)
+def _cuda_kernels(fn) -> list[str]:
+    """Names of the GPU kernels fn issues (the profiler's device-side events)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def launches(device: str, out: Path) -> bool:
+    """Kernels per DiVELoss forward and backward (B' = 512, D = 512): at most two and one.
+    On a GPU the profiler counts device kernels; on the CPU (dry run) the Triton path is
+    counted under the interpreter (LaunchCounter), as the tests do."""
+    rows, ok = [], True
+    env = environment(device)
+    for backend in GPU_BACKENDS:
+        why = usable(backend, device)
+        if why:
+            print(f"SKIP {backend}: {why}")
+            rows.append({"backend": backend, "status": f"skipped: {why}", **env})
+            continue
+        B, D = (512, 512) if device == "cuda" else (16, 32)
+        x = make_inputs(B, D, device=device, seed=0)
+        a, t = (x[i].clone().requires_grad_(True) for i in (0, 2))
+        loss_fn = DiVELoss(D, backend=backend, check_values=False).to(device)
+        loss_fn(a, x[1], t, x[3]).backward()  # compile and warm up first
+        seed = torch.ones((), device=device)
+        calls = {"forward": lambda: loss_fn(a, x[1], t, x[3])}
+        loss = calls["forward"]()
+        calls["backward"] = lambda: torch.autograd.grad(loss, (a, t), seed, retain_graph=True)
+        for direction, call in calls.items():
+            if device == "cuda":
+                kernels, other = _cuda_kernels(call), []
+            else:
+                with LaunchCounter() as counter:
+                    call()
+                kernels, other = counter.kernels, counter.kernel_ops()
+            passed = len(kernels) <= MAX_LAUNCHES[direction] and not other
+            ok &= passed
+            rows.append({"backend": backend, "direction": direction, "B": B, "D": D,
+                         "kernels": len(kernels), "names": " ".join(kernels),
+                         "other_ops": " ".join(other), "status": "ok" if passed else "FAIL", **env})
+            print(f"{backend:6s} {direction:8s} {len(kernels)} kernel(s): {kernels}"
+                  f"{' + ops ' + str(other) if other else ''} {'ok' if passed else 'FAIL'}")
+    write_csv(rows, out / f"gpu_launches_{slug(env['device'])}.csv")
+    return ok
+
+
+def op_timings(device: str, out: Path) -> bool:
     import bench_dive_op
-    bench_dive_op.main(["--device", "cuda", "--dtypes", "float32", "bfloat16", "--repeats", "50",
-                        "--out", str(out / "dive_op_cuda.csv")])
+    name = slug(device_name(device))
+    if device == "cuda":
+        args = ["--dtypes", "float32", "bfloat16", "--batches", "512", "32768", "--dims", "512",
+                "1024", "--repeats", "50"]
+    else:
+        args = ["--dtypes", "float32", "--batches", "64", "--dims", "32", "--repeats", "3",
+                "--copy-mib", "16"]
+    bench_dive_op.main(["--device", device, *args, "--out", str(out / f"dive_op_{name}.csv")])
+
+
+def step(device: str, out: Path) -> bool:
     try:
         import open_clip  # noqa: F401
     except ImportError as exc:
         print(f"SKIP step benchmark: open_clip not importable ({exc})")
+        return device == "cpu"
+    import bench_step
+    name = slug(device_name(device))
+    if device == "cuda":
+        args = ["--model", "ViT-B-16", "--batch", "256", "--amp", "bf16", "--data", "synthetic",
+                "--steps", "10", "--warmup", "3", "--rounds", "1", "--workers", "6",
+                "--ref-size", "2048"]
     else:
-        import bench_step
-        bench_step.main(["--device", "cuda", "--model", "ViT-B-16", "--batch", "256", "--amp",
-                         "bf16", "--data", "synthetic", "--steps", "10", "--warmup", "3",
-                         "--rounds", "1", "--workers", "6", "--ref-size", "2048",
-                         "--out", str(out / "step_cuda.csv")])
-    print("ACCURACY", "PASS" if ok else "FAIL")
-    sys.exit(0 if ok else 1)
+        args = ["--model", "dive-micro", "--batch", "8", "--data", "synthetic", "--steps", "2",
+                "--warmup", "1", "--rounds", "1", "--workers", "0", "--ref-size", "32"]
+    bench_step.main(["--device", device, *args, "--variants", *STEP_VARIANTS,
+                     "--out", str(out / f"step_{name}.csv")])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every stage on the CPU (Triton interpreted, CUDA skipped)")
+    p.add_argument("--out", default=os.environ.get("OUT") or None)
+    p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "launches", "op", "step"])
+    args = p.parse_args(argv)
+    device = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device visible: run on a GPU machine, or pass --dry-run")
+        return 2
+    out = Path(args.out or (tempfile.mkdtemp(prefix="gpu-check-") if args.dry_run
+                            else "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"gpu_check on {device_name(device)}{' (dry run)' if args.dry_run else ''} -> {out}")
+    info.main()
+    check = Check()
+    stages = {"accuracy": (accuracy, device, SHAPES["dry" if args.dry_run else "gpu"], out),
+              "launches": (launches, device, out), "op": (op_timings, device, out),
+              "step": (step, device, out)}
+    for name, (fn, *fn_args) in stages.items():
+        if name not in args.skip:
+            check.stage(name, fn, *fn_args)
+    ok = check.report()
+    print("GPU CHECK", "PASS" if ok else "FAIL", f"(results in {out})")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) dive_stats_kernel(
 template <typename m_t>
 __global__ void __launch_bounds__(kThreads) dive_finalize_kernel(
     const float* __restrict__ means, const float* __restrict__ scalars, int K, int D,
-    const m_t* m, const float* __restrict__ b_global, float momentum, float lam_avl,
+    const m_t* m, const float* __restrict__ b_global, float momentum, float rate, float lam_avl,
     float lam_pvl, m_t* __restrict__ m_new, m_t* m_out, float* __restrict__ b_out,
     float* __restrict__ loss, float* __restrict__ avl_out, float* __restrict__ pvl_out,
     float* __restrict__ info) {
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) dive_finalize_kernel(
   for (int d = threadIdx.x; d < D; d += kThreads) {
     const float b_local = b_out[d], b = b_global != nullptr ? b_global[d] : b_local;
     const float old = static_cast<float>(m[d]);
-    const m_t updated = static_cast<m_t>(finite ? momentum * old + (1.f - momentum) * b : old);
+    const m_t updated = static_cast<m_t>(finite ? momentum * old + rate * b : old);
     m_new[d] = updated;
     if (m_out != nullptr) m_out[d] = updated;
     const float e = b_local - static_cast<float>(updated);
@@ -355,7 +355,7 @@ ForwardOutputs dive_finalize_cuda(const at::Tensor& means, const at::Tensor& sca
         means.data_ptr<float>(), scalars.data_ptr<float>(), static_cast<int>(means.size(0)),
         static_cast<int>(means.size(2)), m_c.data_ptr<m_t>(),
         b ? b->data_ptr<float>() : nullptr, static_cast<float>(momentum),
-        static_cast<float>(lam_avl), static_cast<float>(lam_pvl), m_new.data_ptr<m_t>(),
+        static_cast<float>(1.0 - momentum), static_cast<float>(lam_avl), static_cast<float>(lam_pvl), m_new.data_ptr<m_t>(),
         m_out ? m_out->data_ptr<m_t>() : nullptr, b_out.data_ptr<float>(),
         loss.data_ptr<float>(), avl.data_ptr<float>(), pvl.data_ptr<float>(),
         info.data_ptr<float>());

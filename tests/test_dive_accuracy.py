@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import backend_params
-from dive_fast import DiVELoss
+from dive_fast import DiVELoss, dive_loss
 from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import compare_with_oracle, failures, make_inputs
 
@@ -53,6 +53,21 @@ def test_options(backend, options):
     inputs = make_inputs(29, 40, seed=11)
     assert_exact(backend, inputs, 0.1 * torch.randn(40, generator=torch.Generator().manual_seed(2)),
                  **options)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("momentum", [0.99, 0.9, 0.5])
+def test_ema_weights_rounded_once(backend, momentum):
+    """m_new = momentum m + (1 - momentum) b with 1 - momentum formed in float64: in fp32,
+    1 - fp32(0.99) is off by 1e-6 relative, ten times the rounding of the result."""
+    B, D = 6, 5
+    c = torch.linspace(0.5, 2.5, D, dtype=torch.float64)
+    pre = torch.randn(B, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = [(pre + c).float(), pre.float(), (pre + c).float(), pre.float()]
+    u = (x[0].double() - x[1].double()).mean(0)  # b as the fp32 inputs give it
+    m = torch.zeros(D)
+    out = dive_loss(*x, m, momentum=momentum, normalize=False, backend=backend)
+    torch.testing.assert_close(out.m.double(), (1 - momentum) * u, rtol=3e-7, atol=0)
 
 
 @pytest.mark.parametrize("backend", ALL)

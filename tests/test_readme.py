@@ -16,3 +16,10 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
     assert "pytest" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in [l.strip() for l in ci]
+
+
+def test_ci_runs_the_gpu_check_dry_run_after_the_tests():
+    ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+    test_cmd = _commands()[1]
+    assert "bash benchmarks/gpu_check.sh --dry-run" in ci
+    assert ci.index("bash benchmarks/gpu_check.sh --dry-run") > ci.index(test_cmd)

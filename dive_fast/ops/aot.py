@@ -43,8 +43,7 @@ REGISTERS_PER_SM, THREADS_PER_SM, REGISTER_UNIT = 65536, 2048, 256
 SHARED_PER_SM = {80: 167936, 90: 233472}
 SHARED_PER_BLOCK = {80: 166912, 90: 232448}
 FIELDS = ("backend", "kernel", "config", "arch", "registers", "spill_store_bytes",
-          "spill_load_bytes", "stack_bytes", "shared_bytes", "threads", "blocks_per_sm",
-          "compile_s", "error")
+          "spill_load_bytes", "stack_bytes", "shared_bytes", "threads", "blocks_per_sm", "error")
 
 
 def blocks_per_sm(registers: int, threads: int, shared: int, arch: int) -> int:
@@ -115,7 +114,8 @@ def _kernel_args(job: dict):
     f32 = ptr("fp32")
     if job["kernel"] == "_dive_finalize_kernel":
         m = ptr(job["m"])
-        args = [f32, f32, m, f32, m, m, f32, f32, f32, f32, f32, 100, 512, 0.99, 1000.0, 1000.0]
+        args = [f32, f32, m, f32, m, m, f32, f32, f32, f32, f32, 100, 512, 0.99, 0.01, 1000.0,
+                1000.0]
         return k._dive_finalize_kernel, args, dict(
             HAS_B=job["has_b"], HAS_M_OUT=job["has_m_out"], NUM_SCAL=NUM_SCALARS,
             BLOCK_K=k.FINALIZE["BLOCK_K"], BLOCK_D=k.FINALIZE["BLOCK_D"]), k.FINALIZE["num_warps"]

@@ -152,12 +152,13 @@ def _merge_parts(n, x, n_run, mean, dev):
 @triton.jit
 def _dive_finalize_kernel(
     MEANS, SCAL, M, B_GLOBAL, M_NEW, M_OUT, B_OUT, LOSS, AVL, PVL, INFO, K, D,
-    momentum, lam_avl, lam_pvl,
+    momentum, rate, lam_avl, lam_pvl,
     HAS_B: tl.constexpr, HAS_M_OUT: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, NUM_SCAL: tl.constexpr,
 ):
     """One program. b: the parts' weighted mean of u and v (B_GLOBAL instead when given:
-    the mean over ranks); m_new = momentum m + (1 - momentum) b, or m where b is not
+    the mean over ranks); m_new = momentum m + rate b (rate = 1 - momentum, formed in
+    float64 on the host: 1 - fp32(0.99) is off by 1e-6), or m where b is not
     finite; AVL = (sum M2 + sum_k n_k |mean_k - m_new|^2) / n, the second sum taken as
     dev + 2n |b_local - m_new|^2 with dev the parts' squared deviations about their own
     weighted mean b_local: every term non-negative, no cancellation."""
@@ -205,7 +206,7 @@ def _dive_finalize_kernel(
         else:
             b = b_local
         m_old = tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
-        m_new = tl.where(finite, momentum * m_old + (1.0 - momentum) * b, m_old)
+        m_new = tl.where(finite, momentum * m_old + rate * b, m_old)
         tl.store(M_NEW + cols, m_new.to(M_NEW.dtype.element_ty), mask=cmask)
         e = tl.where(cmask, b_local - m_new, 0.0)
         off += tl.sum(e * e, axis=0)
@@ -324,8 +325,8 @@ def triton_finalize(means, scalars, m, m_out, b, momentum: float, lam_avl: float
     _dive_finalize_kernel[(1,)](
         means, scalars, m, b_local if b is None else b, m_new,
         m_new if m_out is None else m_out, b_local, loss, avl, pvl, info, K, D,
-        momentum, lam_avl, lam_pvl, HAS_B=b is not None, HAS_M_OUT=m_out is not None,
-        NUM_SCAL=NUM_SCALARS, **FINALIZE)
+        momentum, 1.0 - momentum, lam_avl, lam_pvl, HAS_B=b is not None,
+        HAS_M_OUT=m_out is not None, NUM_SCAL=NUM_SCALARS, **FINALIZE)
     return loss, avl, pvl, m_new, b_local if b is None else b, info
 
 
