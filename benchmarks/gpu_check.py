@@ -75,11 +75,14 @@ class Check:
         return all(status == "PASS" for _, status, _ in self.results)
 
 
-def usable(backend: str, device: str) -> str | None:
-    """None when the backend runs on this device, else why not."""
+def skipped(backend: str, device: str, rows: list, env: dict) -> str | None:
+    """None when the backend runs on this device, else why not (printed and recorded)."""
     why = backends.unavailable_reason(backend, device)
     if why is None and device == "cuda" and not torch.cuda.is_available():
         why = "no CUDA device visible"
+    if why:
+        print(f"SKIP {backend}: {why}")
+        rows.append({"backend": backend, "status": f"skipped: {why}", **env})
     return why
 
 
@@ -87,10 +90,7 @@ def accuracy(device: str, shapes, out: Path) -> bool:
     rows, ok = [], True
     env = environment(device)
     for backend in GPU_BACKENDS:
-        why = usable(backend, device)
-        if why:
-            print(f"SKIP {backend}: {why}")
-            rows.append({"backend": backend, "status": f"skipped: {why}", **env})
+        if skipped(backend, device, rows, env):
             ok &= device == "cpu"  # on a GPU machine both backends must run
             continue
         for (B, D), dtype in ((s, d) for s in shapes for d in DTYPES):
@@ -137,10 +137,7 @@ def launches(device: str, out: Path) -> bool:
     rows, ok = [], True
     env = environment(device)
     for backend in GPU_BACKENDS:
-        why = usable(backend, device)
-        if why:
-            print(f"SKIP {backend}: {why}")
-            rows.append({"backend": backend, "status": f"skipped: {why}", **env})
+        if skipped(backend, device, rows, env):
             continue
         B, D = (512, 512) if device == "cuda" else (16, 32)
         x = make_inputs(B, D, device=device, seed=0)

@@ -13,6 +13,31 @@ constexpr int kCount = 0, kM2U = 1, kM2V = 2, kPvl = 3, kNormU = 4, kNormV = 5;
 constexpr int kNonFinite = 6, kZeroNorm = 10, kNumScalars = 14;
 constexpr int kInfoSize = 10;  // mean |u|, mean |v|, 4 non-finite, 4 zero-norm row counts
 
+#ifdef __CUDACC__
+#define DIVE_HOST_DEVICE __host__ __device__
+#else
+#define DIVE_HOST_DEVICE
+#endif
+
+// The finalisation's merge over parts (CPU and CUDA; Triton's merges chunks of parts the
+// same way): column j's mean over the parts k = 0..K-1 of u, then of v, each weighing its
+// row count n_k, by Chan's update; dev += the parts' squared deviations about that mean.
+template <typename T, typename S>
+DIVE_HOST_DEVICE inline T merge_parts(const S* means, const S* scalars, int64_t K, int64_t D,
+                                      int64_t j, T& dev) {
+  T n_run = 0, mean = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const T n = scalars[k * kNumScalars + kCount];
+    for (int part = 0; part < 2; ++part) {  // u, then v
+      const T tot = n_run + n, w = n / tot, e = T(means[(2 * k + part) * D + j]) - mean;
+      dev += n_run * w * e * e;
+      mean += e * w;
+      n_run = tot;
+    }
+  }
+  return mean;
+}
+
 // The forward's outputs, (loss, avl, pvl, m_new, b, info), as the ops return them.
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor>;
@@ -22,6 +47,17 @@ inline ForwardOutputs empty_forward_outputs(const at::Tensor& means, const at::T
   const auto opts = means.options();
   return {at::empty({}, opts), at::empty({}, opts), at::empty({}, opts), at::empty_like(m),
           at::empty({means.size(2)}, opts), at::empty({kInfoSize}, opts)};
+}
+
+// The single-process forward, the same on every device: the statistics, then their
+// finalisation (on a GPU two launches), m_out updated by the latter.
+template <auto stats, auto finalize>
+ForwardOutputs fused_forward(const at::Tensor& img_ft, const at::Tensor& img_pre,
+                             const at::Tensor& txt_ft, const at::Tensor& txt_pre,
+                             const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                             bool normalize, double momentum, double lam_avl, double lam_pvl) {
+  const auto [means, scalars] = stats(img_ft, img_pre, txt_ft, txt_pre, normalize);
+  return finalize(means, scalars, m, m_out, std::nullopt, momentum, lam_avl, lam_pvl);
 }
 
 inline void check_finalize_inputs(const at::Tensor& means, const at::Tensor& scalars,

@@ -201,16 +201,7 @@ void finalize_host(const acc_t* means, const acc_t* scalars, int64_t K, int64_t 
   std::vector<double> b_local(D);
   double dev = 0, bad = 0;
   for (int64_t d = 0; d < D; ++d) {
-    double n_run = 0, mean = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const double n = scalars[k * kNumScalars + kCount];
-      for (int part = 0; part < 2; ++part) {  // u, then v
-        const double tot = n_run + n, w = n / tot, e = means[(2 * k + part) * D + d] - mean;
-        dev += n_run * w * e * e;
-        mean += e * w;
-        n_run = tot;
-      }
-    }
+    const double mean = merge_parts<double>(means, scalars, K, D, d, dev);
     b_local[d] = mean;
     b_out[d] = static_cast<acc_t>(mean);
     bad += !(std::abs(b_global ? double(b_global[d]) : mean) <= std::numeric_limits<acc_t>::max());
@@ -256,15 +247,6 @@ ForwardOutputs dive_finalize_cpu(const at::Tensor& means, const at::Tensor& scal
   if (m_new.scalar_type() != m.scalar_type()) m_new = m_new.to(m.scalar_type());
   if (m_out && !direct) m_out->copy_(m_new);
   return out;
-}
-
-ForwardOutputs dive_forward_cpu(const at::Tensor& img_ft, const at::Tensor& img_pre,
-                                const at::Tensor& txt_ft, const at::Tensor& txt_pre,
-                                const at::Tensor& m, const std::optional<at::Tensor>& m_out,
-                                bool normalize, double momentum, double lam_avl,
-                                double lam_pvl) {
-  const auto [means, scalars] = dive_stats_cpu(img_ft, img_pre, txt_ft, txt_pre, normalize);
-  return dive_finalize_cpu(means, scalars, m, m_out, std::nullopt, momentum, lam_avl, lam_pvl);
 }
 
 // Gradient outputs are large (B' x D) and die within the step; fresh ones cost the OS
@@ -464,7 +446,7 @@ TORCH_LIBRARY(dive_fast_C, lib) {
 TORCH_LIBRARY_IMPL(dive_fast_C, CPU, lib) {
   lib.impl("dive_stats", &dive_stats_cpu);
   lib.impl("dive_finalize", &dive_finalize_cpu);
-  lib.impl("dive_forward", &dive_forward_cpu);
+  lib.impl("dive_forward", &fused_forward<dive_stats_cpu, dive_finalize_cpu>);
   lib.impl("dive_backward", &dive_backward_cpu);
 }
 

@@ -206,17 +206,7 @@ __global__ void __launch_bounds__(kThreads) dive_finalize_kernel(
   const float total = sums[kCount];
   float dev = 0.f, bad = 0.f;
   for (int d = threadIdx.x; d < D; d += kThreads) {
-    float n_run = 0.f, mean = 0.f;
-    for (int k = 0; k < K; ++k) {
-      const float n = scalars[k * kNumScalars + kCount];
-#pragma unroll
-      for (int part = 0; part < 2; ++part) {  // u, then v
-        const float tot = n_run + n, w = n / tot, e = means[(2 * k + part) * D + d] - mean;
-        dev += n_run * w * e * e;
-        mean += e * w;
-        n_run = tot;
-      }
-    }
+    const float mean = merge_parts<float>(means, scalars, K, D, d, dev);
     b_out[d] = mean;
     bad += !(fabsf(b_global != nullptr ? b_global[d] : mean) <= FLT_MAX);
   }
@@ -364,15 +354,6 @@ ForwardOutputs dive_finalize_cuda(const at::Tensor& means, const at::Tensor& sca
   return out;
 }
 
-ForwardOutputs dive_forward_cuda(const at::Tensor& img_ft, const at::Tensor& img_pre,
-                                 const at::Tensor& txt_ft, const at::Tensor& txt_pre,
-                                 const at::Tensor& m, const std::optional<at::Tensor>& m_out,
-                                 bool normalize, double momentum, double lam_avl,
-                                 double lam_pvl) {
-  const auto [means, scalars] = dive_stats_cuda(img_ft, img_pre, txt_ft, txt_pre, normalize);
-  return dive_finalize_cuda(means, scalars, m, m_out, std::nullopt, momentum, lam_avl, lam_pvl);
-}
-
 std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
     const at::Tensor& img_ft, const at::Tensor& img_pre, const at::Tensor& txt_ft,
     const at::Tensor& txt_pre, const at::Tensor& m, const std::optional<at::Tensor>& g_loss,
@@ -421,7 +402,7 @@ TORCH_LIBRARY_FRAGMENT(dive_fast_C, lib) {
 TORCH_LIBRARY_IMPL(dive_fast_C, CUDA, lib) {
   lib.impl("dive_stats", &dive_stats_cuda);
   lib.impl("dive_finalize", &dive_finalize_cuda);
-  lib.impl("dive_forward", &dive_forward_cuda);
+  lib.impl("dive_forward", &fused_forward<dive_stats_cuda, dive_finalize_cuda>);
   lib.impl("dive_backward", &dive_backward_cuda);
 }
 
