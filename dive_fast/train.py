@@ -7,8 +7,10 @@
         --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch/val \\
         --rsa-shards /data/cc3m/00332.tar
 
-Writes to --out: metrics.jsonl, curves.png, checkpoints/ (atomic, last --keep kept),
-report.json and table.md (zero-shot row, fine-tuned row, WiSE-FT rows).
+Writes to --out: metrics.jsonl, curves.png, checkpoints/ (atomic, with a digest, last --keep
+kept), report.json and table.md (zero-shot row, fine-tuned row, WiSE-FT rows). A run owns its
+--out (a lock while it runs; another run's folder only with --resume), and checks every
+argument and input before any expensive work (``check_args``).
 """
 from __future__ import annotations
 
