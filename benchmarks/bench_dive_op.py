@@ -17,6 +17,7 @@ What is timed is what a user's call costs: ``dive_loss`` (or the eager formula) 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def implementations(device: str, dtype, D: int, wanted):
     return {k: v for k, v in impls.items() if not wanted or k in wanted}
 
 
-def time_modes(fn, inputs, m, device, repeats):
+def time_modes(fn, inputs, m, device, repeats, min_time_s):
     a, t = (inputs[i].detach().requires_grad_(True) for i in (0, 2))
     args = [a, inputs[1], t, inputs[3]]
 
@@ -83,8 +84,8 @@ def time_modes(fn, inputs, m, device, repeats):
     def bwd():
         torch.autograd.grad(loss, (a, t), retain_graph=True)
 
-    return {"fwd": measure(fwd, device, repeats), "bwd": measure(bwd, device, repeats),
-            "fwd+bwd": measure(fwd_bwd, device, repeats)}
+    return {mode: measure(call, device, repeats, min_time_s=min_time_s)
+            for mode, call in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}
 
 
 def plot(rows, path):
@@ -118,45 +119,59 @@ def main(argv=None):
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768])
     p.add_argument("--dtypes", nargs="+", default=["float32"])
     p.add_argument("--impls", nargs="*", default=None, help="subset of implementations")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="at least this many calls per mode")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="and at least this many seconds per mode: on a shared machine a few "
+                        "stalled calls must not move the median of a sub-millisecond op")
     p.add_argument("--copy-mib", type=int, default=256, help="copy-bandwidth buffer size")
     p.add_argument("--out", default="benchmarks/results/dive_op_cpu.csv")
     args = p.parse_args(argv)
     env = environment(args.device)
-    bandwidth = copy_bandwidth(args.device, args.copy_mib << 20)
     peak = peak_bandwidth(env["device"]) if args.device.startswith("cuda") else None
     launch_s = launch_seconds(args.device)
     launches = LAUNCHES["cuda" if args.device.startswith("cuda") else "cpu"]
-    print(f"{env['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s"
-          f"{f', peak {peak / 1e9:.0f} GB/s' if peak else ''}, one launch {launch_s * 1e6:.1f} us")
-    rows = []
+    # The copy bandwidth, measured again before every shape: on a shared machine it drifts
+    # (29 to 42 GB/s seen in one hour here), and the floor takes the run's median.
+    copies, rows = [], []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for D in args.dims:
             for B in args.batches:
+                copies.append(copy_bandwidth(args.device, args.copy_mib << 20))
                 inputs = make_inputs(B, D, dtype=dtype, device=args.device, seed=0)
                 m = torch.zeros(D, device=args.device)
                 itemsize = inputs[0].element_size()
                 for impl, fn in implementations(args.device, dtype, D, args.impls).items():
-                    for mode, stats in time_modes(fn, inputs, m, args.device, args.repeats).items():
+                    for mode, stats in time_modes(fn, inputs, m, args.device, args.repeats,
+                                                     args.min_time).items():
                         nbytes = FLOOR_VALUES[mode] * B * D * itemsize
-                        floor_ms = nbytes / bandwidth * 1e3
                         launch_ms = launches[mode] * launch_s * 1e3
                         hbm = {"hbm_floor_ms": nbytes / peak * 1e3,
                                "ratio_to_hbm": stats["median_ms"] / (nbytes / peak * 1e3),
                                "peak_GBps": peak / 1e9} if peak else {}
                         rows.append({"op": "dive", "impl": impl, "mode": mode, "B": B, "D": D,
-                                     "dtype": dtype_name, **stats, "floor_ms": floor_ms,
-                                     "ratio_to_floor": stats["median_ms"] / floor_ms, **hbm,
+                                     "dtype": dtype_name, **stats, "bytes": nbytes, **hbm,
                                      "launch_floor_ms": launch_ms,
                                      "ratio_to_launch_floor": stats["median_ms"] / launch_ms,
-                                     "copy_GBps": bandwidth / 1e9, **env})
+                                     **env})
                         r = rows[-1]
                         hbm_note = f" {r['ratio_to_hbm']:7.2f}x HBM" if peak else ""
                         print(f"{dtype_name:9s} B={B:6d} D={D:4d} {impl:14s} {mode:8s} "
-                              f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor"
-                              f"{hbm_note} {r['ratio_to_launch_floor']:7.1f}x launches",
-                              flush=True)
+                              f"{r['median_ms']:9.3f} ms  {nbytes / copies[-1] * 1e3:7.3f} ms at "
+                              f"{copies[-1] / 1e9:.1f} GB/s{hbm_note} "
+                              f"{r['ratio_to_launch_floor']:7.1f}x launches", flush=True)
+    bandwidth = statistics.median(copies)
+    for r in rows:
+        r.update(floor_ms=r["bytes"] / bandwidth * 1e3, copy_GBps=bandwidth / 1e9,
+                 copy_GBps_min=min(copies) / 1e9, copy_GBps_max=max(copies) / 1e9)
+        r["ratio_to_floor"] = r["median_ms"] / r["floor_ms"]
+    print(f"{env['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(copies)}, "
+          f"{min(copies) / 1e9:.1f} to {max(copies) / 1e9:.1f})"
+          f"{f', peak {peak / 1e9:.0f} GB/s' if peak else ''}, one launch {launch_s * 1e6:.1f} us")
+    for r in rows:
+        if r["mode"] == "fwd+bwd":
+            print(f"{r['dtype']:9s} B={r['B']:6d} D={r['D']:4d} {r['impl']:14s} fwd+bwd "
+                  f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor")
     write_csv(rows, args.out)
     plot(rows, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")

@@ -171,10 +171,10 @@ def op_timings(device: str, out: Path) -> bool:
     name = slug(device_name(device))
     if device == "cuda":
         args = ["--dtypes", "float32", "bfloat16", "--batches", "512", "32768", "--dims", "512",
-                "1024", "--repeats", "50"]
+                "1024", "--repeats", "50", "--min-time", "0.3"]
     else:
         args = ["--dtypes", "float32", "--batches", "64", "--dims", "32", "--repeats", "3",
-                "--copy-mib", "16"]
+                "--min-time", "0", "--copy-mib", "16"]
     bench_dive_op.main(["--device", device, *args, "--out", str(out / f"dive_op_{name}.csv")])
 
 
