@@ -101,9 +101,9 @@ def _world_size() -> int:
 
 
 def _forward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor,
-                 m: Optional[Tensor], m_out: Optional[Tensor], momentum: float, update: bool,
-                 normalize: bool, lam: float, w_avl: float, w_pvl: float, all_reduce: bool,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             m: Optional[Tensor], m_out: Optional[Tensor], momentum: float, update: bool,
+             normalize: bool, lam: float, w_avl: float, w_pvl: float, all_reduce: bool,
+             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss, avl, pvl, m_new, b, info); loss = lam * (w_avl * avl + w_pvl * pvl).
 
     ``m_out`` (optional) receives m_new as well, written by the finalisation itself;
@@ -138,9 +138,9 @@ def _(img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum, update, normalize, l
 
 
 def _backward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, m: Tensor,
-                  g_loss: Optional[Tensor], g_avl: Optional[Tensor], g_pvl: Optional[Tensor],
-                  lam_avl: float, lam_pvl: float, scale: float, normalize: bool, backend: str
-                  ) -> tuple[Tensor, Tensor]:
+              g_loss: Optional[Tensor], g_avl: Optional[Tensor], g_pvl: Optional[Tensor],
+              lam_avl: float, lam_pvl: float, scale: float, normalize: bool, backend: str
+              ) -> tuple[Tensor, Tensor]:
     """Gradients for img_ft and txt_ft given dL/du = c_avl (u-m) + c_pvl (u-v), etc., with
     c_avl = scale (lam_avl g_loss + g_avl), c_pvl = scale (lam_pvl g_loss + g_pvl) from the
     upstream gradients of (loss, avl, pvl) (None: zero), formed inside the kernel."""
