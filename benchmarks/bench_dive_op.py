@@ -44,7 +44,8 @@ def launch_seconds(device: str) -> float:
     """One trivial op, issued back to back: the per-launch (GPU) or per-call (CPU) cost."""
     x = torch.zeros(1, device=device)
     n = 200
-    return measure(lambda: [x.add_(1.0) for _ in range(n)], device, repeats=5)["median_ms"] / n / 1e3
+    burst = measure(lambda: [x.add_(1.0) for _ in range(n)], device, repeats=5)
+    return burst["median_ms"] / n / 1e3
 
 
 def eager_impl(inputs, m):

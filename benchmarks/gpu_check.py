@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, environment, write_csv  # noqa: E402
 
 from dive_fast import DiVELoss, backends, info  # noqa: E402
-from dive_fast.testing import LaunchCounter, compare_with_oracle, failures, make_inputs  # noqa: E402
+from dive_fast.testing import (LaunchCounter, compare_with_oracle, failures,  # noqa: E402
+                               make_inputs)
 
 GPU_BACKENDS = ("triton", "cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,10 +107,11 @@ def accuracy(device: str, shapes, out: Path) -> bool:
                 ok &= not bad
                 rows += [{"backend": backend, "B": B, "D": D, "dtype": str(dtype), "layout": layout,
                           "quantity": q, "error": err, "bound": bound,
-                          "status": "ok" if err <= bound else "FAIL", **env} for q, err, bound in res]
-                print(f"{backend:6s} B={B:6d} D={D:5d} {str(dtype):15s} {layout:10s} "
-                      f"{'ok' if not bad else 'FAIL ' + str(bad)} ({time.perf_counter() - t0:.2f}s)",
-                      flush=True)
+                          "status": "ok" if err <= bound else "FAIL", **env}
+                         for q, err, bound in res]
+                verdict = "ok" if not bad else f"FAIL {bad}"
+                print(f"{backend:6s} B={B:6d} D={D:5d} {str(dtype):15s} {layout:10s} {verdict} "
+                      f"({time.perf_counter() - t0:.2f}s)", flush=True)
         x = make_inputs(64, 256, device=device, seed=1)
         for opts in (dict(momentum=0.0), dict(avl=False), dict(pvl=False), dict(update=False),
                      dict(normalize=False)):

@@ -345,7 +345,8 @@ ForwardOutputs dive_finalize_cuda(const at::Tensor& means, const at::Tensor& sca
         means.data_ptr<float>(), scalars.data_ptr<float>(), static_cast<int>(means.size(0)),
         static_cast<int>(means.size(2)), m_c.data_ptr<m_t>(),
         b ? b->data_ptr<float>() : nullptr, static_cast<float>(momentum),
-        static_cast<float>(1.0 - momentum), static_cast<float>(lam_avl), static_cast<float>(lam_pvl), m_new.data_ptr<m_t>(),
+        static_cast<float>(1.0 - momentum), static_cast<float>(lam_avl),
+        static_cast<float>(lam_pvl), m_new.data_ptr<m_t>(),
         m_out ? m_out->data_ptr<m_t>() : nullptr, b_out.data_ptr<float>(),
         loss.data_ptr<float>(), avl.data_ptr<float>(), pvl.data_ptr<float>(),
         info.data_ptr<float>());

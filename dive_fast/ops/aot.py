@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +62,9 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
     out = {}
     for block in log.split("Compiling entry function '")[1:]:
         name = block.split("'", 1)[0]
-        grab = lambda pattern: int(m.group(1)) if (m := re.search(pattern, block)) else 0  # noqa: E731
+        def grab(pattern):
+            m = re.search(pattern, block)
+            return int(m.group(1)) if m else 0
         out[name] = {"registers": grab(r"Used (\d+) registers"),
                      "spill_store_bytes": grab(r"(\d+) bytes spill stores"),
                      "spill_load_bytes": grab(r"(\d+) bytes spill loads"),
@@ -84,8 +87,8 @@ def triton_jobs() -> list[tuple[str, str, dict]]:
     """(kernel, config label, job) for every configuration the launchers can choose."""
     from .dive_triton import FINALIZE, launch_config
     jobs = []
-    for D, (ft, pre), normalize in itertools.product(_dim_buckets(), itertools.product(DTYPES, repeat=2),
-                                                     (True, False)):
+    pairs = list(itertools.product(DTYPES, repeat=2))
+    for D, (ft, pre), normalize in itertools.product(_dim_buckets(), pairs, (True, False)):
         cfg = launch_config(D)
         label = (f"D<={D} BLOCK_B={cfg.block_b} BLOCK_D={cfg.block_d} warps={cfg.num_warps} "
                  f"ft={ft} pre={pre} normalize={int(normalize)}")
@@ -226,7 +229,7 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
         dynamic["dive_stats_kernel"] = (int(ops.cuda_stats_shared_bytes(dim)), dim)
     flags = ["-O3", "-lineinfo", "-std=c++20", *COMMON_NVCC_FLAGS, f"-I{ROOT / 'csrc'}",
              *(f"-I{p}" for p in include_paths(device_type="cuda")),
-             f"-I{Path(sys.base_prefix) / 'include' / f'python{sys.version_info.major}.{sys.version_info.minor}'}",
+             f"-I{sysconfig.get_paths()['include']}",
              "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
     del torch
 
@@ -298,8 +301,9 @@ def summary(rows: list[dict]) -> str:
         group = [r for r in group if not r.get("error")]
         if not group:
             continue
-        span = lambda f: (f"{min(int(r[f]) for r in group)}-{max(int(r[f]) for r in group)}"  # noqa: E731
-                          if len({int(r[f]) for r in group}) > 1 else str(int(group[0][f])))
+        def span(field):
+            lo, hi = min(int(r[field]) for r in group), max(int(r[field]) for r in group)
+            return f"{lo}-{hi}" if lo != hi else str(lo)
         spills = sum(int(r["spill_store_bytes"]) + int(r["spill_load_bytes"]) > 0 for r in group)
         lines.append(f"| {backend} | {kernel.strip('_')} | {arch} | {len(group)} | "
                      f"{span('registers')} | {spills} | {span('shared_bytes')} | "

@@ -186,9 +186,9 @@ def _dive_finalize_kernel(
             n = tl.load(SCAL + kk * NUM_SCAL, mask=kmask, other=0.0)
             mask = kmask[:, None] & cmask[None, :]
             part = MEANS + kk[:, None] * 2 * D + cols[None, :]
-            n_run, mean, dev = _merge_parts(n, tl.load(part, mask=mask, other=0.0), n_run, mean, dev)
-            n_run, mean, dev = _merge_parts(n, tl.load(part + D, mask=mask, other=0.0), n_run,
-                                            mean, dev)
+            for offset in tl.static_range(2):  # u, then v
+                n_run, mean, dev = _merge_parts(
+                    n, tl.load(part + offset * D, mask=mask, other=0.0), n_run, mean, dev)
         tl.store(B_OUT + cols, mean, mask=cmask)
         if HAS_B:
             mean = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
