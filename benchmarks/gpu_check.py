@@ -1,6 +1,6 @@
 """The prepared GPU check: every GPU backend and dtype against the float64 oracle, the
-kernel launches per call, op timings against the HBM and launch-latency floors, and the
-training-step benchmark.
+kernel launches per call, op timings against the HBM and launch-latency floors, the
+training-step benchmark, and the co-scheduled frozen forward against the sequential one.
 
     bash benchmarks/gpu_check.sh             # on a CUDA machine (budget: 8 minutes)
     bash benchmarks/gpu_check.sh --dry-run   # anywhere: the same script on the CPU
@@ -10,7 +10,7 @@ Triton kernels under TRITON_INTERPRET=1, the CUDA backend skipped with the reaso
 step benchmark with the micro model. Writes, to $OUT or --out (default: on a GPU
 benchmarks/results/, dry run a temporary folder), CSVs named by device:
 gpu_accuracy_<device>.csv, gpu_launches_<device>.csv, dive_op_<device>.csv (and .png),
-step_<device>.csv. Exit status 0 only when every stage passed.
+step_<device>.csv, streams_<device>.csv. Exit status 0 only when every stage passed.
 """
 from __future__ import annotations
 
@@ -199,12 +199,28 @@ def step(device: str, out: Path) -> bool:
                      "--out", str(out / f"step_{name}.csv")])
 
 
+def streams(device: str, out: Path) -> bool:
+    """The co-scheduled frozen forward (side stream) against the sequential one: equal
+    losses and gradients, and both timed (on the CPU there is no side stream)."""
+    try:
+        import open_clip  # noqa: F401
+    except ImportError as exc:
+        print(f"SKIP stream check: open_clip not importable ({exc})")
+        return device == "cpu"
+    import check_streams
+    name = slug(device_name(device))
+    args = (["--model", "ViT-B-16", "--batch", "128", "--amp", "bf16", "--steps", "6"]
+            if device == "cuda" else ["--model", "dive-micro", "--batch", "8", "--steps", "3"])
+    return check_streams.main(["--device", device, *args, "--out", str(out / f"streams_{name}.csv")])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true",
                    help="run every stage on the CPU (Triton interpreted, CUDA skipped)")
     p.add_argument("--out", default=os.environ.get("OUT") or None)
-    p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "launches", "op", "step"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "launches", "op", "step",
+                                                                  "streams"])
     args = p.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
@@ -218,7 +234,7 @@ def main(argv=None) -> int:
     check = Check()
     stages = {"accuracy": (accuracy, device, SHAPES["dry" if args.dry_run else "gpu"], out),
               "launches": (launches, device, out), "op": (op_timings, device, out),
-              "step": (step, device, out)}
+              "step": (step, device, out), "streams": (streams, device, out)}
     for name, (fn, *fn_args) in stages.items():
         if name not in args.skip:
             check.stage(name, fn, *fn_args)
