@@ -74,7 +74,7 @@ setup(
     packages=find_packages(include=["dive_fast", "dive_fast.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "open_clip_torch>=2.24", "numpy", "pillow", "tqdm",
-                      "matplotlib", "webdataset", "safetensors"],
+                      "matplotlib", "webdataset", "braceexpand", "safetensors"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scipy"],
                     "triton": ["triton"]},
     ext_modules=extensions(),
