@@ -51,6 +51,10 @@ inline acc_t sum_squares(const T* x, int64_t D) {
 
 template <typename acc_t>
 inline acc_t inverse_norm(acc_t sumsq, bool normalize) {
+  // A squared norm that overflows (finite values) gives NaN, not 1/inf = 0: the row then
+  // acts as a NaN row (m kept, NaN loss) instead of silently vanishing.
+  if (!(sumsq <= std::numeric_limits<acc_t>::max()))
+    return std::numeric_limits<acc_t>::quiet_NaN();
   return normalize ? acc_t(1) / std::sqrt(sumsq) : acc_t(1);
 }
 

@@ -74,7 +74,8 @@ __device__ __forceinline__ void row_norms(const ft_t* a, const pre_t* a0, const 
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     ss[k] = warp_sum(ss[k]);
-    inv[k] = normalize ? rsqrtf(ss[k]) : 1.f;
+    // An overflowing squared norm gives NaN, not rsqrtf's 0: the row acts as a NaN row.
+    inv[k] = !(ss[k] <= FLT_MAX) ? __int_as_float(0x7fffffff) : normalize ? rsqrtf(ss[k]) : 1.f;
   }
 }
 

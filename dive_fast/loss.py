@@ -1,22 +1,39 @@
 """Public DiVE API: the ``DiVELoss`` module (keeps the EMA vector m) and ``dive_loss``."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from . import backends
 from .ops.dive import INFO_SIZE, DiVEFunction, DiVEOutput
-from .ops.dive_reference import INPUT_NAMES
+from .ops.dive_reference import INPUT_NAMES, accumulation_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m: Tensor) -> None:
-    """Shape, dtype and device checks, free of host synchronisation."""
-    tensors = dict(zip(INPUT_NAMES, (img_ft, img_pre, txt_ft, txt_pre)))
-    for name, x in tensors.items():
+def check_tensors(*inputs) -> None:
+    for name, x in zip(INPUT_NAMES, inputs):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_lam(lam) -> None:
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"lam must be a finite number >= 0 (a negative lam would reward "
+                         f"drift from the pre-trained model), got {lam!r}")
+
+
+def validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m: Tensor) -> None:
+    """Shape, dtype and device checks, free of host synchronisation."""
+    check_tensors(img_ft, img_pre, txt_ft, txt_pre)
+    tensors = dict(zip(INPUT_NAMES, (img_ft, img_pre, txt_ft, txt_pre)))
+    for name, x in tensors.items():
         if x.dim() != 2:
             raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(x.shape)}")
         if x.dtype not in FLOAT_DTYPES:
@@ -41,13 +58,22 @@ def validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m: Tensor) -> None:
                          f"got {tuple(m.shape)} {m.dtype} on {m.device}")
 
 
-def raise_on_bad_values(info: Tensor, normalize: bool) -> None:
-    """One host sync: name the input holding NaN/Inf (or zero-norm rows when normalising)."""
+def raise_on_bad_values(info: Tensor, normalize: bool, inputs) -> None:
+    """One host sync: name the input holding NaN/Inf (or zero-norm rows when normalising).
+
+    A row counted non-finite may hold only finite values whose squared norm overflows the
+    accumulator; on this error path a second look at that input tells which it is.
+    """
     counts = info[2:INFO_SIZE].tolist()
-    for i, name in enumerate(INPUT_NAMES):
+    for i, (name, x) in enumerate(zip(INPUT_NAMES, inputs)):
         if counts[i]:
-            raise ValueError(f"{name} has {int(counts[i])} row(s) with NaN or Inf values "
-                             "(m was left unchanged)")
+            nan_rows = int((~torch.isfinite(x)).any(1).sum())
+            if nan_rows:
+                raise ValueError(f"{name} has {nan_rows} row(s) with NaN or Inf values "
+                                 "(m was left unchanged)")
+            raise ValueError(f"{name} has {int(counts[i])} row(s) whose squared norm "
+                             f"overflows {accumulation_dtype(x)} (finite values, too large; "
+                             "m was left unchanged)")
         if normalize and counts[4 + i]:
             raise ValueError(f"{name} has {int(counts[4 + i])} row(s) of zero norm, which cannot "
                              "be L2-normalised (pass normalize=False if already normalised)")
@@ -67,6 +93,7 @@ def dive_loss(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, 
     loss, and m is left unchanged either way. Under torch.compile the check is skipped.
     """
     validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m)
+    check_lam(lam)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     if m_out is not None and (m_out.shape != m.shape or m_out.dtype != m.dtype
@@ -81,7 +108,7 @@ def dive_loss(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, 
         m_out, float(momentum), bool(update), bool(normalize), float(lam), float(avl), float(pvl),
         bool(distributed), chosen))
     if check_values and not torch.compiler.is_compiling():
-        raise_on_bad_values(out.info, normalize)
+        raise_on_bad_values(out.info, normalize, (img_ft, img_pre, txt_ft, txt_pre))
     return out
 
 
@@ -103,13 +130,25 @@ class DiVELoss(nn.Module):
             raise ValueError(f"dim must be positive, got {dim}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        check_lam(lam)
         self.dim, self.lam, self.momentum = dim, lam, momentum
         self.avl, self.pvl, self.normalize = avl, pvl, normalize
         self.backend, self.distributed, self.check_values = backend, distributed, check_values
         self.register_buffer("m", torch.zeros(dim, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # m is an fp32 accumulator: in bf16/fp16 the EMA's small steps round away and it
+        # stalls, so module dtype casts (.half(), .to(bf16)) skip it; device moves apply.
+        m = self.m
+
+        def apply(t):
+            out = fn(t)
+            return out if t is not m or out.dtype == t.dtype else t.to(out.device)
+        return super()._apply(apply, recurse)
+
     def forward(self, img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor,
                 return_parts: bool = False):
+        check_tensors(img_ft, img_pre, txt_ft, txt_pre)  # before .device is read below
         if self.m.device != img_ft.device:
             raise ValueError(f"DiVELoss buffer m is on {self.m.device} but img_ft is on "
                              f"{img_ft.device}: move the loss with .to(device)")

@@ -149,6 +149,33 @@ def test_non_finite_inputs_raise_and_keep_m(backend, index, name):
 
 
 @pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e20), (torch.float32, 1e30),
+                                          (torch.bfloat16, 1e30)])
+def test_overflowing_rows_are_like_nan_rows(backend, normalize, dtype, scale):
+    """A finite row whose squared norm overflows the fp32 accumulator: NaN loss, m kept,
+    other rows' gradients finite (that row's NaN when normalising); with the check, an
+    error that says overflow."""
+    loss_fn = DiVELoss(8, momentum=0.5, normalize=normalize, backend=backend,
+                       check_values=False)
+    loss_fn(*_x(dtype=dtype))
+    m_before = loss_fn.m.clone()
+    x = _x(dtype=dtype)
+    x[0][2] = x[0][2].float().mul(scale / x[0][2].float().norm()).to(dtype)
+    assert torch.isfinite(x[0]).all()
+    a = x[0].clone().requires_grad_(True)
+    loss = loss_fn(a, *x[1:])
+    assert torch.isnan(loss) and torch.equal(loss_fn.m, m_before)
+    loss.backward()
+    assert torch.isfinite(a.grad[[0, 1, 3]]).all()
+    assert torch.isnan(a.grad[2]).all() or not normalize
+    loss_fn.check_values = True
+    with pytest.raises(ValueError, match="img_ft has 1 row.*overflow"):
+        loss_fn(*x)
+    assert torch.equal(loss_fn.m, m_before)
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_zero_norm_rows(backend):
     x = _x()
     x[1][0] = 0.0
@@ -157,11 +184,37 @@ def test_zero_norm_rows(backend):
     DiVELoss(8, normalize=False, backend=backend)(*x)  # fine without normalisation
 
 
+def test_non_tensor_input_is_a_type_error():
+    x = _x()
+    with pytest.raises(TypeError, match="img_ft must be a torch.Tensor, got ndarray"):
+        DiVELoss(8)(x[0].numpy(), *x[1:])
+    with pytest.raises(TypeError, match="txt_pre must be a torch.Tensor, got list"):
+        DiVELoss(8)(*x[:3], x[3].tolist())
+
+
+def test_dtype_casts_keep_m_float32():
+    loss_fn = DiVELoss(8, momentum=0.5)
+    for cast in (lambda f: f.to(torch.bfloat16), lambda f: f.half(), lambda f: f.double(),
+                 lambda f: f.to("cpu", torch.float16)):
+        assert cast(loss_fn) is loss_fn and loss_fn.m.dtype == torch.float32
+    assert loss_fn.to("meta").m.device.type == "meta"  # device moves still apply
+    loss_fn = DiVELoss(8, momentum=0.5).bfloat16()
+    loss_fn(*_x())
+    other = DiVELoss(8).half()
+    other.load_state_dict(loss_fn.state_dict())
+    assert other.m.dtype == torch.float32 and torch.equal(other.m, loss_fn.m)
+
+
 def test_constructor_checks():
     with pytest.raises(ValueError, match="momentum"):
         DiVELoss(8, momentum=1.5)
     with pytest.raises(ValueError, match="dim"):
         DiVELoss(0)
+    for lam in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="lam"):
+            DiVELoss(8, lam=lam)
+        with pytest.raises(ValueError, match="lam"):
+            dive_loss(*_x(), torch.zeros(8), lam=lam)
 
 
 # --- dispatch --------------------------------------------------------------------------

@@ -32,7 +32,10 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 def _normalized(x: torch.Tensor, acc: torch.dtype, normalize: bool):
     x = x.to(acc)
     sumsq = (x * x).sum(1)
-    return (x * sumsq.rsqrt()[:, None] if normalize else x), sumsq
+    # An overflowing squared norm (finite values, inf sum) must not scale its row to 0:
+    # a NaN scale makes it a NaN row, which keeps m and gives a NaN loss.
+    scale = sumsq.rsqrt() if normalize else torch.ones_like(sumsq)
+    return x * torch.where(torch.isfinite(sumsq), scale, torch.nan)[:, None], sumsq
 
 
 def reference_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):

@@ -41,13 +41,16 @@ def _tile(ptr, rows, cols, mask, stride_r, stride_c):
 
 
 @triton.jit
-def _row_scale(x, rmask, NORMALIZE: tl.constexpr):
+def _row_scale(x, rmask, NORMALIZE: tl.constexpr, CHECK: tl.constexpr = True):
     sumsq = tl.sum(x * x, axis=1)
     if NORMALIZE:
         # Padding rows divide by 1, not 0; a real zero-norm row still gives inf (reported).
-        inv = tl.where(rmask, 1.0 / tl.sqrt(tl.where(rmask, sumsq, 1.0)), 0.0)
+        inv = 1.0 / tl.sqrt(tl.where(rmask, sumsq, 1.0))
     else:
-        inv = tl.where(rmask, 1.0, 0.0)
+        inv = 1.0
+    if CHECK:  # an overflowing squared norm gives NaN (not 1/inf = 0): a NaN row
+        inv = tl.where(sumsq < float("inf"), inv, float("nan"))
+    inv = tl.where(rmask, inv, 0.0)
     return sumsq, inv
 
 
@@ -248,10 +251,12 @@ def _dive_backward_kernel(
     g_loss = tl.load(G_LOSS).to(tl.float32)
     c_avl = k_loss_avl * g_loss + k_avl * tl.load(G_AVL).to(tl.float32)
     c_pvl = k_loss_pvl * g_loss + k_pvl * tl.load(G_PVL).to(tl.float32)
-    _, inv_a = _row_scale(a, rmask, NORMALIZE)
-    _, inv_a0 = _row_scale(a0, rmask, NORMALIZE)
-    _, inv_t = _row_scale(t, rmask, NORMALIZE)
-    _, inv_t0 = _row_scale(t0, rmask, NORMALIZE)
+    # Overflow turns into NaN only when normalising: without, the forward's NaN loss has
+    # flagged the row already and the four extra row sums would halve occupancy.
+    _, inv_a = _row_scale(a, rmask, NORMALIZE, NORMALIZE)
+    _, inv_a0 = _row_scale(a0, rmask, NORMALIZE, NORMALIZE)
+    _, inv_t = _row_scale(t, rmask, NORMALIZE, NORMALIZE)
+    _, inv_t0 = _row_scale(t0, rmask, NORMALIZE, NORMALIZE)
     ah = a * inv_a[:, None]
     th = t * inv_t[:, None]
     u = ah - a0 * inv_a0[:, None]
