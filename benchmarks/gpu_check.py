@@ -180,11 +180,18 @@ def op_timings(device: str, out: Path) -> bool:
     bench_dive_op.main(["--device", device, *args, "--out", str(out / f"dive_op_{name}.csv")])
 
 
-def step(device: str, out: Path) -> bool:
+def open_clip_missing(stage: str) -> bool:
+    """The training stages need open_clip, which a bare GPU image may lack."""
     try:
         import open_clip  # noqa: F401
     except ImportError as exc:
-        print(f"SKIP step benchmark: open_clip not importable ({exc})")
+        print(f"SKIP {stage}: open_clip not importable ({exc})")
+        return True
+    return False
+
+
+def step(device: str, out: Path) -> bool:
+    if open_clip_missing("step benchmark"):
         return device == "cpu"
     import bench_step
     name = slug(device_name(device))
@@ -202,10 +209,7 @@ def step(device: str, out: Path) -> bool:
 def streams(device: str, out: Path) -> bool:
     """The co-scheduled frozen forward (side stream) against the sequential one: equal
     losses and gradients, and both timed (on the CPU there is no side stream)."""
-    try:
-        import open_clip  # noqa: F401
-    except ImportError as exc:
-        print(f"SKIP stream check: open_clip not importable ({exc})")
+    if open_clip_missing("stream check"):
         return device == "cpu"
     import check_streams
     name = slug(device_name(device))
