@@ -103,7 +103,10 @@ class Method(nn.Module):
         g = torch.Generator().manual_seed(self.seed * 7919 + step)
         n = len(labels)
         which = torch.randint(len(self.templates), (n * self.world_size,), generator=g)
-        which = which[self.rank * n:(self.rank + 1) * n].to(self.device, non_blocking=True)
+        which = which[self.rank * n:(self.rank + 1) * n]
+        if self.device.type == "cuda":  # a pageable copy would wait for the queued step
+            which = which.pin_memory()
+        which = which.to(self.device, non_blocking=True)
         return self.prompt_tokens[labels, which]
 
     def encode(self, images: list[Tensor], tokens: list[Tensor]):
