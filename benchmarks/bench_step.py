@@ -24,6 +24,7 @@ optimiser), as long-format CSV.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -123,13 +124,14 @@ def run_variant(args) -> dict:
         target = WorldTask("shapes", "train", 4096, tf, size=size)
         reference = (WorldCaptions("reference", args.ref_size, tf, size=size),
                      f"world:0:{args.ref_size}")
-    method, forward = train.build_method(targs, bundle, target.classnames, target.templates,
+    method, step_fn = train.build_method(targs, bundle, target.classnames, target.templates,
                                          f"random:{args.model}", device, 0, 1,
                                          Path(args.cache_dir), reference)
     if variant == "dive-naive":
-        method = forward = naive_dive()(
+        method = naive_dive()(
             bundle.model, bundle.tokenizer, target.classnames, target.templates, device=device,
             config=method.config, frozen=method.frozen, amp_dtype=method.amp_dtype)
+        step_fn = functools.partial(train_step, method, method)
     opt, sched = optim.build(method.named_parameters(), targs.lr, targs.wd, targs.steps, 1)
     stream = train.batches(targs, method, target, reference[0], bundle.tokenizer)
     guard = NonFiniteGuard(device)
@@ -144,7 +146,7 @@ def run_variant(args) -> dict:
         batch = next(stream).to(device)
         synchronize(device)
         t1 = time.perf_counter()
-        train_step(forward, method, batch, step, opt, sched, guard)
+        step_fn(batch, step, opt, sched, guard)
         synchronize(device)
         return t1 - t0, time.perf_counter() - t0, batch.samples
 

@@ -27,7 +27,7 @@ def one_run(args, co_schedule: bool, steps: int):
     from bench_step import SyntheticCaptions, SyntheticTask
     from dive_fast import optim, train
     from dive_fast.models import load_clip
-    from dive_fast.step import NonFiniteGuard, train_step
+    from dive_fast.step import NonFiniteGuard
 
     torch.manual_seed(0)
     cli = ["--method", "dive", "--model", args.model, "--pretrained", "", "--batch-size",
@@ -38,14 +38,14 @@ def one_run(args, co_schedule: bool, steps: int):
     bundle = load_clip(args.model, None, args.device)
     size = bundle.image_size
     target, refs = SyntheticTask(1024, size), SyntheticCaptions(1024, size)
-    method, forward = train.build_method(targs, bundle, target.classnames, target.templates,
+    method, step_fn = train.build_method(targs, bundle, target.classnames, target.templates,
                                          "random", args.device, 0, 1, Path("/tmp"), (refs, None))
     opt, sched = optim.build(method.named_parameters(), 0.0, 0.0, steps, 1)  # lr 0: no drift
     stream = train.batches(targs, method, target, refs, bundle.tokenizer)
     batches = [next(stream).to(args.device) for _ in range(steps)]
     guard = NonFiniteGuard(args.device)
     method.train()
-    values = train_step(forward, method, batches[0], 0, opt, sched, guard)
+    values = step_fn(batches[0], 0, opt, sched, guard)
     first = {k: v.float().item() for k, v in values.items()}
     grads = {n: p.grad.detach().float().clone() for n, p in method.named_parameters()
              if p.grad is not None}
@@ -53,7 +53,7 @@ def one_run(args, co_schedule: bool, steps: int):
     for step in range(1, steps):
         synchronize(args.device)
         t0 = time.perf_counter()
-        train_step(forward, method, batches[step], step, opt, sched, guard)
+        step_fn(batches[step], step, opt, sched, guard)
         synchronize(args.device)
         times.append((time.perf_counter() - t0) * 1e3)
     return first, grads, statistics.median(times)

@@ -26,17 +26,23 @@ class FrozenReference:
         self.side_stream = torch.cuda.Stream(self.device) if on_gpu and co_schedule else None
 
     @torch.no_grad()
-    def embed(self, images: Tensor, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def embed(self, images: Tensor, tokens: Tensor | None,
+              chunks: int = 1) -> tuple[Tensor, Tensor | None]:
         """Normalised float32 (image, text) embeddings; ``tokens`` None skips the text.
+        ``chunks``: encode in that many pieces (the micro-batches of an accumulated step),
+        so the frozen forward's transient memory shrinks with the trainable one's.
         no_grad, not inference_mode: the DiVE op saves them for its backward."""
+        def encode(encoder, x):
+            return None if x is None else torch.cat([encoder(c) for c in x.tensor_split(chunks)])
+
         with record_function("dive_fast.frozen_forward"), torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            img = self.model.encode_image(images)
-            txt = None if tokens is None else self.model.encode_text(tokens)
+            img = encode(self.model.encode_image, images)
+            txt = encode(self.model.encode_text, tokens)
         norm = lambda x: None if x is None else F.normalize(x.float(), dim=-1)  # noqa: E731
         return norm(img), norm(txt)
 
-    def launch(self, batch, text: bool = True) -> Pending:
+    def launch(self, batch, text: bool = True, chunks: int = 1) -> Pending:
         """Starts the frozen embeddings of ``batch``'s reference pairs; the returned call
         waits for them. Launch before the trainable forward so that the two overlap."""
         if self.cache is not None and batch.ref_index is not None:
@@ -46,12 +52,12 @@ class FrozenReference:
         images, tokens = batch.ref_images, batch.ref_tokens if text else None
         stream = self.side_stream
         if stream is None:
-            out = self.embed(images, tokens)
+            out = self.embed(images, tokens, chunks)
             return lambda: out
         main = torch.cuda.current_stream(self.device)
         stream.wait_stream(main)  # the batch's host-to-device copies were queued on main
         with torch.cuda.stream(stream):
-            out = self.embed(images, tokens)
+            out = self.embed(images, tokens, chunks)
         for t in (images, tokens):  # made on main, read on the side stream
             if t is not None:
                 t.record_stream(stream)

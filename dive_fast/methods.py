@@ -69,6 +69,7 @@ class Method(nn.Module):
     trains = True
     uses_reference = False  # needs reference image-caption pairs
     uses_frozen = False  # needs the frozen model's reference embeddings
+    frozen_text = True  # ... of the captions too, not only of the images
     find_unused_parameters = False  # for DDP: parameters that may miss a step's graph
 
     def __init__(self, model, tokenizer, classnames, templates, *, device, config=None,
@@ -89,7 +90,33 @@ class Method(nn.Module):
         self.metrics: dict[str, Tensor] = {}  # extra per-step values to log (detached)
 
     def forward(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        pending = self.reference(batch)  # launched first: on GPUs it overlaps the towers
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_grad(step)):
+            imgs, txts = self.encode(*self.inputs(batch, step))
+        return self.objective(batch, step, imgs, txts, pending() if pending else None)
+
+    # --- what a method defines; ``forward`` and the micro-batched step (accumulate.py)
+    # --- both compose them, so the two compute the same objective
+
+    def inputs(self, batch: Batch, step: int) -> tuple[list[Tensor], list[Tensor]]:
+        """What the trainable towers encode: (image batches, token batches)."""
         raise RuntimeError(f"{self.name} does not train")
+
+    def objective(self, batch: Batch, step: int, imgs: list[Tensor], txts: list[Tensor],
+                  frozen: tuple[Tensor, Tensor | None] | None) -> dict[str, Tensor]:
+        """The named losses from the towers' raw features (as ``inputs`` lists them) and the
+        frozen reference embeddings (methods that use them)."""
+        raise RuntimeError(f"{self.name} does not train")
+
+    def tower_grad(self, step: int) -> bool:
+        """Whether the towers learn at this step (LP-FT's probe steps: no)."""
+        return True
+
+    def reference(self, batch: Batch, chunks: int = 1):
+        """The frozen embeddings of the batch's reference pairs, launched (or None)."""
+        if not self.uses_frozen:
+            return None
+        return self.frozen.launch(batch, text=self.frozen_text, chunks=chunks)
 
     def eval_heads(self, alpha: float = 1.0) -> dict:
         """Trained classifier heads for evaluation, by class-name tuple (none: zero-shot)."""
@@ -132,33 +159,37 @@ class FLYP(Method):
     """CLIP loss between target images and a random class prompt each (FLYP)."""
     name = "flyp"
 
-    def forward(self, batch, step):
-        (img,), (txt,) = self.encode([batch.images], [self.prompts(batch.labels, step)])
-        return {"clip": self.clip(img, txt)}
+    def inputs(self, batch, step):
+        return [batch.images], [self.prompts(batch.labels, step)]
+
+    def objective(self, batch, step, imgs, txts, frozen):
+        return {"clip": self.clip(imgs[0], txts[0])}
 
 
 class FLYPReplay(Method):
     """FLYP plus the CLIP loss on reference pairs (a stand-in for replay methods)."""
     name, uses_reference = "flyp+replay", True
 
-    def forward(self, batch, step):
-        (img_t, img_r), (txt_t, txt_r) = self.encode(
-            [batch.images, batch.ref_images], [self.prompts(batch.labels, step), batch.ref_tokens])
-        return {"clip": self.clip(img_t, txt_t), "replay": self.clip(img_r, txt_r)}
+    def inputs(self, batch, step):
+        return ([batch.images, batch.ref_images],
+                [self.prompts(batch.labels, step), batch.ref_tokens])
+
+    def objective(self, batch, step, imgs, txts, frozen):
+        return {"clip": self.clip(imgs[0], txts[0]), "replay": self.clip(imgs[1], txts[1])}
 
 
 class SnDLike(Method):
     """FLYP + lam * mean |f(x_ref) - f0(x_ref)|^2 on normalised image embeddings."""
-    name, uses_reference, uses_frozen = "snd-like", True, True
+    name, uses_reference, uses_frozen, frozen_text = "snd-like", True, True, False
 
-    def forward(self, batch, step):
-        frozen = self.frozen.launch(batch, text=False)  # overlaps the trainable forward on GPUs
-        (img_t, img_r), (txt_t,) = self.encode([batch.images, batch.ref_images],
-                                               [self.prompts(batch.labels, step)])
-        img0, _ = frozen()
+    def inputs(self, batch, step):
+        return [batch.images, batch.ref_images], [self.prompts(batch.labels, step)]
+
+    def objective(self, batch, step, imgs, txts, frozen):
+        (img_t, img_r), img0 = imgs, frozen[0]
         dist = (F.normalize(img_r.float(), dim=-1) - img0).pow(2).sum(-1).mean()
         self.metrics = {"snd_dist": dist.detach()}
-        return {"clip": self.clip(img_t, txt_t), "snd": self.config.lam * dist}
+        return {"clip": self.clip(img_t, txts[0]), "snd": self.config.lam * dist}
 
 
 class DiVE(Method):
@@ -173,12 +204,11 @@ class DiVE(Method):
                              pvl=self.pvl, backend=c.dive_backend, check_values=False
                              ).to(self.device)
 
-    def forward(self, batch, step):
-        frozen = self.frozen.launch(batch)  # overlaps the trainable forward on GPUs
-        (img_t, img_r), (txt_t, txt_r) = self.encode(
-            [batch.images, batch.ref_images], [self.prompts(batch.labels, step), batch.ref_tokens])
-        img0, txt0 = frozen()
-        reg, parts = self.dive(img_r, img0, txt_r, txt0, return_parts=True)
+    inputs = FLYPReplay.inputs
+
+    def objective(self, batch, step, imgs, txts, frozen):
+        (img_t, img_r), (txt_t, txt_r), (img0, txt0) = imgs, txts, frozen
+        reg, parts = self.dive(img_r, img0, txt_r, txt0, return_parts=True)  # one update of m
         self.metrics = {"avl": parts["avl"], "pvl": parts["pvl"]}
         return {"clip": self.clip(img_t, txt_t), "dive": reg}
 
@@ -218,10 +248,14 @@ class FT(Method):
         w = self.head.weight.detach()
         return {self.classnames: (1 - alpha) * self.zeroshot_weight + alpha * w}
 
-    def forward(self, batch, step):
-        with torch.set_grad_enabled(step >= self.lp_steps and torch.is_grad_enabled()):
-            (img,), _ = self.encode([batch.images], [])
-        logits = self.scale * self.head(F.normalize(img.float(), dim=-1))
+    def tower_grad(self, step):
+        return step >= self.lp_steps
+
+    def inputs(self, batch, step):
+        return [batch.images], []
+
+    def objective(self, batch, step, imgs, txts, frozen):
+        logits = self.scale * self.head(F.normalize(imgs[0].float(), dim=-1))
         return {"ce": F.cross_entropy(logits, batch.labels)}
 
 

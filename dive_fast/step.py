@@ -11,7 +11,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.profiler import record_function
 
+from . import accumulate, parallel
 from .optim import clamp_logit_scale
+from .parallel import GradientSync
 
 
 class NonFiniteGuard:
@@ -35,18 +37,27 @@ class NonFiniteGuard:
 
 
 def train_step(forward, method, batch, step: int, opt, sched, guard: NonFiniteGuard,
-               grad_clip: float = 0.0) -> dict[str, Tensor]:
-    """One update. ``forward`` is the method itself or its DDP wrapper; returns detached
-    device tensors: the total loss, each named loss, the method's metrics, the gradient
-    norm and whether the update was skipped."""
-    with record_function("dive_fast.forward"):
-        losses = forward(batch, step)
-        total = sum(losses.values())
-    with record_function("dive_fast.backward"):
-        opt.zero_grad(set_to_none=True)
-        total.backward()
+               grad_clip: float = 0.0, accum_freq: int = 1,
+               gradient_sync: GradientSync | None = None) -> dict[str, Tensor]:
+    """One update. ``forward`` is the method itself or its DDP wrapper; ``accum_freq`` K > 1
+    computes the same update in K micro-batches (accumulate.py); ``gradient_sync`` averages
+    over ranks what DDP does not (micro-batched steps, parameters FSDP leaves replicated).
+    Returns detached device tensors: the total loss, each named loss, the method's metrics,
+    the gradient norm and whether the update was skipped."""
+    opt.zero_grad(set_to_none=True)
+    if accum_freq > 1:
+        losses = accumulate.forward_backward(method, batch, step, accum_freq, gradient_sync)
+        total = sum(v.detach() for v in losses.values())
+    else:
+        with record_function("dive_fast.forward"):
+            losses = forward(batch, step)
+            total = sum(losses.values())
+        with record_function("dive_fast.backward"):
+            total.backward()
+    if gradient_sync is not None:
+        gradient_sync.finish()
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else total.new_zeros(())
+    norm = parallel.total_norm(grads) if grads else total.new_zeros(())
     bad = ~(torch.isfinite(total.detach()) & torch.isfinite(norm))
     if dist.is_initialized() and dist.get_world_size() > 1:
         # Gradients are all-reduced, so ranks agree on them; a loss that is not finite on
@@ -56,7 +67,7 @@ def train_step(forward, method, batch, step: int, opt, sched, guard: NonFiniteGu
         bad = flag > 0
     with record_function("dive_fast.optimizer"):
         if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm, foreach=True)
+            parallel.clip_gradients(grads, grad_clip, norm)
         opt.found_inf = bad.float()  # read by fused AdamW: the whole update is skipped on device
         opt.step()
         sched.step()

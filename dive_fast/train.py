@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import distributed, frozen_cache, metrics_log, optim, runlock, validate
+from . import distributed, frozen_cache, metrics_log, optim, parallel, runlock, validate
 from .checkpoint import atomic_save, load_checkpoint, prune
 from .data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
                    WorldCaptions, WorldTask, heldout_pairs, shard_list, train_collate)
@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=["auto", "bf16", "fp32"], default="auto",
       help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     a("--compile", action="store_true", help="torch.compile the towers")
+    a("--accum-freq", type=int, default=1,
+      help="compute each step in K micro-batches (B/K target, B'/K reference rows): the "
+           "same update as the full batch in about 1/K of its activation memory")
+    a("--grad-checkpointing", action="store_true",
+      help="recompute the towers' residual blocks in the backward (open_clip's)")
+    a("--fsdp", action="store_true",
+      help="shard the trainable towers and their optimiser state over the ranks (FSDP2); "
+           "checkpoints hold the full state")
     a("--workers", type=int, default=1)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--checkpoint-every", type=int, default=100)
@@ -99,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Lower (and upper) bounds of the numeric arguments; "above": the bound itself is refused.
 RANGES = {"steps": (0,), "batch_size": (1,), "ref_batch_size": (1,), "checkpoint_every": (1,),
-          "log_every": (1,), "rsa_size": (3,), "train_size": (1,), "ref_size": (1,),
+          "log_every": (1,), "accum_freq": (1,), "rsa_size": (3,), "train_size": (1,), "ref_size": (1,),
           "eval_per_task": (0,), "keep": (1,), "workers": (0,), "warmup": (0,),
           "grad_clip": (0,), "lam": (0,), "momentum": (0, 1), "wd": (0,), "lr": (0, None, "above")}
 
@@ -114,6 +122,10 @@ def check_args(args) -> None:
     if args.lp_steps is None:
         args.lp_steps = args.steps // 3
     validate.number("--lp-steps", args.lp_steps, 0, args.steps)
+    smallest = min(args.batch_size, args.ref_batch_size or args.batch_size)
+    if args.accum_freq > smallest:
+        raise ValueError(f"--accum-freq {args.accum_freq}: each micro-batch needs a row of the "
+                         f"target and reference batches (at most {smallest})")
     if args.warmup is None:
         args.warmup = min(500, max(1, args.steps // 10))
     if args.reference_csv and args.reference_shards:
@@ -207,14 +219,21 @@ def batch_stream(targets, references):
 RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", "world_size",
                "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "momentum",
                "amp", "augment", "train_folder", "reference_csv", "reference_shards",
-               "train_size", "ref_size", "world_seed", "seed")
+               "train_size", "ref_size", "world_seed", "seed", "fsdp")
 
 
 def checkpoint_state(step, args, method, opt, sched) -> dict:
+    """What a resume needs; under FSDP a collective (every rank calls it) whose full,
+    unsharded state is rank 0's, so that the checkpoint loads anywhere."""
     method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
-    return {"state_dict": method.model.state_dict(), "method_state": method_state,
+    if parallel.is_sharded(method.model):
+        model_state = parallel.full_model_state(method.model)
+        opt_state = parallel.full_optimizer_state(method, opt)
+    else:
+        model_state, opt_state = method.model.state_dict(), opt.state_dict()
+    return {"state_dict": model_state, "method_state": method_state,
             "step": step, **{k: getattr(args, k) for k in RESUME_KEYS},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "optimizer": opt_state, "scheduler": sched.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
 
@@ -255,9 +274,13 @@ def load_resume(args) -> dict | None:
 
 def restore(ckpt, method, opt, sched) -> tuple[int, dict]:
     """Loads a checkpoint into the run; returns its step and the RNG states to resume."""
-    state = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
-    method.load_state_dict({**state, **ckpt.get("method_state", {})})
-    opt.load_state_dict(ckpt["optimizer"])
+    if parallel.is_sharded(method.model):
+        parallel.load_full_state(method.model, ckpt["state_dict"], method, opt, ckpt["optimizer"])
+        method.load_state_dict(ckpt.get("method_state", {}), strict=False)
+    else:
+        state = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
+        method.load_state_dict({**state, **ckpt.get("method_state", {})})
+        opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     return int(ckpt["step"]), ckpt["rng"]
 
@@ -292,9 +315,10 @@ def wise_ft(model, pre_state, ft_state, alpha):
 
 def build_method(args, bundle, classnames, templates, pretrained, device, rank, world, out,
                  reference=None):
-    """The method's task module and the module a step calls (its DDP wrapper under data
-    parallelism). ``reference``: (reference pairs, their id for the embedding cache's key,
-    None when streamed), for methods that use them."""
+    """The method's task module and its step: ``step(batch, i, opt, sched, guard)`` runs
+    ``train_step`` as the arguments ask (DDP or FSDP, micro-batches, clipping).
+    ``reference``: (reference pairs, their id for the embedding cache's key, None when
+    streamed), for methods that use them."""
     model = bundle.model
     on_gpu = device.startswith("cuda")
     amp_dtype = torch.bfloat16 if (args.amp == "bf16" or (args.amp == "auto" and on_gpu)) else None
@@ -317,17 +341,30 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
     method = make_method(args.method, model, bundle.tokenizer, classnames, templates,
                          device=device, config=MethodConfig.from_args(args), frozen=frozen,
                          amp_dtype=amp_dtype, seed=args.seed, rank=rank, world_size=world)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    sharded = args.fsdp and world > 1 and method.trains
+    if args.fsdp and world == 1:
+        log.warning("--fsdp with one process: nothing to shard, the model stays whole")
+    if sharded:  # after the frozen copy and FT's zero-shot head, which need the whole model
+        parallel.shard(model, device)
     if args.compile:  # the encoders, so that state_dict keys stay as they are
         model.encode_image = torch.compile(model.encode_image)
         model.encode_text = torch.compile(model.encode_text)
-    forward = method
-    if world > 1 and method.trains:
+    forward, sync = method, None
+    if sharded or (world > 1 and method.trains and args.accum_freq > 1):
+        # Steps DDP cannot wrap: FSDP reduces its shards itself, the rest is averaged once
+        # after the last micro-batch. m is kept equal on every rank by DiVE's all-reduced
+        # batch mean (no buffer sync).
+        sync = parallel.GradientSync(method.parameters(), model if sharded else None)
+    elif world > 1 and method.trains:
         kw = {"device_ids": [torch.device(device).index]} if on_gpu else {}
-        # m is kept equal on every rank by DiVE's all-reduced batch mean: no buffer sync.
         forward = nn.parallel.DistributedDataParallel(
             method, find_unused_parameters=method.find_unused_parameters,
             forward_sync_buffers=False, **kw)
-    return method, forward
+    step = functools.partial(train_step, forward, method, grad_clip=args.grad_clip,
+                             accum_freq=args.accum_freq, gradient_sync=sync)
+    return method, step
 
 
 def run(args) -> dict:
@@ -365,12 +402,12 @@ def run_owned(args, rank, world, device) -> dict:
     sets, rsa_set = eval_sets(args, bundle)
     reference = reference_data(args, bundle, rank, world) if METHODS[args.method].uses_reference \
         else (None, None)
-    method, forward = build_method(args, bundle, target_ds.classnames, target_ds.templates,
-                                   pretrained, device, rank, world, out, reference)
     report = {}
-    if main_proc:
+    if main_proc:  # before any sharding: rank 0 alone evaluates
         report["zero-shot"] = evaluate(model, bundle.tokenizer, sets, device=device,
                                        progress=not args.no_progress)
+    method, step = build_method(args, bundle, target_ds.classnames, target_ds.templates,
+                                pretrained, device, rank, world, out, reference)
     skipped = 0
     if method.trains and args.steps > 0:
         opt, sched = optim.build(method.named_parameters(), args.lr, args.wd, args.steps,
@@ -379,8 +416,13 @@ def run_owned(args, rank, world, device) -> dict:
         if resume is not None:
             start_step, rng = restore(resume, method, opt, sched)
             log.info("resumed from %s at step %d", resume["path"], start_step)
-        skipped = train_loop(args, method, forward, opt, sched, target_ds, reference[0],
+        skipped = train_loop(args, method, step, opt, sched, target_ds, reference[0],
                              bundle.tokenizer, start_step, rank, world, out, rng)
+    if parallel.is_sharded(model):  # gathered (a collective); rank 0 evaluates it whole
+        state = parallel.full_model_state(model)
+        if main_proc:
+            model = load_clip(args.model, pretrained, device).model
+            model.load_state_dict(state)
     if main_proc:
         pre_model = load_clip(args.model, pretrained, device).model.eval()
         ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -421,7 +463,7 @@ def batches(args, method, target_ds, ref_ds, tokenizer, start_step=0, rank=0, wo
     return batch_stream(targets, references)
 
 
-def train_loop(args, method, forward, opt, sched, target_ds, ref_ds, tokenizer, start_step,
+def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, start_step,
                rank, world, out, rng=None) -> int:
     """Runs steps start_step .. args.steps; returns the unreadable samples skipped (all ranks)."""
     from tqdm.auto import tqdm
@@ -445,7 +487,7 @@ def train_loop(args, method, forward, opt, sched, target_ds, ref_ds, tokenizer, 
         random.setstate(rng["python"])
     for step in bar:
         batch = next(stream).to(device)
-        values = train_step(forward, method, batch, step, opt, sched, guard, args.grad_clip)
+        values = step_fn(batch, step, opt, sched, guard)
         n_samples += batch.samples
         skipped += batch.skipped
         done = step + 1
@@ -471,10 +513,11 @@ def train_loop(args, method, forward, opt, sched, target_ds, ref_ds, tokenizer, 
                 metrics.write(metrics_log.row_line(row))
                 metrics.flush()
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")})
-        if main_proc and (done % args.checkpoint_every == 0 or done == args.steps):
-            last_ckpt = atomic_save(checkpoint_state(done, args, method, opt, sched),
-                                    ckpt_dir / f"step-{done:08d}.pt")
-            prune(ckpt_dir, "step-*.pt", args.keep)
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            state = checkpoint_state(done, args, method, opt, sched)  # FSDP: a collective
+            if main_proc:
+                last_ckpt = atomic_save(state, ckpt_dir / f"step-{done:08d}.pt")
+                prune(ckpt_dir, "step-*.pt", args.keep)
     if metrics:
         metrics.close()
     return distributed.sum_over_ranks(skipped, device)
