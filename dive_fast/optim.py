@@ -20,14 +20,19 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
     """AdamW parameter groups as CLIP trains: no weight decay on tensors below 2-D (gains,
     biases, the class embedding, the logit scale, whose decay towards 0 would flatten the
-    contrastive softmax) nor on position embeddings."""
-    decay, keep = [], []
+    contrastive softmax) nor on position embeddings. Parameters sharded by FSDP (DTensors)
+    get groups of their own after the plain ones: fused AdamW cannot mix the two kinds."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
         exempt = p.ndim < 2 or "positional_embedding" in name
-        (keep if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        groups.setdefault((isinstance(p, DTensor), exempt), []).append(p)
+    kinds = [(False, False), (False, True)] + [k for k in ((True, False), (True, True)) if k in groups]
+    return [{"params": groups.get(k, []), "weight_decay": 0.0 if k[1] else weight_decay}
+            for k in kinds]
 
 
 def build(named_parameters, lr: float, weight_decay: float, steps: int, warmup: int,

@@ -16,6 +16,13 @@ from dive_fast.checkpoint import load_checkpoint
 HELPER = Path(__file__).parent / "helpers" / "train_runs.py"
 USER_METHODS = ("dive", "flyp+replay", "ft")
 DDP_METHODS = ("ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive")
+# Two processes in other layouts, on the world data, against one process on the global batch:
+# micro-batched steps (no DDP: gradients averaged once), FSDP2, and all of it combined.
+LAYOUTS = {"two-accum2": ("flyp", "flyp+replay", "snd-like", "dive"),
+           "two-fsdp": ("flyp", "dive", "ft"),
+           "two-fsdp-accum2-ckpt": ("dive",)}
+LAYOUT_ARGS = {"two": [], "two-accum2": ["--accum-freq", "2"], "two-fsdp": ["--fsdp"],
+               "two-fsdp-accum2-ckpt": ["--fsdp", "--accum-freq", "2", "--grad-checkpointing"]}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +101,8 @@ def ddp_runs(micro_cache, world, tmp_path_factory):
     runs = {}
     for data in ("world", "csv"):
         for method in DDP_METHODS:
-            for n, batch in (("one", 8), ("two", 4)):
+            layouts = [n for n in LAYOUTS if data == "world" and method in LAYOUTS[n]]
+            for n, batch in (("one", 8), ("two", 4), *((n, 4) for n in layouts)):
                 out = root / data / method / n
                 if data == "world":
                     args = ["--model", "dive-micro", "--method", method, "--out", str(out),
@@ -103,11 +111,19 @@ def ddp_runs(micro_cache, world, tmp_path_factory):
                             "--checkpoint-every", "3", "--log-every", "1", *common]
                 else:
                     args = user_args(out, world, method, "csv", batch=batch)
-                runs[data, method, n] = (out, args)
+                runs[data, method, n] = (out, args + LAYOUT_ARGS.get(n, []))
     for (data, method, n), (out, args) in runs.items():
         if n == "one":
             train.main(args)
-    torchrun([args for (_, _, n), (_, args) in runs.items() if n == "two"], root)
+    # FSDP resume: from the step-2 checkpoint of a 4-step run, into another folder.
+    fsdp_whole = [*runs["world", "dive", "two-fsdp"][1], "--steps", "4", "--checkpoint-every",
+                  "2", "--keep", "4"]
+    fsdp_whole[fsdp_whole.index("--out") + 1] = str(root / "fsdp-whole")
+    resumed = [*fsdp_whole, "--resume", str(root / "fsdp-whole/checkpoints/step-00000002.pt")]
+    resumed[resumed.index("--out") + 1] = str(root / "fsdp-resumed")
+    torchrun([args for (_, _, n), (_, args) in runs.items() if n != "one"] +
+             [fsdp_whole, resumed], root)
+    runs["fsdp-resume"] = (root / "fsdp-whole", root / "fsdp-resumed")
     return runs
 
 
@@ -118,13 +134,16 @@ def relative_gap(one, two, pre, keys):
     return ((d1 - d2).norm() / d1.norm()).item()
 
 
-@pytest.mark.parametrize("data", ["world", "csv"])
-@pytest.mark.parametrize("method", DDP_METHODS)
-def test_two_processes_equal_one_process_on_the_global_batch(ddp_runs, data, method):
+TWO_PROCESS_RUNS = [("two", d, m) for d in ("world", "csv") for m in DDP_METHODS] + \
+    [(n, "world", m) for n, methods in LAYOUTS.items() for m in methods]
+
+
+@pytest.mark.parametrize("layout,data,method", TWO_PROCESS_RUNS)
+def test_two_processes_equal_one_process_on_the_global_batch(ddp_runs, layout, data, method):
     from dive_fast.evaluate import zeroshot_head
     from dive_fast.models import load_clip, tiny_checkpoint
     from dive_fast.world import TASKS
-    one, two = (final(ddp_runs[data, method, n][0]) for n in ("one", "two"))
+    one, two = (final(ddp_runs[data, method, n][0]) for n in ("one", layout))
     bundle = load_clip("dive-micro", str(tiny_checkpoint("dive-micro")))
     pre = bundle.model.state_dict()
     # The update (fine-tuned minus pre-trained weights) as a whole, within 2% (float sums
@@ -146,8 +165,24 @@ def test_two_processes_equal_one_process_on_the_global_batch(ddp_runs, data, met
         torch.testing.assert_close(state2["dive.m"], state1["dive.m"], rtol=1e-4, atol=1e-6)
         assert state1["dive.m"].abs().sum() > 0
     rows = [[json.loads(l) for l in (ddp_runs[data, method, n][0] / "metrics.jsonl").read_text().splitlines()]
-            for n in ("one", "two")]
+            for n in ("one", layout)]
     for r1, r2 in zip(*rows):  # the contrastive loss gathers features: the global loss
         for k in ("clip", "replay"):
             if k in r1:
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4)
+
+
+def test_fsdp_checkpoint_loads_into_a_plain_model_and_resumes(ddp_runs):
+    from dive_fast.models import load_clip
+    whole_dir, resumed_dir = ddp_runs["fsdp-resume"]
+    whole, resumed = final(whole_dir), final(resumed_dir)
+    assert resumed["step"] == whole["step"] == 4
+    plain = load_clip("dive-micro", "").model
+    plain.load_state_dict(whole["state_dict"])  # full, unsharded tensors: loads anywhere
+    assert all(not hasattr(v, "placements") for v in whole["state_dict"].values())
+    for k, v in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed["method_state"]["dive.m"], whole["method_state"]["dive.m"])
+    step2 = load_checkpoint(whole_dir / "checkpoints" / "step-00000002.pt")
+    assert not torch.equal(step2["state_dict"]["logit_scale"], whole["state_dict"]["logit_scale"]) \
+        or any(not torch.equal(step2["state_dict"][k], v) for k, v in whole["state_dict"].items())
