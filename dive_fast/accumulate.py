@@ -55,40 +55,71 @@ def micro(parts: list[Tensor], k: int, j: int) -> list[Tensor]:
     return [p.tensor_split(k)[j] for p in parts]
 
 
+def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
+                           learns: bool = True, before_micro_batch=None):
+    """The gradient of ``objective(encode(inputs))`` in ``k`` micro-batches, for any
+    encoder and any batch-coupled loss (DiVELoss users outside the training loop too).
+
+    ``encode(list of input tensors) -> list of feature tensors`` must treat rows
+    independently (a tower: row i's features depend on row i's input only);
+    ``objective(list of whole-batch features) -> loss or dict of losses``, called once.
+    Gradients accumulate into the parameters' ``.grad``; returns what ``objective``
+    returned. ``learns`` False: the encoder's parameters get no gradient (only the
+    objective's own, e.g. a head's), so no second forward runs. ``before_micro_batch(j,
+    last)`` runs before each recomputed micro-batch (a sharded model's gradient sync).
+
+        loss = micro_batched_backward(
+            lambda xs: [model.encode_image(xs[0]), model.encode_text(xs[1])],
+            [images, tokens], lambda fs: dive(fs[0], img0, fs[1], txt0), k=4)
+        opt.step()
+    """
+    device = next((x.device for x in inputs), torch.device("cpu"))
+    if k > min(len(x) for x in inputs):
+        raise ValueError(f"accumulation: {k} micro-batches is more than a batch of "
+                         f"{min(len(x) for x in inputs)} rows")
+    states, parts = [], []
+    with record_function("dive_fast.cache_features"), torch.no_grad():
+        for j in range(k):
+            states.append(rng_state(device))
+            parts.append(encode(micro(inputs, k, j)))
+    # Whole-batch features as leaves: the objective's gradient stops at them.
+    leaves = [torch.cat([p[i] for p in parts]).requires_grad_(learns)
+              for i in range(len(parts[0]))]
+    del parts
+    with record_function("dive_fast.objective"):
+        out = objective(leaves)
+        (sum(out.values()) if isinstance(out, dict) else out).backward()
+    if not learns:
+        return out
+    grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
+    with record_function("dive_fast.recompute"):
+        for j in range(k):
+            if before_micro_batch is not None:
+                before_micro_batch(j, j == k - 1)
+            with replayed(states[j], device):
+                features = encode(micro(inputs, k, j))
+            torch.autograd.backward(features, micro(grads, k, j))
+    return out
+
+
 def forward_backward(method, batch, step: int, k: int,
                      gradient_sync=None) -> dict[str, Tensor]:
     """Forward and backward of ``method``'s objective on ``batch`` in ``k`` micro-batches;
     the parameters' ``.grad`` end up as the full-batch step's (not yet averaged over ranks
     unless ``gradient_sync`` is a sharded model's, which reduces on the last micro-batch).
     Returns the named losses, as ``method(batch, step)`` would."""
-    device = method.device
     images, tokens = method.inputs(batch, step)  # prompts drawn for the whole batch
-    if k > min(len(x) for x in (*images, *tokens)):
-        raise ValueError(f"--accum-freq {k} is larger than a batch of "
-                         f"{min(len(x) for x in (*images, *tokens))} rows")
-    learns = method.tower_grad(step)
-    states, feats = [], []
-    with record_function("dive_fast.cache_features"), torch.no_grad():
+    n = len(images)
+
+    def encode(parts):
+        imgs, txts = method.encode(parts[:n], parts[n:])
+        return imgs + txts
+
+    def objective(features):
         pending = method.reference(batch, chunks=k)  # the frozen side in the same pieces
-        for j in range(k):
-            states.append(rng_state(device))
-            feats.append(method.encode(micro(images, k, j), micro(tokens, k, j)))
-    # Whole-batch features as leaves: the objective's gradient stops at them.
-    imgs = [torch.cat([f[0][i] for f in feats]).requires_grad_(learns) for i in range(len(images))]
-    txts = [torch.cat([f[1][i] for f in feats]).requires_grad_(learns) for i in range(len(tokens))]
-    del feats
-    with record_function("dive_fast.objective"):
-        losses = method.objective(batch, step, imgs, txts, pending() if pending else None)
-        sum(losses.values()).backward()
-    if not learns:
-        return losses
-    leaves = imgs + txts
-    grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
-    with record_function("dive_fast.recompute"):
-        for j in range(k):
-            if gradient_sync is not None:
-                gradient_sync.micro_batch(last=j == k - 1)
-            with replayed(states[j], device):
-                out_img, out_txt = method.encode(micro(images, k, j), micro(tokens, k, j))
-            torch.autograd.backward([*out_img, *out_txt], micro(grads, k, j))
-    return losses
+        return method.objective(batch, step, features[:n], features[n:],
+                                pending() if pending else None)
+
+    sync = None if gradient_sync is None else lambda j, last: gradient_sync.micro_batch(last)
+    return micro_batched_backward(encode, [*images, *tokens], objective, k,
+                                  learns=method.tower_grad(step), before_micro_batch=sync)

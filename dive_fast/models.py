@@ -71,12 +71,14 @@ def is_weights_path(pretrained: str | None) -> bool:
         (".pt", ".pth", ".bin", ".safetensors")))
 
 
-def load_clip(name: str, pretrained: str | None = None, device="cpu") -> ClipBundle:
+def load_clip(name: str, pretrained: str | None = None, device="cpu",
+              image_size: int | None = None) -> ClipBundle:
     """An open_clip model with its transforms and tokenizer.
 
     ``pretrained``: an open_clip tag (e.g. "openai", downloads weights), a local checkpoint
     path (.safetensors, or a torch file loaded with weights_only=True: no code runs), or
     None for random weights. A checkpoint written by dive_fast.train also loads here.
+    ``image_size``: another input resolution than the config's (the benchmarks' small runs).
     """
     known = open_clip.list_models()
     if name not in known:
@@ -89,7 +91,8 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu") -> ClipBun
     validate.device(str(device), "device")
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=True)
+            name, pretrained=pretrained, device=device, weights_only=True,
+            force_image_size=image_size)
     except (RuntimeError, AssertionError, KeyError, ValueError) as exc:
         # open_clip reports weights of another model as a size mismatch, a missing key or
         # an assertion ("text pos_embed width changed!")

@@ -156,3 +156,40 @@ def test_resume_with_micro_batches(micro_cache, tmp_path):
     for k, v in whole["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][k], v, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(resumed["method_state"]["dive.m"], whole["method_state"]["dive.m"])
+
+
+def test_micro_batched_backward_for_diveloss_users():
+    """The recipe outside the training loop: any row-wise encoders, DiVELoss (one update
+    of m) plus a contrastive term, K micro-batches: the full-batch gradients."""
+    from dive_fast import DiVELoss, micro_batched_backward
+
+    def setup():
+        torch.manual_seed(0)
+        towers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(),
+                                                          torch.nn.Linear(32, 16)) for _ in range(2)])
+        return towers, DiVELoss(16, lam=10.0)
+
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(12, 12, generator=g), torch.randn(12, 12, generator=g)
+    img0, txt0 = (torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1)
+                  for _ in range(2))
+
+    def objective(dive):
+        def loss(fs):
+            logits = torch.nn.functional.normalize(fs[0], dim=-1) @ \
+                torch.nn.functional.normalize(fs[1], dim=-1).T
+            return dive(fs[0], img0, fs[1], txt0) + torch.nn.functional.cross_entropy(
+                10 * logits, torch.arange(len(logits)))
+        return loss
+
+    towers, dive = setup()
+    full = objective(dive)([towers[0](x), towers[1](t)])
+    full.backward()
+    full_grads = [p.grad.clone() for p in towers.parameters()]
+    towers, dive_k = setup()
+    out = micro_batched_backward(lambda xs: [towers[0](xs[0]), towers[1](xs[1])], [x, t],
+                                 objective(dive_k), k=5)  # 12 rows: micro-batches of 3 and 2
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip((p.grad for p in towers.parameters()), full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dive_k.m, dive.m)  # one update of m, not five
