@@ -1,8 +1,9 @@
 """The prepared GPU check: every GPU backend and dtype against the float64 oracle, the
 kernel launches per call, op timings against the HBM and launch-latency floors, the
-training-step benchmark, and the co-scheduled frozen forward against the sequential one.
+training-step benchmark, the co-scheduled frozen forward against the sequential one, and
+the memory benchmark (FLYP against DiVE, full batch and micro-batched).
 
-    bash benchmarks/gpu_check.sh             # on a CUDA machine (budget: 8 minutes)
+    bash benchmarks/gpu_check.sh             # on a CUDA machine (budget: 9 minutes)
     bash benchmarks/gpu_check.sh --dry-run   # anywhere: the same script on the CPU
 
 The dry run takes every stage through its code on CPU tensors, with small shapes: the
@@ -10,7 +11,8 @@ Triton kernels under TRITON_INTERPRET=1, the CUDA backend skipped with the reaso
 step benchmark with the micro model. Writes, to $OUT or --out (default: on a GPU
 benchmarks/results/, dry run a temporary folder), CSVs named by device:
 gpu_accuracy_<device>.csv, gpu_launches_<device>.csv, dive_op_<device>.csv (and .png),
-step_<device>.csv, streams_<device>.csv. Exit status 0 only when every stage passed.
+step_<device>.csv, streams_<device>.csv, memory_B<batch>_<device>.csv. Exit status 0 only
+when every stage passed.
 """
 from __future__ import annotations
 
@@ -218,13 +220,32 @@ def streams(device: str, out: Path) -> bool:
     return check_streams.main(["--device", device, *args, "--out", str(out / f"streams_{name}.csv")])
 
 
+def memory(device: str, out: Path) -> bool:
+    """Activation memory, peak allocated and step time of FLYP against DiVE (full batch and
+    micro-batched, ``benchmarks/bench_memory.py``), ViT-B-16 bf16 at B = B' = 256 and 512."""
+    if open_clip_missing("memory benchmark"):
+        return device == "cpu"
+    import bench_memory
+    name = slug(device_name(device))
+    if device == "cuda":
+        runs = [("256", ["flyp-B", "dive", "dive-k4"]), ("512", ["flyp-B", "dive", "dive-k4+ckpt"])]
+        common = ["--model", "ViT-B-16", "--amp", "bf16", "--data", "synthetic", "--steps", "3",
+                  "--ref-size", "2048"]
+    else:
+        runs = [("8", ["flyp-B", "dive", "dive-k2+ckpt"])]
+        common = ["--model", "dive-micro", "--data", "synthetic", "--steps", "1", "--ref-size", "32"]
+    for batch, variants in runs:
+        bench_memory.main(["--device", device, *common, "--batch", batch, "--variants", *variants,
+                           "--out", str(out / f"memory_B{batch}_{name}.csv")])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true",
                    help="run every stage on the CPU (Triton interpreted, CUDA skipped)")
     p.add_argument("--out", default=os.environ.get("OUT") or None)
     p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "launches", "op", "step",
-                                                                  "streams"])
+                                                                  "streams", "memory"])
     args = p.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
@@ -238,7 +259,8 @@ def main(argv=None) -> int:
     check = Check()
     stages = {"accuracy": (accuracy, device, SHAPES["dry" if args.dry_run else "gpu"], out),
               "launches": (launches, device, out), "op": (op_timings, device, out),
-              "step": (step, device, out), "streams": (streams, device, out)}
+              "step": (step, device, out), "streams": (streams, device, out),
+              "memory": (memory, device, out)}
     for name, (fn, *fn_args) in stages.items():
         if name not in args.skip:
             check.stage(name, fn, *fn_args)
