@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, synchronize, write_csv  # noqa: E402
+from common import environment, synchronize, user_step, write_csv  # noqa: E402
 
 VARIANTS = ("flyp-B", "flyp-B+B'", "dive-naive", "dive-fast", "dive-seq", "dive-cosched")
 DEFAULT_VARIANTS = VARIANTS[:4]
@@ -84,9 +84,8 @@ def naive_dive():
     return NaiveDiVE
 
 
-def train_args(args, variant, out):
+def train_cli(args, variant, out) -> list[str]:
     """The command line a user would give ``dive_fast.train`` for this variant."""
-    from dive_fast import train
     B, Bp = args.batch, args.ref_batch or args.batch
     batch = B + Bp if variant == "flyp-B+B'" else B
     cli = ["--method", "flyp" if variant.startswith("flyp") else "dive", "--model", args.model,
@@ -100,42 +99,26 @@ def train_args(args, variant, out):
         cli += ["--no-co-schedule"]
     if variant == "dive-naive":
         cli += ["--dive-backend", "reference"]
-    targs = train.build_parser().parse_args(cli)
-    train.check_args(targs)
-    return targs
+    return cli
 
 
 def run_variant(args) -> dict:
-    from dive_fast import optim, train
-    from dive_fast.data import WorldCaptions, WorldTask
-    from dive_fast.models import load_clip
-    from dive_fast.step import NonFiniteGuard, train_step
+    from dive_fast.step import train_step
 
     torch.manual_seed(0)
     device, variant = args.device, args.variant
     on_gpu = device.startswith("cuda")
-    targs = train_args(args, variant, Path(args.cache_dir))
-    bundle = load_clip(args.model, None, device)
-    tf, size = bundle.preprocess_val, bundle.image_size
-    if args.data == "synthetic":
-        target = SyntheticTask(4096, size)
-        reference = (SyntheticCaptions(args.ref_size, size), f"synthetic:{args.ref_size}")
-    else:
-        target = WorldTask("shapes", "train", 4096, tf, size=size)
-        reference = (WorldCaptions("reference", args.ref_size, tf, size=size),
-                     f"world:0:{args.ref_size}")
-    method, step_fn = train.build_method(targs, bundle, target.classnames, target.templates,
-                                         f"random:{args.model}", device, 0, 1,
-                                         Path(args.cache_dir), reference)
+    run = user_step(train_cli(args, variant, Path(args.cache_dir)), args.data, None,
+                    args.cache_dir)
+    method, step_fn, stream, opt, sched, guard = (run.method, run.step, run.stream, run.opt,
+                                                  run.sched, run.guard)
     if variant == "dive-naive":
         method = naive_dive()(
-            bundle.model, bundle.tokenizer, target.classnames, target.templates, device=device,
-            config=method.config, frozen=method.frozen, amp_dtype=method.amp_dtype)
-        step_fn = functools.partial(train_step, method, method)
-    opt, sched = optim.build(method.named_parameters(), targs.lr, targs.wd, targs.steps, 1)
-    stream = train.batches(targs, method, target, reference[0], bundle.tokenizer)
-    guard = NonFiniteGuard(device)
-    method.train()
+            run.bundle.model, run.bundle.tokenizer, run.target.classnames, run.target.templates,
+            device=device, config=method.config, frozen=method.frozen,
+            amp_dtype=method.amp_dtype)
+        step_fn = functools.partial(train_step, method, method)  # the same weights: run.opt
+        method.train()
     step_times, data_times = [], []
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if on_gpu:

@@ -107,6 +107,7 @@ def user_step(cli: list[str], data: str = "world", image_size: int | None = None
     method, step = train.build_method(targs, bundle, target.classnames, target.templates,
                                       f"random:{targs.model}:{size}", targs.device, 0, 1,
                                       Path(cache_dir), reference)
+    # A warm-up of one step: the timed steps run at the base lr.
     opt, sched = optim.build(method.named_parameters(), targs.lr, targs.wd, targs.steps, 1)
     stream = train.batches(targs, method, target, reference[0], bundle.tokenizer)
     method.train()
