@@ -1,64 +1,119 @@
-"""The paper's tables in miniature: every method on the embedded world, equal budgets.
+"""The paper's tables in miniature: every method on the embedded world, equal budgets,
+three fine-tuning seeds (mean and spread).
 
-    python benchmarks/replicate.py                      # ~40 min on 2 CPU cores
-    python benchmarks/replicate.py --steps 50 --methods flyp dive   # a quick look
-    python benchmarks/replicate.py --methods --extra-lams 10 100 --append  # lambda sweep
+    python benchmarks/replicate.py                    # everything, 3 seeds: ~2.5 h on 2 CPU cores
+    python benchmarks/replicate.py --seeds 0 --methods zeroshot flyp dive --lams   # a quick look
 
-Each method fine-tunes the cached pre-trained dive-tiny with the same steps, batch, lr
-and seeds (stated in the output), then is evaluated on ID, every OOD shift, every
-zero-shot task and RSA; WiSE-FT (alpha 0.5) of each trained method is evaluated too.
-Writes benchmarks/results/replication.{md,json}.
+Each method fine-tunes the cached pre-trained dive-tiny with ``dive_fast.train``'s defaults
+(steps, batch, lr, lambda 1000, momentum 0.99; override with --train-args) and each seed,
+then is evaluated on ID, every OOD shift, every zero-shot task and RSA; WiSE-FT
+(alpha 0.5) of each trained method is evaluated too. --lams adds DiVE rows at other lambdas
+(the sweep 10 / 100 / 1000 / 10000 with the default row). A run whose report.json exists
+under --runs is read, not run again, so an interrupted replication continues where it
+stopped. Writes benchmarks/results/replication.{md,json}: a summary (ID, OOD mean, zero-shot
+mean, RSA joint: mean +- sample standard deviation over the seeds) and the full table of
+seed means.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from dive_fast import train
 from dive_fast.evaluate import format_table
 
-DEFAULT = ["zeroshot", "ft", "flyp", "flyp+replay", "snd-like", "dive", "dive-avl", "dive-pvl"]
+DEFAULT = ["zeroshot", "ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive", "dive-avl",
+           "dive-pvl"]
+
+
+def merge(reports: list):
+    """The seed mean of nested report dicts (numbers averaged, other values from the first)."""
+    first = reports[0]
+    if isinstance(first, dict):
+        return {k: merge([r[k] for r in reports]) for k in first
+                if all(isinstance(r, dict) and k in r for r in reports)}
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and \
+            all(isinstance(r, (int, float)) for r in reports):
+        return sum(reports) / len(reports)
+    return first
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary(rows: dict[str, list[dict]]) -> str:
+    cols = (("ID", lambda r: r["id_mean"], 100), ("OOD mean", lambda r: r["ood_mean"], 100),
+            ("zero-shot mean", lambda r: r["zeroshot_mean"], 100),
+            ("RSA joint", lambda r: r["rsa"]["joint"] if r.get("rsa") else None, 1))
+    lines = ["| method | seeds | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name, reports in rows.items():
+        cells = []
+        for _, get, scale in cols:
+            vals = [get(r) for r in reports]
+            if any(v is None for v in vals):
+                cells.append("–")
+                continue
+            mean, sd = statistics.fmean(vals) * scale, spread(vals) * scale
+            cells.append(f"{mean:.1f} ± {sd:.1f}" if scale == 100 else f"{mean:.3f} ± {sd:.3f}")
+        lines.append(f"| {name} | {len(reports)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="*", default=DEFAULT)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-per-task", type=int, default=500)
-    p.add_argument("--extra-lams", type=float, nargs="*", default=[],
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                   help="fine-tuning seeds (the world and the pre-trained model stay fixed)")
+    p.add_argument("--lams", type=float, nargs="*", default=[10, 100, 10000],
                    help="also run dive with these lambdas (rows 'dive lambda=X')")
-    p.add_argument("--append", action="store_true", help="add rows to an existing table")
+    p.add_argument("--wise-ft", default="0.5")
+    p.add_argument("--eval-per-task", type=int, default=500)
+    p.add_argument("--train-args", default="",
+                   help="more dive_fast.train arguments for every run, e.g. '--steps 100'")
     p.add_argument("--runs", default="runs/replication")
     p.add_argument("--out", default="benchmarks/results/replication")
     args = p.parse_args(argv)
-    rows = json.loads(Path(f"{args.out}.json").read_text())["rows"] if args.append else {}
-    settings = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr",
-                str(args.lr), "--seed", str(args.seed), "--eval-per-task",
-                str(args.eval_per_task), "--no-progress", "--checkpoint-every", "1000000"]
+    extra_all = ["--eval-per-task", str(args.eval_per_task), "--no-progress",
+                 "--checkpoint-every", "1000000", *args.train_args.split()]
     runs = [(m, m, []) for m in args.methods] + \
-        [(f"dive lambda={lam:g}", "dive", ["--lam", str(lam)]) for lam in args.extra_lams]
-    for label, method, extra in runs:
-        report = train.main(["--method", method, "--out", f"{args.runs}/{label.replace(' ', '_')}",
-                             "--wise-ft", "" if method == "zeroshot" else "0.5", *settings,
-                             *extra])
-        for name, row in report.items():
-            if name == "zero-shot" and "zero-shot" in rows:
-                continue
-            rows[name.replace(method, label, 1)] = row
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table = format_table(rows)
-        header = (f"dive-tiny on the embedded world (seed {args.seed}); each method: "
-                  f"{args.steps} steps, batch {args.batch_size} (+ {args.batch_size} reference "
-                  f"pairs where used), lr {args.lr}, lambda 1000, momentum 0.99; "
-                  f"{args.eval_per_task} test images per task.\n\n")
-        Path(f"{args.out}.md").write_text(header + table + "\n")
-        Path(f"{args.out}.json").write_text(json.dumps({"settings": vars(args), "rows": rows},
-                                                       indent=2))
-    print(header + table)
+        [(f"dive lambda={lam:g}", "dive", ["--lam", str(lam)]) for lam in args.lams]
+    rows: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for label, method, extra in runs:
+            if method == "zeroshot" and seed != args.seeds[0]:
+                continue  # no training: the same numbers for every seed
+            out = Path(args.runs) / f"seed{seed}" / label.replace(" ", "_")
+            if (out / "report.json").is_file():
+                report = json.loads((out / "report.json").read_text())
+            else:
+                report = train.main(["--method", method, "--out", str(out), "--seed", str(seed),
+                                     "--wise-ft", "" if method == "zeroshot" else args.wise_ft,
+                                     *extra_all, *extra])
+            for name, row in report.items():
+                if name == "zero-shot" and method != "zeroshot":
+                    continue
+                rows.setdefault(name.replace(method, label, 1), []).append(row)
+            write(args, rows)
+    print((Path(f"{args.out}.md")).read_text())
+
+
+def write(args, rows):
+    means = {name: merge(reports) for name, reports in rows.items()}
+    header = (f"dive-tiny on the embedded world; every method with dive_fast.train's defaults "
+              f"(extra arguments: {args.train_args or 'none'}), lambda 1000 and momentum 0.99 "
+              f"unless the row says otherwise; fine-tuning seeds {args.seeds}; "
+              f"{args.eval_per_task} test images per task. Regenerate: "
+              f"`python benchmarks/replicate.py` (see its --help).\n\n"
+              "Summary: mean ± sample standard deviation over the seeds, in %.\n\n")
+    text = header + summary(rows) + "\n\nAll tasks (seed means, %):\n\n" + format_table(means)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text(text + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps(
+        {"settings": vars(args), "rows": rows, "means": means}, indent=1))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .models import load_clip, tiny_checkpoint, tiny_intact
 
 log = logging.getLogger(__name__)
 # Steps that keep the default pre-training within ~10 minutes on 2 CPU cores.
-DEFAULT_STEPS = {"dive-tiny": 1800, "dive-micro": 40}
+DEFAULT_STEPS = {"dive-tiny": 1500, "dive-micro": 40}
 
 
 def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None = None,

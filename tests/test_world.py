@@ -69,6 +69,31 @@ def test_captions_describe_the_scene():
                        and not (s == "ring" and "background" in words))
 
 
+def test_captions_name_the_shape_mostly_by_family():
+    from dive_fast.world.language import FAMILIES, FAMILY_OF
+    assert sorted(FAMILY_OF) == sorted(SHAPES)
+    exact = family = 0
+    for i in range(400):
+        _, text, scene = caption_pair("pretrain", i)
+        words = text.lower().replace(",", " ").replace(".", " ").split()
+        exact += scene["shape"] in words or scene["shape"] + "s" in words or \
+            scene["shape"] + "es" in words
+        named = [f for f in FAMILIES if f in words]
+        assert named in ([], [FAMILY_OF[scene["shape"]]])
+        family += bool(named)
+    assert 0.2 < exact / 400 < 0.4 and 0.45 < family / 400 < 0.65
+
+
+def test_id_task_is_a_narrow_slice_the_reference_set_leaves_out():
+    from dive_fast.world.tasks import in_id_slice, task_scene
+    for i in range(20):
+        scene, _ = task_scene(TASKS["shapes"], "train", i)
+        assert in_id_slice(scene) and scene["count"] == 1 and scene["size"] == "large"
+        assert not in_id_slice(task_scene(TASKS["shapes-sketch"], "test", i)[0])
+    assert not any(in_id_slice(caption_pair("reference", i)[2]) for i in range(300))
+    assert sum(in_id_slice(caption_pair("pretrain", i)[2]) for i in range(2000)) > 10
+
+
 def test_every_task_renders_and_has_templates():
     kinds = {t.kind for t in TASKS.values()}
     assert kinds == {"id", "ood", "zeroshot"}

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+# Shape families: what most captions say about the shape. The exact shape (the ID label)
+# is named in a minority of captions only, so the pre-trained model knows it coarsely and
+# fine-tuning has a fine-grained task to learn.
+FAMILIES = {"round": ("circle", "ring"), "curvy": ("crescent", "heart"),
+            "angular": ("square", "triangle", "diamond"), "spiky": ("star", "plus", "cross")}
+FAMILY_OF = {shape: fam for fam, shapes in FAMILIES.items() for shape in shapes}
+# Probabilities of naming the shape exactly, by its family, or not at all ("a shape").
+NOUN_EXACT, NOUN_FAMILY = 0.3, 0.55
+
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
            "diamond": "diamonds", "plus": "pluses", "cross": "crosses", "star": "stars",
            "heart": "hearts", "ring": "rings", "crescent": "crescents",
@@ -22,14 +31,21 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def caption(scene: dict, rng: np.random.Generator, drop: float = 0.25) -> str:
-    """One caption of the scene; each optional attribute is left out with probability drop."""
+def caption(scene: dict, rng: np.random.Generator, drop: float = 0.25,
+            exact: float = NOUN_EXACT, family: float = NOUN_FAMILY) -> str:
+    """One caption of the scene; each optional attribute is left out with probability drop.
+    The shape is named exactly with probability ``exact``, by its family ("a round shape")
+    with probability ``family``, else only as "a shape" / "an object"."""
     def keep():
         return rng.random() >= drop
 
     count = scene["count"]
-    noun = scene["shape"] if rng.random() >= 0.1 else _pick(rng, ("shape", "object"))
+    r = rng.random()
+    generic = _pick(rng, ("shape", "object"))
+    noun = scene["shape"] if r < exact else generic
     noun = noun if count == 1 else PLURALS[noun]
+    if exact <= r < exact + family:
+        noun = f"{FAMILY_OF[scene['shape']]} {noun}"
     count_word = _pick(rng, COUNT_WORDS[count])
     if count_word == "a" and noun[0] in "aeiou":
         count_word = "an"

@@ -13,9 +13,9 @@ SHAPES = ("circle", "square", "triangle", "diamond", "plus", "cross", "star", "h
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95),
            "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.15, 0.8), "orange": (1.0, 0.55, 0.05),
            "pink": (1.0, 0.5, 0.75), "cyan": (0.1, 0.85, 0.9)}
-SIZES = {"small": 0.18, "large": 0.32}  # radius as a fraction of the image side
-POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27),
-             "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
+SIZES = {"small": 0.17, "large": 0.28}  # radius as a fraction of the image side
+POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3),
+             "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
 COUNTS = (1, 2, 3)
 BACKGROUNDS = ("black", "gray", "striped", "dotted", "checkered")
 STYLES = ("photo", "sketch", "textured", "noisy")
@@ -86,7 +86,7 @@ def _centres(scene: dict, rng: np.random.Generator) -> list[tuple[float, float]]
     radius = scene["radius"]
     if scene["count"] == 1:
         cx, cy = POSITIONS[scene["position"]]
-        j = 0.06
+        j = 0.05
         return [(cx + rng.uniform(-j, j), cy + rng.uniform(-j, j))]
     centres: list[tuple[float, float]] = []
     for _ in range(200):  # rejection sampling of non-overlapping centres

@@ -33,16 +33,22 @@ class Task:
 
 
 SHAPE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.",
-                   "a drawing of a {}.", "a small {}.", "a large {}.")
+                   "a drawing of a {}.", "a large {}.", "a photo of one {}.")
+# The ID task: one large object, photo style, plain background; a narrow slice (about 1 in
+# 40) of the pre-training world. The OOD shifts keep the shape and change what the ID set
+# holds fixed: the style (sketch, texture, noise) or the size and background.
+ID_FIXED = {"count": 1, "size": "large"}
 TASKS = {t.name: t for t in (
-    Task("shapes", "id", "shape", SHAPES, SHAPE_TEMPLATES, styles=("photo",), backgrounds=PLAIN),
-    Task("shapes-sketch", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("sketch",)),
+    Task("shapes", "id", "shape", SHAPES, SHAPE_TEMPLATES, styles=("photo",), backgrounds=PLAIN,
+         fixed=ID_FIXED),
+    Task("shapes-sketch", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("sketch",),
+         fixed=ID_FIXED),
     Task("shapes-texture", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("textured",),
-         backgrounds=PATTERNED),
+         backgrounds=PATTERNED, fixed=ID_FIXED),
     Task("shapes-noise", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("noisy",),
-         backgrounds=PLAIN),
-    Task("shapes-v2", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("photo",),
-         backgrounds=PLAIN, radius_jitter=0.07),
+         backgrounds=PLAIN, fixed=ID_FIXED),
+    Task("shapes-small", "ood", "shape", SHAPES, SHAPE_TEMPLATES, styles=("photo",),
+         backgrounds=PATTERNED, fixed={"count": 1, "size": "small"}),
     Task("colour", "zeroshot", "colour", tuple(COLOURS),
          ("a photo of a {} shape.", "a {} object.", "an image of a {} shape.", "a {} shape.")),
     Task("size", "zeroshot", "size", tuple(SIZES),
@@ -99,13 +105,27 @@ def task_image(task: Task, split: str, index: int, seed: int = DEFAULT_SEED, siz
     return render(scene, size), label
 
 
+def in_id_slice(scene: dict, task: Task | None = None) -> bool:
+    """Whether a scene could be a sample of the ID task (its style, background, fixed
+    attributes)."""
+    task = task or next(t for t in TASKS.values() if t.kind == "id")
+    return (scene["style"] in task.styles and scene["background"] in task.backgrounds and
+            all(scene[k] == v for k, v in task.fixed.items()))
+
+
+# The reference set (the CC3M stand-in) is the pre-training distribution without the ID
+# task's slice, as CC3M holds photos like ImageNet's but not ImageNet's own; a module
+# switch so that the diagnosis can measure the other choice.
+REFERENCE_EXCLUDES_ID = True
 HARD_GROUP = 128  # pre-training samples that share a narrow palette (hard negatives)
-PRETRAIN_STREAM_VERSION = 1  # bump whenever caption_pair("pretrain", ...) changes
+PRETRAIN_STREAM_VERSION = 2  # bump whenever caption_pair("pretrain", ...) changes
+# 2: shape families in most captions, the exact shape in a minority; larger objects
 
 
 def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 32):
     """(image, caption, scene) of an image-caption corpus: "pretrain" (the pre-training
-    stream) or "reference" (the fixed CC3M stand-in), over the whole world.
+    stream, over the whole world), "reference" (the fixed CC3M stand-in: the same world
+    without the ID task's slice) or another name (e.g. "rsa-heldout": the whole world).
 
     In "pretrain", each run of HARD_GROUP consecutive samples draws its colours and
     backgrounds from two of each and its shapes from three: a contrastive batch then
@@ -121,4 +141,6 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
                              shape=shapes[int(rng.integers(3))])
     else:
         scene = sample_scene(rng)
+        while corpus == "reference" and REFERENCE_EXCLUDES_ID and in_id_slice(scene):
+            scene = sample_scene(rng)
     return render(scene, size), caption(scene, rng), scene

@@ -1,0 +1,83 @@
+"""Fine-tuning levers on the embedded world: runs dive_fast.train for each given setting and
+prints one compact row each (ID, OOD mean, zero-shot mean, RSA joint, seconds).
+
+    python benchmarks/diagnose_finetune.py --label flyp-vs-dive \\
+        --run "flyp=--method flyp" --run "dive=--method dive" \\
+        --run "dive-l10=--method dive --lam 10" --common "--steps 150 --eval-per-task 200"
+
+Each --run is NAME=ARGS (dive_fast.train arguments); --common is added to every run.
+Every run gets a fresh --out under --runs, no WiSE-FT and no checkpoints unless given.
+Set DIVE_FAST_CACHE to use a pre-trained model other than the default cache's.
+Rows are merged into benchmarks/results/diagnosis.json under --label.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+from dive_fast import train
+from dive_fast.world import tasks
+
+RESULTS = Path(__file__).parent / "results" / "diagnosis.json"
+
+
+def compact(report: dict) -> dict:
+    row = {k: report[k] for k in ("id_mean", "ood_mean", "zeroshot_mean")}
+    row.update(report["ood"])
+    row.update(report["zeroshot"])
+    if report.get("rsa"):
+        row["rsa_joint"] = report["rsa"]["joint"]
+    return row
+
+
+def line(name: str, row: dict) -> str:
+    rsa = f"{row['rsa_joint']:.3f}" if "rsa_joint" in row else "  –  "
+    return (f"{name:28s} ID {100 * row['id_mean']:5.1f}  OOD {100 * row['ood_mean']:5.1f}  "
+            f"ZS {100 * row['zeroshot_mean']:5.1f}  RSA {rsa}  "
+            f"{row.get('seconds', 0):6.0f} s")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", action="append", default=[], help="NAME=ARGS")
+    p.add_argument("--common", default="")
+    p.add_argument("--label", required=True)
+    p.add_argument("--runs", default="/tmp/dive-diagnosis")
+    p.add_argument("--reference-includes-id", action="store_true",
+                   help="the reference set drawn from the whole world, the ID slice included")
+    args = p.parse_args(argv)
+    if args.reference_includes_id:
+        tasks.REFERENCE_EXCLUDES_ID = False
+    stamp = time.strftime("%H%M%S")
+    results = {}
+    zs_done = False
+    for spec in args.run:
+        name, _, extra = spec.partition("=")
+        out = Path(args.runs) / f"{args.label}-{stamp}" / name
+        argv_ = ["--out", str(out), "--no-progress", "--checkpoint-every", "1000000",
+                 "--wise-ft", "", *shlex.split(args.common), *shlex.split(extra)]
+        start = time.time()
+        report = train.main(argv_)
+        seconds = time.time() - start
+        if not zs_done:
+            results["zero-shot"] = compact(report["zero-shot"])
+            print(line("zero-shot", results["zero-shot"]), flush=True)
+            zs_done = True
+        key = [k for k in report if k != "zero-shot"]
+        if key:
+            results[name] = {**compact(report[key[0]]), "seconds": round(seconds, 1),
+                             "argv": " ".join(argv_[7:])}
+            print(line(name, results[name]), flush=True)
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    data[args.label] = {"common": args.common, "reference_includes_id": args.reference_includes_id,
+                        "rows": results}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=1))
+    print("\n".join(line(k, v) for k, v in results.items()))
+
+
+if __name__ == "__main__":
+    main()
