@@ -75,6 +75,8 @@ def main(argv=None):
     p.add_argument("--train-args", default="",
                    help="more dive_fast.train arguments for every run, e.g. '--steps 100'")
     p.add_argument("--runs", default="runs/replication")
+    p.add_argument("--existing-only", action="store_true",
+                   help="train nothing: tabulate the runs whose report.json exists")
     p.add_argument("--out", default="benchmarks/results/replication")
     args = p.parse_args(argv)
     extra_all = ["--eval-per-task", str(args.eval_per_task), "--no-progress",
@@ -89,6 +91,8 @@ def main(argv=None):
             out = Path(args.runs) / f"seed{seed}" / label.replace(" ", "_")
             if (out / "report.json").is_file():
                 report = json.loads((out / "report.json").read_text())
+            elif args.existing_only:
+                continue
             else:
                 report = train.main(["--method", method, "--out", str(out), "--seed", str(seed),
                                      "--wise-ft", "" if method == "zeroshot" else args.wise_ft,
@@ -105,7 +109,8 @@ def write(args, rows):
     means = {name: merge(reports) for name, reports in rows.items()}
     header = (f"dive-tiny on the embedded world; every method with dive_fast.train's defaults "
               f"(extra arguments: {args.train_args or 'none'}), lambda 1000 and momentum 0.99 "
-              f"unless the row says otherwise; fine-tuning seeds {args.seeds}; "
+              f"unless the row says otherwise; fine-tuning seeds {args.seeds} (the seeds column "
+              f"says how many each row has); "
               f"{args.eval_per_task} test images per task. Regenerate: "
               f"`python benchmarks/replicate.py` (see its --help).\n\n"
               "Summary: mean ± sample standard deviation over the seeds, in %.\n\n")
