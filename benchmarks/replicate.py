@@ -58,7 +58,8 @@ def summary(rows: dict[str, list[dict]]) -> str:
                 cells.append("–")
                 continue
             mean, sd = statistics.fmean(vals) * scale, spread(vals) * scale
-            cells.append(f"{mean:.1f} ± {sd:.1f}" if scale == 100 else f"{mean:.3f} ± {sd:.3f}")
+            digits = 1 if scale == 100 else 3
+            cells.append(f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(vals) > 1 else ""))
         lines.append(f"| {name} | {len(reports)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -113,7 +114,8 @@ def write(args, rows):
               f"says how many each row has); "
               f"{args.eval_per_task} test images per task. Regenerate: "
               f"`python benchmarks/replicate.py` (see its --help).\n\n"
-              "Summary: mean ± sample standard deviation over the seeds, in %.\n\n")
+              "Summary: mean ± sample standard deviation over the seeds (no spread: one seed), "
+              "in %.\n\n")
     text = header + summary(rows) + "\n\nAll tasks (seed means, %):\n\n" + format_table(means)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(text + "\n")
