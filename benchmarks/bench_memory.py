@@ -116,11 +116,13 @@ def fit_budget(args) -> list[dict]:
             used = measure(variant, batch)
             print(f"  {variant:14s} B={batch:5d}: {used / 2**20:9.1f} MiB saved "
                   f"({used / budget:.2f}x the budget)", flush=True)
+            rows.append({"kind": "measured", "variant": variant, "model": args.model, "B": batch,
+                         "saved_for_backward_MiB": used / 2**20, "budget_MiB": budget / 2**20})
             if used > budget:
                 break
             fits, batch = batch, 2 * batch
-        rows.append({"variant": variant, "model": args.model, "budget_MiB": budget / 2**20,
-                     "budget": f"FLYP at B={args.budget_batch}",
+        rows.append({"kind": "largest", "variant": variant, "model": args.model,
+                     "budget_MiB": budget / 2**20, "budget": f"FLYP at B={args.budget_batch}",
                      "largest_B": fits, "searched_up_to": args.max_batch,
                      "capped": fits is not None and fits * 2 > args.max_batch})
     return rows
@@ -196,7 +198,6 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", choices=ALL_VARIANTS, default=None, help="(internal) run one")
-    p.add_argument("--train", action="store_true", help="(internal) dive_fast.train, then peak")
     p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=list(ALL_VARIANTS))
     p.add_argument("--model", default="dive-tiny")
     p.add_argument("--image-size", type=int, default=None, help="default: the model's")
@@ -214,15 +215,14 @@ def main(argv=None):
     p.add_argument("--user-batch", type=int, default=32)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=None, help="CSV (default benchmarks/results/memory_<kind>_<device>.csv)")
-    args, rest = p.parse_known_args(argv)
-    if args.train:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--train"]:  # (internal) the rest is dive_fast.train's command line
         from dive_fast import train
         from dive_fast.memory import peak_memory_mib
-        train.main(rest)
+        train.main(argv[1:])
         print(json.dumps({"peak_rss_MiB": peak_memory_mib("cpu")}))
         return
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = p.parse_args(argv)
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
@@ -237,9 +237,8 @@ def main(argv=None):
             rows = fit_budget(args)
         else:
             rows = []
-            given = argv if argv is not None else sys.argv[1:]
             for variant in args.variants:
-                proc = subprocess.run([sys.executable, __file__, *given, "--cache-dir",
+                proc = subprocess.run([sys.executable, __file__, *argv, "--cache-dir",
                                        args.cache_dir, "--variant", variant],
                                       capture_output=True, text=True)
                 if proc.returncode:

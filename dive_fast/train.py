@@ -6,7 +6,7 @@
         --train-folder /data/imagenet/train --reference-shards '/data/cc3m/{00000..00331}.tar' \\
         --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch/val \\
         --rsa-shards /data/cc3m/00332.tar
-    torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-L-14 --pretrained openai \
+    torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-L-14 --pretrained openai \\
         --batch-size 512 --accum-freq 8 --grad-checkpointing --fsdp ...   # exact, in less memory
 
 Writes to --out: metrics.jsonl, curves.png, checkpoints/ (atomic, with a digest, last --keep
