@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, synchronize, user_step, write_csv  # noqa: E402
+from common import environment, synchronize, train_cli, user_step, write_csv  # noqa: E402
 
 VARIANTS = ("flyp-B", "flyp-B+B'", "dive", "dive-k2", "dive-k4", "dive-k8")
 ALL_VARIANTS = VARIANTS + tuple(v + "+ckpt" for v in VARIANTS)
@@ -42,16 +42,11 @@ def variant_cli(variant: str, model: str, batch: int, amp: str, device: str,
                 ref_size: int, steps: int) -> list[str]:
     """The command line a user would give ``dive_fast.train`` for this variant."""
     name, ckpt = variant.removesuffix("+ckpt"), variant.endswith("+ckpt")
-    cli = ["--model", model, "--pretrained", "", "--amp", amp, "--device", device,
-           "--workers", "0", "--steps", str(steps), "--ref-size", str(ref_size),
-           "--ref-batch-size", str(batch), "--no-progress", "--out", "/tmp"]
-    if name.startswith("flyp"):
-        cli += ["--method", "flyp", "--batch-size", str(2 * batch if name == "flyp-B+B'" else batch)]
-    else:
-        cli += ["--method", "dive", "--batch-size", str(batch)]
-        if "-k" in name:
-            cli += ["--accum-freq", name.split("-k")[1]]
-    return cli + (["--grad-checkpointing"] if ckpt else [])
+    extra = (["--accum-freq", name.split("-k")[1]] if "-k" in name else []) + \
+        (["--grad-checkpointing"] if ckpt else [])
+    return train_cli("flyp" if name.startswith("flyp") else "dive", model,
+                     2 * batch if name == "flyp-B+B'" else batch, batch, ref_size, amp, device,
+                     0, steps, "/tmp", *extra)
 
 
 def saved_bytes(run, step_index: int) -> tuple[int, float]:

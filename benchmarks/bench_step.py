@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, synchronize, user_step, write_csv  # noqa: E402
+from common import environment, synchronize, train_cli, user_step, write_csv  # noqa: E402
 
 VARIANTS = ("flyp-B", "flyp-B+B'", "dive-naive", "dive-fast", "dive-seq", "dive-cosched")
 DEFAULT_VARIANTS = VARIANTS[:4]
@@ -84,15 +84,12 @@ def naive_dive():
     return NaiveDiVE
 
 
-def train_cli(args, variant, out) -> list[str]:
+def variant_cli(args, variant, out) -> list[str]:
     """The command line a user would give ``dive_fast.train`` for this variant."""
     B, Bp = args.batch, args.ref_batch or args.batch
-    batch = B + Bp if variant == "flyp-B+B'" else B
-    cli = ["--method", "flyp" if variant.startswith("flyp") else "dive", "--model", args.model,
-           "--pretrained", "", "--batch-size", str(batch), "--ref-batch-size", str(Bp),
-           "--ref-size", str(args.ref_size), "--amp", args.amp, "--device", args.device,
-           "--workers", str(args.workers), "--steps", str(args.warmup + args.steps + 3),
-           "--out", str(out), "--no-progress"]
+    cli = train_cli("flyp" if variant.startswith("flyp") else "dive", args.model,
+                    B + Bp if variant == "flyp-B+B'" else B, Bp, args.ref_size, args.amp,
+                    args.device, args.workers, args.warmup + args.steps + 3, out)
     if variant in ("dive-naive", "dive-seq", "dive-cosched"):
         cli += ["--no-frozen-cache"]
     if variant in ("dive-naive", "dive-seq"):
@@ -108,7 +105,7 @@ def run_variant(args) -> dict:
     torch.manual_seed(0)
     device, variant = args.device, args.variant
     on_gpu = device.startswith("cuda")
-    run = user_step(train_cli(args, variant, Path(args.cache_dir)), args.data, None,
+    run = user_step(variant_cli(args, variant, Path(args.cache_dir)), args.data, None,
                     args.cache_dir)
     method, step_fn, stream, opt, sched, guard = (run.method, run.step, run.stream, run.opt,
                                                   run.sched, run.guard)

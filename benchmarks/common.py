@@ -78,6 +78,15 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
         writer.writerows(rows)
 
 
+def train_cli(method: str, model: str, batch: int, ref_batch: int, ref_size: int, amp: str,
+              device: str, workers: int, steps: int, out, *extra: str) -> list[str]:
+    """The command line a user would give ``dive_fast.train`` (random weights, no bars)."""
+    return ["--method", method, "--model", model, "--pretrained", "", "--batch-size", str(batch),
+            "--ref-batch-size", str(ref_batch), "--ref-size", str(ref_size), "--amp", amp,
+            "--device", device, "--workers", str(workers), "--steps", str(steps),
+            "--out", str(out), "--no-progress", *extra]
+
+
 def user_step(cli: list[str], data: str = "world", image_size: int | None = None,
               cache_dir: str | os.PathLike = "/tmp", data_size: int = 4096):
     """One training step as ``python -m dive_fast.train <cli>`` builds it, from the app's own

@@ -119,11 +119,10 @@ def full_optimizer_state(module: nn.Module, opt) -> dict:
     return get_optimizer_state_dict(module, opt, options=FULL)
 
 
-def load_full_state(model: nn.Module, state: dict, module: nn.Module = None, opt=None,
-                    opt_state: dict | None = None) -> None:
-    """A full (unsharded) model state, and optionally optimiser state, into a sharded model;
-    every rank passes the whole state."""
+def load_full_state(model: nn.Module, state: dict, module: nn.Module, opt,
+                    opt_state: dict) -> None:
+    """A full (unsharded) model state and the optimiser state of ``module`` (which holds
+    ``model``) into a sharded model; every rank passes the whole state."""
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state, options=options)
-    if opt is not None:
-        set_optimizer_state_dict(module, opt, opt_state, options=options)
+    set_optimizer_state_dict(module, opt, opt_state, options=options)

@@ -515,8 +515,9 @@ def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, 
                 metrics.write(metrics_log.row_line(row))
                 metrics.flush()
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")})
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            state = checkpoint_state(done, args, method, opt, sched)  # FSDP: a collective
+        if (done % args.checkpoint_every == 0 or done == args.steps) and \
+                (main_proc or parallel.is_sharded(method.model)):  # FSDP's gather: every rank
+            state = checkpoint_state(done, args, method, opt, sched)
             if main_proc:
                 last_ckpt = atomic_save(state, ckpt_dir / f"step-{done:08d}.pt")
                 prune(ckpt_dir, "step-*.pt", args.keep)
