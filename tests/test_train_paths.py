@@ -16,7 +16,7 @@ from dive_fast.checkpoint import load_checkpoint
 HELPER = Path(__file__).parent / "helpers" / "train_runs.py"
 USER_METHODS = ("dive", "flyp+replay", "ft")
 DDP_METHODS = ("ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive")
-# Two processes in other layouts, on the world data, against one process on the global batch:
+# Two processes in other layouts, on both data paths, against one process on the global batch:
 # micro-batched steps (no DDP: gradients averaged once), FSDP2, and all of it combined.
 LAYOUTS = {"two-accum2": ("flyp", "flyp+replay", "snd-like", "dive"),
            "two-fsdp": ("flyp", "dive", "ft"),
@@ -85,11 +85,14 @@ def test_user_data_trains_on_one_and_two_processes(micro_cache, world, tmp_path,
     for method in USER_METHODS:
         train.main(user_args(tmp_path / "one" / method, world, method, refs))
         check_user_report(tmp_path / "one" / method, method)
-    torchrun([user_args(tmp_path / "two" / m, world, m, refs, batch=4) for m in USER_METHODS],
-             tmp_path)
+    sharded = user_args(tmp_path / "two" / "dive-sharded", world, "dive", refs, batch=4) + \
+        ["--fsdp", "--accum-freq", "2", "--grad-checkpointing"]
+    torchrun([user_args(tmp_path / "two" / m, world, m, refs, batch=4) for m in USER_METHODS] +
+             [sharded], tmp_path)
     for method in USER_METHODS:
         check_user_report(tmp_path / "two" / method, method)
         assert not list((tmp_path / "two" / method).glob("cache/*")) or refs == "csv"
+    check_user_report(tmp_path / "two" / "dive-sharded", "dive")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,7 @@ def ddp_runs(micro_cache, world, tmp_path_factory):
     runs = {}
     for data in ("world", "csv"):
         for method in DDP_METHODS:
-            layouts = [n for n in LAYOUTS if data == "world" and method in LAYOUTS[n]]
+            layouts = [n for n in LAYOUTS if method in LAYOUTS[n]]
             for n, batch in (("one", 8), ("two", 4), *((n, 4) for n in layouts)):
                 out = root / data / method / n
                 if data == "world":
@@ -134,8 +137,8 @@ def relative_gap(one, two, pre, keys):
     return ((d1 - d2).norm() / d1.norm()).item()
 
 
-TWO_PROCESS_RUNS = [("two", d, m) for d in ("world", "csv") for m in DDP_METHODS] + \
-    [(n, "world", m) for n, methods in LAYOUTS.items() for m in methods]
+TWO_PROCESS_RUNS = [(n, d, m) for d in ("world", "csv") for n, methods in
+                    (("two", DDP_METHODS), *LAYOUTS.items()) for m in methods]
 
 
 @pytest.mark.parametrize("layout,data,method", TWO_PROCESS_RUNS)
