@@ -3,6 +3,7 @@ gradient averaging of the steps DDP does not wrap (micro-batched steps, the para
 leaves replicated), and full state dicts for checkpoints that load anywhere."""
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -17,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket
+_meshes = []  # the device meshes shard() made (see release_groups)
 
 
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
@@ -37,6 +39,7 @@ def shard(model: nn.Module, device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    _meshes.append(mesh)
     blocks = residual_blocks(model)
     if not blocks:
         raise ValueError(f"--fsdp: no residual blocks found in {type(model).__name__} "
@@ -49,6 +52,19 @@ def shard(model: nn.Module, device) -> nn.Module:
     for name in ("encode_image", "encode_text"):
         register_fsdp_forward_method(model, name)
     return model
+
+
+def release_groups() -> None:
+    """Lets go of the process groups a finished run's objects hold. DTensor's caches keep the
+    meshes ``shard`` made alive (and a mesh its groups), and DDP's and FSDP's reference cycles
+    keep theirs until a collection, so ``destroy_process_group`` would leave gloo's worker
+    threads running into interpreter shutdown, where one that frees a finished collective's
+    tensor needs the GIL and aborts the process ("terminate called without an active
+    exception"). The groups stay usable: whoever created them destroys them."""
+    for mesh in _meshes:
+        getattr(mesh, "_pg_registry", {}).clear()
+    _meshes.clear()
+    gc.collect()
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -373,8 +373,11 @@ def run(args) -> dict:
     check_args(args)
     rank, world, device = distributed.init_from_env(args.device)
     args.device, args.world_size = device, world
-    with runlock.hold(args.out, enabled=distributed.is_main()):  # this run owns --out
-        report = run_owned(args, rank, world, device)
+    try:
+        with runlock.hold(args.out, enabled=distributed.is_main()):  # this run owns --out
+            report = run_owned(args, rank, world, device)
+    finally:
+        parallel.release_groups()
     distributed.shutdown()
     return report
 

@@ -95,6 +95,19 @@ def test_user_data_trains_on_one_and_two_processes(micro_cache, world, tmp_path,
     check_user_report(tmp_path / "two" / "dive-sharded", "dive")
 
 
+def test_torchrun_runs_the_cli_on_user_data(micro_cache, world, tmp_path):
+    """The README's command as a user types it: torchrun starts ``-m dive_fast.train``, which
+    owns the process group (and destroys it) on a sharded run; both processes exit cleanly."""
+    out = tmp_path / "cli"
+    args = user_args(out, world, "dive", "csv", batch=4) + ["--fsdp"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m",
+                           "dive_fast.train", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_user_report(out, "dive")
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(micro_cache, world, tmp_path_factory):
     """Each method on the world and on the CSV path: one process at batch 8, and two
