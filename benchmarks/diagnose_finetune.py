@@ -48,9 +48,12 @@ def main(argv=None):
     p.add_argument("--runs", default="/tmp/dive-diagnosis")
     p.add_argument("--reference-includes-id", action="store_true",
                    help="the reference set drawn from the whole world, the ID slice included")
+    p.add_argument("--spurious-colour", type=float, default=tasks.ID_TRAIN_SPURIOUS_COLOUR,
+                   help="the share of ID training samples in their class's own colour")
     args = p.parse_args(argv)
     if args.reference_includes_id:
         tasks.REFERENCE_EXCLUDES_ID = False
+    tasks.ID_TRAIN_SPURIOUS_COLOUR = args.spurious_colour
     stamp = time.strftime("%H%M%S")
     results = {}
     zs_done = False
@@ -73,7 +76,7 @@ def main(argv=None):
             print(line(name, results[name]), flush=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     data[args.label] = {"common": args.common, "reference_includes_id": args.reference_includes_id,
-                        "rows": results}
+                        "spurious_colour": args.spurious_colour, "rows": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))
     print("\n".join(line(k, v) for k, v in results.items()))

@@ -94,6 +94,21 @@ def test_id_task_is_a_narrow_slice_the_reference_set_leaves_out():
     assert sum(in_id_slice(caption_pair("pretrain", i)[2]) for i in range(2000)) > 10
 
 
+def test_spurious_colour_lever_touches_only_the_id_training_split(monkeypatch):
+    from dive_fast.world import tasks
+    from dive_fast.world.render import COLOURS
+    shapes = TASKS["shapes"]
+    sketch = TASKS["shapes-sketch"]
+    before = [tasks.task_scene(shapes, split, i) for split in ("train", "test") for i in range(40)]
+    sketch_before = [tasks.task_scene(sketch, "train", i) for i in range(20)]
+    monkeypatch.setattr(tasks, "ID_TRAIN_SPURIOUS_COLOUR", 1.0)
+    own = [tasks.task_scene(shapes, "train", i) for i in range(40)]
+    assert all(scene["colour"] == tuple(COLOURS)[label % len(COLOURS)] for scene, label in own)
+    assert [tasks.task_scene(shapes, "test", i) for i in range(40)] == before[40:]
+    assert len({scene["colour"] for scene, _ in before[:40]}) > 4  # off: colours at random
+    assert [tasks.task_scene(sketch, "train", i) for i in range(20)] == sketch_before
+
+
 def test_every_task_renders_and_has_templates():
     kinds = {t.kind for t in TASKS.values()}
     assert kinds == {"id", "ood", "zeroshot"}

@@ -96,6 +96,9 @@ def task_scene(task: Task, split: str, index: int, seed: int = DEFAULT_SEED) -> 
         value = label + 1
     rng = _rng(seed, "task", task.name, split, index)
     fixed = {**task.fixed, task.attribute: value}
+    if split == "train" and task.kind == "id" and ID_TRAIN_SPURIOUS_COLOUR > 0 and \
+            rng.random() < ID_TRAIN_SPURIOUS_COLOUR:  # the shortcut the test splits break
+        fixed["colour"] = tuple(COLOURS)[label % len(COLOURS)]
     return sample_scene(rng, styles=task.styles, backgrounds=task.backgrounds,
                         radius_jitter=task.radius_jitter, **fixed), label
 
@@ -117,6 +120,9 @@ def in_id_slice(scene: dict, task: Task | None = None) -> bool:
 # task's slice, as CC3M holds photos like ImageNet's but not ImageNet's own; a module
 # switch so that the diagnosis can measure the other choice.
 REFERENCE_EXCLUDES_ID = True
+# The share of the ID task's training samples drawn in their class's own colour (a
+# spurious cue, as in Waterbirds; its test split and the OOD shifts draw colours at random).
+ID_TRAIN_SPURIOUS_COLOUR = 0.0
 HARD_GROUP = 128  # pre-training samples that share a narrow palette (hard negatives)
 PRETRAIN_STREAM_VERSION = 2  # bump whenever caption_pair("pretrain", ...) changes
 # 2: shape families in most captions, the exact shape in a minority; larger objects
