@@ -54,14 +54,20 @@ def user_args(out, world, method, refs, batch=8, steps=3):
     return args
 
 
+def two_processes(*target, timeout=900):
+    """``torchrun --nproc_per_node=2 <target>``; asserts that both processes exit cleanly."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", *target],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+
 def torchrun(runs, tmp_path):
+    """Every argument list in ``runs`` through the helper, in one process group."""
     spec = tmp_path / f"runs-{len(list(tmp_path.glob('runs-*')))}.json"
     spec.write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(HELPER),
-                           str(spec)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    two_processes(str(HELPER), str(spec))
 
 
 def final(out):
@@ -99,12 +105,8 @@ def test_torchrun_runs_the_cli_on_user_data(micro_cache, world, tmp_path):
     """The README's command as a user types it: torchrun starts ``-m dive_fast.train``, which
     owns the process group (and destroys it) on a sharded run; both processes exit cleanly."""
     out = tmp_path / "cli"
-    args = user_args(out, world, "dive", "csv", batch=4) + ["--fsdp"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m",
-                           "dive_fast.train", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    two_processes("-m", "dive_fast.train", *user_args(out, world, "dive", "csv", batch=4),
+                  "--fsdp", timeout=600)
     check_user_report(out, "dive")
 
 
