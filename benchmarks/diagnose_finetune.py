@@ -18,7 +18,7 @@ import shlex
 import time
 from pathlib import Path
 
-from dive_fast import train
+from dive_fast import methods, train
 from dive_fast.world import tasks
 
 RESULTS = Path(__file__).parent / "results" / "diagnosis.json"
@@ -40,6 +40,21 @@ def line(name: str, row: dict) -> str:
             f"{row.get('seconds', 0):6.0f} s")
 
 
+def free_tower(tower: str):
+    """Detach one tower's reference embeddings before DiVE's regulariser sees them: its
+    losses still read them (the EMA vector and PVL's pairing), but only the other tower
+    receives their gradient. Splits where DiVE's constraint binds the ID task."""
+    objective = methods.DiVE.objective
+    which = 0 if tower == "image" else 1
+
+    def detached(self, batch, step, imgs, txts, frozen):
+        towers = [list(imgs), list(txts)]
+        towers[which][1] = towers[which][1].detach()
+        return objective(self, batch, step, *towers, frozen)
+
+    methods.DiVE.objective = detached
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", action="append", default=[], help="NAME=ARGS")
@@ -50,9 +65,17 @@ def main(argv=None):
                    help="the reference set drawn from the whole world, the ID slice included")
     p.add_argument("--spurious-colour", type=float, default=tasks.ID_TRAIN_SPURIOUS_COLOUR,
                    help="the share of ID training samples in their class's own colour")
+    p.add_argument("--reference-family-only", action="store_true",
+                   help="reference captions name shapes by family, never exactly")
+    p.add_argument("--free-tower", choices=("image", "text"),
+                   help="DiVE's regulariser sees this tower's reference embeddings detached, "
+                        "so it constrains only the other tower")
     args = p.parse_args(argv)
+    if args.free_tower:
+        free_tower(args.free_tower)
     if args.reference_includes_id:
         tasks.REFERENCE_EXCLUDES_ID = False
+    tasks.REFERENCE_NAMES_EXACT_SHAPE = not args.reference_family_only
     tasks.ID_TRAIN_SPURIOUS_COLOUR = args.spurious_colour
     stamp = time.strftime("%H%M%S")
     results = {}
@@ -75,7 +98,9 @@ def main(argv=None):
                              "argv": " ".join(argv_[7:])}
             print(line(name, results[name]), flush=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    data[args.label] = {"common": args.common, "reference_includes_id": args.reference_includes_id,
+    data[args.label] = {"common": args.common, "free_tower": args.free_tower,
+                        "reference_includes_id": args.reference_includes_id,
+                        "reference_family_only": args.reference_family_only,
                         "spurious_colour": args.spurious_colour, "rows": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))

@@ -28,8 +28,9 @@ from .fileio import atomic_write, atomic_write_text
 from .models import load_clip, tiny_checkpoint, tiny_intact
 
 log = logging.getLogger(__name__)
-# Steps that keep the default pre-training within ~10 minutes on 2 CPU cores.
-DEFAULT_STEPS = {"dive-tiny": 1500, "dive-micro": 40}
+# Steps that keep the default pre-training within ~10 minutes on 2 CPU cores (dive-wide,
+# the capacity check of benchmarks/results/diagnosis.md: about 25 minutes).
+DEFAULT_STEPS = {"dive-tiny": 1500, "dive-micro": 40, "dive-wide": 1500}
 
 
 def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None = None,

@@ -109,6 +109,21 @@ def test_spurious_colour_lever_touches_only_the_id_training_split(monkeypatch):
     assert [tasks.task_scene(sketch, "train", i) for i in range(20)] == sketch_before
 
 
+def test_family_only_reference_captions_never_name_the_exact_shape(monkeypatch):
+    from dive_fast.world import tasks
+    from dive_fast.world.language import FAMILY_OF, PLURALS
+    pretrain_before = [caption_pair("pretrain", i)[1] for i in range(50)]
+    monkeypatch.setattr(tasks, "REFERENCE_NAMES_EXACT_SHAPE", False)
+    family = 0
+    for i in range(300):
+        _, text, scene = caption_pair("reference", i)
+        words = text.lower().rstrip(".").replace(",", "").split()
+        assert scene["shape"] not in words and PLURALS[scene["shape"]] not in words
+        family += FAMILY_OF[scene["shape"]] in words
+    assert 0.75 < family / 300 < 0.95  # the exact share moved to the family
+    assert [caption_pair("pretrain", i)[1] for i in range(50)] == pretrain_before
+
+
 def test_every_task_renders_and_has_templates():
     kinds = {t.kind for t in TASKS.values()}
     assert kinds == {"id", "ood", "zeroshot"}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .language import caption
+from .language import NOUN_EXACT, NOUN_FAMILY, caption
 from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, STYLES, render
 
 PLAIN = ("black", "gray")
@@ -120,6 +120,10 @@ def in_id_slice(scene: dict, task: Task | None = None) -> bool:
 # task's slice, as CC3M holds photos like ImageNet's but not ImageNet's own; a module
 # switch so that the diagnosis can measure the other choice.
 REFERENCE_EXCLUDES_ID = True
+# Whether the reference captions name the exact shape (the ID label) as often as the
+# pre-training captions do; off, they name it by its family instead (as CC3M's hypernymised
+# captions rarely name ImageNet's fine classes). A switch for the diagnosis.
+REFERENCE_NAMES_EXACT_SHAPE = True
 # The share of the ID task's training samples drawn in their class's own colour (a
 # spurious cue, as in Waterbirds; its test split and the OOD shifts draw colours at random).
 ID_TRAIN_SPURIOUS_COLOUR = 0.0
@@ -149,4 +153,7 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
         scene = sample_scene(rng)
         while corpus == "reference" and REFERENCE_EXCLUDES_ID and in_id_slice(scene):
             scene = sample_scene(rng)
-    return render(scene, size), caption(scene, rng), scene
+    exact = corpus != "reference" or REFERENCE_NAMES_EXACT_SHAPE
+    text = caption(scene, rng) if exact else \
+        caption(scene, rng, exact=0.0, family=NOUN_EXACT + NOUN_FAMILY)
+    return render(scene, size), text, scene
