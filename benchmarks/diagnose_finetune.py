@@ -67,6 +67,8 @@ def main(argv=None):
                    help="the share of ID training samples in their class's own colour")
     p.add_argument("--reference-family-only", action="store_true",
                    help="reference captions name shapes by family, never exactly")
+    p.add_argument("--reference-shapes", type=lambda v: tuple(v.split(",")),
+                   help="comma-separated shapes the reference scenes may show (default: all)")
     p.add_argument("--free-tower", choices=("image", "text"),
                    help="DiVE's regulariser sees this tower's reference embeddings detached, "
                         "so it constrains only the other tower")
@@ -76,6 +78,7 @@ def main(argv=None):
     if args.reference_includes_id:
         tasks.REFERENCE_EXCLUDES_ID = False
     tasks.REFERENCE_NAMES_EXACT_SHAPE = not args.reference_family_only
+    tasks.REFERENCE_SHAPES = args.reference_shapes
     tasks.ID_TRAIN_SPURIOUS_COLOUR = args.spurious_colour
     stamp = time.strftime("%H%M%S")
     results = {}
@@ -101,6 +104,7 @@ def main(argv=None):
     data[args.label] = {"common": args.common, "free_tower": args.free_tower,
                         "reference_includes_id": args.reference_includes_id,
                         "reference_family_only": args.reference_family_only,
+                        "reference_shapes": args.reference_shapes,
                         "spurious_colour": args.spurious_colour, "rows": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))

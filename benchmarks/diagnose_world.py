@@ -3,12 +3,16 @@
     python benchmarks/diagnose_world.py zeroshot --checkpoint PATH        # pre-trained model
     python benchmarks/diagnose_world.py probe --checkpoint PATH           # linear probes
     python benchmarks/diagnose_world.py scratch --task shapes --steps 600 # supervised ceiling
+    python benchmarks/diagnose_world.py perclass --checkpoint RUN/checkpoints/step-00000300.pt
 
 zeroshot: the checkpoint's zero-shot accuracy on every task (templates, as evaluate does).
 probe:    a linear probe (multinomial logistic regression) on the frozen, normalised image
           features of each task's train split, tested on its test split; the probe trained
           on the ID task is also tested on every OOD shift (are the shape features the same
           across styles?).
+perclass: the checkpoint's zero-shot-head accuracy on each class of --task's test split
+          (a fine-tuned checkpoint from dive_fast.train loads too): which classes a method
+          learned.
 scratch:  the same image tower (the model config's vision tower, random weights) + a linear
           head trained with labels on a task's train split (AdamW, batch 128), tested on the
           test split every --eval-every steps, and on the OOD shifts for a shape task.
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dive_fast.evaluate import evaluate, world_eval_sets
+from dive_fast.evaluate import evaluate, world_eval_sets, zeroshot_head
 from dive_fast.models import load_clip
 from dive_fast.world.tasks import TASKS, task_image
 
@@ -121,9 +125,21 @@ def run_scratch(args, bundle):
             "n_train": args.n_train, "curve": curve}
 
 
+@torch.no_grad()
+def run_perclass(args, bundle):
+    task = TASKS[args.task]
+    x, y = task_tensor(args.task, "test", args.n_test, bundle.image_size)
+    head = zeroshot_head(bundle.model, bundle.tokenizer, task.classnames, task.templates)
+    pred = (features(bundle.model.eval(), x) @ head.T).argmax(1)
+    result = {name: float((pred[y == c] == c).float().mean())
+              for c, name in enumerate(task.classnames)}
+    print(" ".join(f"{k} {100 * v:.1f}" for k, v in result.items()))
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["zeroshot", "probe", "scratch"])
+    p.add_argument("mode", choices=["zeroshot", "probe", "scratch", "perclass"])
     p.add_argument("--model", default="dive-tiny")
     p.add_argument("--checkpoint", default=None, help="pre-trained weights (zeroshot, probe)")
     p.add_argument("--task", default="shapes")
@@ -147,6 +163,8 @@ def main(argv=None):
         print(json.dumps(result, indent=1))
     elif args.mode == "probe":
         result = run_probe(args, bundle)
+    elif args.mode == "perclass":
+        result = run_perclass(args, bundle)
     else:
         result = run_scratch(args, bundle)
     if not args.no_save:

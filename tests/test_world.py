@@ -124,6 +124,19 @@ def test_family_only_reference_captions_never_name_the_exact_shape(monkeypatch):
     assert [caption_pair("pretrain", i)[1] for i in range(50)] == pretrain_before
 
 
+def test_reference_shapes_switch_narrows_only_the_reference_scenes(monkeypatch):
+    from dive_fast.world import tasks
+    default = [caption_pair("reference", i)[2] for i in range(40)]
+    pretrain_before = [caption_pair("pretrain", i)[2] for i in range(40)]
+    monkeypatch.setattr(tasks, "REFERENCE_SHAPES", ("circle", "star"))
+    shown = {caption_pair("reference", i)[2]["shape"] for i in range(200)}
+    assert shown == {"circle", "star"}
+    assert [caption_pair("pretrain", i)[2] for i in range(40)] == pretrain_before
+    monkeypatch.setattr(tasks, "REFERENCE_SHAPES", None)
+    assert [caption_pair("reference", i)[2] for i in range(40)] == default
+    assert len({s["shape"] for s in default}) > 5
+
+
 def test_every_task_renders_and_has_templates():
     kinds = {t.kind for t in TASKS.values()}
     assert kinds == {"id", "ood", "zeroshot"}

@@ -124,6 +124,9 @@ REFERENCE_EXCLUDES_ID = True
 # pre-training captions do; off, they name it by its family instead (as CC3M's hypernymised
 # captions rarely name ImageNet's fine classes). A switch for the diagnosis.
 REFERENCE_NAMES_EXACT_SHAPE = True
+# The shapes the reference scenes may show (None: all). A switch for the diagnosis: the
+# ID classes left out are ones DiVE's constraint never sees.
+REFERENCE_SHAPES: tuple[str, ...] | None = None
 # The share of the ID task's training samples drawn in their class's own colour (a
 # spurious cue, as in Waterbirds; its test split and the OOD shifts draw colours at random).
 ID_TRAIN_SPURIOUS_COLOUR = 0.0
@@ -150,9 +153,16 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
         scene = sample_scene(rng, backgrounds=backgrounds, colour=colours[int(rng.integers(2))],
                              shape=shapes[int(rng.integers(3))])
     else:
-        scene = sample_scene(rng)
+        shapes = REFERENCE_SHAPES if corpus == "reference" else None
+
+        def draw():  # the default keeps its draws: the same scenes as before the switch
+            if not shapes:
+                return sample_scene(rng)
+            return sample_scene(rng, shape=shapes[int(rng.integers(len(shapes)))])
+
+        scene = draw()
         while corpus == "reference" and REFERENCE_EXCLUDES_ID and in_id_slice(scene):
-            scene = sample_scene(rng)
+            scene = draw()
     exact = corpus != "reference" or REFERENCE_NAMES_EXACT_SHAPE
     text = caption(scene, rng) if exact else \
         caption(scene, rng, exact=0.0, family=NOUN_EXACT + NOUN_FAMILY)
