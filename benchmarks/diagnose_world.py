@@ -141,7 +141,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["zeroshot", "probe", "scratch", "perclass"])
     p.add_argument("--model", default="dive-tiny")
-    p.add_argument("--checkpoint", default=None, help="pre-trained weights (zeroshot, probe)")
+    p.add_argument("--checkpoint", default=None, help="weights (zeroshot, probe, perclass)")
     p.add_argument("--task", default="shapes")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=150)

@@ -71,14 +71,14 @@ def _rng(seed: int, *keys) -> np.random.Generator:
 
 
 def sample_scene(rng: np.random.Generator, *, styles=STYLES, backgrounds=BACKGROUNDS,
-                 radius_jitter: float = 0.03, **fixed) -> dict:
-    """A random scene; keyword attributes are held fixed."""
+                 shapes=SHAPES, radius_jitter: float = 0.03, **fixed) -> dict:
+    """A random scene drawn from the given option sets; keyword attributes are held fixed."""
     def choose(name, options):
         return fixed[name] if name in fixed else options[int(rng.integers(len(options)))]
 
     count = choose("count", (1, 1, 2, 3))  # single objects are half of all scenes
     size = choose("size", ("small",) if count > 1 else tuple(SIZES))
-    scene = {"shape": choose("shape", SHAPES), "colour": choose("colour", tuple(COLOURS)),
+    scene = {"shape": choose("shape", shapes), "colour": choose("colour", tuple(COLOURS)),
              "size": size, "count": count, "position": choose("position", tuple(POSITIONS)),
              "background": choose("background", backgrounds), "style": choose("style", styles)}
     scene["radius"] = SIZES[size] + float(rng.uniform(-radius_jitter, radius_jitter))
@@ -153,17 +153,12 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
         scene = sample_scene(rng, backgrounds=backgrounds, colour=colours[int(rng.integers(2))],
                              shape=shapes[int(rng.integers(3))])
     else:
-        shapes = REFERENCE_SHAPES if corpus == "reference" else None
-
-        def draw():  # the default keeps its draws: the same scenes as before the switch
-            if not shapes:
-                return sample_scene(rng)
-            return sample_scene(rng, shape=shapes[int(rng.integers(len(shapes)))])
-
-        scene = draw()
+        shapes = REFERENCE_SHAPES if corpus == "reference" and REFERENCE_SHAPES else SHAPES
+        scene = sample_scene(rng, shapes=shapes)
         while corpus == "reference" and REFERENCE_EXCLUDES_ID and in_id_slice(scene):
-            scene = draw()
-    exact = corpus != "reference" or REFERENCE_NAMES_EXACT_SHAPE
-    text = caption(scene, rng) if exact else \
-        caption(scene, rng, exact=0.0, family=NOUN_EXACT + NOUN_FAMILY)
+            scene = sample_scene(rng, shapes=shapes)
+    if corpus == "reference" and not REFERENCE_NAMES_EXACT_SHAPE:
+        text = caption(scene, rng, exact=0.0, family=NOUN_EXACT + NOUN_FAMILY)
+    else:
+        text = caption(scene, rng)
     return render(scene, size), text, scene
