@@ -69,6 +69,8 @@ def main(argv=None):
                    help="reference captions name shapes by family, never exactly")
     p.add_argument("--reference-shapes", type=lambda v: tuple(v.split(",")),
                    help="comma-separated shapes the reference scenes may show (default: all)")
+    p.add_argument("--reference-styles", type=lambda v: tuple(v.split(",")),
+                   help="comma-separated styles the reference scenes may show (default: all)")
     p.add_argument("--free-tower", choices=("image", "text"),
                    help="DiVE's regulariser sees this tower's reference embeddings detached, "
                         "so it constrains only the other tower")
@@ -79,6 +81,7 @@ def main(argv=None):
         tasks.REFERENCE_EXCLUDES_ID = False
     tasks.REFERENCE_NAMES_EXACT_SHAPE = not args.reference_family_only
     tasks.REFERENCE_SHAPES = args.reference_shapes
+    tasks.REFERENCE_STYLES = args.reference_styles
     tasks.ID_TRAIN_SPURIOUS_COLOUR = args.spurious_colour
     stamp = time.strftime("%H%M%S")
     results = {}
@@ -105,6 +108,7 @@ def main(argv=None):
                         "reference_includes_id": args.reference_includes_id,
                         "reference_family_only": args.reference_family_only,
                         "reference_shapes": args.reference_shapes,
+                        "reference_styles": args.reference_styles,
                         "spurious_colour": args.spurious_colour, "rows": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))

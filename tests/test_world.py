@@ -124,17 +124,21 @@ def test_family_only_reference_captions_never_name_the_exact_shape(monkeypatch):
     assert [caption_pair("pretrain", i)[1] for i in range(50)] == pretrain_before
 
 
-def test_reference_shapes_switch_narrows_only_the_reference_scenes(monkeypatch):
+@pytest.mark.parametrize("switch, attribute, narrowed", [
+    ("REFERENCE_SHAPES", "shape", ("circle", "star")),
+    ("REFERENCE_STYLES", "style", ("sketch", "textured"))])
+def test_reference_switches_narrow_only_the_reference_scenes(monkeypatch, switch, attribute,
+                                                               narrowed):
     from dive_fast.world import tasks
     default = [caption_pair("reference", i)[2] for i in range(40)]
     pretrain_before = [caption_pair("pretrain", i)[2] for i in range(40)]
-    monkeypatch.setattr(tasks, "REFERENCE_SHAPES", ("circle", "star"))
-    shown = {caption_pair("reference", i)[2]["shape"] for i in range(200)}
-    assert shown == {"circle", "star"}
+    monkeypatch.setattr(tasks, switch, narrowed)
+    shown = {caption_pair("reference", i)[2][attribute] for i in range(200)}
+    assert shown == set(narrowed)
     assert [caption_pair("pretrain", i)[2] for i in range(40)] == pretrain_before
-    monkeypatch.setattr(tasks, "REFERENCE_SHAPES", None)
+    monkeypatch.setattr(tasks, switch, None)
     assert [caption_pair("reference", i)[2] for i in range(40)] == default
-    assert len({s["shape"] for s in default}) > 5
+    assert len({s[attribute] for s in default}) > 3
 
 
 def test_every_task_renders_and_has_templates():

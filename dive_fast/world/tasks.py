@@ -127,6 +127,9 @@ REFERENCE_NAMES_EXACT_SHAPE = True
 # The shapes the reference scenes may show (None: all). A switch for the diagnosis: the
 # ID classes left out are ones DiVE's constraint never sees.
 REFERENCE_SHAPES: tuple[str, ...] | None = None
+# The styles the reference scenes may show (None: all). A switch for the diagnosis: how much
+# DiVE's constraint binds through reference images that look like the ID task's.
+REFERENCE_STYLES: tuple[str, ...] | None = None
 # The share of the ID task's training samples drawn in their class's own colour (a
 # spurious cue, as in Waterbirds; its test split and the OOD shifts draw colours at random).
 ID_TRAIN_SPURIOUS_COLOUR = 0.0
@@ -153,10 +156,12 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
         scene = sample_scene(rng, backgrounds=backgrounds, colour=colours[int(rng.integers(2))],
                              shape=shapes[int(rng.integers(3))])
     else:
-        shapes = REFERENCE_SHAPES if corpus == "reference" and REFERENCE_SHAPES else SHAPES
-        scene = sample_scene(rng, shapes=shapes)
+        options = {}
+        if corpus == "reference":
+            options = {"shapes": REFERENCE_SHAPES or SHAPES, "styles": REFERENCE_STYLES or STYLES}
+        scene = sample_scene(rng, **options)
         while corpus == "reference" and REFERENCE_EXCLUDES_ID and in_id_slice(scene):
-            scene = sample_scene(rng, shapes=shapes)
+            scene = sample_scene(rng, **options)
     if corpus == "reference" and not REFERENCE_NAMES_EXACT_SHAPE:
         text = caption(scene, rng, exact=0.0, family=NOUN_EXACT + NOUN_FAMILY)
     else:
