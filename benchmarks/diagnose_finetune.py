@@ -55,6 +55,18 @@ def free_tower(tower: str):
     methods.DiVE.objective = detached
 
 
+def subset_of(options: tuple[str, ...]):
+    """An argparse type: a comma-separated, non-empty subset of ``options``."""
+    def parse(value: str) -> tuple[str, ...]:
+        chosen = tuple(v.strip() for v in value.split(",") if v.strip())
+        unknown = [v for v in chosen if v not in options]
+        if not chosen or unknown:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {', '.join(options)}; got {value!r}")
+        return chosen
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", action="append", default=[], help="NAME=ARGS")
@@ -67,9 +79,9 @@ def main(argv=None):
                    help="the share of ID training samples in their class's own colour")
     p.add_argument("--reference-family-only", action="store_true",
                    help="reference captions name shapes by family, never exactly")
-    p.add_argument("--reference-shapes", type=lambda v: tuple(v.split(",")),
+    p.add_argument("--reference-shapes", type=subset_of(tasks.SHAPES),
                    help="comma-separated shapes the reference scenes may show (default: all)")
-    p.add_argument("--reference-styles", type=lambda v: tuple(v.split(",")),
+    p.add_argument("--reference-styles", type=subset_of(tasks.STYLES),
                    help="comma-separated styles the reference scenes may show (default: all)")
     p.add_argument("--free-tower", choices=("image", "text"),
                    help="DiVE's regulariser sees this tower's reference embeddings detached, "
