@@ -83,6 +83,8 @@ def main(argv=None):
                    help="comma-separated shapes the reference scenes may show (default: all)")
     p.add_argument("--reference-styles", type=subset_of(tasks.STYLES),
                    help="comma-separated styles the reference scenes may show (default: all)")
+    p.add_argument("--reference-empty-share", type=float, default=0.0,
+                   help="the share of reference pairs that show no object, only a background")
     p.add_argument("--free-tower", choices=("image", "text"),
                    help="DiVE's regulariser sees this tower's reference embeddings detached, "
                         "so it constrains only the other tower")
@@ -94,6 +96,7 @@ def main(argv=None):
     tasks.REFERENCE_NAMES_EXACT_SHAPE = not args.reference_family_only
     tasks.REFERENCE_SHAPES = args.reference_shapes
     tasks.REFERENCE_STYLES = args.reference_styles
+    tasks.REFERENCE_EMPTY_SHARE = args.reference_empty_share
     tasks.ID_TRAIN_SPURIOUS_COLOUR = args.spurious_colour
     stamp = time.strftime("%H%M%S")
     results = {}
@@ -121,6 +124,7 @@ def main(argv=None):
                         "reference_family_only": args.reference_family_only,
                         "reference_shapes": args.reference_shapes,
                         "reference_styles": args.reference_styles,
+                        "reference_empty_share": args.reference_empty_share,
                         "spurious_colour": args.spurious_colour, "rows": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))

@@ -151,3 +151,21 @@ def test_every_task_renders_and_has_templates():
         img, label = task_image(task, "val", 1)
         assert img.shape == (32, 32, 3) and img.dtype == np.uint8
         assert all("{}" in t for t in task.templates)
+
+
+def test_reference_empty_share_adds_background_only_pairs(monkeypatch):
+    from dive_fast.world import tasks
+    default = [caption_pair("reference", i)[1] for i in range(40)]
+    pretrain_before = [caption_pair("pretrain", i)[1] for i in range(40)]
+    monkeypatch.setattr(tasks, "REFERENCE_EMPTY_SHARE", 0.5)
+    pairs = [caption_pair("reference", i) for i in range(200)]
+    empty = [(img, text, scene) for img, text, scene in pairs if scene["count"] == 0]
+    assert 70 < len(empty) < 130
+    for img, text, scene in empty:
+        assert scene["background"] in text and "shape" not in text and "object" not in text
+    plain = [img for img, _, scene in empty
+             if scene["style"] == "photo" and scene["background"] in ("black", "gray")]
+    assert len(plain) >= 3 and all(img.std() < 1 for img in plain)  # nothing drawn on them
+    assert [caption_pair("pretrain", i)[1] for i in range(40)] == pretrain_before
+    monkeypatch.setattr(tasks, "REFERENCE_EMPTY_SHARE", 0.0)
+    assert [caption_pair("reference", i)[1] for i in range(40)] == default

@@ -31,6 +31,15 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
+def empty_caption(scene: dict, rng: np.random.Generator) -> str:
+    """A caption of a scene without objects (count 0): its background and, maybe, style."""
+    background = _pick(rng, ("an empty {} background", "a bare {} backdrop",
+                             "nothing but a {} background")).format(scene["background"])
+    style = _pick(rng, STYLE_WORDS[scene["style"]]) if rng.random() >= 0.25 else None
+    text = f"{style} {background}" if style else background
+    return text[0].upper() + text[1:] + "."
+
+
 def caption(scene: dict, rng: np.random.Generator, drop: float = 0.25,
             exact: float = NOUN_EXACT, family: float = NOUN_FAMILY) -> str:
     """One caption of the scene; each optional attribute is left out with probability drop.

@@ -84,6 +84,8 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def _centres(scene: dict, rng: np.random.Generator) -> list[tuple[float, float]]:
     radius = scene["radius"]
+    if scene["count"] == 0:  # an empty scene: the background alone
+        return []
     if scene["count"] == 1:
         cx, cy = POSITIONS[scene["position"]]
         j = 0.05

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .language import NOUN_EXACT, NOUN_FAMILY, caption
+from .language import NOUN_EXACT, NOUN_FAMILY, caption, empty_caption
 from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, STYLES, render
 
 PLAIN = ("black", "gray")
@@ -130,6 +130,10 @@ REFERENCE_SHAPES: tuple[str, ...] | None = None
 # The styles the reference scenes may show (None: all). A switch for the diagnosis: how much
 # DiVE's constraint binds through reference images that look like the ID task's.
 REFERENCE_STYLES: tuple[str, ...] | None = None
+# The share of reference pairs that show no object at all (a background and its caption).
+# A switch for the diagnosis: reference pairs that carry none of the ID task's content, as
+# most of CC3M carries none of ImageNet's fine classes.
+REFERENCE_EMPTY_SHARE = 0.0
 # The share of the ID task's training samples drawn in their class's own colour (a
 # spurious cue, as in Waterbirds; its test split and the OOD shifts draw colours at random).
 ID_TRAIN_SPURIOUS_COLOUR = 0.0
@@ -159,6 +163,9 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
         options = {}
         if corpus == "reference":
             options = {"shapes": REFERENCE_SHAPES or SHAPES, "styles": REFERENCE_STYLES or STYLES}
+        if corpus == "reference" and REFERENCE_EMPTY_SHARE and rng.random() < REFERENCE_EMPTY_SHARE:
+            scene = sample_scene(rng, styles=("photo", "noisy"), count=0)
+            return render(scene, size), empty_caption(scene, rng), scene
         scene = sample_scene(rng, **options)
         while corpus == "reference" and REFERENCE_EXCLUDES_ID and in_id_slice(scene):
             scene = sample_scene(rng, **options)
