@@ -119,13 +119,8 @@ def main(argv=None):
                              "argv": " ".join(argv_[7:])}
             print(line(name, results[name]), flush=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    data[args.label] = {"common": args.common, "free_tower": args.free_tower,
-                        "reference_includes_id": args.reference_includes_id,
-                        "reference_family_only": args.reference_family_only,
-                        "reference_shapes": args.reference_shapes,
-                        "reference_styles": args.reference_styles,
-                        "reference_empty_share": args.reference_empty_share,
-                        "spurious_colour": args.spurious_colour, "rows": results}
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "label", "runs")}
+    data[args.label] = {**settings, "rows": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1))
     print("\n".join(line(k, v) for k, v in results.items()))

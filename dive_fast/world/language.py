@@ -31,7 +31,7 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def empty_caption(scene: dict, rng: np.random.Generator) -> str:
+def _empty_caption(scene: dict, rng: np.random.Generator) -> str:
     """A caption of a scene without objects (count 0): its background and, maybe, style."""
     background = _pick(rng, ("an empty {} background", "a bare {} backdrop",
                              "nothing but a {} background")).format(scene["background"])
@@ -44,7 +44,10 @@ def caption(scene: dict, rng: np.random.Generator, drop: float = 0.25,
             exact: float = NOUN_EXACT, family: float = NOUN_FAMILY) -> str:
     """One caption of the scene; each optional attribute is left out with probability drop.
     The shape is named exactly with probability ``exact``, by its family ("a round shape")
-    with probability ``family``, else only as "a shape" / "an object"."""
+    with probability ``family``, else only as "a shape" / "an object". A scene without
+    objects (count 0) is captioned by its background and style alone."""
+    if scene["count"] == 0:
+        return _empty_caption(scene, rng)
     def keep():
         return rng.random() >= drop
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .language import NOUN_EXACT, NOUN_FAMILY, caption, empty_caption
+from .language import NOUN_EXACT, NOUN_FAMILY, caption
 from .render import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, STYLES, render
 
 PLAIN = ("black", "gray")
@@ -159,18 +159,23 @@ def caption_pair(corpus: str, index: int, seed: int = DEFAULT_SEED, size: int = 
         shapes = tuple(group.choice(list(SHAPES), size=3, replace=False))
         scene = sample_scene(rng, backgrounds=backgrounds, colour=colours[int(rng.integers(2))],
                              shape=shapes[int(rng.integers(3))])
+    elif corpus == "reference":
+        scene = _reference_scene(rng)
     else:
-        options = {}
-        if corpus == "reference":
-            options = {"shapes": REFERENCE_SHAPES or SHAPES, "styles": REFERENCE_STYLES or STYLES}
-        if corpus == "reference" and REFERENCE_EMPTY_SHARE and rng.random() < REFERENCE_EMPTY_SHARE:
-            scene = sample_scene(rng, styles=("photo", "noisy"), count=0)
-            return render(scene, size), empty_caption(scene, rng), scene
-        scene = sample_scene(rng, **options)
-        while corpus == "reference" and REFERENCE_EXCLUDES_ID and in_id_slice(scene):
-            scene = sample_scene(rng, **options)
+        scene = sample_scene(rng)
     if corpus == "reference" and not REFERENCE_NAMES_EXACT_SHAPE:
         text = caption(scene, rng, exact=0.0, family=NOUN_EXACT + NOUN_FAMILY)
     else:
         text = caption(scene, rng)
     return render(scene, size), text, scene
+
+
+def _reference_scene(rng: np.random.Generator) -> dict:
+    """A scene of the reference set, as the module switches above draw it."""
+    if REFERENCE_EMPTY_SHARE and rng.random() < REFERENCE_EMPTY_SHARE:
+        return sample_scene(rng, styles=("photo", "noisy"), count=0)
+    options = {"shapes": REFERENCE_SHAPES or SHAPES, "styles": REFERENCE_STYLES or STYLES}
+    scene = sample_scene(rng, **options)
+    while REFERENCE_EXCLUDES_ID and in_id_slice(scene):
+        scene = sample_scene(rng, **options)
+    return scene
