@@ -166,6 +166,11 @@ def profile_phases(one_step, first_step: int, steps: int, on_gpu: bool) -> dict:
         if e.key.startswith("dive_fast."):
             t = e.device_time_total if on_gpu else e.cpu_time_total
             total[e.key[len("dive_fast."):]] = t / 1e3 / steps
+    if on_gpu:  # autograd runs a CUDA backward on its own thread, outside the main thread's
+        # "dive_fast.backward" range: its kernels sit under the engine's per-node events.
+        total["backward"] = total.get("backward", 0.0) + sum(
+            e.device_time_total for e in prof.key_averages()
+            if e.key.startswith("autograd::engine::evaluate_function")) / 1e3 / steps
     fwd = total.get("forward", 0.0)
     trainable, frozen = total.get("trainable_forward", 0.0), total.get("frozen_forward", 0.0)
     return {"trainable_fwd_ms": trainable, "frozen_fwd_ms": frozen,

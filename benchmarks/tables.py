@@ -1,29 +1,36 @@
 """Markdown tables from the benchmark CSVs (what the README shows).
 
     python benchmarks/tables.py benchmarks/results/dive_op_cpu.csv benchmarks/results/step_cpu.csv
+    python benchmarks/tables.py --mode fwd benchmarks/results/dive_op_nvidia-h200.csv
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import statistics
 import sys
 
 
-def op_table(rows) -> str:
-    rows = [r for r in rows if r["mode"] == "fwd+bwd"]
+def op_table(rows, mode: str = "fwd+bwd") -> str:
+    rows = [r for r in rows if r["mode"] == mode]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     shapes = list(dict.fromkeys((r["dtype"], int(r["B"]), int(r["D"])) for r in rows))
-    out = ["| B' | D | floor ms | " + " | ".join(f"{i} ms (x floor)" for i in impls) + " |",
-           "|---|---|---|" + "---|" * len(impls)]
+    dtypes = list(dict.fromkeys(dtype for dtype, _, _ in shapes))
+    by_dtype = len(dtypes) > 1  # a dtype column only where the run had several
+    out = [("| dtype " if by_dtype else "") + "| B' | D | floor ms | "
+           + " | ".join(f"{i} ms (x floor)" for i in impls) + " |",
+           ("|---" if by_dtype else "") + "|---|---|---|" + "---|" * len(impls)]
     for dtype, B, D in shapes:
         sel = {r["impl"]: r for r in rows if (r["dtype"], int(r["B"]), int(r["D"])) == (dtype, B, D)}
         floor = float(next(iter(sel.values()))["floor_ms"])
         cells = [f"{float(sel[i]['median_ms']):.2f} ({float(sel[i]['ratio_to_floor']):.2f}x)"
                  if i in sel else "–" for i in impls]
-        out.append(f"| {B} | {D} | {floor:.2f} | " + " | ".join(cells) + " |")
+        dtype_cell = f"| {dtype.replace('torch.', '')} " if by_dtype else ""
+        out.append(f"{dtype_cell}| {B} | {D} | {floor:.2f} | " + " | ".join(cells) + " |")
     first = rows[0]
     out.append(f"\n{first['device']}, copy bandwidth {float(first['copy_GBps']):.1f} GB/s, "
-               f"torch {first['torch']}, {first['dtype']}.")
+               f"torch {first['torch']}, {', '.join(d.replace('torch.', '') for d in dtypes)}, "
+               f"{mode}.")
     return "\n".join(out)
 
 
@@ -52,11 +59,16 @@ def step_table(rows) -> str:
     return "\n".join(out)
 
 
-def main(paths):
-    for path in paths:
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--mode", default="fwd+bwd", choices=["fwd", "bwd", "fwd+bwd"],
+                   help="which timing of the op benchmark to tabulate")
+    args = p.parse_args(argv)
+    for path in args.paths:
         with open(path) as f:
             rows = list(csv.DictReader(f))
-        print(step_table(rows) if "variant" in rows[0] else op_table(rows))
+        print(step_table(rows) if "variant" in rows[0] else op_table(rows, args.mode))
         print()
 
 
