@@ -126,49 +126,72 @@ def accuracy(device: str, shapes, out: Path) -> bool:
     return ok
 
 
-def _cuda_kernels(fn) -> list[str]:
-    """Names of the GPU kernels fn issues (the profiler's device-side events)."""
+def _cuda_kernels(fn) -> tuple[list[str], list[float]]:
+    """Names and device durations (us) of the GPU kernels fn issues (the profiler's
+    device-side events)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e.name for e in events], [e.time_range.elapsed_us() for e in events]
+
+
+# Where the launches are counted, and (on a GPU) each kernel timed: the per-rank size, and
+# a large batch in bf16, where the first H200 run put the forward at 5-25x the HBM floor
+# (the kernel times say whether the statistics or the finalisation costs it).
+LAUNCH_SHAPES = {"gpu": [(512, 512, torch.float32), (32768, 1024, torch.bfloat16)],
+                 "dry": [(16, 32, torch.float32)]}
 
 
 def launches(device: str, out: Path) -> bool:
-    """Kernels per DiVELoss forward and backward (B' = 512, D = 512): at most two and one.
-    On a GPU the profiler counts device kernels; on the CPU (dry run) the Triton path is
+    """Kernels per DiVELoss forward and backward: at most two and one. On a GPU the
+    profiler counts device kernels and times each; on the CPU (dry run) the Triton path is
     counted under the interpreter (LaunchCounter), as the tests do."""
     rows, ok = [], True
     env = environment(device)
     for backend in GPU_BACKENDS:
         if skipped(backend, device, rows, env):
             continue
-        B, D = (512, 512) if device == "cuda" else (16, 32)
-        x = make_inputs(B, D, device=device, seed=0)
-        a, t = (x[i].clone().requires_grad_(True) for i in (0, 2))
-        loss_fn = DiVELoss(D, backend=backend, check_values=False).to(device)
-        loss_fn(a, x[1], t, x[3]).backward()  # compile and warm up first
-        seed = torch.ones((), device=device)
-        calls = {"forward": lambda: loss_fn(a, x[1], t, x[3])}
-        loss = calls["forward"]()
-        calls["backward"] = lambda: torch.autograd.grad(loss, (a, t), seed, retain_graph=True)
-        for direction, call in calls.items():
-            if device == "cuda":
-                kernels, other = _cuda_kernels(call), []
-            else:
-                with LaunchCounter() as counter:
-                    call()
-                kernels, other = counter.kernels, counter.kernel_ops()
-            passed = len(kernels) <= MAX_LAUNCHES[direction] and not other
-            ok &= passed
-            rows.append({"backend": backend, "direction": direction, "B": B, "D": D,
-                         "kernels": len(kernels), "names": " ".join(kernels),
-                         "other_ops": " ".join(other), "status": "ok" if passed else "FAIL", **env})
-            print(f"{backend:6s} {direction:8s} {len(kernels)} kernel(s): {kernels}"
-                  f"{' + ops ' + str(other) if other else ''} {'ok' if passed else 'FAIL'}")
+        for B, D, dtype in LAUNCH_SHAPES["gpu" if device == "cuda" else "dry"]:
+            ok &= _count_launches(backend, device, B, D, dtype, rows, env)
     write_csv(rows, out / f"gpu_launches_{slug(env['device'])}.csv")
+    return ok
+
+
+def _count_launches(backend: str, device: str, B: int, D: int, dtype, rows: list,
+                    env: dict) -> bool:
+    """One shape's forward and backward: their kernels (names and, on a GPU, device us)."""
+    ok = True
+    x = make_inputs(B, D, dtype=dtype, device=device, seed=0)
+    a, t = (x[i].clone().requires_grad_(True) for i in (0, 2))
+    loss_fn = DiVELoss(D, backend=backend, check_values=False).to(device)
+    loss_fn(a, x[1], t, x[3]).backward()  # compile and warm up first
+    seed = torch.ones((), device=device)
+    calls = {"forward": lambda: loss_fn(a, x[1], t, x[3])}
+    loss = calls["forward"]()
+    calls["backward"] = lambda: torch.autograd.grad(loss, (a, t), seed, retain_graph=True)
+    for direction, call in calls.items():
+        if device == "cuda":
+            call()  # a second call: no first-call work in the profile
+            (kernels, micros), other = _cuda_kernels(call), []
+        else:
+            with LaunchCounter() as counter:
+                call()
+            kernels, micros, other = counter.kernels, [], counter.kernel_ops()
+        passed = len(kernels) <= MAX_LAUNCHES[direction] and not other
+        ok &= passed
+        short = [re.sub(r"^void |\(.*$|dive_fast::\(anonymous namespace\)::", "", k)
+                 for k in kernels]
+        rows.append({"backend": backend, "direction": direction, "B": B, "D": D,
+                     "dtype": str(dtype), "kernels": len(kernels), "names": " ".join(kernels),
+                     "kernel_us": " ".join(f"{us:.1f}" for us in micros),
+                     "other_ops": " ".join(other), "status": "ok" if passed else "FAIL", **env})
+        timed = [f"{k} {us:.1f} us" for k, us in zip(short, micros)] or short
+        print(f"{backend:6s} {direction:8s} B={B} D={D} {str(dtype):14s} {len(kernels)} "
+              f"kernel(s): {timed}{' + ops ' + str(other) if other else ''} "
+              f"{'ok' if passed else 'FAIL'}")
     return ok
 
 
