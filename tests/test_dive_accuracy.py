@@ -100,6 +100,22 @@ def test_nearly_equal_difference_vectors(backend):
     assert abs(naive.double() - exact) / exact > 10 * rows["avl"]
 
 
+@pytest.mark.parametrize("threads", [9, 21])
+def test_cpu_finalisation_merges_many_parts(threads):
+    """One part per thread on the CPU; the finalisation reads parts kMergeChunk = 8 at a
+    time (csrc/dive_common.h, shared with the CUDA finalisation, which merges 2 x SMs
+    parts): more than 8 parts, and counts that are not a multiple of 8, cross a chunk."""
+    from dive_fast.ops.dive import _stats
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(64 * threads + 5, 48, seed=threads)
+        assert _stats("cpu", *inputs, normalize=True)[0].shape[0] == threads
+        assert_exact("cpu", inputs, 0.1 * torch.randn(48, generator=torch.Generator().manual_seed(4)))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_consecutive_steps_module(backend):
     """Several training steps through DiVELoss (the EMA path), then eval mode."""
