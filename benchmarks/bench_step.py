@@ -153,6 +153,19 @@ def run_variant(args) -> dict:
     return out
 
 
+def _is_engine_node(event) -> bool:
+    return event.name.startswith("autograd::engine::evaluate_function")
+
+
+def _inside_engine_node(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if _is_engine_node(parent):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def profile_phases(one_step, first_step: int, steps: int, on_gpu: bool) -> dict:
     """Mean ms per step of each labelled phase of ``train_step`` (CPU: wall time of the
     range; GPU: kernel time under it), from a short run under torch.profiler."""
@@ -167,10 +180,10 @@ def profile_phases(one_step, first_step: int, steps: int, on_gpu: bool) -> dict:
             t = e.device_time_total if on_gpu else e.cpu_time_total
             total[e.key[len("dive_fast."):]] = t / 1e3 / steps
     if on_gpu:  # autograd runs a CUDA backward on its own thread, outside the main thread's
-        # "dive_fast.backward" range: its kernels sit under the engine's per-node events.
-        total["backward"] = total.get("backward", 0.0) + sum(
-            e.device_time_total for e in prof.key_averages()
-            if e.key.startswith("autograd::engine::evaluate_function")) / 1e3 / steps
+        # "dive_fast.backward" range: its kernels sit under the engine's per-node events
+        # (the outermost ones: a nested backward's nodes are inside them already).
+        total["backward"] = sum(e.device_time_total for e in prof.events()
+                                if _is_engine_node(e) and not _inside_engine_node(e)) / 1e3 / steps
     fwd = total.get("forward", 0.0)
     trainable, frozen = total.get("trainable_forward", 0.0), total.get("frozen_forward", 0.0)
     return {"trainable_fwd_ms": trainable, "frozen_fwd_ms": frozen,

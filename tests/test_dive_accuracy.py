@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import backend_params
-from dive_fast import DiVELoss, dive_loss
+from dive_fast import DiVELoss, backends, dive_loss
 from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import compare_with_oracle, failures, make_inputs
 
@@ -100,6 +100,8 @@ def test_nearly_equal_difference_vectors(backend):
     assert abs(naive.double() - exact) / exact > 10 * rows["avl"]
 
 
+@pytest.mark.skipif(backends.unavailable_reason("cpu", "cpu") is not None,
+                    reason="the C++ extension is not built")
 @pytest.mark.parametrize("threads", [9, 21])
 def test_cpu_finalisation_merges_many_parts(threads):
     """One part per thread on the CPU; the finalisation reads parts kMergeChunk = 8 at a
