@@ -27,9 +27,10 @@ constexpr int kInfoSize = 10;  // mean |u|, mean |v|, 4 non-finite, 4 zero-norm 
 #define DIVE_UNROLL
 #endif
 
-// The finalisation's merge over parts (CPU and CUDA; Triton's merges chunks of parts the
-// same way): column j's mean over the parts k = 0..K-1 of u, then of v, each weighing its
-// row count n_k, by Chan's update; dev += the parts' squared deviations about that mean.
+// The finalisation's merge over parts (CPU and CUDA; Triton's takes the same two sums in
+// two passes over tiles of parts): column j's mean over the parts k = 0..K-1 of u, then
+// of v, each weighing its row count n_k, by Chan's update; dev += the parts' squared
+// deviations about that mean.
 // Parts are read kMergeChunk at a time into registers before they are merged: the merge
 // is a dependent chain (each step divides by the running count), and a load issued inside
 // it waits out its whole latency (the first H200 run: ~1 ms of the forward at K = 264,

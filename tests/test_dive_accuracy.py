@@ -100,22 +100,35 @@ def test_nearly_equal_difference_vectors(backend):
     assert abs(naive.double() - exact) / exact > 10 * rows["avl"]
 
 
-@pytest.mark.skipif(backends.unavailable_reason("cpu", "cpu") is not None,
-                    reason="the C++ extension is not built")
-@pytest.mark.parametrize("threads", [9, 21])
-def test_cpu_finalisation_merges_many_parts(threads):
-    """One part per thread on the CPU; the finalisation reads parts kMergeChunk = 8 at a
-    time (csrc/dive_common.h, shared with the CUDA finalisation, which merges 2 x SMs
-    parts): more than 8 parts, and counts that are not a multiple of 8, cross a chunk."""
-    from dive_fast.ops.dive import _stats
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        inputs = make_inputs(64 * threads + 5, 48, seed=threads)
-        assert _stats("cpu", *inputs, normalize=True)[0].shape[0] == threads
-        assert_exact("cpu", inputs, 0.1 * torch.randn(48, generator=torch.Generator().manual_seed(4)))
-    finally:
-        torch.set_num_threads(before)
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("spread", [1.0, 1e-4], ids=["spread", "nearly-equal"])
+def test_finalisation_merges_many_uneven_parts(backend, spread):
+    """The finalisation on K = 37 parts of 1 to 9 rows, D = 300: more parts than one chunk
+    of the CPU/CUDA merge (8) or of Triton's tile (16), with remainders on both axes,
+    against the float64 finalisation of the same parts. With spread 1e-4 the parts' means
+    nearly coincide, where AVL is tiny against |b|^2 and a cancelling form would lose it."""
+    from dive_fast.ops.dive import _finalize, finalize
+    from dive_fast.ops.dive_reference import reference_stats
+    g = torch.Generator().manual_seed(9)
+    D, sizes = 300, [1 + (5 * k) % 9 for k in range(37)]
+    c = torch.randn(D, generator=g, dtype=torch.float64)
+    parts = []
+    for rows in sizes:
+        pre = [torch.randn(rows, D, generator=g, dtype=torch.float64) for _ in range(2)]
+        ft = [p + c + spread * torch.randn(rows, D, generator=g, dtype=torch.float64)
+              for p in pre]
+        parts.append(reference_stats(ft[0].float(), pre[0].float(), ft[1].float(),
+                                     pre[1].float(), False))
+    means, scalars = (torch.cat(x) for x in zip(*parts))
+    m = (c + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64)).float()
+    loss, avl, pvl, m_new, b, info = _finalize(backend, means, scalars, m, None, None, 0.99,
+                                               1000.0, 1000.0)
+    avl64, pvl64, m64, b64, info64 = finalize(means.double(), scalars.double(), m.double(),
+                                              0.99)
+    for name, got, want in (("avl", avl, avl64), ("pvl", pvl, pvl64), ("m_new", m_new, m64),
+                            ("b", b, b64), ("info", info, info64),
+                            ("loss", loss, 1000.0 * (avl64 + pvl64))):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -138,18 +138,14 @@ def _dive_stats_kernel(
 
 
 @triton.jit
-def _merge_parts(n, x, n_run, mean, dev):
-    """Chan's update: merge a chunk of parts (counts n [BLOCK_K], column means x
-    [BLOCK_K, BLOCK_D]; zero weight off the edge) into the running per-column mean over
-    n_run rows and the running sum of squared deviations dev (summed over columns)."""
-    n_c = tl.sum(n, axis=0)
-    mean_c = tl.sum(n[:, None] * x, axis=0) / n_c
-    d = x - mean_c[None, :]
-    tot = n_run + n_c
-    w = n_c / tot
-    e = mean_c - mean
-    dev += tl.sum(tl.sum(n[:, None] * d * d, axis=0), axis=0) + n_run * w * tl.sum(e * e, axis=0)
-    return tot, mean + e * w, dev
+def _parts_tile(MEANS, SCAL, kk, cols, K, D, NUM_SCAL: tl.constexpr):
+    """Parts kk's row counts [BLOCK_K] and u, v means [BLOCK_K, BLOCK_D]; zeros off the
+    edge (count 0: no weight)."""
+    kmask = kk < K
+    mask = kmask[:, None] & (cols < D)[None, :]
+    part = MEANS + kk[:, None] * 2 * D + cols[None, :]
+    return (tl.load(SCAL + kk * NUM_SCAL, mask=kmask, other=0.0),
+            tl.load(part, mask=mask, other=0.0), tl.load(part + D, mask=mask, other=0.0))
 
 
 @triton.jit
@@ -164,7 +160,13 @@ def _dive_finalize_kernel(
     float64 on the host: 1 - fp32(0.99) is off by 1e-6), or m where b is not
     finite; AVL = (sum M2 + sum_k n_k |mean_k - m_new|^2) / n, the second sum taken as
     dev + 2n |b_local - m_new|^2 with dev the parts' squared deviations about their own
-    weighted mean b_local: every term non-negative, no cancellation."""
+    weighted mean b_local: every term non-negative, no cancellation.
+
+    b_local and dev take two passes over the parts, each accumulating a [BLOCK_K, BLOCK_D]
+    tile elementwise and reducing it once at the end: no reduction (and no barrier) inside
+    the loop over parts, whose loads are then independent of each other. (The first H200
+    run's forward was 5-25x the HBM floor; a running merge reduced across warps twice per
+    tile of parts, with the tile's loads waiting behind it.)"""
     ks = tl.arange(0, BLOCK_K)
     cols0 = tl.arange(0, BLOCK_D)
     sc = tl.arange(0, 16)
@@ -177,21 +179,23 @@ def _dive_finalize_kernel(
     total = tl.sum(tl.where(sc == 0, sums, 0.0), axis=0)
     dev = total * 0.0
     bad = total * 0.0
-    # Pass 1, per column block: b_local and dev over the parts' u and v means.
+    # Pass 1, per column block: b_local (the parts' u and v means, each weighing its row
+    # count), then dev, their squared deviations about it.
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + cols0
         cmask = cols < D
-        n_run = total * 0.0
-        mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            kmask = kk < K
-            n = tl.load(SCAL + kk * NUM_SCAL, mask=kmask, other=0.0)
-            mask = kmask[:, None] & cmask[None, :]
-            part = MEANS + kk[:, None] * 2 * D + cols[None, :]
-            for offset in tl.static_range(2):  # u, then v
-                n_run, mean, dev = _merge_parts(
-                    n, tl.load(part + offset * D, mask=mask, other=0.0), n_run, mean, dev)
+            n, u, v = _parts_tile(MEANS, SCAL, k0 + ks, cols, K, D, NUM_SCAL)
+            acc += n[:, None] * (u + v)
+        mean = tl.sum(acc, axis=0) / (2.0 * total)
+        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            n, u, v = _parts_tile(MEANS, SCAL, k0 + ks, cols, K, D, NUM_SCAL)
+            du = u - mean[None, :]
+            dv = v - mean[None, :]
+            acc += n[:, None] * (du * du + dv * dv)  # zero weight off the edge of the parts
+        dev += tl.sum(tl.sum(tl.where(cmask[None, :], acc, 0.0), axis=0), axis=0)
         tl.store(B_OUT + cols, mean, mask=cmask)
         if HAS_B:
             mean = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
@@ -286,7 +290,7 @@ def launch_config(D: int) -> LaunchConfig:
 
 
 # The finalisation's tile over [parts, columns] and its warps.
-FINALIZE = dict(BLOCK_K=16, BLOCK_D=256, num_warps=4)
+FINALIZE = dict(BLOCK_K=16, BLOCK_D=256, num_warps=8)
 # D buckets the launchers can choose: MIN_BLOCK_D .. MAX_DIM, powers of two.
 MIN_BLOCK_D = 16
 
