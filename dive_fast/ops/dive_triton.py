@@ -194,8 +194,8 @@ def _dive_finalize_kernel(
             n, u, v = _parts_tile(MEANS, SCAL, k0 + ks, cols, K, D, NUM_SCAL)
             du = u - mean[None, :]
             dv = v - mean[None, :]
-            acc += n[:, None] * (du * du + dv * dv)  # zero weight off the edge of the parts
-        dev += tl.sum(tl.sum(tl.where(cmask[None, :], acc, 0.0), axis=0), axis=0)
+            acc += n[:, None] * (du * du + dv * dv)  # off the edges: count 0, or u = v = b = 0
+        dev += tl.sum(tl.sum(acc, axis=0), axis=0)
         tl.store(B_OUT + cols, mean, mask=cmask)
         if HAS_B:
             mean = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
