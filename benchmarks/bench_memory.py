@@ -5,8 +5,8 @@
     python benchmarks/bench_memory.py --fit-budget         # the largest B within FLYP(128)'s activations
     python benchmarks/bench_memory.py --user-runs          # python -m dive_fast.train, ViT-B-32 at 224 px
 
-Every variant is the training app's own step (``common.user_step``: ``train.build_method``,
-``train.batches``, ``train_step``), each in a fresh process:
+Every variant is the training app's own step (``common.user_step``: ``trainer.build_method``,
+``trainer.batches``, ``train_step``), each in a fresh process:
 
   flyp-B       FLYP on the target batch B
   flyp-B+B'    FLYP on B + B' target rows (the compute DiVE's batch costs)
@@ -15,7 +15,7 @@ Every variant is the training app's own step (``common.user_step``: ``train.buil
   ...+ckpt     with ``--grad-checkpointing``
 
 Measured per variant: the bytes autograd saves for backward at their peak during a step
-(``dive_fast.memory.SavedTensorMeter``: exact, the same on any device; parameters left
+(``dive_fast.train.memory.SavedTensorMeter``: exact, the same on any device; parameters left
 out), the peak memory (GPU: max allocated; CPU: the process's max RSS, which includes
 weights, optimiser state, data and the Python heap), and the median step time.
 Writes long-format CSV rows (with the device and versions), a markdown table and a PNG.
@@ -51,7 +51,7 @@ def variant_cli(variant: str, model: str, batch: int, amp: str, device: str,
 
 def saved_bytes(run, step_index: int) -> tuple[int, float]:
     """(peak bytes saved for backward during one step, the step's loss)."""
-    from dive_fast.memory import SavedTensorMeter
+    from dive_fast.train.memory import SavedTensorMeter
     exclude = [run.method] + ([run.method.frozen.model] if run.method.frozen else [])
     batch = next(run.stream).to(run.targs.device)
     with SavedTensorMeter(exclude=exclude) as meter:
@@ -62,7 +62,7 @@ def saved_bytes(run, step_index: int) -> tuple[int, float]:
 def run_variant(args) -> dict:
     """One variant in this (fresh) process."""
     import torch
-    from dive_fast.memory import peak_memory_mib
+    from dive_fast.train.memory import peak_memory_mib
 
     torch.manual_seed(0)
     cli = variant_cli(args.variant, args.model, args.batch, args.amp, args.device,
@@ -213,7 +213,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--train"]:  # (internal) the rest is dive_fast.train's command line
         from dive_fast import train
-        from dive_fast.memory import peak_memory_mib
+        from dive_fast.train.memory import peak_memory_mib
         train.main(argv[1:])
         print(json.dumps({"peak_rss_MiB": peak_memory_mib("cpu")}))
         return

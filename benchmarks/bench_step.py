@@ -3,8 +3,8 @@
     python benchmarks/bench_step.py                         # dive-tiny on this CPU
     python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16
 
-Every variant runs the training app's own code: ``train.build_method`` builds the task
-module (frozen copy, embedding cache, DDP-free here), ``train.batches`` the data stream,
+Every variant runs the training app's own code: ``trainer.build_method`` builds the task
+module (frozen copy, embedding cache, DDP-free here), ``trainer.batches`` the data stream,
 ``optim.build`` the optimiser and ``step.train_step`` each step (non-finite guard,
 schedule, logit-scale clamp included), each variant in its own process (so peak memory is
 its own), interleaved over rounds:
@@ -72,7 +72,7 @@ class SyntheticCaptions(SyntheticTask):
 
 def naive_dive():
     """DiVE written plainly (the baseline): its own subclass of the user's method."""
-    from dive_fast.methods import DiVE
+    from dive_fast.train.methods import DiVE
 
     class NaiveDiVE(DiVE):
         def forward(self, batch, step):
@@ -95,12 +95,12 @@ def variant_cli(args, variant, out) -> list[str]:
     if variant in ("dive-naive", "dive-seq"):
         cli += ["--no-co-schedule"]
     if variant == "dive-naive":
-        cli += ["--dive-backend", "reference"]
+        cli += ["--dive-backend", "torch"]
     return cli
 
 
 def run_variant(args) -> dict:
-    from dive_fast.step import train_step
+    from dive_fast.train.step import train_step
 
     torch.manual_seed(0)
     device, variant = args.device, args.variant

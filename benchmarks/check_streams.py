@@ -25,23 +25,23 @@ from common import environment, synchronize, write_csv  # noqa: E402
 def one_run(args, co_schedule: bool, steps: int):
     """(losses of the first step, gradients of the first step, median step ms)."""
     from bench_step import SyntheticCaptions, SyntheticTask
-    from dive_fast import optim, train
-    from dive_fast.models import load_clip
-    from dive_fast.step import NonFiniteGuard
+    from dive_fast.train import cli, optim, trainer
+    from dive_fast.train.models import load_clip
+    from dive_fast.train.step import NonFiniteGuard
 
     torch.manual_seed(0)
-    cli = ["--method", "dive", "--model", args.model, "--pretrained", "", "--batch-size",
+    argv = ["--method", "dive", "--model", args.model, "--pretrained", "", "--batch-size",
            str(args.batch), "--amp", args.amp, "--device", args.device, "--workers", "0",
            "--steps", str(steps), "--no-frozen-cache", "--no-progress", "--out", "/tmp"]
-    cli += ["--co-schedule"] if co_schedule else ["--no-co-schedule"]
-    targs = train.build_parser().parse_args(cli)
+    argv += ["--co-schedule"] if co_schedule else ["--no-co-schedule"]
+    targs = cli.parse(argv)
     bundle = load_clip(args.model, None, args.device)
     size = bundle.image_size
     target, refs = SyntheticTask(1024, size), SyntheticCaptions(1024, size)
-    method, step_fn = train.build_method(targs, bundle, target.classnames, target.templates,
+    method, step_fn = trainer.build_method(targs, bundle, target.classnames, target.templates,
                                          "random", args.device, 0, 1, Path("/tmp"), (refs, None))
     opt, sched = optim.build(method.named_parameters(), 0.0, 0.0, steps, 1)  # lr 0: no drift
-    stream = train.batches(targs, method, target, refs, bundle.tokenizer)
+    stream = trainer.batches(targs, method, target, refs, bundle.tokenizer)
     batches = [next(stream).to(args.device) for _ in range(steps)]
     guard = NonFiniteGuard(args.device)
     method.train()

@@ -87,9 +87,9 @@ def train_cli(method: str, model: str, batch: int, ref_batch: int, ref_size: int
             "--out", str(out), "--no-progress", *extra]
 
 
-def user_step(cli: list[str], data: str = "world", image_size: int | None = None,
+def user_step(argv: list[str], data: str = "world", image_size: int | None = None,
               cache_dir: str | os.PathLike = "/tmp", data_size: int = 4096):
-    """One training step as ``python -m dive_fast.train <cli>`` builds it, from the app's own
+    """One training step as ``python -m dive_fast.train <argv>`` builds it, from the app's own
     functions (argument checks, ``build_method``, ``batches``, ``optim.build``): a namespace
     with targs, bundle, method, step (``step(batch, i, opt, sched, guard)``), stream (the
     ``Batch``es), opt, sched, guard. ``data``: "world" (rendered at the model's resolution)
@@ -97,13 +97,13 @@ def user_step(cli: list[str], data: str = "world", image_size: int | None = None
     from types import SimpleNamespace
 
     from bench_step import SyntheticCaptions, SyntheticTask
-    from dive_fast import optim, train
-    from dive_fast.data import WorldCaptions, WorldTask
-    from dive_fast.models import load_clip
-    from dive_fast.step import NonFiniteGuard
+    from dive_fast.train import cli, optim, trainer
+    from dive_fast.train.data import WorldCaptions, WorldTask
+    from dive_fast.train.models import load_clip
+    from dive_fast.train.step import NonFiniteGuard
 
-    targs = train.build_parser().parse_args(cli)
-    train.check_args(targs)
+    targs = cli.parse(argv)
+    cli.check_args(targs)
     bundle = load_clip(targs.model, None, targs.device, image_size=image_size)
     tf, size = bundle.preprocess_val, bundle.image_size
     if data == "synthetic":
@@ -113,12 +113,12 @@ def user_step(cli: list[str], data: str = "world", image_size: int | None = None
         target = WorldTask("shapes", "train", data_size, tf, size=size)
         reference = (WorldCaptions("reference", targs.ref_size, tf, size=size),
                      f"world:0:{targs.ref_size}:{size}")
-    method, step = train.build_method(targs, bundle, target.classnames, target.templates,
+    method, step = trainer.build_method(targs, bundle, target.classnames, target.templates,
                                       f"random:{targs.model}:{size}", targs.device, 0, 1,
                                       Path(cache_dir), reference)
     # A warm-up of one step: the timed steps run at the base lr.
     opt, sched = optim.build(method.named_parameters(), targs.lr, targs.wd, targs.steps, 1)
-    stream = train.batches(targs, method, target, reference[0], bundle.tokenizer)
+    stream = trainer.batches(targs, method, target, reference[0], bundle.tokenizer)
     method.train()
     return SimpleNamespace(targs=targs, bundle=bundle, method=method, step=step, stream=stream,
                            opt=opt, sched=sched, guard=NonFiniteGuard(targs.device),

@@ -18,7 +18,8 @@ import shlex
 import time
 from pathlib import Path
 
-from dive_fast import methods, train
+from dive_fast import train
+from dive_fast.train import methods
 from dive_fast.world import tasks
 
 RESULTS = Path(__file__).parent / "results" / "diagnosis.json"

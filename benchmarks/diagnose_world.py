@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dive_fast.evaluate import evaluate, world_eval_sets, zeroshot_head
-from dive_fast.models import load_clip
+from dive_fast.train.evaluate import evaluate, world_eval_sets, zeroshot_head
+from dive_fast.train.models import load_clip
 from dive_fast.world.tasks import TASKS, task_image
 
 RESULTS = Path(__file__).parent / "results" / "diagnosis.json"

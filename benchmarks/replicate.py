@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from dive_fast import train
-from dive_fast.evaluate import format_table
+from dive_fast.train.evaluate import format_table
 
 DEFAULT = ["zeroshot", "ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive", "dive-avl",
            "dive-pvl"]

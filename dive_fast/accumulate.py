@@ -56,7 +56,8 @@ def micro(parts: list[Tensor], k: int, j: int) -> list[Tensor]:
 
 
 def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
-                           learns: bool = True, before_micro_batch=None):
+                           learns: bool = True, before_micro_batch=None,
+                           loss_scale: Tensor | float | None = None):
     """The gradient of ``objective(encode(inputs))`` in ``k`` micro-batches, for any
     encoder and any batch-coupled loss (DiVELoss users outside the training loop too).
 
@@ -67,6 +68,8 @@ def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
     returned. ``learns`` False: the encoder's parameters get no gradient (only the
     objective's own, e.g. a head's), so no second forward runs. ``before_micro_batch(j,
     last)`` runs before each recomputed micro-batch (a sharded model's gradient sync).
+    ``loss_scale`` multiplies the objective before its backward (fp16 loss scaling, as
+    ``torch.amp.GradScaler.scale``); the returned losses stay unscaled.
 
         loss = micro_batched_backward(
             lambda xs: [model.encode_image(xs[0]), model.encode_text(xs[1])],
@@ -88,7 +91,8 @@ def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
     del parts
     with record_function("dive_fast.objective"):
         out = objective(leaves)
-        (sum(out.values()) if isinstance(out, dict) else out).backward()
+        total = sum(out.values()) if isinstance(out, dict) else out
+        (total if loss_scale is None else total * loss_scale).backward()
     if not learns:
         return out
     grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
@@ -100,26 +104,3 @@ def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
                 features = encode(micro(inputs, k, j))
             torch.autograd.backward(features, micro(grads, k, j))
     return out
-
-
-def forward_backward(method, batch, step: int, k: int,
-                     gradient_sync=None) -> dict[str, Tensor]:
-    """Forward and backward of ``method``'s objective on ``batch`` in ``k`` micro-batches;
-    the parameters' ``.grad`` end up as the full-batch step's (not yet averaged over ranks
-    unless ``gradient_sync`` is a sharded model's, which reduces on the last micro-batch).
-    Returns the named losses, as ``method(batch, step)`` would."""
-    images, tokens = method.inputs(batch, step)  # prompts drawn for the whole batch
-    n = len(images)
-
-    def encode(parts):
-        imgs, txts = method.encode(parts[:n], parts[n:])
-        return imgs + txts
-
-    def objective(features):
-        pending = method.reference(batch, chunks=k)  # the frozen side in the same pieces
-        return method.objective(batch, step, features[:n], features[n:],
-                                pending() if pending else None)
-
-    sync = None if gradient_sync is None else lambda j, last: gradient_sync.micro_batch(last)
-    return micro_batched_backward(encode, [*images, *tokens], objective, k,
-                                  learns=method.tower_grad(step), before_micro_batch=sync)

@@ -8,7 +8,8 @@ import torch
 
 from . import _extension
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+ALIASES = {"reference": "torch"}  # the plain-PyTorch backend's earlier name
 ENV_VAR = "DIVE_FAST_BACKEND"
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -28,9 +29,10 @@ def triton_interpreted() -> bool:
 def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torch.float32,
                        dim: int = 512) -> str | None:
     """None when ``backend`` can run on inputs of this device type and dtype, else why not."""
+    backend = ALIASES.get(backend, backend)
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {BACKENDS}"
-    if backend == "reference":
+    if backend == "torch":
         return None
     if backend == "cpu":
         if device_type != "cpu":
@@ -73,11 +75,14 @@ _warned: set[str] = set()
 def select(device_type: str, dtype: torch.dtype, dim: int, requested: str | None = None) -> str:
     """The backend to run: the requested one (argument, else $DIVE_FAST_BACKEND) or the
     fastest one available. A forced backend that cannot run raises, naming why."""
-    requested = requested or os.environ.get(ENV_VAR) or None
+    source = "backend"
+    if not requested and os.environ.get(ENV_VAR):
+        requested, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+    requested = ALIASES.get(requested, requested)
     if requested and requested != "auto":
         why = unavailable_reason(requested, device_type, dtype, dim)
         if why:
-            raise RuntimeError(f"DiVE backend {requested!r} cannot run here: {why}")
+            raise RuntimeError(f"DiVE backend {requested!r} ({source}) cannot run here: {why}")
         return requested
     preferred = ("cpu",) if device_type == "cpu" else ("triton", "cuda")
     reasons = []
@@ -89,6 +94,6 @@ def select(device_type: str, dtype: torch.dtype, dim: int, requested: str | None
     key = f"{device_type}/{dtype}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn("dive_fast: using the reference backend for "
+        warnings.warn("dive_fast: using the torch backend for "
                       f"{device_type} {dtype} inputs ({'; '.join(reasons)})", RuntimeWarning, stacklevel=3)
-    return "reference"
+    return "torch"

@@ -11,7 +11,7 @@ from dive_fast import backends  # noqa: E402
 torch.set_num_threads(2)
 
 
-def backend_params(names=("reference", "cpu", "triton")):
+def backend_params(names=("torch", "cpu", "triton")):
     """One pytest param per backend; a backend that cannot run here is skipped with why."""
     params = []
     for name in names:
@@ -24,8 +24,8 @@ def backend_params(names=("reference", "cpu", "triton")):
 @pytest.fixture(scope="session")
 def micro_cache(tmp_path_factory):
     """A throw-away cache holding a briefly pre-trained dive-micro (the real code path)."""
-    from dive_fast.models import CACHE_ENV, tiny_checkpoint
-    from dive_fast.pretrain import pretrain
+    from dive_fast.train.models import CACHE_ENV, tiny_checkpoint
+    from dive_fast.train.pretrain import pretrain
 
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get(CACHE_ENV)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from open_clip.transformer import PatchDropout
 
-from dive_fast import accumulate, optim, train
-from dive_fast.models import load_clip, tiny_checkpoint
-from dive_fast.step import NonFiniteGuard
+from dive_fast import accumulate, train
+from dive_fast.train import cli, trainer
+from dive_fast.train import optim
+from dive_fast.train.models import load_clip, tiny_checkpoint
+from dive_fast.train.step import NonFiniteGuard
 
 from conftest import train_args
 
@@ -23,15 +25,15 @@ def one_step(tmp_path, method, *extra, patch_dropout=0.0, seed=0):
     """(step values, gradients, state after the step) of one training step of ``method`` on
     the pre-trained dive-micro, built as ``dive_fast.train`` builds it."""
     out = tmp_path / f"{method}-{len(list(tmp_path.iterdir()))}"
-    args = train.build_parser().parse_args(train_args(out, "--method", method, *extra))
-    train.check_args(args)
+    args = cli.build_parser().parse_args(train_args(out, "--method", method, *extra))
+    cli.check_args(args)
     pretrained = str(tiny_checkpoint("dive-micro"))
     bundle = load_clip("dive-micro", pretrained, "cpu")
     if patch_dropout:
         bundle.model.visual.patch_dropout = PatchDropout(patch_dropout)
-    target = train.target_data(args, bundle, bundle.preprocess_val)
-    reference = train.reference_data(args, bundle, 0, 1)
-    method_, step = train.build_method(args, bundle, target.classnames, target.templates,
+    target = trainer.target_data(args, bundle, bundle.preprocess_val)
+    reference = trainer.reference_data(args, bundle, 0, 1)
+    method_, step = trainer.build_method(args, bundle, target.classnames, target.templates,
                                        pretrained, "cpu", 0, 1, out, reference)
     # Mid-training weights: at the pre-trained ones the difference vectors f - f0 are zero
     # up to the rounding of one batch shape against another, and DiVE normalises them.
@@ -40,7 +42,7 @@ def one_step(tmp_path, method, *extra, patch_dropout=0.0, seed=0):
         for p in method_.model.parameters():
             p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
     opt, sched = optim.build(method_.named_parameters(), args.lr, args.wd, args.steps, 1)
-    batch = next(train.batches(args, method_, target, reference[0], bundle.tokenizer))
+    batch = next(trainer.batches(args, method_, target, reference[0], bundle.tokenizer))
     method_.train()
     torch.manual_seed(seed)
     values = step(batch, args.lp_steps, opt, sched, NonFiniteGuard("cpu"))
@@ -84,7 +86,7 @@ def test_random_state_is_replayed_between_the_two_forwards(micro_cache, tmp_path
     """With patch dropout (random per forward), the micro-batched gradient is the gradient of
     the objective at the features the first forward computed: the same dropout masks. The
     reference draws the masks micro-batch by micro-batch, with gradient, in one graph."""
-    from dive_fast import methods
+    from dive_fast.train import methods
 
     def reference_step(method, batch, step, k, gradient_sync=None):
         images, tokens = method.inputs(batch, step)
@@ -128,7 +130,7 @@ def test_accum_freq_larger_than_a_batch_is_refused(micro_cache, tmp_path):
 
 
 def _final(out):
-    from dive_fast.checkpoint import load_checkpoint
+    from dive_fast.train.checkpoint import load_checkpoint
     return load_checkpoint(sorted((out / "checkpoints").glob("step-*.pt"))[-1])
 
 

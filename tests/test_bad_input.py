@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import train_args
-from dive_fast import evaluate, train
-from dive_fast.checkpoint import CorruptCheckpoint, atomic_save, load_checkpoint
-from dive_fast.fileio import atomic_write, atomic_write_json
+from dive_fast import train
+from dive_fast.train import evaluate
+from dive_fast.train.checkpoint import CorruptCheckpoint, atomic_save, load_checkpoint
+from dive_fast.train.fileio import atomic_write, atomic_write_json
 from dive_fast.world.export import write_captions
 
 
@@ -49,7 +50,7 @@ def image_folder(root, classes=("cat", "dog"), n=3, broken=False):
 @pytest.fixture(autouse=True)
 def fresh_warning_count(monkeypatch):
     """Unreadable-sample warnings are rate-limited per process: count from zero here."""
-    from dive_fast import data
+    from dive_fast.train import data
     monkeypatch.setattr(data, "_warned", [0])
 
 
@@ -66,7 +67,7 @@ def not_loaded(monkeypatch):
 
 def test_all_unreadable_training_folder_stops_with_the_paths(micro_cache, tmp_path, caplog):
     folder = image_folder(tmp_path / "train", n=40, broken=True)
-    caplog.set_level(logging.WARNING, logger="dive_fast.data")
+    caplog.set_level(logging.WARNING, logger="dive_fast.train.data")
     start = time.perf_counter()
     with deadline(60), pytest.raises(RuntimeError, match=r"64 consecutive unreadable .*train/"):
         train.main(train_args(tmp_path / "out", "--method", "flyp", "--train-folder", str(folder)))
@@ -80,7 +81,7 @@ def test_all_unreadable_reference_pairs_stop(micro_cache, tmp_path, source, capl
     root = write_captions(tmp_path, "reference", 80, 0, 16, 20)
     for f in [*(root / "images").iterdir(), *(root / "shards").iterdir()]:
         f.write_bytes(b"truncated")
-    caplog.set_level(logging.WARNING, logger="dive_fast.data")
+    caplog.set_level(logging.WARNING, logger="dive_fast.train.data")
     refs, expected = {
         "csv --no-frozen-cache": (["--reference-csv", str(root / "captions.csv"),
                                    "--no-frozen-cache"], "64 consecutive unreadable .*images/"),
@@ -145,7 +146,7 @@ def test_class_names_given_twice_are_refused(tmp_path, not_loaded):
 # --- 6. content-keyed caches --------------------------------------------------------------
 
 def test_frozen_cache_is_rebuilt_when_the_reference_or_the_weights_change(micro_cache, tmp_path):
-    from dive_fast.models import load_clip, tiny_checkpoint
+    from dive_fast.train.models import load_clip, tiny_checkpoint
     from safetensors.torch import save_file
     csv = write_captions(tmp_path / "ref", "reference", 24, 0, 16, 100, formats=("csv",)) / "captions.csv"
     weights = tmp_path / "weights.safetensors"
@@ -171,8 +172,8 @@ def test_frozen_cache_is_rebuilt_when_the_reference_or_the_weights_change(micro_
 
 
 def test_cached_tiny_model_is_checked_against_its_digest(tmp_path, monkeypatch):
-    from dive_fast import pretrain as pretrain_mod
-    from dive_fast.models import CACHE_ENV, resolve_pretrained, tiny_checkpoint, tiny_intact
+    from dive_fast.train import pretrain as pretrain_mod
+    from dive_fast.train.models import CACHE_ENV, resolve_pretrained, tiny_checkpoint, tiny_intact
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     path = tiny_checkpoint("dive-micro")
     pretrain_mod.pretrain("dive-micro", steps=2, batch_size=8, workers=0, progress=False,
@@ -211,7 +212,7 @@ def test_a_finished_runs_folder_is_refused_and_resume_checks_every_setting(micro
 def test_a_second_run_on_one_out_refuses_at_once_naming_the_holder(micro_cache, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dive_fast import runlock\n"
+        [sys.executable, "-c", "import sys, time; from dive_fast.train import runlock\n"
          f"with runlock.hold({str(out)!r}):\n print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -229,7 +230,7 @@ def test_a_second_run_on_one_out_refuses_at_once_naming_the_holder(micro_cache, 
 
 
 def test_the_lock_is_released_when_a_run_fails(micro_cache, tmp_path, monkeypatch):
-    from dive_fast import methods
+    from dive_fast.train import methods
     monkeypatch.setattr(methods.FLYP, "forward", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         train.main(train_args(tmp_path, "--method", "flyp", "--steps", "2"))
@@ -296,7 +297,7 @@ def test_cuda_on_a_cpu_machine_is_named(tmp_path, not_loaded):
 
 
 def test_another_models_weights_are_named(tmp_path):
-    from dive_fast.models import load_clip
+    from dive_fast.train.models import load_clip
     from safetensors.torch import save_file
     other = load_clip("dive-tiny").model.state_dict()
     save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "tiny.safetensors")
@@ -359,8 +360,8 @@ def test_wrong_resume_path_and_mismatched_resume_fail_before_loading(micro_cache
 
 
 def test_unwritable_cache_and_out_fail_before_pretraining(tmp_path, monkeypatch):
-    from dive_fast import pretrain
-    from dive_fast.models import CACHE_ENV
+    from dive_fast.train import pretrain
+    from dive_fast.train.models import CACHE_ENV
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "cache"))  # cannot be a folder
     monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pre-trained first"))
@@ -389,7 +390,7 @@ def test_nan_in_a_report_is_written_as_null_with_the_reason(micro_cache, tmp_pat
 
 def test_a_resumed_run_logs_each_step_once_and_a_cut_line_breaks_nothing(micro_cache, tmp_path,
                                                                           monkeypatch):
-    from dive_fast import methods, metrics_log
+    from dive_fast.train import methods, metrics_log
     args = train_args(tmp_path, "--method", "flyp", "--steps", "6", "--checkpoint-every", "3")
     original = methods.FLYP.forward
 
@@ -412,7 +413,7 @@ def test_a_resumed_run_logs_each_step_once_and_a_cut_line_breaks_nothing(micro_c
 
 
 def test_a_plot_failure_never_fails_a_finished_run(micro_cache, tmp_path, monkeypatch, caplog):
-    from dive_fast import metrics_log
+    from dive_fast.train import metrics_log
     monkeypatch.setattr(metrics_log, "_plot", lambda *a: 1 / 0)
     report = train.main(train_args(tmp_path, "--method", "flyp", "--steps", "2"))
     assert "flyp" in report and (tmp_path / "report.json").is_file()

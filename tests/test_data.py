@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dive_fast.data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
+from dive_fast.train.data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
                             collate, shard_list, shard_pairs, train_collate)
 from dive_fast.world import TASKS, caption_pair, task_image
 

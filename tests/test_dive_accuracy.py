@@ -8,7 +8,7 @@ from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import compare_with_oracle, failures, make_inputs
 
 ALL = backend_params()
-HOST = backend_params(("reference", "cpu"))  # fast enough for large shapes
+HOST = backend_params(("torch", "cpu"))  # fast enough for large shapes
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SMALL_SHAPES = [(1, 1), (1, 8), (2, 3), (5, 19), (37, 64), (70, 130)]
 
@@ -153,7 +153,7 @@ def test_consecutive_steps_module(backend):
     assert torch.equal(loss_fn.m, m_before)
 
 
-@pytest.mark.parametrize("backend", backend_params(("reference", "cpu")))
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
 def test_gradcheck_float64(backend):
     x = make_inputs(6, 5, dtype=torch.float64, seed=4)
     m = 0.1 * torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

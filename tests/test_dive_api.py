@@ -57,7 +57,7 @@ def test_functional_m_out():
         dive_loss(*x, m, m_out=torch.zeros(8, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", backend_params(("reference", "cpu")))
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
 def test_compiled_equals_eager(backend):
     """A compiled step that calls DiVELoss: no graph break, the same loss, m and grads."""
     torch._dynamo.reset()
@@ -228,10 +228,10 @@ def test_forcing_an_unusable_backend_names_why(monkeypatch):
 
 
 def test_env_var_forces_backend(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "reference")
-    assert backends.select("cpu", torch.float32, 8) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.select("cpu", torch.float32, 8) == "torch"
     monkeypatch.delenv(backends.ENV_VAR)
-    expected = "cpu" if backends.unavailable_reason("cpu", "cpu") is None else "reference"
+    expected = "cpu" if backends.unavailable_reason("cpu", "cpu") is None else "torch"
     assert backends.select("cpu", torch.float32, 8) == expected
 
 
@@ -275,7 +275,7 @@ def test_cpu_backward_recycles_gradient_blocks(backend):
     x = make_inputs(1024, 300, seed=1)  # 1.2 MB per gradient: above the cache's minimum
     m, g = torch.randn(300), torch.tensor(0.7)
     args = (m, g, None, None, 1.0, 1.0, 1.0, True)
-    want = dive_backward(*x, *args, "reference")
+    want = dive_backward(*x, *args, "torch")
     first = dive_backward(*make_inputs(1024, 300, seed=2), *args, backend)
     pointers = {g.data_ptr() for g in first}
     del first

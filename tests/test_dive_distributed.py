@@ -15,7 +15,7 @@ from dive_fast.testing import make_inputs
 HELPER = Path(__file__).parent / "helpers" / "dist_dive_check.py"
 
 
-@pytest.mark.parametrize("backend", backend_params(("reference", "cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))
 def test_two_ranks_share_m_of_global_batch(tmp_path, backend):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

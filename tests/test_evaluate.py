@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dive_fast.evaluate import evaluate, format_table, rsa, spearman, zeroshot_head
+from dive_fast.train.evaluate import evaluate, format_table, rsa, spearman, zeroshot_head
 
 
 class LabelSet(torch.utils.data.Dataset):

@@ -90,16 +90,16 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, cycles
-    assert "dive_fast.pretrain" not in graph["dive_fast.models"]  # a loader never trains
+    assert "dive_fast.train.pretrain" not in graph["dive_fast.train.models"]  # a loader never trains
 
 
 def test_frozen_embeddings_equal_the_trainable_ones_at_step_zero_under_bf16():
     """Identical weights give u = v = 0 up to the rounding of one batch shape against
     another (the trainable forward runs target and reference rows together), also under
     bf16 autocast, where a frozen copy cast to bf16 would differ by a noise floor."""
-    from dive_fast.frozen import FrozenReference
-    from dive_fast.methods import Batch, make_method
-    from dive_fast.models import frozen_copy, load_clip
+    from dive_fast.train.frozen import FrozenReference
+    from dive_fast.train.methods import Batch, make_method
+    from dive_fast.train.models import frozen_copy, load_clip
 
     torch.manual_seed(0)
     bundle = load_clip("dive-micro")
@@ -125,3 +125,30 @@ def test_frozen_embeddings_equal_the_trainable_ones_at_step_zero_under_bf16():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         old = norm(cast.encode_image(ref_images))
     assert (norm(img_r) - old).norm(dim=-1).mean().item() > 2 * u
+
+
+def test_importing_the_library_imports_no_training_app_module():
+    """``import dive_fast`` (the kernel library) loads neither the training app nor the world."""
+    code = ("import sys, dive_fast; from dive_fast import DiVELoss, dive_loss, micro_batched_backward;"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('dive_fast', 'open_clip')))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "dive_fast.ops.dive" in loaded  # the check sees what was imported
+    app = [m for m in loaded if m.startswith(("dive_fast.train", "dive_fast.world", "open_clip"))]
+    assert not app, app
+
+
+def test_the_training_app_is_one_subpackage():
+    """The kernel library is the top of the package and ops/; the training app (open_clip,
+    data formats) is dive_fast/train/, the generated world dive_fast/world/."""
+    top = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+    assert top - {"__pycache__"} <= {"__init__", "_extension", "accumulate", "backends", "info",
+                                     "loss", "testing", "ops", "train", "world"}, top
+    for path in PACKAGE.rglob("*.py"):
+        if {"train", "world"} & set(path.relative_to(PACKAGE).parts) or path.name == "info.py":
+            continue  # info reports open_clip's version when it is there
+        imported = {a.name for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module or "" for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and not node.level}
+        assert not {m for m in imported if m.split(".")[0] in ("open_clip", "webdataset")}, path

@@ -1,7 +1,7 @@
 """The benchmarks' activation meter counts exactly what autograd saves for backward."""
 import torch
 
-from dive_fast.memory import SavedTensorMeter
+from dive_fast.train.memory import SavedTensorMeter
 
 
 def test_meter_counts_saved_activations_once_and_releases_them():

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from dive_fast.checkpoint import atomic_save, load_checkpoint, load_model_weights
-from dive_fast.models import TINY_MODELS, frozen_copy, load_clip, tiny_checkpoint
+from dive_fast.train.checkpoint import atomic_save, load_checkpoint, load_model_weights
+from dive_fast.train.models import TINY_MODELS, frozen_copy, load_clip, tiny_checkpoint
 
 
 def test_tiny_configs_registered():
@@ -16,7 +16,7 @@ def test_tiny_configs_registered():
 
 def test_cache_name_changes_with_the_config(tmp_path, monkeypatch):
     """A changed tiny config (or pre-training stream) never reuses stale cached weights."""
-    import dive_fast.models as models
+    import dive_fast.train.models as models
     monkeypatch.setattr(models, "CONFIG_DIR", tmp_path)
     (tmp_path / "m.json").write_text('{"embed_dim": 8}')
     first = tiny_checkpoint("m")
@@ -25,7 +25,7 @@ def test_cache_name_changes_with_the_config(tmp_path, monkeypatch):
 
 
 def test_weight_decay_spares_gains_biases_and_the_logit_scale():
-    from dive_fast.optim import decay_groups
+    from dive_fast.train.optim import decay_groups
     model = load_clip("dive-micro").model
     decay, keep = decay_groups(model.named_parameters(), 0.1)
     assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import train_args
-from dive_fast import methods, train
-from dive_fast.checkpoint import load_checkpoint
-from dive_fast.methods import METHODS
+from dive_fast.train import methods, train
+from dive_fast.train.checkpoint import load_checkpoint
+from dive_fast.train.methods import METHODS
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -114,8 +114,8 @@ def test_bad_inputs_give_clear_errors(micro_cache, tmp_path):
 
 
 def test_train_step_skips_a_nonfinite_update_on_the_device():
-    from dive_fast import optim
-    from dive_fast.step import NonFiniteGuard, train_step
+    from dive_fast.train import optim
+    from dive_fast.train.step import NonFiniteGuard, train_step
 
     class Toy(torch.nn.Module):
         def __init__(self):

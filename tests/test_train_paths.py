@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dive_fast import train
-from dive_fast.checkpoint import load_checkpoint
+from dive_fast.train.checkpoint import load_checkpoint
 
 HELPER = Path(__file__).parent / "helpers" / "train_runs.py"
 USER_METHODS = ("dive", "flyp+replay", "ft")
@@ -158,8 +158,8 @@ TWO_PROCESS_RUNS = [(n, d, m) for d in ("world", "csv") for n, methods in
 
 @pytest.mark.parametrize("layout,data,method", TWO_PROCESS_RUNS)
 def test_two_processes_equal_one_process_on_the_global_batch(ddp_runs, layout, data, method):
-    from dive_fast.evaluate import zeroshot_head
-    from dive_fast.models import load_clip, tiny_checkpoint
+    from dive_fast.train.evaluate import zeroshot_head
+    from dive_fast.train.models import load_clip, tiny_checkpoint
     from dive_fast.world import TASKS
     one, two = (final(ddp_runs[data, method, n][0]) for n in ("one", layout))
     bundle = load_clip("dive-micro", str(tiny_checkpoint("dive-micro")))
@@ -191,7 +191,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(ddp_runs, layout, d
 
 
 def test_fsdp_checkpoint_loads_into_a_plain_model_and_resumes(ddp_runs):
-    from dive_fast.models import load_clip
+    from dive_fast.train.models import load_clip
     whole_dir, resumed_dir = ddp_runs["fsdp-resume"]
     whole, resumed = final(whole_dir), final(resumed_dir)
     assert resumed["step"] == whole["step"] == 4

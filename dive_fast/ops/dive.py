@@ -32,7 +32,7 @@ __all__ = ["INFO_SIZE", "DiVEFunction", "DiVEOutput", "dive_backward", "dive_for
 
 
 def _stats(backend: str, *inputs, normalize: bool):
-    if backend == "reference":
+    if backend == "torch":
         return reference_stats(*inputs, normalize)
     if backend == "triton":
         from .dive_triton import triton_stats
@@ -71,7 +71,7 @@ def finalize(means: Tensor, scalars: Tensor, m: Tensor, momentum: float, b: Tens
 
 def _finalize(backend: str, means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl):
     """(loss, avl, pvl, m_new, b, info) by the backend's finalisation; m_out gets m_new."""
-    if backend == "reference":
+    if backend == "torch":
         avl, pvl, m_new, b, info = finalize(means, scalars, m, momentum, b)
         m_new = m_new.to(m.dtype)
         if m_out is not None:
@@ -86,7 +86,7 @@ def _finalize(backend: str, means, scalars, m, m_out, b, momentum, lam_avl, lam_
 
 def _fused_forward(backend: str, inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl):
     """Statistics and finalisation: on the GPU backends two launches, on the CPU one call."""
-    if backend == "reference":
+    if backend == "torch":
         means, scalars = reference_stats(*inputs, normalize)
         return _finalize(backend, means, scalars, m, m_out, None, momentum, lam_avl, lam_pvl)
     if backend == "triton":
@@ -145,7 +145,7 @@ def _backward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, 
     c_avl = scale (lam_avl g_loss + g_avl), c_pvl = scale (lam_pvl g_loss + g_pvl) from the
     upstream gradients of (loss, avl, pvl) (None: zero), formed inside the kernel."""
     args = (img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale)
-    if backend == "reference":
+    if backend == "torch":
         return reference_backward(*args, normalize)
     if backend == "triton":
         from .dive_triton import triton_backward

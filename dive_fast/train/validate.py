@@ -99,10 +99,10 @@ def image_folder(path, arg: str) -> None:
     _opens(arg, lambda: ImageFolderTask(path, transform=None))
 
 
-def caption_csv(path, arg: str) -> None:
+def caption_csv(path, arg: str, **csv_options) -> None:
     """Reads an open_clip CSV as ``data.CsvCaptions`` does (UTF-8, its columns, its rows)."""
     from .data import CsvCaptions
-    _opens(arg, lambda: CsvCaptions(path, transform=None))
+    _opens(arg, lambda: CsvCaptions(path, transform=None, **csv_options))
 
 
 def _opens(arg: str, open_it) -> None:

@@ -10,10 +10,17 @@ import torch.distributed as dist
 _owned = []  # the process group this module created (and so destroys at shutdown)
 
 
+def world_size_from_env() -> int:
+    """The number of ranks torchrun starts (1 outside torchrun), before any process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_from_env(device: str) -> tuple[int, int, str]:
     """(rank, world_size, device) after torchrun's environment; gloo on CPU, nccl on GPU.
     A process group the caller already initialised is used as it is."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)

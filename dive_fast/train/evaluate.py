@@ -1,9 +1,9 @@
 """Evaluation as the paper does it: zero-shot heads from templates; ID, OOD and zero-shot
 accuracy; RSA between the pre-trained and the fine-tuned embedding geometry.
 
-    python -m dive_fast.evaluate                                  # pre-trained tiny model
-    python -m dive_fast.evaluate --checkpoint runs/x/checkpoints/final.pt
-    python -m dive_fast.evaluate --model ViT-B-16 --pretrained openai \\
+    python -m dive_fast.train.evaluate                                  # pre-trained tiny model
+    python -m dive_fast.train.evaluate --checkpoint runs/x/checkpoints/final.pt
+    python -m dive_fast.train.evaluate --model ViT-B-16 --pretrained openai \\
         --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import validate
 from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
 from .validate import KINDS, TaskSpec
-from .world.tasks import TASKS
+from ..world.tasks import TASKS
 
 
 @torch.no_grad()

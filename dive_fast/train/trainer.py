@@ -1,22 +1,14 @@
-"""Robust fine-tuning of CLIP with DiVE (or a baseline), lean enough to cost about FLYP.
+"""The run behind ``python -m dive_fast.train`` (its command line: ``cli.py``): data, model,
+zero-shot evaluation, the method, the training loop, checkpoints, the final report.
 
-    python -m dive_fast.train                    # the embedded miniature, end to end
-    python -m dive_fast.train --method flyp --steps 200
-    torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-B-16 --pretrained openai \\
-        --train-folder /data/imagenet/train --reference-shards '/data/cc3m/{00000..00331}.tar' \\
-        --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch/val \\
-        --rsa-shards /data/cc3m/00332.tar
-    torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-L-14 --pretrained openai \\
-        --batch-size 512 --accum-freq 8 --grad-checkpointing --fsdp ...   # exact, in less memory
-
-Writes to --out: metrics.jsonl, curves.png, checkpoints/ (atomic, with a digest, last --keep
-kept), report.json and table.md (zero-shot row, fine-tuned row, WiSE-FT rows). A run owns its
---out (a lock while it runs; another run's folder only with --resume), and checks every
-argument and input before any expensive work (``check_args``).
+Writes to --out: config.json, metrics.jsonl, curves.png, checkpoints/ (atomic, with a
+digest, the newest --keep kept), report.json and table.md (zero-shot row, fine-tuned row,
+WiSE-FT rows). A run owns its --out (a lock while it runs; another run's folder only with
+--resume), and checks every argument and input before any expensive work
+(``cli.check_args``).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -28,142 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import distributed, frozen_cache, metrics_log, optim, parallel, runlock, validate
+from . import distributed, frozen_cache, metrics_log, optim, parallel, validate
 from .checkpoint import atomic_save, load_checkpoint, prune
 from .data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
-                   WorldCaptions, WorldTask, heldout_pairs, shard_list, train_collate)
+                   WorldCaptions, WorldTask, heldout_pairs, train_collate)
 from .evaluate import evaluate, format_table, task_sets, world_eval_sets, world_rsa_set
 from .fileio import atomic_write_json, atomic_write_text
 from .frozen import FrozenReference
 from .methods import METHODS, Batch, MethodConfig, make_method
-from .models import (CACHE_ENV, TINY_MODELS, cache_dir, frozen_copy, is_weights_path, load_clip,
-                     tiny_checkpoint)
+from .models import TINY_MODELS, frozen_copy, load_clip
 from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--method", default="dive", choices=list(METHODS))
-    a("--model", default="dive-tiny", help="open_clip model name or a dive_fast tiny config")
-    a("--pretrained", default=None, help="open_clip tag or checkpoint path, '' for random "
-      "weights (tiny configs: the cached pre-trained weights, built on first use)")
-    a("--out", default="runs/miniature")
-    a("--steps", type=int, default=300)
-    a("--batch-size", type=int, default=128, help="target batch B per rank")
-    a("--ref-batch-size", type=int, default=None, help="reference batch B' per rank (default B)")
-    a("--lr", type=float, default=1e-4)
-    a("--wd", type=float, default=0.1)
-    a("--warmup", type=int, default=None, help="warm-up steps (default min(500, steps/10))")
-    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    a("--lam", type=float, default=1000.0, help="DiVE / SnD weight lambda")
-    a("--momentum", type=float, default=0.99, help="DiVE EMA momentum alpha")
-    a("--dive-backend", default=None, help="force a DiVELoss backend")
-    a("--lp-steps", type=int, default=None, help="lp-ft: linear-probe steps (default steps/3)")
-    a("--wise-ft", default="0.5", help="comma-separated WiSE-FT alphas to evaluate ('' for none)")
-    a("--seed", type=int, default=0)
-    a("--world-seed", type=int, default=0)
-    a("--train-size", type=int, default=8000, help="world ID training samples")
-    a("--ref-size", type=int, default=4096, help="world reference pairs (CC3M stand-in)")
-    a("--eval-per-task", type=int, default=500)
-    a("--train-folder", default=None, help="target image folder (ImageNet layout)")
-    a("--reference-csv", default=None, help="open_clip CSV of reference pairs")
-    a("--reference-shards", default=None,
-      help="webdataset shards of reference pairs: brace pattern, glob or '::'-separated list")
-    a("--task", action="append", default=[], help="KIND:NAME:PATH eval image folder")
-    a("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA on real data")
-    a("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
-    a("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
-    a("--augment", action=argparse.BooleanOptionalAction, default=True,
-      help="FLYP's RandomResizedCrop(scale 0.9-1) on target images (world data)")
-    a("--frozen-cache", action=argparse.BooleanOptionalAction, default=True,
-      help="cache frozen reference embeddings (exact: the reference transform is fixed)")
-    a("--co-schedule", action=argparse.BooleanOptionalAction, default=True,
-      help="GPU: run the uncached frozen forward on a side stream, overlapping the trainable one")
-    a("--amp", choices=["auto", "bf16", "fp32"], default="auto",
-      help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
-    a("--compile", action="store_true", help="torch.compile the towers")
-    a("--accum-freq", type=int, default=1,
-      help="compute each step in K micro-batches (B/K target, B'/K reference rows): the "
-           "same update as the full batch in about 1/K of its activation memory")
-    a("--grad-checkpointing", action="store_true",
-      help="recompute the towers' residual blocks in the backward (open_clip's)")
-    a("--fsdp", action="store_true",
-      help="shard the trainable towers and their optimiser state over the ranks (FSDP2); "
-           "checkpoints hold the full state")
-    a("--workers", type=int, default=1)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--checkpoint-every", type=int, default=100)
-    a("--keep", type=int, default=2, help="checkpoints kept")
-    a("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --out")
-    a("--on-nonfinite", choices=["stop", "skip"], default="stop",
-      help="a step with non-finite loss or gradients is always skipped on the device; "
-           "'stop' also ends the run at the next log step, naming it")
-    a("--log-every", type=int, default=10)
-    a("--no-progress", action="store_true")
-    return p
-
-
-# Lower (and upper) bounds of the numeric arguments; "above": the bound itself is refused.
-RANGES = {"steps": (0,), "batch_size": (1,), "ref_batch_size": (1,), "checkpoint_every": (1,),
-          "log_every": (1,), "accum_freq": (1,), "rsa_size": (3,), "train_size": (1,), "ref_size": (1,),
-          "eval_per_task": (0,), "keep": (1,), "workers": (0,), "warmup": (0,),
-          "grad_clip": (0,), "lam": (0,), "momentum": (0, 1), "wd": (0,), "lr": (0, None, "above")}
-
-
-def check_args(args) -> None:
-    """Every argument and input checked before any expensive work (model loading,
-    pre-training, caches, evaluation); each failure names the argument."""
-    for name, (low, *rest) in RANGES.items():
-        high = rest[0] if rest else None
-        validate.number(f"--{name.replace('_', '-')}", getattr(args, name), low, high,
-                        above="above" in rest)
-    if args.lp_steps is None:
-        args.lp_steps = args.steps // 3
-    validate.number("--lp-steps", args.lp_steps, 0, args.steps)
-    smallest = min(args.batch_size, args.ref_batch_size or args.batch_size)
-    if args.accum_freq > smallest:
-        raise ValueError(f"--accum-freq {args.accum_freq}: each micro-batch needs a row of the "
-                         f"target and reference batches (at most {smallest})")
-    if args.warmup is None:
-        args.warmup = min(500, max(1, args.steps // 10))
-    if args.reference_csv and args.reference_shards:
-        raise ValueError("give one of --reference-csv and --reference-shards, not both")
-    if args.rsa_csv and args.rsa_shards:
-        raise ValueError("give one of --rsa-csv and --rsa-shards, not both")
-    try:
-        args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
-    except ValueError:
-        raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
-    for alpha in args.wise_ft_alphas:
-        validate.number("--wise-ft", alpha)
-    validate.device(args.device)
-    check_inputs(args)
-
-
-def check_inputs(args) -> None:
-    """The files and folders a run reads and writes, before any expensive work."""
-    validate.task_specs(args.task)
-    if args.train_folder:
-        validate.image_folder(args.train_folder, "--train-folder")
-    for arg, csv_path in (("--reference-csv", args.reference_csv), ("--rsa-csv", args.rsa_csv)):
-        if csv_path:
-            validate.caption_csv(csv_path, arg)
-    for arg, urls in (("--reference-shards", args.reference_shards),
-                      ("--rsa-shards", args.rsa_shards)):
-        if urls:
-            shard_list(urls)  # missing shards fail now, not at step 1
-    if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
-        raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
-    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
-        raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
-    validate.writable_folder(args.out, "--out")
-    if args.pretrained is None and args.model in TINY_MODELS and \
-            not tiny_checkpoint(args.model, args.world_seed).is_file():  # pre-training will write
-        validate.writable_folder(cache_dir(), f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
 
 
 # --- data ------------------------------------------------------------------------------
@@ -181,7 +49,7 @@ def reference_data(args, bundle, rank, world):
         return ShardedCaptions(args.reference_shards, tf, seed=args.seed, rank=rank,
                                world_size=world), None
     if args.reference_csv:
-        ds = CsvCaptions(args.reference_csv, tf)
+        ds = CsvCaptions(args.reference_csv, tf, **csv_options(args))
         return ds, ds.fingerprint()  # its contents: a CSV rewritten in place is new data
     ds = WorldCaptions("reference", args.ref_size, tf, args.world_seed, bundle.image_size)
     return ds, f"world:{args.world_seed}:{args.ref_size}"
@@ -220,11 +88,11 @@ def batch_stream(targets, references):
 # changes the result (model and weights, method, optimiser and schedule, data, batches).
 RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", "world_size",
                "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "momentum",
-               "amp", "augment", "train_folder", "reference_csv", "reference_shards",
+               "precision", "augment", "train_folder", "reference_csv", "reference_shards",
                "train_size", "ref_size", "world_seed", "seed", "fsdp")
 
 
-def checkpoint_state(step, args, method, opt, sched) -> dict:
+def checkpoint_state(step, args, method, opt, sched, scaler=None) -> dict:
     """What a resume needs; under FSDP a collective (every rank calls it) whose full,
     unsharded state is rank 0's, so that the checkpoint loads anywhere."""
     method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
@@ -236,6 +104,7 @@ def checkpoint_state(step, args, method, opt, sched) -> dict:
     return {"state_dict": model_state, "method_state": method_state,
             "step": step, **{k: getattr(args, k) for k in RESUME_KEYS},
             "optimizer": opt_state, "scheduler": sched.state_dict(),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
 
@@ -274,7 +143,7 @@ def load_resume(args) -> dict | None:
     return ckpt
 
 
-def restore(ckpt, method, opt, sched) -> tuple[int, dict]:
+def restore(ckpt, method, opt, sched, scaler=None) -> tuple[int, dict]:
     """Loads a checkpoint into the run; returns its step and the RNG states to resume."""
     if parallel.is_sharded(method.model):
         parallel.load_full_state(method.model, ckpt["state_dict"], method, opt, ckpt["optimizer"])
@@ -284,6 +153,8 @@ def restore(ckpt, method, opt, sched) -> tuple[int, dict]:
         method.load_state_dict({**state, **ckpt.get("method_state", {})})
         opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
     return int(ckpt["step"]), ckpt["rng"]
 
 
@@ -300,7 +171,8 @@ def eval_sets(args, bundle):
     """({name: (kind, dataset)}, RSA pairs or None)."""
     tf = bundle.preprocess_val
     if args.rsa_csv or args.rsa_shards:
-        rsa = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size)
+        rsa = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,
+                            csv_options=csv_options(args))
     elif not args.task:
         rsa = world_rsa_set(tf, n=args.rsa_size, seed=args.world_seed, size=bundle.image_size)
     else:
@@ -323,7 +195,7 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
     streamed), for methods that use them."""
     model = bundle.model
     on_gpu = device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if (args.amp == "bf16" or (args.amp == "auto" and on_gpu)) else None
+    amp_dtype = autocast_dtype(args.precision, device)
     frozen = None
     if METHODS[args.method].uses_frozen:
         frozen = FrozenReference(frozen_copy(model), device, amp_dtype,
@@ -364,22 +236,31 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
         forward = nn.parallel.DistributedDataParallel(
             method, find_unused_parameters=method.find_unused_parameters,
             forward_sync_buffers=False, **kw)
+    # fp16 needs loss scaling (bf16 and fp32 do not): open_clip's --precision amp.
+    scaler = torch.amp.GradScaler(torch.device(device).type) \
+        if amp_dtype == torch.float16 and method.trains else None
     step = functools.partial(train_step, forward, method, grad_clip=args.grad_clip,
-                             accum_freq=args.accum_freq, gradient_sync=sync)
+                             accum_freq=args.accum_freq, gradient_sync=sync, scaler=scaler)
     return method, step
 
 
-def run(args) -> dict:
-    check_args(args)
-    rank, world, device = distributed.init_from_env(args.device)
-    args.device, args.world_size = device, world
-    try:
-        with runlock.hold(args.out, enabled=distributed.is_main()):  # this run owns --out
-            report = run_owned(args, rank, world, device)
-    finally:
-        parallel.release_groups()
-    distributed.shutdown()
-    return report
+PRECISIONS = {  # --precision (open_clip's names) -> the autocast dtype (None: float32)
+    "auto": "auto", "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16, "amp": torch.float16, "amp_fp16": torch.float16, "fp32": None}
+
+
+def csv_options(args) -> dict:
+    """The CSV reader's options from --csv-separator, --csv-img-key, --csv-caption-key."""
+    return {"sep": args.csv_separator, "img_key": args.csv_img_key,
+            "caption_key": args.csv_caption_key}
+
+
+def autocast_dtype(precision: str, device: str):
+    """--precision as an autocast dtype (None: float32); auto is bf16 on GPUs only."""
+    dtype = PRECISIONS[precision]
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else None
+    return dtype
 
 
 def run_owned(args, rank, world, device) -> dict:
@@ -417,12 +298,17 @@ def run_owned(args, rank, world, device) -> dict:
     if method.trains and args.steps > 0:
         opt, sched = optim.build(method.named_parameters(), args.lr, args.wd, args.steps,
                                  args.warmup)
+        scaler = step.keywords["scaler"]  # fp16's loss scale: state a resume restores
         start_step, rng = 0, None
         if resume is not None:
-            start_step, rng = restore(resume, method, opt, sched)
+            start_step, rng = restore(resume, method, opt, sched, scaler)
             log.info("resumed from %s at step %d", resume["path"], start_step)
+        evaluator = None
+        if args.eval_every:
+            evaluator = functools.partial(evaluate_during_training, args, method, bundle,
+                                          pretrained, sets, device)
         skipped = train_loop(args, method, step, opt, sched, target_ds, reference[0],
-                             bundle.tokenizer, start_step, rank, world, out, rng)
+                             bundle.tokenizer, start_step, rank, world, out, rng, evaluator)
     if parallel.is_sharded(model):  # gathered (a collective); rank 0 evaluates it whole
         state = parallel.full_model_state(model)
         if main_proc:
@@ -453,6 +339,28 @@ def run_owned(args, rank, world, device) -> dict:
     return report
 
 
+def evaluate_during_training(args, method, bundle, pretrained, sets, device) -> dict | None:
+    """Rank 0's evaluation of the model being trained (its trained heads too), flattened for
+    the metrics log; every rank calls it (a sharded model is gathered first)."""
+    model = method.model
+    if parallel.is_sharded(model):
+        state = parallel.full_model_state(model)  # a collective
+        if distributed.is_main():
+            model = load_clip(args.model, pretrained, device).model
+            model.load_state_dict(state)
+    result = None
+    if distributed.is_main():
+        report = evaluate(model, bundle.tokenizer, sets, heads=method.eval_heads(), device=device,
+                          progress=False)
+        result = {f"eval/{name}": value for kind in ("id", "ood", "zeroshot")
+                  for name, value in report[kind].items()}
+        result.update({f"eval/{kind}_mean": report[f"{kind}_mean"]
+                       for kind in ("id", "ood", "zeroshot")})
+    method.train()  # evaluate() left the towers in eval mode
+    distributed.barrier()
+    return result
+
+
 def batches(args, method, target_ds, ref_ds, tokenizer, start_step=0, rank=0, world=1):
     """The run's ``Batch`` stream from ``start_step`` on (loaders for targets and, where the
     method uses them, reference pairs)."""
@@ -469,17 +377,17 @@ def batches(args, method, target_ds, ref_ds, tokenizer, start_step=0, rank=0, wo
 
 
 def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, start_step,
-               rank, world, out, rng=None) -> int:
-    """Runs steps start_step .. args.steps; returns the unreadable samples skipped (all ranks)."""
+               rank, world, out, rng=None, evaluator=None) -> int:
+    """Runs steps start_step .. args.steps; returns the unreadable samples skipped (all ranks).
+    ``evaluator()`` (every rank calls it; rank 0's result is logged) runs every
+    ``--eval-every`` steps."""
     from tqdm.auto import tqdm
 
     device = method.device
     stream = batches(args, method, target_ds, ref_ds, tokenizer, start_step, rank, world)
     main_proc = distributed.is_main()
-    metrics = None
-    if main_proc:  # rows past the resumed checkpoint (or of a run started over) go
-        metrics_log.cut_back(out / "metrics.jsonl", start_step)
-        metrics = open(out / "metrics.jsonl", "a")
+    metrics = metrics_log.MetricsSink(out, start_step, tensorboard=args.report_to == "tensorboard") \
+        if main_proc else None
     ckpt_dir = out / "checkpoints"
     last_ckpt = None
     guard = NonFiniteGuard(device)
@@ -515,25 +423,18 @@ def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, 
                        "samples_per_s": n_samples * world / (now - t_last),
                        "skipped_samples": skipped, "skipped_steps": skipped_steps}
                 t_last, n_samples = now, 0
-                metrics.write(metrics_log.row_line(row))
-                metrics.flush()
+                metrics.write(row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")})
+        if evaluator is not None and done % args.eval_every == 0 and done < args.steps:
+            result = evaluator()  # the last step's evaluation is the final report's
+            if main_proc:
+                metrics.write({"step": done, **result})
         if (done % args.checkpoint_every == 0 or done == args.steps) and \
                 (main_proc or parallel.is_sharded(method.model)):  # FSDP's gather: every rank
-            state = checkpoint_state(done, args, method, opt, sched)
+            state = checkpoint_state(done, args, method, opt, sched, step_fn.keywords["scaler"])
             if main_proc:
                 last_ckpt = atomic_save(state, ckpt_dir / f"step-{done:08d}.pt")
                 prune(ckpt_dir, "step-*.pt", args.keep)
     if metrics:
         metrics.close()
     return distributed.sum_over_ranks(skipped, device)
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """CLIP models: open_clip ones by name (pretrained tag or local checkpoint) and the
-project's own tiny configs, whose pre-trained weights ``dive_fast.pretrain`` caches."""
+project's own tiny configs, whose pre-trained weights ``dive_fast.train.pretrain`` caches."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ from torch import nn
 
 from . import validate
 from .fileio import file_digest
-from .world.tasks import PRETRAIN_STREAM_VERSION
+from ..world.tasks import PRETRAIN_STREAM_VERSION
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -115,18 +115,18 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def resolve_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> str | None:
     """The weights to load: ``pretrained`` as given, or for a tiny config without it the
     cached pre-trained file, which must exist (this loader never trains: run
-    ``python -m dive_fast.pretrain`` or let ``dive_fast.train`` build it)."""
+    ``python -m dive_fast.train.pretrain`` or let ``dive_fast.train`` build it)."""
     if pretrained is not None or name not in TINY_MODELS:
         return pretrained
     path = tiny_checkpoint(name, world_seed)
     if path.is_file() and not tiny_intact(path):
         raise RuntimeError(f"the cached pre-trained {name} {path} does not match the digest "
                            "recorded when it was pre-trained (changed or damaged): delete it "
-                           f"and run `python -m dive_fast.pretrain --model {name} --seed "
+                           f"and run `python -m dive_fast.train.pretrain --model {name} --seed "
                            f"{world_seed}`")
     if not path.is_file():
         raise FileNotFoundError(
             f"no pre-trained {name} (world seed {world_seed}) in {cache_dir()}: run "
-            f"`python -m dive_fast.pretrain --model {name} --seed {world_seed}` first, or pass "
+            f"`python -m dive_fast.train.pretrain --model {name} --seed {world_seed}` first, or pass "
             "--pretrained PATH ('' for random weights)")
     return str(path)

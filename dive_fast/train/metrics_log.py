@@ -37,6 +37,35 @@ def cut_back(path, step: int) -> None:
     atomic_write_text(path, "".join(row_line(r) for r in rows))
 
 
+class MetricsSink:
+    """Where the loop's rows go: ``metrics.jsonl`` (cut back to ``start_step`` first, so a
+    resumed run logs no step twice) and, with ``tensorboard``, event files in
+    ``out/tensorboard`` (each number under its name, at its step)."""
+
+    def __init__(self, out, start_step: int, tensorboard: bool = False):
+        path = Path(out) / "metrics.jsonl"
+        cut_back(path, start_step)
+        self.file = open(path, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, row: dict) -> None:
+        self.file.write(row_line(row))
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and value == value:
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def plot_curves(metrics_path, out) -> None:
     """Loss parts and samples/s against step; a failure is logged, never raised."""
     try:
@@ -49,6 +78,9 @@ def _plot(rows, out) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if not rows:
+        return
+    rows = [r for r in rows if "loss" in r]  # not the evaluation rows (eval/...)
     if not rows:
         return
     skip = ("step", "lr", "samples_per_s", "skipped_samples", "skipped_steps", "grad_norm")

@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from .evaluate import zeroshot_head
 from .frozen import FrozenReference
-from .loss import DiVELoss
+from ..loss import DiVELoss
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Method(nn.Module):
             imgs, txts = self.encode(*self.inputs(batch, step))
         return self.objective(batch, step, imgs, txts, pending() if pending else None)
 
-    # --- what a method defines; ``forward`` and the micro-batched step (accumulate.py)
+    # --- what a method defines; ``forward`` and the micro-batched step (step.forward_backward)
     # --- both compose them, so the two compute the same objective
 
     def inputs(self, batch: Batch, step: int) -> tuple[list[Tensor], list[Tensor]]:

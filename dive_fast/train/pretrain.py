@@ -1,7 +1,7 @@
 """Contrastive pre-training of the project's tiny CLIP on the embedded world.
 
-    python -m dive_fast.pretrain                 # dive-tiny into the cache folder
-    python -m dive_fast.pretrain --model dive-micro --steps 20 --out /tmp/micro.safetensors
+    python -m dive_fast.train.pretrain                 # dive-tiny into the cache folder
+    python -m dive_fast.train.pretrain --model dive-micro --steps 20 --out /tmp/micro.safetensors
 
 The result is cached (``$DIVE_FAST_CACHE`` or ~/.cache/dive_fast) as safetensors, with a
 JSON beside it holding the settings and the zero-shot table measured at the end.

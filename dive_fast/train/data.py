@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .world.tasks import TASKS, Task, caption_pair, task_image
+from ..world.tasks import TASKS, Task, caption_pair, task_image
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
@@ -383,12 +383,13 @@ class ShardedCaptions(IterableDataset):
         return image, caption, -1, skipped
 
 
-def heldout_pairs(transform, csv_path=None, shards=None, n: int = 256) -> list:
+def heldout_pairs(transform, csv_path=None, shards=None, n: int = 256,
+                  csv_options: dict | None = None) -> list:
     """The first ``n`` readable (image, caption) pairs of a held-out CSV or shard list, in
     order: the fixed set over which RSA compares pre-trained and fine-tuned geometry."""
     pairs = []
     if csv_path:
-        ds = CsvCaptions(csv_path, transform)
+        ds = CsvCaptions(csv_path, transform, **(csv_options or {}))
         for i in range(len(ds)):
             if len(pairs) == n:
                 break

@@ -1,0 +1,329 @@
+"""`python -m dive_fast.train`: the command line, and the checks that run before any model loads.
+
+Flags that exist in open_clip's trainer (``python -m open_clip_train.main``) keep its names
+where the meaning is the same (``--epochs``, ``--precision``, ``--torchcompile``,
+``--grad-clip-norm``, ``--resume latest``, ``--csv-*``, ``--log-every-n-steps``,
+``--report-to``, ``--zeroshot-frequency``); docs/training.md maps the two.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from . import distributed, parallel, runlock, validate
+from .data import shard_list
+from .methods import METHODS
+from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
+from .trainer import PRECISIONS, csv_options, run_owned
+
+EXAMPLES = """\
+examples:
+  # the miniature: pre-train a tiny CLIP on a generated world (once, cached), fine-tune it
+  # with DiVE, print ID / OOD / zero-shot / RSA before and after
+  python -m dive_fast.train
+
+  # ViT-B-16 on your own data, one GPU (folder layout and CSV format: docs/training.md)
+  python -m dive_fast.train --model ViT-B-16 --pretrained openai \\
+      --train-folder /data/imagenet/train --reference-csv /data/cc3m/train.csv \\
+      --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch \\
+      --rsa-csv /data/cc3m/heldout.csv --epochs 10 --batch-size 512 --lr 1e-5 \\
+      --warmup 500 --out runs/vitb16-dive
+
+  # the same on 8 GPUs (--batch-size is per GPU: 8 x 64 = the paper's 512)
+  torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-B-16 --pretrained openai \\
+      --train-folder /data/imagenet/train --reference-shards '/data/cc3m/{00000..00331}.tar' \\
+      --task id:imagenet:/data/imagenet/val --epochs 10 --batch-size 64 --lr 1e-5 \\
+      --warmup 500 --out runs/vitb16-dive-8gpu
+"""
+
+AMP_ALIASES = {"auto": "auto", "bf16": "amp_bf16", "fp32": "fp32"}  # the old --amp values
+
+
+class _AmpAlias(argparse.Action):
+    """``--amp bf16`` (dive_fast's older flag) sets --precision amp_bf16."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.precision = AMP_ALIASES[value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dive_fast.train",
+        description="Robust fine-tuning of an open_clip model with DiVE (or a baseline), "
+                    "then an ID / OOD / zero-shot / RSA report. With no arguments: the "
+                    "embedded miniature.",
+        epilog=EXAMPLES, formatter_class=_Formatter)
+
+    g = p.add_argument_group("model").add_argument
+    g("--model", default="dive-tiny",
+      help="open_clip model name (ViT-B-16, ...) or a dive_fast tiny config (dive-tiny, "
+           "dive-micro, dive-wide)")
+    g("--pretrained", default=None,
+      help="open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a checkpoint path; "
+           "'' for random weights; unset with a tiny config: its cached weights, pre-trained "
+           "on the world on first use")
+    g("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="torch device; under torchrun each rank takes cuda:LOCAL_RANK")
+    g("--precision", choices=list(PRECISIONS), default="auto",
+      help="autocast: amp_bf16 (bf16), amp (fp16 with loss scaling) or fp32; auto: amp_bf16 "
+           "on GPUs, fp32 on CPUs")
+    g("--amp", choices=list(AMP_ALIASES), action=_AmpAlias, dest="precision",
+      default=argparse.SUPPRESS, help="older spelling of --precision (bf16 = amp_bf16)")
+    g("--compile", "--torchcompile", dest="compile", action="store_true",
+      help="torch.compile the towers")
+
+    g = p.add_argument_group("data (the world when none is given)").add_argument
+    g("--train-folder", default=None,
+      help="target task: an image folder, one sub-folder per class (ImageNet layout), "
+           "optional classnames.txt and templates.txt")
+    g("--reference-csv", default=None,
+      help="reference image-caption pairs (e.g. CC3M) as an open_clip CSV")
+    g("--reference-shards", default=None,
+      help="reference pairs as webdataset tar shards: brace pattern, glob or '::'-separated "
+           "list")
+    g("--csv-separator", default="\t", help="column separator of the CSVs (open_clip's)")
+    g("--csv-img-key", default="filepath", help="image-path column of the CSVs")
+    g("--csv-caption-key", default="title", help="caption column of the CSVs")
+    g("--workers", type=int, default=1, help="data loader processes per rank")
+    g("--augment", action=argparse.BooleanOptionalAction, default=True,
+      help="on the world's target images: FLYP's RandomResizedCrop (scale 0.9-1); real "
+           "folders use the model's own training transform")
+    g("--world-seed", type=int, default=0, help="seed of the generated world")
+    g("--train-size", type=int, default=8000, help="world: target training samples")
+    g("--ref-size", type=int, default=4096, help="world: reference pairs")
+
+    g = p.add_argument_group("method").add_argument
+    g("--method", default="dive", choices=list(METHODS),
+      help="dive, or a baseline of the paper: flyp (contrastive fine-tuning), ft (image "
+           "tower + linear head), lp-ft (linear probe, then ft), flyp+replay (flyp + the "
+           "CLIP loss on the reference pairs), snd-like, zeroshot (evaluate only); ablations: "
+           "dive-avl, dive-pvl (one loss each), dive with --ema-momentum 0")
+    g("--lam", type=float, default=1000.0, help="DiVE / SnD weight lambda")
+    g("--ema-momentum", "--momentum", dest="momentum", type=float, default=0.99,
+      help="momentum alpha of DiVE's moving average vector m (not an optimiser momentum)")
+    g("--dive-backend", default=None,
+      help="force a DiVELoss backend: torch, cpu, triton or cuda (python -m dive_fast.info "
+           "lists them)")
+    g("--lp-steps", type=int, default=None, help="lp-ft: linear-probe steps (unset: steps/3)")
+    g("--frozen-cache", action=argparse.BooleanOptionalAction, default=True,
+      help="cache the frozen model's reference embeddings on disk (exact: the reference "
+           "transform is deterministic)")
+    g("--co-schedule", action=argparse.BooleanOptionalAction, default=True,
+      help="GPU: run an uncached frozen forward on a side stream beside the trainable one")
+
+    g = p.add_argument_group("optimisation").add_argument
+    g("--steps", type=int, default=None,
+      help="optimiser steps (unset: from --epochs, else 300, the miniature's)")
+    g("--epochs", type=float, default=None,
+      help="passes over the target training set; sets --steps (as open_clip's --epochs)")
+    g("--batch-size", type=int, default=128, help="target batch B per rank")
+    g("--ref-batch-size", type=int, default=None, help="reference batch B' per rank (unset: B)")
+    g("--lr", type=float, default=1e-4,
+      help="AdamW peak learning rate (the miniature's; the paper's ViT-B-16: 1e-5)")
+    g("--wd", type=float, default=0.1, help="AdamW weight decay")
+    g("--warmup", type=int, default=None,
+      help="linear warm-up steps before the cosine decay (unset: min(500, steps/10))")
+    g("--grad-clip-norm", "--grad-clip", dest="grad_clip", type=float, default=0.0,
+      help="clip the global gradient norm to this (0: off)")
+    g("--seed", type=int, default=0, help="seed of sampling, augmentation and dropout")
+
+    g = p.add_argument_group("memory and scale").add_argument
+    g("--accum-freq", type=int, default=1,
+      help="compute each step in K micro-batches: the same update as the whole batch (the "
+           "contrastive loss and DiVE see every row, unlike open_clip's --accum-freq) in "
+           "about 1/K of the activation memory")
+    g("--grad-checkpointing", action="store_true",
+      help="recompute the towers' residual blocks in the backward")
+    g("--fsdp", action="store_true",
+      help="torchrun: shard the trainable towers and their optimiser state over the ranks "
+           "(FSDP2); checkpoints hold the full state")
+
+    g = p.add_argument_group("evaluation").add_argument
+    g("--task", action="append", default=[], metavar="KIND:NAME:PATH",
+      help="an evaluation image folder; KIND is id, ood or zeroshot; repeat for more")
+    g("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
+    g("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
+    g("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
+    g("--eval-per-task", type=int, default=500, help="world: samples per evaluation task")
+    g("--eval-every", type=int, default=0,
+      help="also evaluate every N steps during training, into metrics.jsonl (0: only at "
+           "the end)")
+    g("--zeroshot-frequency", type=float, default=None,
+      help="open_clip's spelling, in epochs: --eval-every that many epochs' steps")
+    g("--wise-ft", default="0.5",
+      help="comma-separated WiSE-FT mixing weights to evaluate, '' for none")
+
+    g = p.add_argument_group("output").add_argument
+    g("--out", default="runs/miniature",
+      help="run folder: config, metrics.jsonl, curves.png, checkpoints/, report.json, "
+           "table.md")
+    g("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    g("--keep", type=int, default=2, help="checkpoints kept (the newest)")
+    g("--resume", default=None,
+      help="a checkpoint path, or 'latest' (also 'auto'): the newest in --out/checkpoints")
+    g("--log-every-n-steps", "--log-every", dest="log_every", type=int, default=10,
+      help="steps between metric rows (the host's only reads of device values)")
+    g("--report-to", choices=["", "tensorboard"], default="",
+      help="also write the metrics as TensorBoard event files in --out/tensorboard")
+    g("--on-nonfinite", choices=["stop", "skip"], default="stop",
+      help="a step with non-finite loss or gradients is skipped on the device; stop also "
+           "ends the run at the next log step, naming it")
+    g("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (unless the help says 'unset'), examples verbatim."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is not argparse.SUPPRESS and "unset" not in text \
+                and action.option_strings and action.nargs != 0:
+            default = action.default
+            text += f" (default: {default!r})" if isinstance(default, str) else \
+                f" (default: {default})"
+        return text
+
+
+# Lower (and upper) bounds of the numeric arguments; "above": the bound itself is refused.
+RANGES = {"steps": (0,), "batch_size": (1,), "ref_batch_size": (1,), "checkpoint_every": (1,),
+          "log_every": (1,), "accum_freq": (1,), "rsa_size": (3,), "train_size": (1,),
+          "ref_size": (1,), "eval_per_task": (0,), "keep": (1,), "workers": (0,),
+          "warmup": (0,), "grad_clip": (0,), "lam": (0,), "momentum": (0, 1), "wd": (0,),
+          "lr": (0, None, "above"), "epochs": (0, None, "above"), "eval_every": (0,),
+          "zeroshot_frequency": (0,)}
+DEFAULT_STEPS = 300
+
+
+def target_size(args) -> int:
+    """Samples in the target training set (an image folder's listing, or the world's)."""
+    if args.train_folder:
+        from .data import ImageFolderTask
+        return len(ImageFolderTask(args.train_folder, transform=None))
+    return args.train_size
+
+
+def resolve_schedule(args, world_size: int = 1) -> None:
+    """--epochs to --steps (one epoch: the target set once over all ranks' batches), the
+    warm-up and LP-FT defaults, and --zeroshot-frequency to --eval-every."""
+    steps_per_epoch = None
+    if args.epochs is not None or args.zeroshot_frequency:
+        steps_per_epoch = max(1, math.ceil(target_size(args) / (args.batch_size * world_size)))
+    if args.epochs is not None:
+        if args.steps is not None:
+            raise ValueError(f"give one of --steps ({args.steps}) and --epochs ({args.epochs:g})")
+        args.steps = max(1, round(args.epochs * steps_per_epoch))
+    elif args.steps is None:
+        args.steps = DEFAULT_STEPS
+    if args.zeroshot_frequency:
+        args.eval_every = max(1, round(args.zeroshot_frequency * steps_per_epoch))
+    if args.lp_steps is None:
+        args.lp_steps = args.steps // 3
+    validate.number("--lp-steps", args.lp_steps, 0, args.steps)
+    if args.warmup is None:
+        args.warmup = min(500, max(1, args.steps // 10))
+
+
+def check_args(args, world_size: int = 1) -> None:
+    """Every argument and input checked before any expensive work (model loading,
+    pre-training, caches, evaluation); each failure names the argument."""
+    for name, (low, *rest) in RANGES.items():
+        high = rest[0] if rest and rest[0] != "above" else None
+        validate.number(f"--{name.replace('_', '-')}", getattr(args, name), low, high,
+                        above="above" in rest)
+    if args.resume == "latest":
+        args.resume = "auto"
+    check_inputs(args)
+    resolve_schedule(args, world_size)
+    smallest = min(args.batch_size, args.ref_batch_size or args.batch_size)
+    if args.accum_freq > smallest:
+        raise ValueError(f"--accum-freq {args.accum_freq}: each micro-batch needs a row of the "
+                         f"target and reference batches (at most {smallest})")
+    if args.reference_csv and args.reference_shards:
+        raise ValueError("give one of --reference-csv and --reference-shards, not both")
+    if args.rsa_csv and args.rsa_shards:
+        raise ValueError("give one of --rsa-csv and --rsa-shards, not both")
+    try:
+        args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
+    for alpha in args.wise_ft_alphas:
+        validate.number("--wise-ft", alpha)
+    validate.device(args.device)
+    if args.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
+        except ImportError:
+            raise ValueError("--report-to tensorboard: the tensorboard package is not "
+                             "installed (pip install tensorboard)") from None
+
+
+def check_inputs(args) -> None:
+    """The files and folders a run reads and writes, before any expensive work."""
+    validate.task_specs(args.task)
+    if args.train_folder:
+        validate.image_folder(args.train_folder, "--train-folder")
+    for arg, csv_path in (("--reference-csv", args.reference_csv), ("--rsa-csv", args.rsa_csv)):
+        if csv_path:
+            validate.caption_csv(csv_path, arg, **csv_options(args))
+    for arg, urls in (("--reference-shards", args.reference_shards),
+                      ("--rsa-shards", args.rsa_shards)):
+        if urls:
+            try:
+                shard_list(urls)  # missing shards fail now, not at step 1
+            except (OSError, ValueError) as exc:
+                raise type(exc)(f"{arg}: {exc}") from None
+    if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
+    validate.writable_folder(args.out, "--out")
+    if args.pretrained is None and args.model in TINY_MODELS and \
+            not tiny_checkpoint(args.model, args.world_seed).is_file():  # pre-training will write
+        validate.writable_folder(cache_dir(), f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def run(args, checked: bool = False) -> dict:
+    """Runs what ``args`` (``parse``) asks; ``checked``: ``check_args`` already ran."""
+    if not checked:
+        check_args(args, distributed.world_size_from_env())
+    rank, world, device = distributed.init_from_env(args.device)
+    args.device, args.world_size = device, world
+    try:
+        with runlock.hold(args.out, enabled=distributed.is_main()):  # this run owns --out
+            report = run_owned(args, rank, world, device)
+    finally:
+        parallel.release_groups()
+    distributed.shutdown()
+    return report
+
+
+def main(argv=None):
+    """The Python entry: errors raise (``ValueError`` naming the argument, ...)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parse(argv))
+
+
+def cli(argv=None) -> None:
+    """The command's entry: an argument error is one line (argparse's), not a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        check_args(args, distributed.world_size_from_env())
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    run(args, checked=True)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
