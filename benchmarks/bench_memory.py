@@ -32,7 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, synchronize, train_cli, user_step, write_csv  # noqa: E402
+from common import (environment, result_path, synchronize, train_cli, user_step,  # noqa: E402
+                    write_csv)
+
+from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
 VARIANTS = ("flyp-B", "flyp-B+B'", "dive", "dive-k2", "dive-k4", "dive-k8")
 ALL_VARIANTS = VARIANTS + tuple(v + "+ckpt" for v in VARIANTS)
@@ -190,26 +193,40 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", choices=ALL_VARIANTS, default=None, help="(internal) run one")
-    p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=list(ALL_VARIANTS))
-    p.add_argument("--model", default="dive-tiny")
-    p.add_argument("--image-size", type=int, default=None, help="default: the model's")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--variant", choices=ALL_VARIANTS, default=None,
+                   help="(internal) run one variant in this process (unset: all, each in its own)")
+    p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=list(ALL_VARIANTS),
+                   help="variants to measure")
+    p.add_argument("--model", default="dive-tiny", help="model (random weights)")
+    p.add_argument("--image-size", type=int, default=None, help="image side (unset: the model's)")
     p.add_argument("--batch", type=int, default=128, help="B = B'")
-    p.add_argument("--ref-size", type=int, default=1024)
-    p.add_argument("--data", choices=["world", "synthetic"], default="world")
-    p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--fit-budget", action="store_true")
-    p.add_argument("--budget-batch", type=int, default=128)
-    p.add_argument("--max-batch", type=int, default=2048)
-    p.add_argument("--user-runs", action="store_true")
-    p.add_argument("--user-batch", type=int, default=32)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--out", default=None, help="CSV (default benchmarks/results/memory_<kind>_<device>.csv)")
+    p.add_argument("--ref-size", type=int, default=1024, help="reference pairs in the data set")
+    p.add_argument("--data", choices=["world", "synthetic"], default="world",
+                   help="world images, or random ones (model-bound timing)")
+    p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--steps", type=int, default=3, help="steps timed per variant")
+    p.add_argument("--warmup", type=int, default=1, help="steps before timing")
+    p.add_argument("--fit-budget", action="store_true",
+                   help="find each variant's largest batch within FLYP's activation budget")
+    p.add_argument("--budget-batch", type=int, default=128,
+                   help="--fit-budget: the FLYP batch whose activations set the budget")
+    p.add_argument("--max-batch", type=int, default=2048, help="--fit-budget: largest B tried")
+    p.add_argument("--user-runs", action="store_true",
+                   help="time whole `python -m dive_fast.train` runs as a user starts them")
+    p.add_argument("--user-batch", type=int, default=32, help="--user-runs: the batch size")
+    p.add_argument("--cache-dir", default=None,
+                   help="embedding cache folder (unset: a temporary one)")
+    p.add_argument("--out", default=None,
+                   help="CSV (unset: benchmarks/results/local/memory_<kind>_<device>.csv)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--train"]:  # (internal) the rest is dive_fast.train's command line
         from dive_fast import train
@@ -223,7 +240,7 @@ def main(argv=None):
         return
     env = environment(args.device)
     kind = "user" if args.user_runs else "budget" if args.fit_budget else "step"
-    out = Path(args.out or f"benchmarks/results/memory_{kind}_{args.device.split(':')[0]}.csv")
+    out = Path(args.out or result_path(f"memory_{kind}", args.device))
     with tempfile.TemporaryDirectory() as tmp:
         args.cache_dir = args.cache_dir or tmp
         if args.user_runs:

@@ -37,7 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, synchronize, train_cli, user_step, write_csv  # noqa: E402
+from common import (environment, result_path, synchronize, train_cli, user_step,  # noqa: E402
+                    write_csv)
+
+from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
 VARIANTS = ("flyp-B", "flyp-B+B'", "dive-naive", "dive-fast", "dive-seq", "dive-cosched")
 DEFAULT_VARIANTS = VARIANTS[:4]
@@ -191,25 +194,36 @@ def profile_phases(one_step, first_step: int, steps: int, on_gpu: bool) -> dict:
             "backward_ms": total.get("backward", 0.0), "optimizer_ms": total.get("optimizer", 0.0)}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", choices=VARIANTS, default=None, help="(internal) run one")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default="dive-tiny")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--ref-batch", type=int, default=None)
-    p.add_argument("--ref-size", type=int, default=4096)
-    p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--data", choices=["world", "synthetic"], default="world")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--workers", type=int, default=1)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--variant", choices=VARIANTS, default=None,
+                   help="(internal) run one variant in this process (unset: all, each in its own)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                   help="variants to time")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--model", default="dive-tiny", help="model (random weights)")
+    p.add_argument("--batch", type=int, default=128, help="target batch B")
+    p.add_argument("--ref-batch", type=int, default=None, help="reference batch B' (unset: B)")
+    p.add_argument("--ref-size", type=int, default=4096, help="reference pairs in the data set")
+    p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    p.add_argument("--data", choices=["world", "synthetic"], default="world",
+                   help="world images, or random ones (model-bound timing)")
+    p.add_argument("--steps", type=int, default=12, help="steps timed per variant and round")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing")
+    p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--rounds", type=int, default=2, help="variants run this many times, interleaved")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100/H200 bf16 dense)")
-    p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: a "
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the device's peak for MFU (H100/H200 bf16 dense)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache folder (unset: a "
                    "temporary one per run, so that no stale cache is timed)")
-    p.add_argument("--out", default="benchmarks/results/step_cpu.csv")
+    p.add_argument("--out", default=None,
+                   help="CSV (unset: benchmarks/results/local/step_<device>.csv)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.variant:
         print(json.dumps(run_variant(args)))
@@ -230,9 +244,10 @@ def main(argv=None):
                 print(f"round {rnd} {variant:12s} step {row['step_ms']:8.1f} ms  "
                       f"{row['samples_per_s']:7.1f} samples/s  peak {row['peak_mem_MiB']:7.0f} MiB  "
                       + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES), flush=True)
-    write_csv(rows, args.out)
+    out = args.out or result_path("step", args.device)
+    write_csv(rows, out)
     summarize(rows)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 def summarize(rows):

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, synchronize, write_csv  # noqa: E402
+from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
 
 def one_run(args, co_schedule: bool, steps: int):
@@ -59,14 +60,20 @@ def one_run(args, co_schedule: bool, steps: int):
     return first, grads, statistics.median(times)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (a side stream needs cuda)")
+    p.add_argument("--model", default="dive-micro", help="model (random weights)")
+    p.add_argument("--batch", type=int, default=16, help="B = B' per step")
+    p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    p.add_argument("--steps", type=int, default=6, help="steps timed per mode")
+    p.add_argument("--out", default=None, help="CSV of the comparison (unset: none written)")
+    return p
+
 def main(argv=None) -> bool:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--model", default="dive-micro")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--amp", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--out", default=None, help="CSV of the comparison")
+    p = build_parser()
     args = p.parse_args(argv)
     seq_losses, seq_grads, seq_ms = one_run(args, False, args.steps)
     co_losses, co_grads, co_ms = one_run(args, True, args.steps)

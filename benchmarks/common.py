@@ -5,7 +5,9 @@ import csv
 import datetime
 import os
 import platform
+import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,11 +26,41 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_slug(device: str) -> str:
+    """'cpu', or the GPU's name in lower case with dashes ('nvidia-h200')."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def result_path(kind: str, device: str, ext: str = "csv") -> Path:
+    """Where a benchmark writes by default: ``results/local/<kind>_<device>.<ext>``, a folder
+    git ignores, so that no run overwrites the committed figures unless ``--out`` says so."""
+    return RESULTS / "local" / f"{kind}_{device_slug(device)}.{ext}"
+
+
+def git_commit() -> str:
+    """The checkout's commit (with '+dirty' when files differ from it), or 'unknown'."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+
+
 def environment(device: str) -> dict[str, str]:
     import dive_fast
     env = {"device": device_name(device), "torch": torch.__version__,
            "dive_fast": dive_fast.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": os.environ.get("DIVE_FAST_COMMIT") or git_commit()}
     try:
         import triton
         env["triton"] = triton.__version__

@@ -21,6 +21,7 @@ from pathlib import Path
 from dive_fast import train
 from dive_fast.train import methods
 from dive_fast.world import tasks
+from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "diagnosis.json"
 
@@ -68,12 +69,13 @@ def subset_of(options: tuple[str, ...]):
     return parse
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", action="append", default=[], help="NAME=ARGS")
-    p.add_argument("--common", default="")
-    p.add_argument("--label", required=True)
-    p.add_argument("--runs", default="/tmp/dive-diagnosis")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--run", action="append", default=[], help="NAME=ARGS, repeated")
+    p.add_argument("--common", default="", help="dive_fast.train arguments for every run")
+    p.add_argument("--label", required=True, help="key of the rows in diagnosis.json")
+    p.add_argument("--runs", default="/tmp/dive-diagnosis", help="folder of the runs' outputs")
     p.add_argument("--reference-includes-id", action="store_true",
                    help="the reference set drawn from the whole world, the ID slice included")
     p.add_argument("--spurious-colour", type=float, default=tasks.ID_TRAIN_SPURIOUS_COLOUR,
@@ -81,14 +83,18 @@ def main(argv=None):
     p.add_argument("--reference-family-only", action="store_true",
                    help="reference captions name shapes by family, never exactly")
     p.add_argument("--reference-shapes", type=subset_of(tasks.SHAPES),
-                   help="comma-separated shapes the reference scenes may show (default: all)")
+                   help="comma-separated shapes the reference scenes may show (unset: all)")
     p.add_argument("--reference-styles", type=subset_of(tasks.STYLES),
-                   help="comma-separated styles the reference scenes may show (default: all)")
+                   help="comma-separated styles the reference scenes may show (unset: all)")
     p.add_argument("--reference-empty-share", type=float, default=0.0,
                    help="the share of reference pairs that show no object, only a background")
     p.add_argument("--free-tower", choices=("image", "text"),
                    help="DiVE's regulariser sees this tower's reference embeddings detached, "
-                        "so it constrains only the other tower")
+                        "so it constrains only the other tower (unset: both constrained)")
+    return p
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.free_tower:
         free_tower(args.free_tower)

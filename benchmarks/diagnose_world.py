@@ -32,6 +32,7 @@ from torch import nn
 from dive_fast.train.evaluate import evaluate, world_eval_sets, zeroshot_head
 from dive_fast.train.models import load_clip
 from dive_fast.world.tasks import TASKS, task_image
+from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "diagnosis.json"
 
@@ -137,21 +138,28 @@ def run_perclass(args, bundle):
     return result
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("mode", choices=["zeroshot", "probe", "scratch", "perclass"],
+                   help="what to measure")
+    p.add_argument("--model", default="dive-tiny", help="model (its cached pre-trained weights)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights to load instead (zeroshot, probe, perclass; unset: none)")
+    p.add_argument("--task", default="shapes", help="world task")
+    p.add_argument("--steps", type=int, default=600, help="probe / scratch training steps")
+    p.add_argument("--eval-every", type=int, default=150, help="steps between evaluations")
+    p.add_argument("--lr", type=float, default=1e-3, help="probe / scratch learning rate")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--n-train", type=int, default=8000, help="training samples")
+    p.add_argument("--n-test", type=int, default=500, help="test samples")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--label", default=None, help="key in diagnosis.json (unset: the mode)")
+    p.add_argument("--no-save", action="store_true", help="do not write diagnosis.json")
+    return p
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["zeroshot", "probe", "scratch", "perclass"])
-    p.add_argument("--model", default="dive-tiny")
-    p.add_argument("--checkpoint", default=None, help="weights (zeroshot, probe, perclass)")
-    p.add_argument("--task", default="shapes")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--eval-every", type=int, default=150)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--n-train", type=int, default=8000)
-    p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", default=None, help="key in diagnosis.json (default: mode)")
-    p.add_argument("--no-save", action="store_true")
+    p = build_parser()
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle = load_clip(args.model, args.checkpoint if args.mode != "scratch" else None)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one command, at most 9 minutes on a GPU): build the CUDA kernels
-# for the local GPU, check triton and cuda against the float64 oracle, count launches,
+# for this GPU's architecture, check triton and cuda against the float64 oracle, count launches,
 # time the op and the training step, measure the step's memory. CSVs go to $OUT or benchmarks/results/.
 #
 #   bash benchmarks/gpu_check.sh             # on a CUDA machine
@@ -29,8 +29,11 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "dry run: CUDA build skipped (no GPU here); the installed dive_fast is used"
   exec "$PYTHON" benchmarks/gpu_check.py --dry-run
 fi
-# The extension for this GPU only, in place (what `pip install -e .` would build).
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" DIVE_FAST_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+# The extension for this GPU's own architecture only, in place (what `pip install -e .`
+# would build): an A100 gets 8.0, an H100/H200 9.0, a B200 10.0.
+ARCH="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" DIVE_FAST_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+echo "build: CUDA kernels for sm ${TORCH_CUDA_ARCH_LIST}"
 "$PYTHON" setup.py -q build_ext --inplace
 echo "build: done at ${SECONDS} s"
 # Nothing is installed on a bare GPU machine: import the package from this tree.

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dive_fast import train
 from dive_fast.train.evaluate import format_table
+from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
 DEFAULT = ["zeroshot", "ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive", "dive-avl",
            "dive-pvl"]
@@ -64,21 +65,27 @@ def summary(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="*", default=DEFAULT)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--methods", nargs="*", default=DEFAULT, help="methods to run")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
                    help="fine-tuning seeds (the world and the pre-trained model stay fixed)")
     p.add_argument("--lams", type=float, nargs="*", default=[10, 100, 10000],
                    help="also run dive with these lambdas (rows 'dive lambda=X')")
-    p.add_argument("--wise-ft", default="0.5")
-    p.add_argument("--eval-per-task", type=int, default=500)
+    p.add_argument("--wise-ft", default="0.5", help="WiSE-FT weights evaluated per run")
+    p.add_argument("--eval-per-task", type=int, default=500, help="test images per task")
     p.add_argument("--train-args", default="",
                    help="more dive_fast.train arguments for every run, e.g. '--steps 100'")
-    p.add_argument("--runs", default="runs/replication")
+    p.add_argument("--runs", default="runs/replication", help="folder of the runs' outputs")
     p.add_argument("--existing-only", action="store_true",
                    help="train nothing: tabulate the runs whose report.json exists")
-    p.add_argument("--out", default="benchmarks/results/replication")
+    p.add_argument("--out", default="benchmarks/results/replication",
+                   help="path stem of the table (.md) and raw numbers (.json)")
+    return p
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     extra_all = ["--eval-per-task", str(args.eval_per_task), "--no-progress",
                  "--checkpoint-every", "1000000", *args.train_args.split()]

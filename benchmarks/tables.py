@@ -1,7 +1,11 @@
-"""Markdown tables from the benchmark CSVs (what the README shows).
+"""Markdown tables from the benchmark CSVs (what the README and docs/results.md show).
 
     python benchmarks/tables.py benchmarks/results/dive_op_cpu.csv benchmarks/results/step_cpu.csv
     python benchmarks/tables.py --mode fwd benchmarks/results/dive_op_nvidia-h200.csv
+    python benchmarks/tables.py benchmarks/results/*.csv      # every kind of result CSV
+
+The op and step CSVs get their summary tables; any other CSV its rows as they are, with the
+columns that only describe the machine (device, versions, date) said once below it.
 """
 from __future__ import annotations
 
@@ -59,16 +63,48 @@ def step_table(rows) -> str:
     return "\n".join(out)
 
 
-def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("paths", nargs="+")
+ENVIRONMENT = ("device", "torch", "dive_fast", "python", "date", "triton", "nvcc", "commit")
+
+
+def plain_table(rows, max_rows: int) -> str:
+    """Any result CSV: its columns, the environment columns said once below."""
+    env = [k for k in rows[0] if k in ENVIRONMENT]
+    cols = [k for k in rows[0] if k not in ENVIRONMENT]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(r[k] for k in cols) + " |" for r in rows[:max_rows]]
+    if len(rows) > max_rows:
+        out.append(f"\n({len(rows) - max_rows} more rows; --max-rows to show them)")
+    if env:
+        out.append("\n" + ", ".join(f"{k} {rows[0][k]}" for k in env if rows[0][k]) + ".")
+    return "\n".join(out)
+
+
+def table(rows, mode: str, max_rows: int) -> str:
+    if "variant" in rows[0] and "step_ms" in rows[0] and "samples_per_step" in rows[0]:
+        return step_table(rows)
+    if {"impl", "mode", "median_ms"} <= set(rows[0]):
+        return op_table(rows, mode)
+    return plain_table(rows, max_rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("paths", nargs="+", help="result CSVs")
     p.add_argument("--mode", default="fwd+bwd", choices=["fwd", "bwd", "fwd+bwd"],
                    help="which timing of the op benchmark to tabulate")
-    args = p.parse_args(argv)
+    p.add_argument("--max-rows", type=int, default=40,
+                   help="rows shown of a CSV without a summary table")
+    return p
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
     for path in args.paths:
-        with open(path) as f:
+        with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        print(step_table(rows) if "variant" in rows[0] else op_table(rows, args.mode))
+        print(f"{path}\n")
+        print(table(rows, args.mode, args.max_rows) if rows else "(no rows)")
         print()
 
 

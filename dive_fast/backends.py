@@ -75,14 +75,14 @@ _warned: set[str] = set()
 def select(device_type: str, dtype: torch.dtype, dim: int, requested: str | None = None) -> str:
     """The backend to run: the requested one (argument, else $DIVE_FAST_BACKEND) or the
     fastest one available. A forced backend that cannot run raises, naming why."""
-    source = "backend"
+    source = ""
     if not requested and os.environ.get(ENV_VAR):
-        requested, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+        requested, source = os.environ[ENV_VAR], f" (set by ${ENV_VAR})"
     requested = ALIASES.get(requested, requested)
     if requested and requested != "auto":
         why = unavailable_reason(requested, device_type, dtype, dim)
         if why:
-            raise RuntimeError(f"DiVE backend {requested!r} ({source}) cannot run here: {why}")
+            raise RuntimeError(f"DiVE backend {requested!r} cannot run here: {why}{source}")
         return requested
     preferred = ("cpu",) if device_type == "cpu" else ("triton", "cuda")
     reasons = []

@@ -10,6 +10,7 @@ from open_clip.transformer import PatchDropout
 from dive_fast import accumulate, train
 from dive_fast.train import cli, trainer
 from dive_fast.train import optim
+from dive_fast.train import step as train_step_module
 from dive_fast.train.models import load_clip, tiny_checkpoint
 from dive_fast.train.step import NonFiniteGuard
 
@@ -88,7 +89,7 @@ def test_random_state_is_replayed_between_the_two_forwards(micro_cache, tmp_path
     reference draws the masks micro-batch by micro-batch, with gradient, in one graph."""
     from dive_fast.train import methods
 
-    def reference_step(method, batch, step, k, gradient_sync=None):
+    def reference_step(method, batch, step, k, gradient_sync=None, loss_scale=None):
         images, tokens = method.inputs(batch, step)
         pending = method.reference(batch, chunks=k)
         parts = [method.encode(accumulate.micro(images, k, j), accumulate.micro(tokens, k, j))
@@ -101,7 +102,7 @@ def test_random_state_is_replayed_between_the_two_forwards(micro_cache, tmp_path
 
     _, grads, state = one_step(tmp_path, "dive", "--accum-freq", "2", patch_dropout=0.5)
     with monkeypatch.context() as m:
-        m.setattr(accumulate, "forward_backward", reference_step)
+        m.setattr(train_step_module, "forward_backward", reference_step)
         _, ref_grads, ref_state = one_step(tmp_path, "dive", "--accum-freq", "2",
                                            patch_dropout=0.5)
     assert_same(grads, ref_grads)

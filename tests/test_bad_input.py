@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import train_args
 from dive_fast import train
-from dive_fast.train import evaluate
+from dive_fast.train import evaluate, trainer
 from dive_fast.train.checkpoint import CorruptCheckpoint, atomic_save, load_checkpoint
 from dive_fast.train.fileio import atomic_write, atomic_write_json
 from dive_fast.world.export import write_captions
@@ -59,7 +59,7 @@ def not_loaded(monkeypatch):
     """Model loading fails the test: what is checked must be checked before it."""
     def too_late(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
-    monkeypatch.setattr(train, "load_clip", too_late)
+    monkeypatch.setattr(trainer, "load_clip", too_late)
     monkeypatch.setattr(evaluate, "load_clip", too_late)
 
 
@@ -351,7 +351,7 @@ def test_world_export_refuses_invalid_values(tmp_path, capsys, bad, message):
 def test_wrong_resume_path_and_mismatched_resume_fail_before_loading(micro_cache, tmp_path,
                                                                      monkeypatch):
     train.main(train_args(tmp_path / "a", "--method", "flyp", "--steps", "2"))
-    monkeypatch.setattr(train, "load_clip", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(trainer, "load_clip", lambda *a, **k: pytest.fail("loaded the model first"))
     with pytest.raises(FileNotFoundError, match="--resume: checkpoint not found"):
         train.main(train_args(tmp_path / "b", "--resume", str(tmp_path / "none.pt")))
     with pytest.raises(ValueError, match="cannot resume .* lr="):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import train_args
-from dive_fast.train import methods, train
+from dive_fast import train
+from dive_fast.train import methods
 from dive_fast.train.checkpoint import load_checkpoint
 from dive_fast.train.methods import METHODS
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .._argparse import DefaultsFormatter, run_checked
 from . import distributed, parallel, runlock, validate
 from .data import shard_list
 from .methods import METHODS
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Robust fine-tuning of an open_clip model with DiVE (or a baseline), "
                     "then an ID / OOD / zero-shot / RSA report. With no arguments: the "
                     "embedded miniature.",
-        epilog=EXAMPLES, formatter_class=_Formatter)
+        epilog=EXAMPLES, formatter_class=DefaultsFormatter)
 
     g = p.add_argument_group("model").add_argument
     g("--model", default="dive-tiny",
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a checkpoint path; "
            "'' for random weights; unset with a tiny config: its cached weights, pre-trained "
            "on the world on first use")
-    g("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-      help="torch device; under torchrun each rank takes cuda:LOCAL_RANK")
+    g("--device", default=None,
+      help="torch device (unset: cuda when a GPU is visible, else cpu); under torchrun each "
+           "rank takes cuda:LOCAL_RANK")
     g("--precision", choices=list(PRECISIONS), default="auto",
       help="autocast: amp_bf16 (bf16), amp (fp16 with loss scaling) or fp32; auto: amp_bf16 "
            "on GPUs, fp32 on CPUs")
@@ -93,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g("--augment", action=argparse.BooleanOptionalAction, default=True,
       help="on the world's target images: FLYP's RandomResizedCrop (scale 0.9-1); real "
            "folders use the model's own training transform")
+    g("--use-world", default=None, metavar="PARTS",
+      help="comma-separated parts to take from the generated world: target, reference, eval, "
+           "rsa (unset: all of them when no data of your own is named, none otherwise: a "
+           "run on your data never falls back to the world silently)")
     g("--world-seed", type=int, default=0, help="seed of the generated world")
     g("--train-size", type=int, default=8000, help="world: target training samples")
     g("--ref-size", type=int, default=4096, help="world: reference pairs")
@@ -177,17 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's default in its help (unless the help says 'unset'), examples verbatim."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is not argparse.SUPPRESS and "unset" not in text \
-                and action.option_strings and action.nargs != 0:
-            default = action.default
-            text += f" (default: {default!r})" if isinstance(default, str) else \
-                f" (default: {default})"
-        return text
+def flag_tables(parser: argparse.ArgumentParser | None = None) -> str:
+    """Every option as markdown tables by group (docs/training.md holds this text; a test
+    keeps the two equal)."""
+    parser = parser or build_parser()
+    out = []
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"
+                   and a.help is not argparse.SUPPRESS]
+        if not actions:
+            continue
+        out += [f"**{group.title}**", "", "| flag | default | what it does |", "|---|---|---|"]
+        for a in actions:
+            default = a.default
+            shown = ("" if default is argparse.SUPPRESS else "unset" if default is None else
+                     f"`{default!r}`" if isinstance(default, str) else f"`{default}`")
+            names = " / ".join(f"`{o}`" for o in a.option_strings)
+            out.append(f"| {names} | {shown} | {a.help.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
 
 
 # Lower (and upper) bounds of the numeric arguments; "above": the bound itself is refused.
@@ -229,6 +243,41 @@ def resolve_schedule(args, world_size: int = 1) -> None:
         args.warmup = min(500, max(1, args.steps // 10))
 
 
+WORLD_PARTS = ("target", "reference", "eval", "rsa")
+
+
+def resolve_world_parts(args) -> None:
+    """Which data sets come from the generated world (``args.world_parts``), and a refusal
+    naming the flag when a method lacks a set it needs and the world was not asked for."""
+    own = {"target": bool(args.train_folder),
+           "reference": bool(args.reference_csv or args.reference_shards),
+           "eval": bool(args.task), "rsa": bool(args.rsa_csv or args.rsa_shards)}
+    if args.use_world is None:
+        parts = set() if any(own.values()) else set(WORLD_PARTS)
+    else:
+        parts = {p.strip() for p in args.use_world.split(",") if p.strip()}
+        unknown = parts - set(WORLD_PARTS)
+        if unknown:
+            raise ValueError(f"--use-world: unknown part(s) {sorted(unknown)}; expected a "
+                             f"comma-separated subset of {', '.join(WORLD_PARTS)}")
+        both = sorted(p for p in parts if own[p])
+        if both:
+            raise ValueError(f"--use-world {args.use_world}: {', '.join(both)} also given as "
+                             "your own data; name each set once")
+    method = METHODS[args.method]
+    needs = {"eval": "--task KIND:NAME:PATH (an evaluation image folder)"}
+    if method.trains:
+        needs["target"] = "--train-folder"
+    if method.uses_reference:
+        needs["reference"] = "--reference-csv or --reference-shards"
+    for part, flags in needs.items():
+        if not own[part] and part not in parts:
+            raise ValueError(f"--method {args.method} needs {part} data: give {flags}, or "
+                             f"--use-world {part} to take the generated world's (your other "
+                             "data sets are your own, so the world is not used silently)")
+    args.world_parts = sorted(parts)
+
+
 def check_args(args, world_size: int = 1) -> None:
     """Every argument and input checked before any expensive work (model loading,
     pre-training, caches, evaluation); each failure names the argument."""
@@ -238,6 +287,7 @@ def check_args(args, world_size: int = 1) -> None:
                         above="above" in rest)
     if args.resume == "latest":
         args.resume = "auto"
+    resolve_world_parts(args)
     check_inputs(args)
     resolve_schedule(args, world_size)
     smallest = min(args.batch_size, args.ref_batch_size or args.batch_size)
@@ -254,6 +304,8 @@ def check_args(args, world_size: int = 1) -> None:
         raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
     for alpha in args.wise_ft_alphas:
         validate.number("--wise-ft", alpha)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)
     if args.report_to == "tensorboard":
         try:
@@ -315,14 +367,9 @@ def main(argv=None):
 
 def cli(argv=None) -> None:
     """The command's entry: an argument error is one line (argparse's), not a traceback."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        check_args(args, distributed.world_size_from_env())
-    except (ValueError, OSError) as exc:
-        parser.error(str(exc))
-    run(args, checked=True)
+    run_checked(build_parser(), lambda args: check_args(args, distributed.world_size_from_env()),
+                lambda args: run(args, checked=True), argv)
 
 
 if __name__ == "__main__":

@@ -171,8 +171,9 @@ class ImageFolderTask(Dataset):
 
 class CsvCaptions(Dataset):
     """open_clip's CSV convention: a header naming the image-path and caption columns
-    (default "filepath" and "title", tab-separated); relative paths are taken from the
-    CSV's folder."""
+    (default "filepath" and "title", tab-separated). A path is taken as written when it
+    exists (absolute, or relative to the working directory, as open_clip reads it), else
+    relative to the CSV's folder."""
 
     def __init__(self, path, transform, img_key="filepath", caption_key="title", sep="\t"):
         path = Path(path)
@@ -198,14 +199,18 @@ class CsvCaptions(Dataset):
         self.rows, self.root, self.transform = rows, path.parent, transform
         self.path = path
 
+    def image_path(self, i: int) -> Path:
+        file = Path(self.rows[i][0])
+        return file if file.is_absolute() or file.exists() else self.root / file
+
     def fingerprint(self) -> str:
         """A digest of what the pairs are: the CSV's bytes and each image file's size and
         modification time (a manifest: no image is read), so that a CSV or an image
         rewritten in place is a different data set (the embedding cache's key)."""
         h = hashlib.sha256(self.path.read_bytes())
-        for file, _ in self.rows:
+        for i, (file, _) in enumerate(self.rows):
             try:
-                st = os.stat(self.root / file)
+                st = os.stat(self.image_path(i))
                 h.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             except OSError:
                 h.update(f"{file}\0missing\n".encode())
@@ -215,11 +220,11 @@ class CsvCaptions(Dataset):
         return len(self.rows)
 
     def describe(self, i: int) -> str:
-        return str(self.root / self.rows[i][0])
+        return str(self.image_path(i))
 
     def __getitem__(self, i):
-        file, text = self.rows[i]
-        img = _open_image(self.root / file)
+        text = self.rows[i][1]
+        img = _open_image(self.image_path(i))
         return None if img is None else (self.transform(img), text)
 
 
@@ -302,7 +307,7 @@ def shard_list(urls) -> list[str]:
 
 
 def shard_pairs(shard: str, transform, counter: list):
-    """(image, caption) of one tar shard (jpg/png/jpeg + txt, as img2dataset writes CC3M).
+    """(image, caption) of one tar shard (jpg/png/jpeg/webp + txt, as img2dataset writes CC3M).
     A truncated or corrupt shard ends at its last good member; each such failure, and
     each undecodable or incomplete sample, adds 1 to ``counter[0]``."""
     from webdataset import tariterators
@@ -314,7 +319,7 @@ def shard_pairs(shard: str, transform, counter: list):
 
     for sample in tariterators.tarfile_samples([{"url": shard}], handler=on_error):
         key = f"{sample.get('__key__')} of {shard}"
-        data = sample.get("jpg") or sample.get("png") or sample.get("jpeg")
+        data = sample.get("jpg") or sample.get("png") or sample.get("jpeg") or sample.get("webp")
         text = sample.get("txt")
         img = None if data is None or text is None else _open_image(io.BytesIO(data), key)
         if img is None:

@@ -160,30 +160,62 @@ def task_sets(specs: list[TaskSpec], transform) -> dict:
     return {t.name: (t.kind, ImageFolderTask(t.path, transform)) for t in specs}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a CLIP model: ID, OOD, zero-shot, RSA.")
-    p.add_argument("--model", default="dive-tiny")
-    p.add_argument("--pretrained", default=None,
-                   help="open_clip tag or checkpoint path (tiny models: the cached one)")
-    p.add_argument("--checkpoint", default=None, help="a dive_fast.train checkpoint to evaluate")
-    p.add_argument("--task", action="append", default=[],
-                   help="KIND:NAME:PATH image folder (kind id/ood/zeroshot); default: the world")
-    p.add_argument("--n-per-task", type=int, default=500)
-    p.add_argument("--world-seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
-    p.add_argument("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
-    p.add_argument("--rsa-size", type=int, default=256)
-    p.add_argument("--out", default=None, help="write the report as JSON here")
-    args = p.parse_args(argv)
+EXAMPLES = """\
+examples:
+  python -m dive_fast.train.evaluate                       # the pre-trained tiny model on the world
+  python -m dive_fast.train.evaluate --model dive-tiny \\
+      --checkpoint runs/miniature/checkpoints/step-00000300.pt
+  python -m dive_fast.train.evaluate --model ViT-B-16 --pretrained openai \\
+      --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .._argparse import DefaultsFormatter
+    p = argparse.ArgumentParser(
+        prog="python -m dive_fast.train.evaluate", epilog=EXAMPLES,
+        formatter_class=DefaultsFormatter,
+        description="Evaluate a CLIP model: ID, OOD and zero-shot accuracy, and RSA against "
+                    "the pre-trained weights when --checkpoint is given.")
+    a = p.add_argument
+    a("--model", default="dive-tiny", help="open_clip model name or a dive_fast tiny config")
+    a("--pretrained", default=None,
+      help="open_clip tag or checkpoint path (unset with a tiny config: its cached weights)")
+    a("--checkpoint", default=None,
+      help="a dive_fast.train checkpoint to evaluate (unset: the pre-trained model itself)")
+    a("--task", action="append", default=[], metavar="KIND:NAME:PATH",
+      help="an evaluation image folder, KIND id, ood or zeroshot; repeat for more (unset: "
+           "the generated world's tasks)")
+    a("--n-per-task", type=int, default=500, help="world: test images per task")
+    a("--world-seed", type=int, default=0, help="seed of the generated world")
+    a("--batch-size", type=int, default=256, help="images per forward")
+    a("--workers", type=int, default=0, help="data loader processes")
+    a("--device", default=None, help="torch device (unset: cuda when visible, else cpu)")
+    a("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
+    a("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
+    a("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
+    a("--out", default=None, help="write the report as JSON to this file (unset: print only)")
+    return p
+
+
+def check_args(args) -> list[TaskSpec]:
+    """Every argument checked before a model loads; returns the parsed ``--task`` specs."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)
     tasks = validate.task_specs(args.task)
     for name in ("n_per_task", "batch_size", "rsa_size"):
-        validate.number(f"--{name.replace('_', '-')}", getattr(args, name), 3 if name == "rsa_size" else 1)
+        validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
+                        3 if name == "rsa_size" else 1)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the JSON file to write")
+    return tasks
+
+
+def run(args) -> dict:
+    tasks = validate.task_specs(args.task, check_folders=False)
     pretrained = resolve_pretrained(args.model, args.pretrained, args.world_seed)
     bundle = load_clip(args.model, pretrained, args.device)
     pre_model = None
@@ -206,5 +238,13 @@ def main(argv=None):
     return report
 
 
+def main(argv=None) -> dict:
+    """The Python entry: errors raise, naming the argument."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return run(args)
+
+
 if __name__ == "__main__":
-    main()
+    from .._argparse import run_checked
+    run_checked(build_parser(), check_args, run)

@@ -85,24 +85,41 @@ def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kw
     return pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Pre-train a tiny CLIP on the embedded world.")
-    p.add_argument("--model", default="dive-tiny")
-    p.add_argument("--seed", type=int, default=0, help="world seed")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--out", default=None, help="default: the cache folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    from .._argparse import DefaultsFormatter
+    p = argparse.ArgumentParser(
+        prog="python -m dive_fast.train.pretrain", formatter_class=DefaultsFormatter,
+        description="Pre-train a tiny CLIP contrastively on the generated world and cache it "
+                    "(python -m dive_fast.train does this on first use).",
+        epilog="example:\n  python -m dive_fast.train.pretrain --model dive-tiny --steps 1500")
+    a = p.add_argument
+    a("--model", default="dive-tiny", help="a dive_fast tiny config")
+    a("--seed", type=int, default=0, help="world seed")
+    a("--steps", type=int, default=None, help="pre-training steps (unset: the config's, 1500)")
+    a("--batch-size", type=int, default=128, help="image-caption pairs per step")
+    a("--lr", type=float, default=5e-4, help="AdamW peak learning rate")
+    a("--workers", type=int, default=1, help="data loader processes drawing the world")
+    a("--out", default=None, help="weights file to write (unset: the model cache, "
+      "$DIVE_FAST_CACHE or ~/.cache/dive_fast)")
+    a("--device", default=None, help="torch device (unset: cuda when visible, else cpu)")
+    return p
+
+
+def run(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     path = pretrain(args.model, args.seed, args.out, args.steps, args.batch_size, args.lr,
                     workers=args.workers, device=args.device)
     meta = json.loads(path.with_suffix(".json").read_text())
     if "zeroshot" in meta:
         print(format_table({f"{args.model} pre-trained": meta["zeroshot"]}))
     print(f"saved {path}")
+    return path
+
+
+def main(argv=None):
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

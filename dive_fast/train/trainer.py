@@ -36,6 +36,13 @@ log = logging.getLogger("dive_fast.train")
 
 # --- data ------------------------------------------------------------------------------
 
+def data_sources(args) -> dict[str, str]:
+    """Where each data set comes from, for the report: a path, 'world' or 'none'."""
+    own = {"target": args.train_folder, "reference": args.reference_csv or args.reference_shards,
+           "eval": ", ".join(args.task), "rsa": args.rsa_csv or args.rsa_shards}
+    return {part: own[part] or ("world" if part in args.world_parts else "none") for part in own}
+
+
 def target_data(args, bundle, train_tf):
     if args.train_folder:
         return ImageFolderTask(args.train_folder, train_tf)
@@ -51,6 +58,8 @@ def reference_data(args, bundle, rank, world):
     if args.reference_csv:
         ds = CsvCaptions(args.reference_csv, tf, **csv_options(args))
         return ds, ds.fingerprint()  # its contents: a CSV rewritten in place is new data
+    if "reference" not in args.world_parts:  # cli.resolve_world_parts refuses this earlier
+        raise ValueError("no reference pairs: give --reference-csv or --reference-shards")
     ds = WorldCaptions("reference", args.ref_size, tf, args.world_seed, bundle.image_size)
     return ds, f"world:{args.world_seed}:{args.ref_size}"
 
@@ -173,7 +182,7 @@ def eval_sets(args, bundle):
     if args.rsa_csv or args.rsa_shards:
         rsa = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,
                             csv_options=csv_options(args))
-    elif not args.task:
+    elif "rsa" in args.world_parts:
         rsa = world_rsa_set(tf, n=args.rsa_size, seed=args.world_seed, size=bundle.image_size)
     else:
         rsa = None
@@ -331,6 +340,7 @@ def run_owned(args, rank, world, device) -> dict:
         table = format_table(report)
         if rsa_set is None:
             table += "\n\nRSA: no held-out pairs given (--rsa-csv or --rsa-shards)."
+        table += "\n\nData: " + "; ".join(f"{part} {src}" for part, src in data_sources(args).items())
         atomic_write_text(out / "table.md", table + "\n")
         atomic_write_json(out / "report.json", report)
         if (out / "metrics.jsonl").is_file():

@@ -64,20 +64,34 @@ def write_captions(out: Path, corpus: str, n: int, seed: int, size: int, shard_s
     return root
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the embedded world to disk.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+def build_parser() -> argparse.ArgumentParser:
+    from .._argparse import DefaultsFormatter
+    p = argparse.ArgumentParser(
+        prog="python -m dive_fast.world", formatter_class=DefaultsFormatter,
+        description="Write the generated world to disk in the formats real data comes in: "
+                    "image folders per task split, open_clip CSVs and webdataset shards of "
+                    "image-caption pairs.",
+        epilog="example:\n  python -m dive_fast.world --out w --tasks shapes,colour "
+               "--n 100 --pairs 500 --rsa-pairs 64")
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="world seed")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
-    p.add_argument("--splits", default="train,test")
+    p.add_argument("--tasks", default="all",
+                   help=f"comma-separated task names ({', '.join(TASKS)}), or 'all'")
+    p.add_argument("--splits", default="train,test", help="comma-separated splits to write")
     p.add_argument("--n", type=int, default=200, help="images per task split")
     p.add_argument("--pairs", type=int, default=1000, help="reference image-caption pairs")
     p.add_argument("--pretrain-pairs", type=int, default=0, help="pre-training pairs")
     p.add_argument("--rsa-pairs", type=int, default=0,
                    help="held-out pairs for RSA (the rsa-heldout corpus)")
-    p.add_argument("--shard-size", type=int, default=500)
-    p.add_argument("--formats", default="csv,wds")
+    p.add_argument("--shard-size", type=int, default=500, help="pairs per webdataset shard")
+    p.add_argument("--formats", default="csv,wds",
+                   help="comma-separated: csv (open_clip CSV + image files), wds (tar shards)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     for name, low in (("size", 8), ("n", 0), ("pairs", 0), ("pretrain_pairs", 0),
                       ("rsa_pairs", 0), ("shard_size", 1)):
