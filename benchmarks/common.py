@@ -136,7 +136,8 @@ def user_step(argv: list[str], data: str = "world", image_size: int | None = Non
 
     targs = cli.parse(argv)
     cli.check_args(targs)
-    bundle = load_clip(targs.model, None, targs.device, image_size=image_size)
+    bundle = load_clip(targs.model, None, targs.device, image_size=image_size,
+                       text_truncation=targs.text_truncation)
     tf, size = bundle.preprocess_val, bundle.image_size
     if data == "synthetic":
         target = SyntheticTask(data_size, size)

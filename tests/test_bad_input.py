@@ -70,7 +70,8 @@ def test_all_unreadable_training_folder_stops_with_the_paths(micro_cache, tmp_pa
     caplog.set_level(logging.WARNING, logger="dive_fast.train.data")
     start = time.perf_counter()
     with deadline(60), pytest.raises(RuntimeError, match=r"64 consecutive unreadable .*train/"):
-        train.main(train_args(tmp_path / "out", "--method", "flyp", "--train-folder", str(folder)))
+        train.main(train_args(tmp_path / "out", "--method", "flyp", "--train-folder", str(folder),
+                              "--use-world", "eval"))
     assert time.perf_counter() - start < 60
     warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
     assert 0 < len(warnings) <= 11  # 64 unreadable samples, logged at most 10 + every 100th
@@ -90,7 +91,8 @@ def test_all_unreadable_reference_pairs_stop(micro_cache, tmp_path, source, capl
         "shards": (["--reference-shards", str(root / "shards" / "*.tar")],
                    r"no readable pairs in webdataset shards .*\(\d+ unreadable\)")}[source]
     with deadline(60), pytest.raises(RuntimeError, match=expected):
-        train.main(train_args(tmp_path / "out", "--method", "dive", *refs))
+        train.main(train_args(tmp_path / "out", "--method", "dive", *refs,
+                              "--use-world", "target,eval"))
     assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) <= 11
 
 
@@ -152,7 +154,7 @@ def test_frozen_cache_is_rebuilt_when_the_reference_or_the_weights_change(micro_
     weights = tmp_path / "weights.safetensors"
     weights.write_bytes(tiny_checkpoint("dive-micro").read_bytes())
     args = train_args(tmp_path / "out", "--method", "dive", "--steps", "2", "--reference-csv",
-                      str(csv), "--pretrained", str(weights))
+                      str(csv), "--pretrained", str(weights), "--use-world", "target,eval,rsa")
     caches = lambda: sorted((tmp_path / "out" / "cache").glob("frozen-ref-*.npy"))  # noqa: E731
     train.main(args)
     assert len(caches()) == 1

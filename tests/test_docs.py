@@ -113,7 +113,7 @@ def test_the_flag_tables_are_the_parsers():
     text = (ROOT / "docs" / "training.md").read_text()
     begin = text.index("<!-- flag-tables")
     section = text[text.index("\n", begin) + 1:text.index("<!-- /flag-tables -->")]
-    assert section == flag_tables(), "regenerate docs/training.md's flag tables from cli.flag_tables()"
+    assert section == flag_tables(), "rewrite them: python tests/test_docs.py"
 
 
 def _parsers():
@@ -142,3 +142,15 @@ def test_argument_errors_are_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == \
         "python -m dive_fast.train: error: --steps must be a finite number >= 0, got -1"
+
+
+def write_flag_tables(path: Path = ROOT / "docs" / "training.md") -> None:
+    """Rewrites the flag tables of docs/training.md from the parser: `python tests/test_docs.py`."""
+    from dive_fast.train.cli import flag_tables
+    text = path.read_text()
+    begin = text.index("\n", text.index("<!-- flag-tables")) + 1
+    path.write_text(text[:begin] + flag_tables() + text[text.index("<!-- /flag-tables -->"):])
+
+
+if __name__ == "__main__":
+    write_flag_tables()

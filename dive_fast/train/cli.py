@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
       default=argparse.SUPPRESS, help="older spelling of --precision (bf16 = amp_bf16)")
     g("--compile", "--torchcompile", dest="compile", action="store_true",
       help="torch.compile the towers")
+    g("--text-truncation", action=argparse.BooleanOptionalAction, default=True,
+      help="run the text tower on each batch's longest caption instead of the full context "
+           "(exact for causal towers that pool at the end token, e.g. every CLIP ViT)")
 
     g = p.add_argument_group("data (the world when none is given)").add_argument
     g("--train-folder", default=None,
@@ -265,11 +268,12 @@ def resolve_world_parts(args) -> None:
             raise ValueError(f"--use-world {args.use_world}: {', '.join(both)} also given as "
                              "your own data; name each set once")
     method = METHODS[args.method]
-    needs = {"eval": "--task KIND:NAME:PATH (an evaluation image folder)"}
+    needs = {}
     if method.trains:
         needs["target"] = "--train-folder"
     if method.uses_reference:
         needs["reference"] = "--reference-csv or --reference-shards"
+    needs["eval"] = "--task KIND:NAME:PATH (an evaluation image folder)"
     for part, flags in needs.items():
         if not own[part] and part not in parts:
             raise ValueError(f"--method {args.method} needs {part} data: give {flags}, or "
@@ -287,8 +291,8 @@ def check_args(args, world_size: int = 1) -> None:
                         above="above" in rest)
     if args.resume == "latest":
         args.resume = "auto"
-    resolve_world_parts(args)
     check_inputs(args)
+    resolve_world_parts(args)
     resolve_schedule(args, world_size)
     smallest = min(args.batch_size, args.ref_batch_size or args.batch_size)
     if args.accum_freq > smallest:

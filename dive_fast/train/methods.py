@@ -17,6 +17,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from . import text
 from .evaluate import zeroshot_head
 from .frozen import FrozenReference
 from ..loss import DiVELoss
@@ -142,7 +143,7 @@ class Method(nn.Module):
         with record_function("dive_fast.trainable_forward"), torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             img = self.model.encode_image(torch.cat(images)) if images else None
-            txt = self.model.encode_text(torch.cat(tokens)) if tokens else None
+            txt = self.model.encode_text(text.concat(tokens)) if tokens else None
         split = lambda x, parts: list(x.split([len(p) for p in parts])) if parts else []  # noqa: E731
         return split(img, images), split(txt, tokens)
 

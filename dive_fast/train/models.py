@@ -12,7 +12,7 @@ from pathlib import Path
 import open_clip
 from torch import nn
 
-from . import validate
+from . import text, validate
 from .fileio import file_digest
 from ..world.tasks import PRETRAIN_STREAM_VERSION
 
@@ -72,13 +72,15 @@ def is_weights_path(pretrained: str | None) -> bool:
 
 
 def load_clip(name: str, pretrained: str | None = None, device="cpu",
-              image_size: int | None = None) -> ClipBundle:
+              image_size: int | None = None, text_truncation: bool = True) -> ClipBundle:
     """An open_clip model with its transforms and tokenizer.
 
     ``pretrained``: an open_clip tag (e.g. "openai", downloads weights), a local checkpoint
     path (.safetensors, or a torch file loaded with weights_only=True: no code runs), or
     None for random weights. A checkpoint written by dive_fast.train also loads here.
     ``image_size``: another input resolution than the config's (the benchmarks' small runs).
+    ``text_truncation``: the tokenizer trims each batch to its longest caption and the text
+    tower runs on that length (exact; ``text.py``), where the tower allows it.
     """
     known = open_clip.list_models()
     if name not in known:
@@ -99,7 +101,8 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu",
         raise RuntimeError(f"could not load weights {pretrained!r} into {name!r}: they do not "
                            f"fit this model (weights of another model?): "
                            f"{type(exc).__name__}: {exc}") from exc
-    return ClipBundle(model, train_tf, val_tf, open_clip.get_tokenizer(name), name, pretrained)
+    tokenizer = text.install(model, open_clip.get_tokenizer(name), text_truncation)
+    return ClipBundle(model, train_tf, val_tf, tokenizer, name, pretrained)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -214,7 +214,8 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
             key = frozen_cache.cache_key(model=args.model, weights=frozen_cache.weights_id(pretrained),
                                          data=ref_id,
                                          transform=repr(bundle.preprocess_val), n=len(ref_ds),
-                                         amp=str(amp_dtype))
+                                         amp=str(amp_dtype),
+                                         text_truncation=str(args.text_truncation))
             path = out / "cache" / f"frozen-ref-{key}.npy"
             if distributed.is_main():
                 frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path,
@@ -264,6 +265,11 @@ def csv_options(args) -> dict:
             "caption_key": args.csv_caption_key}
 
 
+def load_model(args, pretrained, device):
+    """The run's model as ``load_clip`` builds it (the same text truncation everywhere)."""
+    return load_clip(args.model, pretrained, device, text_truncation=args.text_truncation)
+
+
 def autocast_dtype(precision: str, device: str):
     """--precision as an autocast dtype (None: float32); auto is bf16 on GPUs only."""
     dtype = PRECISIONS[precision]
@@ -282,7 +288,7 @@ def run_owned(args, rank, world, device) -> dict:
     if main_proc:
         atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
     pretrained = resolve_pretrained(args)
-    bundle = load_clip(args.model, pretrained, device)
+    bundle = load_model(args, pretrained, device)
     model = bundle.model
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     train_tf = bundle.preprocess_train
@@ -321,10 +327,10 @@ def run_owned(args, rank, world, device) -> dict:
     if parallel.is_sharded(model):  # gathered (a collective); rank 0 evaluates it whole
         state = parallel.full_model_state(model)
         if main_proc:
-            model = load_clip(args.model, pretrained, device).model
+            model = load_model(args, pretrained, device).model
             model.load_state_dict(state)
     if main_proc:
-        pre_model = load_clip(args.model, pretrained, device).model.eval()
+        pre_model = load_model(args, pretrained, device).model.eval()
         ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if method.trains:
             common = dict(pre_model=pre_model, rsa_set=rsa_set, device=device,
@@ -356,7 +362,7 @@ def evaluate_during_training(args, method, bundle, pretrained, sets, device) -> 
     if parallel.is_sharded(model):
         state = parallel.full_model_state(model)  # a collective
         if distributed.is_main():
-            model = load_clip(args.model, pretrained, device).model
+            model = load_model(args, pretrained, device).model
             model.load_state_dict(state)
     result = None
     if distributed.is_main():

@@ -1,0 +1,186 @@
+"""The command line as open_clip users type it, and the data it is allowed to use."""
+import json
+
+import pytest
+import torch
+
+from conftest import train_args
+from dive_fast import train
+from dive_fast.train import cli
+from dive_fast.train.checkpoint import load_checkpoint
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_epochs_set_the_steps_from_the_target_set(micro_cache, tmp_path):
+    """One epoch: the 32 world samples in batches of 8, so 4 steps; 2.5 epochs round to 10."""
+    args = train_args(tmp_path / "a", "--method", "flyp")
+    args[args.index("--steps"):args.index("--steps") + 2] = ["--epochs", "1"]
+    train.main(args)
+    assert [r["step"] for r in _rows(tmp_path / "a") if "loss" in r] == [1, 2, 3, 4]
+    parsed = cli.parse(["--epochs", "2.5", "--batch-size", "8", "--train-size", "32",
+                        "--out", str(tmp_path / "b")])
+    cli.check_args(parsed)
+    assert parsed.steps == 10
+    with pytest.raises(ValueError, match=r"give one of --steps \(3\) and --epochs \(1\)"):
+        cli.check_args(cli.parse(["--steps", "3", "--epochs", "1", "--out", str(tmp_path / "c")]))
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp", "fp32"])
+def test_precision_as_open_clip_names_it(micro_cache, tmp_path, precision):
+    """amp_bf16 and amp (fp16, with loss scaling) autocast the towers; fp32 does not. The run
+    trains (finite losses) and an fp16 run checkpoints its loss scale for a resume."""
+    out = tmp_path / precision
+    train.main(train_args(out, "--method", "dive", "--precision", precision))
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)
+    final = load_checkpoint(sorted((out / "checkpoints").glob("step-*.pt"))[-1])
+    assert final["precision"] == precision
+    assert ("scaler" in final) == (precision == "amp")
+    if precision == "amp":
+        assert all(r["loss_scale"] > 0 for r in rows)
+
+
+def test_the_old_amp_flag_is_an_alias(tmp_path):
+    assert cli.parse(["--amp", "bf16"]).precision == "amp_bf16"
+    assert cli.parse(["--amp", "fp32"]).precision == "fp32"
+
+
+def test_open_clip_spellings_reach_the_same_settings():
+    parsed = cli.parse(["--grad-clip-norm", "1.0", "--torchcompile", "--resume", "latest",
+                        "--log-every-n-steps", "3", "--ema-momentum", "0.9"])
+    assert (parsed.grad_clip, parsed.compile, parsed.log_every, parsed.momentum) == \
+        (1.0, True, 3, 0.9)
+    assert cli.parse(["--momentum", "0.5"]).momentum == 0.5  # the older name
+
+
+def test_resume_latest_with_clipping_ends_where_an_unbroken_run_ends(micro_cache, tmp_path,
+                                                                    monkeypatch):
+    """Killed after its step-2 checkpoint and resumed with --resume latest, a clipped run ends
+    where an unbroken one ends."""
+    from dive_fast.train import methods
+    args = ["--method", "flyp", "--grad-clip-norm", "0.5", "--keep", "5"]
+    train.main(train_args(tmp_path / "whole", *args))
+    calls, original = {"n": 0}, methods.FLYP.forward
+
+    def killed_at_step_3(self, batch, step):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, batch, step)
+
+    monkeypatch.setattr(methods.FLYP, "forward", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(tmp_path / "broken", *args))
+    monkeypatch.setattr(methods.FLYP, "forward", original)
+    train.main(train_args(tmp_path / "broken", *args, "--resume", "latest"))
+    whole, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "step-00000004.pt")
+                      for run in ("whole", "broken"))
+    assert whole["grad_clip"] == 0.5
+    assert any(r["grad_norm"] > 0.5 for r in _rows(tmp_path / "whole"))  # clipping acted
+    for key, value in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_torchcompile_trains_with_the_eager_losses(micro_cache, tmp_path):
+    """--torchcompile: the first step's losses (the same weights and batch) equal eager's."""
+    train.main(train_args(tmp_path / "eager", "--method", "dive", "--steps", "2"))
+    train.main(train_args(tmp_path / "compiled", "--method", "dive", "--steps", "2",
+                          "--torchcompile"))
+    eager, compiled = (_rows(tmp_path / run)[0] for run in ("eager", "compiled"))
+    for key in ("loss", "clip", "dive"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
+
+
+def test_csv_keys_and_separator(micro_cache, tmp_path):
+    """A comma-separated CSV with its own column names, read through the three flags; paths
+    are read as written when they exist (here: absolute)."""
+    from dive_fast.world.export import write_captions
+    root = write_captions(tmp_path / "w", "reference", 24, 0, 16, 100, formats=("csv",))
+    rows = (root / "captions.csv").read_text().splitlines()[1:]
+    with open(tmp_path / "pairs.csv", "w") as f:
+        f.write("image,caption\n")
+        for row in rows:
+            path, caption = row.split("\t")
+            f.write(f"{root / path},\"{caption}\"\n")
+    out = tmp_path / "out"
+    train.main(train_args(out, "--method", "dive", "--reference-csv", str(tmp_path / "pairs.csv"),
+                          "--csv-separator", ",", "--csv-img-key", "image",
+                          "--csv-caption-key", "caption", "--use-world", "target,eval,rsa"))
+    assert "reference " + str(tmp_path / "pairs.csv") in (out / "table.md").read_text()
+    with pytest.raises(ValueError, match=r"--reference-csv: .*lacks column\(s\) \['filepath', 'title'\]"):
+        train.main(train_args(tmp_path / "x", "--reference-csv", str(tmp_path / "pairs.csv"),
+                              "--use-world", "target,eval"))
+
+
+def test_report_to_tensorboard_writes_event_files(micro_cache, tmp_path):
+    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs the package")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    train.main(train_args(out, "--method", "flyp", "--report-to", "tensorboard",
+                          "--eval-every", "2"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/id_mean" in tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/id_mean")] == [2]  # step 4's is the report's
+
+
+def test_eval_every_logs_evaluation_rows(micro_cache, tmp_path):
+    out = tmp_path / "e"
+    train.main(train_args(out, "--method", "ft", "--eval-every", "1"))
+    evals = [r for r in _rows(out) if "eval/id_mean" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    assert all(0 <= r["eval/shapes"] <= 1 for r in evals)
+
+
+def test_real_data_never_falls_back_to_the_world(micro_cache, tmp_path):
+    """A run that names one data set of its own must name the others it needs, or ask for
+    the world's by name (--use-world); the table says where each set came from."""
+    from dive_fast.world.export import write_task
+    folder = write_task(tmp_path / "w", "shapes", "train", 40, 0, 16)
+    with pytest.raises(ValueError, match=r"--method dive needs reference data: give "
+                                         r"--reference-csv or --reference-shards"):
+        train.main(train_args(tmp_path / "a", "--train-folder", str(folder)))
+    with pytest.raises(ValueError, match=r"--method flyp needs eval data: give --task"):
+        train.main(train_args(tmp_path / "a", "--method", "flyp", "--train-folder", str(folder)))
+    with pytest.raises(ValueError, match=r"--method flyp needs target data: give --train-folder"):
+        train.main(train_args(tmp_path / "a", "--method", "flyp", "--task", f"id:shapes:{folder}"))
+    with pytest.raises(ValueError, match=r"--use-world: unknown part\(s\) \['refs'\]"):
+        train.main(train_args(tmp_path / "a", "--use-world", "refs"))
+    out = tmp_path / "b"
+    train.main(train_args(out, "--method", "dive", "--train-folder", str(folder),
+                          "--use-world", "reference,eval"))
+    table = (out / "table.md").read_text()
+    assert f"target {folder}; reference world; eval world; rsa none" in table
+    assert "RSA: no held-out pairs" in table
+
+
+def test_the_miniature_uses_the_world_for_everything(tmp_path):
+    parsed = cli.parse(["--out", str(tmp_path)])
+    cli.resolve_world_parts(parsed)
+    assert parsed.world_parts == ["eval", "reference", "rsa", "target"]
+
+
+def test_fp16_loss_scaling_skips_an_overflowing_step_without_stopping(micro_cache, tmp_path,
+                                                                      monkeypatch):
+    """Under --precision amp an overflow in the scaled gradients is routine: the step is
+    skipped and the scale halves, and --on-nonfinite stop (the default) does not end the run."""
+    scales, init, update = [], torch.amp.GradScaler.__init__, torch.amp.GradScaler.update
+
+    def huge_initial_scale(self, device="cuda", **kwargs):
+        init(self, device, init_scale=2.0 ** 126)  # scaled fp16 gradients overflow at once
+
+    def recorded_update(self, *args, **kwargs):
+        scales.append(float(self.get_scale()))
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", huge_initial_scale)
+    monkeypatch.setattr(torch.amp.GradScaler, "update", recorded_update)
+    out = tmp_path / "s"
+    train.main(train_args(out, "--method", "flyp", "--precision", "amp"))
+    assert scales[:2] == [2.0 ** 126, 2.0 ** 125] and len(scales) == 4
+    assert [r["skipped_steps"] for r in _rows(out) if "loss" in r] == [0, 0, 0, 0]
