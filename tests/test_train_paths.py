@@ -20,9 +20,15 @@ DDP_METHODS = ("ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive")
 # micro-batched steps (no DDP: gradients averaged once), FSDP2, and all of it combined.
 LAYOUTS = {"two-accum2": ("flyp", "flyp+replay", "snd-like", "dive"),
            "two-fsdp": ("flyp", "dive", "ft"),
-           "two-fsdp-accum2-ckpt": ("dive",)}
+           "two-fsdp-accum2-ckpt": ("dive",),
+           # Compiled towers under DDP and FSDP2 with FLYP: at the pre-trained weights DiVE's
+           # gradient is rounding noise (u = v = 0), which Adam's first step turns into full
+           # steps of either sign, so other kernels (compiled ones) make a three-step DiVE
+           # comparison chaotic; DiVE compiled is compared mid-training in test_accumulate.
+           "two-compile": ("flyp",), "two-fsdp-compile": ("flyp",)}
 LAYOUT_ARGS = {"two": [], "two-accum2": ["--accum-freq", "2"], "two-fsdp": ["--fsdp"],
-               "two-fsdp-accum2-ckpt": ["--fsdp", "--accum-freq", "2", "--grad-checkpointing"]}
+               "two-fsdp-accum2-ckpt": ["--fsdp", "--accum-freq", "2", "--grad-checkpointing"],
+               "two-compile": ["--compile"], "two-fsdp-compile": ["--fsdp", "--compile"]}
 
 
 @pytest.fixture(scope="module")

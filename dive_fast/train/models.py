@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
+import torch
 from torch import nn
 
 from . import text, validate
 from .fileio import file_digest
+from .parallel import residual_blocks
 from ..world.tasks import PRETRAIN_STREAM_VERSION
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -103,6 +105,21 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu",
                            f"{type(exc).__name__}: {exc}") from exc
     tokenizer = text.install(model, open_clip.get_tokenizer(name), text_truncation)
     return ClipBundle(model, train_tf, val_tf, tokenizer, name, pretrained)
+
+
+def compile_towers(model: nn.Module) -> str:
+    """torch.compile in place, per residual block where the towers have them (regional
+    compilation: a tower's blocks share one compiled graph, so compile time does not grow
+    with depth, and state-dict keys stay as they are); else each tower's encoder whole.
+    Returns what was compiled, for the log."""
+    blocks = residual_blocks(model)
+    if blocks:
+        for block in blocks:
+            block.compile()
+        return f"{len(blocks)} residual blocks"
+    model.encode_image = torch.compile(model.encode_image)
+    model.encode_text = torch.compile(model.encode_text)
+    return "encode_image and encode_text"
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

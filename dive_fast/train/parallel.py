@@ -24,7 +24,9 @@ _meshes = []  # the device meshes shard() made (see release_groups)
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of an open_clip CLIP's towers (image, then text)."""
     blocks = []
-    for tower in (getattr(model.visual, "transformer", None), getattr(model, "transformer", None)):
+    text = getattr(model, "text", None)  # CustomTextCLIP's text tower
+    for tower in (getattr(model.visual, "transformer", None), getattr(model, "transformer", None),
+                  getattr(text, "transformer", None)):
         blocks += list(getattr(tower, "resblocks", []))
     return blocks
 

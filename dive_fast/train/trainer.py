@@ -28,7 +28,7 @@ from .evaluate import evaluate, format_table, task_sets, world_eval_sets, world_
 from .fileio import atomic_write_json, atomic_write_text
 from .frozen import FrozenReference
 from .methods import METHODS, Batch, MethodConfig, make_method
-from .models import TINY_MODELS, frozen_copy, load_clip
+from .models import TINY_MODELS, compile_towers, frozen_copy, load_clip
 from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
@@ -209,6 +209,8 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
     if METHODS[args.method].uses_frozen:
         frozen = FrozenReference(frozen_copy(model), device, amp_dtype,
                                  co_schedule=args.co_schedule)
+        if args.compile:  # the same compiled numerics on both sides: u = v = 0 at the start
+            compile_towers(frozen.model)
         ref_ds, ref_id = reference
         if args.frozen_cache and ref_id is not None:
             key = frozen_cache.cache_key(model=args.model, weights=frozen_cache.weights_id(pretrained),
@@ -232,9 +234,8 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
         log.warning("--fsdp with one process: nothing to shard, the model stays whole")
     if sharded:  # after the frozen copy and FT's zero-shot head, which need the whole model
         parallel.shard(model, device)
-    if args.compile:  # the encoders, so that state_dict keys stay as they are
-        model.encode_image = torch.compile(model.encode_image)
-        model.encode_text = torch.compile(model.encode_text)
+    if args.compile:  # after sharding: FSDP2's units are the blocks it compiles
+        log.info("--compile: %s", compile_towers(model))
     forward, sync = method, None
     if sharded or (world > 1 and method.trains and args.accum_freq > 1):
         # Steps DDP cannot wrap: FSDP reduces its shards itself, the rest is averaged once
