@@ -1,7 +1,9 @@
-"""Training-step benchmark: what DiVE costs over FLYP, and what the lean loop saves.
+"""Training-step benchmark: what DiVE costs over FLYP, what the lean loop saves, and how it
+compares with open_clip's own trainer.
 
     python benchmarks/bench_step.py                         # dive-tiny on this CPU
-    python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16
+    python benchmarks/bench_step.py --model ViT-S-32 --batch 16 --data synthetic --steps 4
+    python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16 --data synthetic
 
 Every variant runs the training app's own code: ``trainer.build_method`` builds the task
 module (frozen copy, embedding cache, DDP-free here), ``trainer.batches`` the data stream,
@@ -17,6 +19,12 @@ its own), interleaved over rounds:
                 embeddings, the fused loss
   dive-seq      no cache: the frozen forward every step, after the trainable one
   dive-cosched  no cache: the frozen forward on a side CUDA stream (= dive-seq on a CPU)
+  open_clip_train   open_clip's trainer (``python -m open_clip_train.main``, its synthetic
+                data) at batch B + B', same model, image size, precision and AdamW: what
+                users run today, beside flyp-B+B'
+  ...-notrunc   the variant with --no-text-truncation (text at the full context length)
+  ...-compiled  the variant with --compile (open_clip_train: its --torchcompile); the
+                first step's extra time is the compile time
 Reports samples/s, peak memory and a per-step breakdown (data; and from a short profiled
 run after the timed steps: trainable forward, frozen forward, losses, backward,
 optimiser), as long-format CSV.
@@ -40,10 +48,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (environment, result_path, synchronize, train_cli, user_step,  # noqa: E402
                     write_csv)
 
+from tables import step_table  # noqa: E402
+
 from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
-VARIANTS = ("flyp-B", "flyp-B+B'", "dive-naive", "dive-fast", "dive-seq", "dive-cosched")
-DEFAULT_VARIANTS = VARIANTS[:4]
+VARIANTS = ("open_clip_train", "flyp-B", "flyp-B+B'", "flyp-B+B'-notrunc", "dive-naive",
+            "dive-fast", "open_clip_train-compiled", "flyp-B+B'-compiled", "dive-fast-compiled",
+            "dive-seq", "dive-cosched")
+DEFAULT_VARIANTS = VARIANTS[:9]
 PHASES = ("data", "trainable_fwd", "frozen_fwd", "losses", "backward", "optimizer")
 # open_clip's profile: GFLOP per image-text pair forward (x3 for forward + backward).
 GFLOP_PER_PAIR = {"ViT-B-16": 41.0, "ViT-B-32": 14.8}
@@ -91,8 +103,12 @@ def variant_cli(args, variant, out) -> list[str]:
     """The command line a user would give ``dive_fast.train`` for this variant."""
     B, Bp = args.batch, args.ref_batch or args.batch
     cli = train_cli("flyp" if variant.startswith("flyp") else "dive", args.model,
-                    B + Bp if variant == "flyp-B+B'" else B, Bp, args.ref_size, args.amp,
-                    args.device, args.workers, args.warmup + args.steps + 3, out)
+                    B + Bp if variant.startswith("flyp-B+B'") else B, Bp, args.ref_size,
+                    args.amp, args.device, args.workers, args.warmup + args.steps + 3, out)
+    if variant.endswith("-notrunc"):
+        cli += ["--no-text-truncation"]
+    if variant.endswith("-compiled"):
+        cli += ["--compile"]
     if variant in ("dive-naive", "dive-seq", "dive-cosched"):
         cli += ["--no-frozen-cache"]
     if variant in ("dive-naive", "dive-seq"):
@@ -102,14 +118,75 @@ def variant_cli(args, variant, out) -> list[str]:
     return cli
 
 
+def peak_memory(on_gpu: bool) -> float:
+    return (torch.cuda.max_memory_allocated() / 2**20 if on_gpu else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def timing_row(args, variant, step_times, samples, on_gpu, first_step_s) -> dict:
+    """The CSV row of one variant: median step, spread, samples/s, memory, MFU (GPU)."""
+    med = statistics.median(step_times)
+    q = statistics.quantiles(step_times, n=5)
+    row = {"variant": variant, "model": args.model, "image_size": args.image_size or "",
+           "B": args.batch, "B_ref": args.ref_batch or args.batch, "samples_per_step": samples,
+           "step_ms": med * 1e3, "step_ms_p20": q[0] * 1e3, "step_ms_p80": q[3] * 1e3,
+           "samples_per_s": samples / med, "peak_mem_MiB": peak_memory(on_gpu),
+           "peak_mem_kind": "cuda max allocated" if on_gpu else "process max RSS",
+           "first_step_ms": first_step_s * 1e3,
+           "compile_s": max(0.0, first_step_s - med) if variant.endswith("-compiled") else 0.0}
+    flop = GFLOP_PER_PAIR.get(args.model)
+    if flop and on_gpu and not args.image_size:
+        row["MFU"] = 3 * flop * 1e9 * samples / med / (args.peak_tflops * 1e12)
+    return row
+
+
+def run_open_clip_train(args) -> dict:
+    """open_clip's own trainer, as users start it, on its synthetic data (one image and
+    caption, transformed per sample) at batch B + B': its per-step times from its log."""
+    import os
+    import re
+
+    from open_clip_train.main import main as open_clip_main
+
+    import dive_fast.train.models  # noqa: F401  (registers the tiny configs with open_clip)
+    on_gpu = args.device.startswith("cuda")
+    batch = args.batch + (args.ref_batch or args.batch)
+    steps = args.warmup + args.steps
+    argv = ["--dataset-type", "synthetic", "--train-num-samples", str(steps * batch),
+            "--batch-size", str(batch), "--epochs", "1", "--model", args.model,
+            "--precision", "amp_bf16" if args.amp == "bf16" else "fp32",
+            "--workers", str(args.workers), "--lr", "1e-4", "--wd", "0.1", "--warmup", "1",
+            "--log-every-n-steps", "1", "--logs", "none", "--name", "bench", "--seed", "0",
+            "--device", args.device]
+    argv += ["--force-image-size", str(args.image_size)] if args.image_size else []
+    argv += ["--torchcompile"] if args.variant.endswith("-compiled") else []
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)  # --logs none: its log lands in ./none/bench/, nothing is saved
+        try:
+            open_clip_main(argv)
+            log = Path(tmp, "none", "bench", "out.log").read_text()
+        finally:
+            os.chdir(cwd)
+    rates = [float(r) for r in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.e+]+)/s,", log)]
+    if len(rates) != steps:
+        raise RuntimeError(f"open_clip_train logged {len(rates)} steps, expected {steps}")
+    times = [batch / r for r in rates]
+    return timing_row(args, args.variant, times[args.warmup:], batch, on_gpu, times[0])
+
+
 def run_variant(args) -> dict:
     from dive_fast.train.step import train_step
 
     torch.manual_seed(0)
     device, variant = args.device, args.variant
+    if variant.startswith("open_clip_train"):
+        return run_open_clip_train(args)
     on_gpu = device.startswith("cuda")
-    run = user_step(variant_cli(args, variant, Path(args.cache_dir)), args.data, None,
-                    args.cache_dir)
+    run = user_step(variant_cli(args, variant, Path(args.cache_dir)), args.data,
+                    args.image_size, args.cache_dir)
     method, step_fn, stream, opt, sched, guard = (run.method, run.step, run.stream, run.opt,
                                                   run.sched, run.guard)
     if variant == "dive-naive":
@@ -119,7 +196,7 @@ def run_variant(args) -> dict:
             amp_dtype=method.amp_dtype)
         step_fn = functools.partial(train_step, method, method)  # the same weights: run.opt
         method.train()
-    step_times, data_times = [], []
+    step_times, data_times, first = [], [], None
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -135,25 +212,14 @@ def run_variant(args) -> dict:
 
     for step in range(args.warmup + args.steps):
         data_s, step_s, samples = one_step(step)
+        first = step_s if first is None else first
         if step >= args.warmup:
             step_times.append(step_s)
             data_times.append(data_s)
-    med = statistics.median(step_times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if on_gpu else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = {"variant": variant, "model": args.model, "B": args.batch,
-           "B_ref": args.ref_batch or args.batch, "samples_per_step": samples,
-           "step_ms": med * 1e3, "step_ms_p20": statistics.quantiles(step_times, n=5)[0] * 1e3,
-           "step_ms_p80": statistics.quantiles(step_times, n=5)[3] * 1e3,
-           "samples_per_s": samples / med, "peak_mem_MiB": peak,
-           "peak_mem_kind": "cuda max allocated" if on_gpu else "process max RSS",
-           "baseline_rss_MiB": baseline_rss / 1024,
-           "data_ms": statistics.median(data_times) * 1e3,
-           **profile_phases(one_step, args.warmup + args.steps, 3, on_gpu)}
-    flop = GFLOP_PER_PAIR.get(args.model)
-    if flop and on_gpu:
-        out["MFU"] = 3 * flop * 1e9 * samples / med / (args.peak_tflops * 1e12)
-    return out
+    row = timing_row(args, variant, step_times, samples, on_gpu, first)
+    return {**row, "baseline_rss_MiB": baseline_rss / 1024,
+            "data_ms": statistics.median(data_times) * 1e3,
+            **profile_phases(one_step, args.warmup + args.steps, 3, on_gpu)}
 
 
 def _is_engine_node(event) -> bool:
@@ -203,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variants to time")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--model", default="dive-tiny", help="model (random weights)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side (unset: the model's own)")
     p.add_argument("--batch", type=int, default=128, help="target batch B")
     p.add_argument("--ref-batch", type=int, default=None, help="reference batch B' (unset: B)")
     p.add_argument("--ref-size", type=int, default=4096, help="reference pairs in the data set")
@@ -243,29 +311,12 @@ def main(argv=None):
                 rows.append(row)
                 print(f"round {rnd} {variant:12s} step {row['step_ms']:8.1f} ms  "
                       f"{row['samples_per_s']:7.1f} samples/s  peak {row['peak_mem_MiB']:7.0f} MiB  "
-                      + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES), flush=True)
+                      + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES
+                                 if ph + "_ms" in row), flush=True)
     out = args.out or result_path("step", args.device)
     write_csv(rows, out)
-    summarize(rows)
+    print("\n" + step_table(rows))
     print(f"wrote {out}")
-
-
-def summarize(rows):
-    by = {}
-    for r in rows:
-        by.setdefault(r["variant"], []).append(r)
-    med = {v: statistics.median(r["step_ms"] for r in rs) for v, rs in by.items()}
-    mem = {v: statistics.median(r["peak_mem_MiB"] for r in rs) for v, rs in by.items()}
-    base = "flyp-B+B'" if "flyp-B+B'" in med else next(iter(med))
-    print(f"\nvariant       step ms (median of rounds)  peak MiB   vs {base} (time, memory)")
-    for v in VARIANTS:
-        if v in med:
-            print(f"{v:12s}  {med[v]:10.1f}  {mem[v]:14.0f}   {med[v] / med[base]:.3f}x, "
-                  f"{mem[v] / mem[base]:.3f}x")
-    if "dive-naive" in med and "dive-fast" in med:
-        print(f"dive-fast is {med['dive-naive'] / med['dive-fast']:.2f}x faster than dive-naive")
-    if "dive-seq" in med and "dive-cosched" in med:
-        print(f"co-scheduling: {med['dive-seq'] / med['dive-cosched']:.2f}x over sequential")
 
 
 if __name__ == "__main__":

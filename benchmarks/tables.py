@@ -38,29 +38,57 @@ def op_table(rows, mode: str = "fwd+bwd") -> str:
     return "\n".join(out)
 
 
+def _num(row, key):
+    value = row.get(key, "")
+    return float(value) if value not in ("", None) else None
+
+
 def step_table(rows) -> str:
+    """One row per variant (medians over the rounds): step time, samples/s, memory, the
+    ratios to FLYP(B+B') and, when present, MFU, compile time and the phase breakdown; then
+    the comparisons the benchmark exists for."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    med = lambda v, k: statistics.median(float(r[k]) for r in rows if r["variant"] == v)  # noqa: E731
-    base = "flyp-B+B'"
+
+    def med(v, key):
+        vals = [x for r in rows if r["variant"] == v and (x := _num(r, key)) is not None]
+        return statistics.median(vals) if vals else None
+
+    base = "flyp-B+B'" if "flyp-B+B'" in variants else variants[0]
+    has_mfu = any(med(v, "MFU") for v in variants)
     phases = ["data_ms", "trainable_fwd_ms", "frozen_fwd_ms", "losses_ms", "backward_ms",
               "optimizer_ms"]
-    out = ["| variant | samples/step | step ms | samples/s | peak MiB | time vs FLYP(B+B') | "
-           "memory vs FLYP(B+B') | data / trainable fwd / frozen fwd / losses / backward / "
-           "optimizer ms |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [f"| variant | samples/step | step ms | samples/s | peak MiB | time vs {base} | "
+           + ("MFU | " if has_mfu else "") + "compile s | "
+           "data / trainable fwd / frozen fwd / losses / backward / optimizer ms |",
+           "|---|---|---|---|---|---|" + ("---|" if has_mfu else "") + "---|---|"]
     for v in variants:
         s = next(r for r in rows if r["variant"] == v)
-        out.append(f"| {v} | {s['samples_per_step']} | {med(v, 'step_ms'):.1f} | "
-                   f"{med(v, 'samples_per_s'):.1f} | {med(v, 'peak_mem_MiB'):.0f} | "
-                   f"{med(v, 'step_ms') / med(base, 'step_ms'):.3f}x | "
-                   f"{med(v, 'peak_mem_MiB') / med(base, 'peak_mem_MiB'):.3f}x | "
-                   + " / ".join(f"{med(v, p):.1f}" for p in phases) + " |")
-    if "dive-naive" in variants and "dive-fast" in variants:
-        first = rows[0]
-        out.append(f"\ndive-fast is {med('dive-naive', 'step_ms') / med('dive-fast', 'step_ms'):.2f}x "
-                   f"faster than dive-naive. {first['device']}, torch {first['torch']}; "
-                   f"peak memory: {first['peak_mem_kind']}.")
-    return "\n".join(out)
+        cells = [v, s["samples_per_step"], f"{med(v, 'step_ms'):.1f}",
+                 f"{med(v, 'samples_per_s'):.1f}", f"{med(v, 'peak_mem_MiB'):.0f}",
+                 f"{med(v, 'step_ms') / med(base, 'step_ms'):.3f}x"]
+        cells += [f"{med(v, 'MFU'):.3f}" if med(v, "MFU") else "–"] if has_mfu else []
+        cells += [f"{med(v, 'compile_s'):.1f}" if med(v, "compile_s") else "–"]
+        cells += [" / ".join("–" if med(v, p) is None else f"{med(v, p):.1f}" for p in phases)]
+        out.append("| " + " | ".join(map(str, cells)) + " |")
+    ratio = lambda a, b: med(b, "step_ms") / med(a, "step_ms")  # noqa: E731  (a faster: > 1)
+    notes = []
+    pairs = [("flyp-B+B'", "open_clip_train", "flyp-B+B' against open_clip_train (samples/s)"),
+             ("dive-fast", "flyp-B+B'", None), ("dive-fast", "dive-naive", "dive-fast over dive-naive"),
+             ("flyp-B+B'", "flyp-B+B'-notrunc", "text truncation (flyp-B+B')"),
+             ("flyp-B+B'-compiled", "flyp-B+B'", "--compile (flyp-B+B')"),
+             ("dive-fast-compiled", "dive-fast", "--compile (dive-fast)"),
+             ("open_clip_train-compiled", "open_clip_train", "open_clip_train --torchcompile"),
+             ("dive-cosched", "dive-seq", "co-scheduling over sequential")]
+    for a, b, label in pairs:
+        if a in variants and b in variants:
+            if label is None:
+                notes.append(f"dive-fast costs {1 / ratio(a, b):.3f}x flyp-B+B''s step time")
+            else:
+                notes.append(f"{label}: {ratio(a, b):.2f}x")
+    first = rows[0]
+    notes.append(f"{first['device']}, torch {first['torch']}, commit {first.get('commit', '?')}; "
+                 f"peak memory: {first['peak_mem_kind']}")
+    return "\n".join(out) + "\n\n" + "; ".join(notes) + "."
 
 
 ENVIRONMENT = ("device", "torch", "dive_fast", "python", "date", "triton", "nvcc", "commit")
