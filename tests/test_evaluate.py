@@ -1,4 +1,5 @@
 """Evaluation: 100% for a perfect model, chance for a random one; RSA's invariances."""
+import re
 import math
 
 import pytest
@@ -11,10 +12,10 @@ from dive_fast.train.evaluate import evaluate, format_table, rsa, spearman, zero
 class LabelSet(torch.utils.data.Dataset):
     """Images whose first pixel holds their label (a model can be built to read it)."""
 
-    def __init__(self, n, classes, kind_seed=0):
+    def __init__(self, n, classes, kind_seed=0, prefix="c"):
         g = torch.Generator().manual_seed(kind_seed)
         self.labels = torch.randint(classes, (n,), generator=g)
-        self.classnames = tuple(f"c{i}" for i in range(classes))
+        self.classnames = tuple(f"{prefix}{i}" for i in range(classes))
         self.templates = ("a {}.", "the {}.")
 
     def __len__(self):
@@ -28,7 +29,7 @@ class LabelSet(torch.utils.data.Dataset):
 
 class Tokenizer:
     def __call__(self, texts):
-        return torch.tensor([[int(t.split("c")[1].rstrip(".")), 0] for t in texts])
+        return torch.tensor([[int(re.search(r"\d+", t).group()), 0] for t in texts])
 
 
 class PerfectModel(torch.nn.Module):
@@ -88,8 +89,13 @@ def test_spearman_matches_definition():
 
 
 def test_trained_heads_replace_the_zeroshot_head_for_their_classes():
-    sets = {"id": ("id", LabelSet(200, 10)), "z": ("zeroshot", LabelSet(200, 4, 1))}
+    """... and for a test set holding some of the training classes (matched by name), never
+    silently the zero-shot head; other classes get the zero-shot head."""
+    sets = {"id": ("id", LabelSet(200, 10)), "nine": ("id", LabelSet(200, 9, 2)),
+            "z": ("zeroshot", LabelSet(200, 4, 1, prefix="z"))}
     shifted = torch.eye(10).roll(1, dims=0)  # a head that always answers the next class
     report = evaluate(PerfectModel(10), Tokenizer(), sets, progress=False,
                       heads={sets["id"][1].classnames: shifted})
     assert report["id"]["id"] == 0.0 and report["zeroshot"]["z"] == 1.0
+    assert report["id"]["nine"] == 0.0  # the trained rows, not the (perfect) zero-shot head
+    assert report["notes"]["nine"] == "trained head (9 of its 10 classes, matched by name)"

@@ -105,7 +105,7 @@ def test_bad_inputs_give_clear_errors(micro_cache, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):
         train.main(train_args(tmp_path / "b", "--train-folder", str(tmp_path / "empty")))
-    with pytest.raises(ValueError, match="unknown model 'nope'"):
+    with pytest.raises(ValueError, match="--model nope: unknown to open_clip"):
         train.main(train_args(tmp_path / "c", "--model", "nope"))
     train.main(train_args(tmp_path / "d", "--method", "flyp", "--steps", "2"))
     with pytest.raises(ValueError, match="cannot resume .* method='flyp'"):

@@ -43,10 +43,21 @@ def _feed(h, x) -> None:
         h.update(f"{x!r}|".encode())
 
 
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in ``obj`` (about a checkpoint file's size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_save(obj, path) -> Path:
     if isinstance(obj, dict):
         obj = {**obj, DIGEST_KEY: payload_digest(obj)}
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f), size_hint=tensor_bytes(obj))
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -104,8 +115,9 @@ def load_model_weights(model: torch.nn.Module, path) -> dict:
     return ckpt
 
 
-def prune(folder, pattern: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` files matching pattern (sorted by name)."""
-    files = sorted(Path(folder).glob(pattern))
-    for f in files[:-keep] if keep > 0 else []:
-        f.unlink(missing_ok=True)
+def prune(written: list[Path], keep: int) -> None:
+    """Deletes all but the newest ``keep`` of ``written`` (the checkpoints this run wrote or
+    resumed among, oldest first), after the newest is durable: never a file another
+    process made, and a folder deleted under the run is no error."""
+    while len(written) > keep:
+        written.pop(0).unlink(missing_ok=True)

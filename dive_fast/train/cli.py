@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from .._argparse import DefaultsFormatter, run_checked
 from . import distributed, parallel, runlock, validate
-from .data import shard_list
+from .data import shard_list, shards_fingerprint
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
 from .trainer import PRECISIONS, csv_options, run_owned
@@ -210,7 +211,7 @@ def flag_tables(parser: argparse.ArgumentParser | None = None) -> str:
 # Lower (and upper) bounds of the numeric arguments; "above": the bound itself is refused.
 RANGES = {"steps": (0,), "batch_size": (1,), "ref_batch_size": (1,), "checkpoint_every": (1,),
           "log_every": (1,), "accum_freq": (1,), "rsa_size": (3,), "train_size": (1,),
-          "ref_size": (1,), "eval_per_task": (0,), "keep": (1,), "workers": (0,),
+          "ref_size": (1,), "eval_per_task": (1,), "keep": (1,), "workers": (0,),
           "warmup": (0,), "grad_clip": (0,), "lam": (0,), "momentum": (0, 1), "wd": (0,),
           "lr": (0, None, "above"), "epochs": (0, None, "above"), "eval_every": (0,),
           "zeroshot_frequency": (0,)}
@@ -289,11 +290,21 @@ def check_args(args, world_size: int = 1) -> None:
         high = rest[0] if rest and rest[0] != "above" else None
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name), low, high,
                         above="above" in rest)
+    for name in ("seed", "world_seed"):
+        validate.seed(f"--{name.replace('_', '-')}", getattr(args, name))
+    validate.float32_number("--lam", args.lam)
     if args.resume == "latest":
         args.resume = "auto"
-    check_inputs(args)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    validate.device(args.device)
+    check_backend(args)
+    check_model(args)
+    check_inputs(args, world_size)
     resolve_world_parts(args)
     resolve_schedule(args, world_size)
+    if args.steps and args.warmup > args.steps:
+        raise ValueError(f"--warmup {args.warmup} is longer than the run's {args.steps} steps")
     smallest = min(args.batch_size, args.ref_batch_size or args.batch_size)
     if args.accum_freq > smallest:
         raise ValueError(f"--accum-freq {args.accum_freq}: each micro-batch needs a row of the "
@@ -308,9 +319,6 @@ def check_args(args, world_size: int = 1) -> None:
         raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
     for alpha in args.wise_ft_alphas:
         validate.number("--wise-ft", alpha)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    validate.device(args.device)
     if args.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
@@ -319,26 +327,71 @@ def check_args(args, world_size: int = 1) -> None:
                              "installed (pip install tensorboard)") from None
 
 
-def check_inputs(args) -> None:
+def check_backend(args) -> None:
+    """A forced DiVE backend (--dive-backend, else $DIVE_FAST_BACKEND) that can run on this
+    device, named as the user set it."""
+    from .. import backends
+    requested, source = args.dive_backend, "--dive-backend"
+    if not requested and os.environ.get(backends.ENV_VAR):
+        requested, source = os.environ[backends.ENV_VAR], f"${backends.ENV_VAR}"
+    if requested and requested != "auto":
+        why = backends.unavailable_reason(requested, torch.device(args.device).type)
+        if why:
+            raise ValueError(f"{source} {requested}: this DiVE backend cannot run here: {why}")
+
+
+def check_model(args) -> None:
+    """A model open_clip knows and, for an open_clip tag, a tag it has for that model (a
+    wrong tag would otherwise surface as a download or loading error after other work)."""
+    import open_clip
+    if args.model not in open_clip.list_models():
+        raise ValueError(f"--model {args.model}: unknown to open_clip (e.g. ViT-B-16, "
+                         f"ViT-B-32, {', '.join(TINY_MODELS)}; open_clip.list_models() has all)")
+    if args.pretrained and not is_weights_path(args.pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(args.model)
+        if args.pretrained not in tags:
+            raise ValueError(f"--pretrained {args.pretrained}: open_clip has no such tag for "
+                             f"{args.model} (its tags: {', '.join(tags) or 'none'}); or give a "
+                             "checkpoint path")
+
+
+def check_inputs(args, world_size: int = 1) -> None:
     """The files and folders a run reads and writes, before any expensive work."""
     validate.task_specs(args.task)
+    # What the data is, by content (a resume must see the same data, however it is spelled).
+    args.data_ids = {"target": None, "reference": None}
     if args.train_folder:
-        validate.image_folder(args.train_folder, "--train-folder")
-    for arg, csv_path in (("--reference-csv", args.reference_csv), ("--rsa-csv", args.rsa_csv)):
+        folder = validate.image_folder(args.train_folder, "--train-folder")
+        if len(folder.classnames) < 2 and METHODS[args.method].trains:
+            raise ValueError(f"--train-folder {args.train_folder}: one class "
+                             f"({folder.classnames[0]!r}); a classification task needs two or more")
+        args.data_ids["target"] = folder.fingerprint()
+    for arg, csv_path, least in (("--reference-csv", args.reference_csv, 1),
+                                 ("--rsa-csv", args.rsa_csv, 3)):
         if csv_path:
-            validate.caption_csv(csv_path, arg, **csv_options(args))
+            pairs = validate.caption_csv(csv_path, arg, min_rows=least, **csv_options(args))
+            if arg == "--reference-csv":
+                args.data_ids["reference"] = pairs.fingerprint()
+    readers = world_size * max(1, args.workers)
     for arg, urls in (("--reference-shards", args.reference_shards),
                       ("--rsa-shards", args.rsa_shards)):
         if urls:
             try:
-                shard_list(urls)  # missing shards fail now, not at step 1
+                shards = shard_list(urls)  # missing or empty shards fail now, not at step 1
             except (OSError, ValueError) as exc:
                 raise type(exc)(f"{arg}: {exc}") from None
+            if arg == "--reference-shards":
+                args.data_ids["reference"] = shards_fingerprint(shards)
+            if arg == "--reference-shards" and len(shards) < readers:
+                raise ValueError(f"{arg}: {len(shards)} shard(s) for {world_size} rank(s) x "
+                                 f"{max(1, args.workers)} loader worker(s): each reader needs a "
+                                 "shard of its own; write more, smaller shards or use fewer "
+                                 "--workers")
     if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
-    validate.writable_folder(args.out, "--out")
+    validate.output_paths(args.out, "--out")
     if args.pretrained is None and args.model in TINY_MODELS and \
             not tiny_checkpoint(args.model, args.world_seed).is_file():  # pre-training will write
         validate.writable_folder(cache_dir(), f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import random
+import stat
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ from ..world.tasks import TASKS, Task, caption_pair, task_image
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# What open_clip's loaders and PIL read (a .gif counts as its first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _warned = [0]
 
 
@@ -52,9 +54,9 @@ def collate(batch):
 
 
 def text_lines(path: Path) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped."""
+    """The non-blank lines of a UTF-8 text file (a byte-order mark dropped), stripped."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
                          "save it as UTF-8") from None
@@ -76,7 +78,19 @@ def check_templates(templates, source) -> None:
                              "class name, e.g. 'a photo of a {}.'")
 
 
+def is_regular_file(path) -> bool:
+    """Whether ``path`` is a regular file (after links): a FIFO or a device named *.png must
+    never be opened, since reading one blocks or never ends."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _open_image(source, name=None) -> Image.Image | None:
+    if isinstance(source, (str, os.PathLike)) and not is_regular_file(source):
+        warn_unreadable(f"image {name or source}", "missing, or not a regular file")
+        return None
     try:
         with Image.open(source) as img:
             return img.convert("RGB")
@@ -132,13 +146,28 @@ class ImageFolderTask(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        subfolders = sorted(p for p in root.iterdir() if p.is_dir())
+        hidden = [p.name for p in subfolders if p.name.startswith(".")]
+        listed = {d: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not f.name.startswith("."))
+                  for d in subfolders if not d.name.startswith(".")}
+        empty = [d.name for d, files in listed.items() if not files]
+        folders = [d for d, files in listed.items() if files]
+        if hidden or empty:  # never a class: a hidden folder would shift every label
+            log.warning("%s: skipped %s", root, "; ".join(
+                part for part in (f"hidden folders {hidden}" if hidden else "",
+                                  f"folders without images {empty}" if empty else "") if part))
         if not folders:
-            raise ValueError(f"image folder {root} has no class sub-folders")
-        self.samples = [(f, label) for label, d in enumerate(folders)
-                        for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            raise ValueError(f"image folder {root} has no class sub-folders with images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        special = [f for d in folders for f in listed[d] if not is_regular_file(f)]
+        if special:
+            log.warning("%s: %d image name(s) that are not regular files (e.g. %s) are skipped",
+                        root, len(special), special[0])
+        self.samples = [(f, label) for label, d in enumerate(folders) for f in listed[d]
+                        if is_regular_file(f)]
         if not self.samples:
-            raise ValueError(f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"image folder {root} has no readable image files")
         names_file = root / "classnames.txt"
         if names_file.is_file():
             self.classnames = tuple(text_lines(names_file))
@@ -160,6 +189,17 @@ class ImageFolderTask(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def fingerprint(self) -> str:
+        """A digest of what the folder holds: class names, templates, and each image's path,
+        size and modification time (no image is read). A folder at another spelling of the
+        same path has the same one; other contents at the same path do not."""
+        h = hashlib.sha256(repr((self.classnames, self.templates)).encode())
+        root = Path(self.samples[0][0]).parents[1]
+        for file, label in self.samples:
+            st = os.stat(file)
+            h.update(f"{Path(file).relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return f"folder:{h.hexdigest()}"
+
     def describe(self, i: int) -> str:
         return str(self.samples[i][0])
 
@@ -169,35 +209,58 @@ class ImageFolderTask(Dataset):
         return None if img is None else (self.transform(img), label)
 
 
+def read_caption_rows(path: Path, img_key: str, caption_key: str, sep: str):
+    """(image, caption) rows of a caption CSV, and how many had an empty caption (dropped).
+
+    Tab-separated files (open_clip's) need no quoting, so their quotes are kept as written.
+    Other separators honour CSV quoting, and a quote that is never closed (which would
+    swallow the rest of the file into one caption) is refused with its line number."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"caption CSV {path} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.reason}); save it as UTF-8") from None
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))  # long captions are fine
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep, quoting=quoting)
+    missing = {img_key, caption_key} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{path}: header {reader.fieldnames} lacks column(s) "
+                         f"{sorted(missing)} (separator {sep!r})")
+    rows, empty, last = [], 0, reader.line_num
+    for row in reader:
+        first, last = last + 1, reader.line_num
+        if last > first and any("\n" in (v or "") for v in row.values()):
+            raise ValueError(f"{path}:{first}: a double quote opened on this line is not closed "
+                             f"before line {last}, which would join those lines into one "
+                             "caption; remove or close the quote")
+        if row[img_key] is None or row[caption_key] is None:
+            raise ValueError(f"{path}:{first}: malformed row {row} (too few columns for "
+                             f"separator {sep!r})")
+        if not row[caption_key].strip():
+            empty += 1
+            continue
+        rows.append((row[img_key], row[caption_key]))
+    return rows, empty
+
+
 class CsvCaptions(Dataset):
     """open_clip's CSV convention: a header naming the image-path and caption columns
     (default "filepath" and "title", tab-separated). A path is taken as written when it
     exists (absolute, or relative to the working directory, as open_clip reads it), else
-    relative to the CSV's folder."""
+    relative to the CSV's folder. Rows with an empty caption are dropped and counted."""
 
     def __init__(self, path, transform, img_key="filepath", caption_key="title", sep="\t"):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"caption CSV not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"caption CSV {path} is not UTF-8 text (byte {exc.start}: "
-                             f"{exc.reason}); save it as UTF-8") from None
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
-        missing = {img_key, caption_key} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: header {reader.fieldnames} lacks column(s) "
-                             f"{sorted(missing)} (separator {sep!r})")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            if row[img_key] is None or row[caption_key] is None:
-                raise ValueError(f"{path}:{line}: malformed row {row}")
-            rows.append((row[img_key], row[caption_key]))
+        rows, empty = read_caption_rows(path, img_key, caption_key, sep)
+        if empty:
+            log.warning("%s: %d row(s) with an empty caption dropped", path, empty)
         if not rows:
-            raise ValueError(f"caption CSV {path} has no rows")
+            raise ValueError(f"caption CSV {path} has no rows with a caption")
         self.rows, self.root, self.transform = rows, path.parent, transform
-        self.path = path
+        self.path, self.empty_captions = path, empty
 
     def image_path(self, i: int) -> Path:
         file = Path(self.rows[i][0])
@@ -282,28 +345,64 @@ def train_collate(batch, tokenizer=None):
     return images, targets, indices, sum(b[3] for b in batch), tokens
 
 
+def shards_fingerprint(shards: list[str]) -> str:
+    """A digest of a shard list's contents: each shard's name, size and modification time
+    (remote shards by their URL)."""
+    h = hashlib.sha256()
+    for u in sorted(shards):
+        local = "://" not in u and not u.startswith("pipe:")
+        st = os.stat(u) if local else None
+        h.update(f"{Path(u).name if local else u}\0{st.st_size if st else ''}\0"
+                 f"{st.st_mtime_ns if st else ''}\n".encode())
+    return f"shards:{h.hexdigest()}"
+
+
+def _split_commas(pattern: str) -> list[str]:
+    """A pattern split at the commas outside braces ('{a,b}' is one brace alternation)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(pattern):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    return [p for p in parts + [pattern[start:]] if p]
+
+
 def shard_list(urls) -> list[str]:
-    """Shard paths from a brace pattern ('/d/{00000..00331}.tar'), a glob, a '::'- or
-    ','-separated list, or a list; missing local files fail here, before any training."""
+    """Shard paths from brace patterns ('/d/{00000..00331}.tar', '/d/{a,b}.tar'), globs
+    (in any part of the path), '::'- or ','-separated lists, or a list. A name that exists
+    as written is taken whole (commas included). Missing local files, and a list whose local
+    shards are all empty, fail here, before any training."""
+    import glob
+
     import braceexpand
 
     if isinstance(urls, (str, Path)):
-        parts = [u for chunk in str(urls).split("::") for u in chunk.split(",") if u]
-        urls = [x for u in parts for x in braceexpand.braceexpand(u)]
+        urls = [x for chunk in str(urls).split("::") if chunk
+                for part in ([chunk] if Path(chunk).is_file() else _split_commas(chunk))
+                for x in braceexpand.braceexpand(part)]
     out = []
     for u in map(str, urls):
-        if any(c in u for c in "*?["):
-            found = sorted(str(p) for p in Path(u).parent.glob(Path(u).name))
+        remote = "://" in u or u.startswith("pipe:")
+        if not remote and not Path(u).is_file() and any(c in u for c in "*?["):
+            found = sorted(glob.glob(u))
             if not found:
                 raise FileNotFoundError(f"no webdataset shard matches {u}")
             out += found
-        elif "://" not in u and not u.startswith("pipe:") and not Path(u).is_file():
+        elif not remote and not Path(u).is_file():
             raise FileNotFoundError(f"webdataset shard not found: {u}")
         else:
             out.append(u)
     if not out:
         raise ValueError(f"no webdataset shards in {urls!r}")
+    local = [u for u in out if "://" not in u and not u.startswith("pipe:")]
+    if local and len(local) == len(out) and not any(os.path.getsize(u) for u in local):
+        raise ValueError(f"every webdataset shard is empty (0 bytes): {', '.join(local[:3])}"
+                         f"{' ...' if len(local) > 3 else ''}")
     return out
+
+
+SHARD_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
 def shard_pairs(shard: str, transform, counter: list):
@@ -319,8 +418,10 @@ def shard_pairs(shard: str, transform, counter: list):
 
     for sample in tariterators.tarfile_samples([{"url": shard}], handler=on_error):
         key = f"{sample.get('__key__')} of {shard}"
-        data = sample.get("jpg") or sample.get("png") or sample.get("jpeg") or sample.get("webp")
-        text = sample.get("txt")
+        # webdataset keys a member at its first dot: 'a.b.jpg' is key 'a', field 'b.jpg'
+        data = next((v for k, v in sample.items() if not k.startswith("__")
+                     and k.rsplit(".", 1)[-1].lower() in SHARD_IMAGE_FIELDS), None)
+        text = next((v for k, v in sample.items() if k == "txt" or k.endswith(".txt")), None)
         img = None if data is None or text is None else _open_image(io.BytesIO(data), key)
         if img is None:
             counter[0] += 1

@@ -100,6 +100,25 @@ def world_rsa_set(transform, n=256, seed=0, size=32):
     return WorldCaptions("rsa-heldout", n, transform, seed, size)
 
 
+def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | None]:
+    """The trained head's rows for a set's classes, matched by name in the set's order
+    (a test set with 9 of the 10 training classes uses those 9 rows); None with a note
+    saying why when some class has no trained row (then the zero-shot head serves)."""
+    names = tuple(classnames)
+    for trained, weight in heads.items():
+        rows = {c: i for i, c in enumerate(trained)}
+        missing = [c for c in names if c not in rows]
+        if not missing:
+            index = torch.tensor([rows[c] for c in names], device=weight.device)
+            subset = "" if names == tuple(trained) else \
+                f" ({len(names)} of its {len(trained)} classes, matched by name)"
+            return weight[index], f"trained head{subset}" if subset else None
+        if len(missing) < len(names):
+            return None, (f"zero-shot head: class(es) {missing[:5]} are not among the trained "
+                          f"head's {len(trained)} classes")
+    return None, None
+
+
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
              batch_size=256, workers=0, progress=True, heads=None) -> dict:
     """The report: accuracy per set grouped by kind, their means, and RSA (if pre_model).
@@ -109,9 +128,10 @@ def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None,
     model.eval()
     report = {k: {} for k in KINDS}
     skipped = 0
-    heads = heads or {}
     for name, (kind, dataset) in eval_sets.items():
-        head = heads.get(tuple(dataset.classnames))
+        head, note = trained_head(heads or {}, dataset.classnames)
+        if note:
+            report.setdefault("notes", {})[name] = note
         if head is None:
             head = zeroshot_head(model, tokenizer, dataset.classnames, dataset.templates, device)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)

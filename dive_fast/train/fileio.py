@@ -3,17 +3,34 @@ reports): a temporary file unique to this process and call, fsync, then rename, 
 see the old file or the new one, never half of one, and two writers never share a name."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no room: the disk, a size limit, a quota
 
-def atomic_write(path, write: Callable[[object], None], mode: str = "wb") -> Path:
-    """Calls ``write(file)`` on a fresh temporary file beside ``path``, then renames it."""
+
+class DiskFull(OSError):
+    """A write that found no room; the partial file is gone and the old one untouched."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def atomic_write(path, write: Callable[[object], None], mode: str = "wb",
+                 size_hint: int | None = None) -> Path:
+    """Calls ``write(file)`` on a fresh temporary file beside ``path``, syncs it, renames it
+    over ``path`` and syncs the folder, so the new file survives a crash once this returns.
+    No room on the disk (or a file-size limit or quota) raises ``DiskFull``, one sentence
+    naming the file and the room needed (``size_hint`` bytes when the caller knows them);
+    the partial file is removed and an older ``path`` stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,10 +41,56 @@ def atomic_write(path, write: Callable[[object], None], mode: str = "wb") -> Pat
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        full = _no_room(exc)
+        if full is None:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        need = f"about {_mib(size_hint)} needed, " if size_hint else ""
+        raise DiskFull(full.errno or errno.ENOSPC,
+                       f"could not write {path}: {full.strerror or 'no room'} ({need}"
+                       f"{_mib(free)} free there); the partial file was removed") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _no_room(exc: BaseException | None) -> OSError | None:
+    """The no-room error behind ``exc``, if any: writers wrap it (torch.save's zip writer
+    raises its own error while the OSError is handled; numpy's tofile reports a short write
+    as "N requested and M written", without an errno)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and (exc.errno in FULL or
+                                         (exc.errno is None and " written" in str(exc))):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename into it is durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not sync folders
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Deletes the temporary files that a killed ``atomic_write`` left in ``folder`` (call
+    it only on a folder this process owns, e.g. under the run's lock)."""
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,7 +17,7 @@ Pending = Callable[[], tuple[Tensor, Tensor | None]]
 
 
 class FrozenReference:
-    def __init__(self, model, device, amp_dtype=None, cache: np.ndarray | None = None,
+    def __init__(self, model, device, amp_dtype=None, cache=None,
                  co_schedule: bool = True):
         self.model, self.device = model, torch.device(device)
         self.amp_dtype, self.cache = amp_dtype, cache

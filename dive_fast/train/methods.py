@@ -17,7 +17,6 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from . import text
 from .evaluate import zeroshot_head
 from .frozen import FrozenReference
 from ..loss import DiVELoss
@@ -138,14 +137,19 @@ class Method(nn.Module):
         return self.prompt_tokens[labels, which]
 
     def encode(self, images: list[Tensor], tokens: list[Tensor]):
-        """One trainable forward per tower over the concatenated batches, under the run's
-        autocast; raw features back, split as given (image list, text list)."""
+        """The trainable forwards under the run's autocast; raw features back, as given
+        (image list, text list). The images run as one concatenated batch; token batches
+        too when their (trimmed) lengths agree, else each at its own length: class prompts
+        beside longer captions would otherwise run padded to the captions' length."""
+        split = lambda x, parts: list(x.split([len(p) for p in parts])) if parts else []  # noqa: E731
         with record_function("dive_fast.trainable_forward"), torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            img = self.model.encode_image(torch.cat(images)) if images else None
-            txt = self.model.encode_text(text.concat(tokens)) if tokens else None
-        split = lambda x, parts: list(x.split([len(p) for p in parts])) if parts else []  # noqa: E731
-        return split(img, images), split(txt, tokens)
+            imgs = split(self.model.encode_image(torch.cat(images)), images) if images else []
+            if len({t.shape[-1] for t in tokens}) <= 1:
+                txts = split(self.model.encode_text(torch.cat(tokens)), tokens) if tokens else []
+            else:
+                txts = [self.model.encode_text(t) for t in tokens]
+        return imgs, txts
 
     def clip(self, img: Tensor, txt: Tensor) -> Tensor:
         return self.clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),

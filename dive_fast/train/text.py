@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import types
 
-import torch
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
@@ -43,13 +42,6 @@ def trim(tokens: Tensor, multiple: int = MULTIPLE) -> Tensor:
     tensor would make the host wait for it)."""
     flat = tokens.reshape(-1, tokens.shape[-1])
     return tokens[..., :trimmed_length(flat, multiple)]
-
-
-def concat(batches: list[Tensor]) -> Tensor:
-    """Token batches of different trimmed lengths as one, padded to the longest (the padding
-    follows every EOT, so no embedding changes)."""
-    n = max(b.shape[-1] for b in batches)
-    return torch.cat([nn.functional.pad(b, (0, n - b.shape[-1]), value=PAD_ID) for b in batches])
 
 
 class TrimmingTokenizer:

@@ -25,7 +25,7 @@ from .checkpoint import atomic_save, load_checkpoint, prune
 from .data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
                    WorldCaptions, WorldTask, heldout_pairs, train_collate)
 from .evaluate import evaluate, format_table, task_sets, world_eval_sets, world_rsa_set
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import DiskFull, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .frozen import FrozenReference
 from .methods import METHODS, Batch, MethodConfig, make_method
 from .models import TINY_MODELS, compile_towers, frozen_copy, load_clip
@@ -97,8 +97,8 @@ def batch_stream(targets, references):
 # changes the result (model and weights, method, optimiser and schedule, data, batches).
 RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", "world_size",
                "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "momentum",
-               "precision", "augment", "train_folder", "reference_csv", "reference_shards",
-               "train_size", "ref_size", "world_seed", "seed", "fsdp")
+               "precision", "augment", "data_ids", "world_parts", "train_size", "ref_size",
+               "world_seed", "seed", "fsdp")
 
 
 def checkpoint_state(step, args, method, opt, sched, scaler=None) -> dict:
@@ -145,7 +145,13 @@ def load_resume(args) -> dict | None:
         return None
     ckpt = load_checkpoint(path)
     for key in RESUME_KEYS:
-        if key in ckpt and ckpt[key] != getattr(args, key):
+        if key == "data_ids" and key in ckpt:
+            changed = [part for part, digest in ckpt[key].items() if args.data_ids.get(part) != digest]
+            if changed:
+                raise ValueError(f"cannot resume from {path}: the {' and '.join(changed)} data "
+                                 "differ from what it was trained on (other class names, files, "
+                                 "sizes or modification times)")
+        elif key in ckpt and ckpt[key] != getattr(args, key):
             raise ValueError(f"cannot resume from {path}: it was written with {key}="
                              f"{ckpt[key]!r}, this run has {key}={getattr(args, key)!r}")
     ckpt["path"] = str(path)
@@ -285,6 +291,11 @@ def run_owned(args, rank, world, device) -> dict:
     out = Path(args.out)
     main_proc = distributed.is_main()
     claim_out(args, out)
+    if main_proc:  # a killed write's leftovers (this run holds --out's lock)
+        stale = [p for d in (out, out / "checkpoints", out / "cache")
+                 for p in remove_stale_temporaries(d)]
+        if stale:
+            log.info("removed %d temporary file(s) a killed run left, e.g. %s", len(stale), stale[0])
     resume = load_resume(args)  # a corrupt or mismatched checkpoint fails now
     if main_proc:
         atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
@@ -333,7 +344,9 @@ def run_owned(args, rank, world, device) -> dict:
     if main_proc:
         pre_model = load_model(args, pretrained, device).model.eval()
         ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if method.trains:
+        if method.trains and args.steps == 0:
+            log.info("--steps 0: evaluation only; the table has the zero-shot row alone")
+        if method.trains and args.steps > 0:
             common = dict(pre_model=pre_model, rsa_set=rsa_set, device=device,
                           progress=not args.no_progress)
             report[args.method] = evaluate(model, bundle.tokenizer, sets,
@@ -406,7 +419,11 @@ def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, 
     metrics = metrics_log.MetricsSink(out, start_step, tensorboard=args.report_to == "tensorboard") \
         if main_proc else None
     ckpt_dir = out / "checkpoints"
-    last_ckpt = None
+    # The checkpoints pruning may delete: this run's, from the step it resumed at down (the
+    # run owns --out, under its lock), then each new one once it is durable.
+    written = sorted(p for p in ckpt_dir.glob("step-*.pt")
+                     if int(p.stem.split("-")[1]) <= start_step) if main_proc else []
+    last_ckpt = written[-1] if written else None
     guard = NonFiniteGuard(device)
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
                desc=args.method, disable=args.no_progress or not main_proc)
@@ -450,8 +467,14 @@ def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, 
                 (main_proc or parallel.is_sharded(method.model)):  # FSDP's gather: every rank
             state = checkpoint_state(done, args, method, opt, sched, step_fn.keywords["scaler"])
             if main_proc:
-                last_ckpt = atomic_save(state, ckpt_dir / f"step-{done:08d}.pt")
-                prune(ckpt_dir, "step-*.pt", args.keep)
+                try:
+                    last_ckpt = atomic_save(state, ckpt_dir / f"step-{done:08d}.pt")
+                except DiskFull as exc:
+                    raise DiskFull(exc.errno, f"{exc.strerror}. The run stopped at step {done}; "
+                                   f"the last good checkpoint is {last_ckpt or 'none'}: free "
+                                   "space, then run the same command with --resume auto") from None
+                written.append(last_ckpt)
+                prune(written, args.keep)
     if metrics:
         metrics.close()
     return distributed.sum_over_ranks(skipped, device)

@@ -35,6 +35,9 @@ def device(value: str, arg: str = "--device") -> None:
     except (RuntimeError, TypeError):
         raise ValueError(f"{arg} wants a torch device such as cpu, cuda or cuda:1, "
                          f"got {value!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{arg} {value}: dive_fast trains on cpu or cuda devices, not "
+                         f"{dev.type}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{arg} {value}: CUDA is not available on this machine "
@@ -79,7 +82,8 @@ def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True
             raise ValueError(f"{arg} wants KIND:NAME:PATH, got {spec!r}")
         if kind not in KINDS:
             raise ValueError(f"{arg} {spec!r}: KIND must be one of {', '.join(KINDS)}, got {kind!r}")
-        if not name.strip():
+        name = name.strip()
+        if not name:
             raise ValueError(f"{arg} {spec!r}: NAME is empty (it names the task's column "
                              "in the report)")
         if name in seen:
@@ -92,21 +96,70 @@ def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True
     return out
 
 
-def image_folder(path, arg: str) -> None:
+def image_folder(path, arg: str):
     """Lists an image folder as ``data.ImageFolderTask`` does (class folders, images,
-    classnames.txt, templates.txt), so that a bad one fails now, not after training."""
+    classnames.txt, templates.txt) and opens its images until one reads, so that a bad
+    folder fails now, not after training. Returns the listing."""
     from .data import ImageFolderTask
-    _opens(arg, lambda: ImageFolderTask(path, transform=None))
+    folder = _opens(arg, lambda: ImageFolderTask(path, transform=None))
+    _one_readable(arg, folder)
+    return folder
 
 
-def caption_csv(path, arg: str, **csv_options) -> None:
-    """Reads an open_clip CSV as ``data.CsvCaptions`` does (UTF-8, its columns, its rows)."""
+def _one_readable(arg: str, dataset, tries: int = 64) -> None:
+    """At least one of the first ``tries`` samples opens (a set of only missing or broken
+    images fails now, not after the model loads); later ones are skipped as they come."""
+    from .data import _open_image
+    for i in range(min(tries, len(dataset))):
+        if _open_image(dataset.describe(i)) is not None:
+            return
+    raise ValueError(f"{arg}: none of the first {min(tries, len(dataset))} images reads "
+                     f"(e.g. {dataset.describe(0)}): missing, broken or not images")
+
+
+def caption_csv(path, arg: str, min_rows: int = 1, **csv_options):
+    """Reads an open_clip CSV as ``data.CsvCaptions`` does (UTF-8, its columns, its rows,
+    quoting) and opens its images until one reads. Returns the data set."""
     from .data import CsvCaptions
-    _opens(arg, lambda: CsvCaptions(path, transform=None, **csv_options))
+    pairs = _opens(arg, lambda: CsvCaptions(path, transform=None, **csv_options))
+    if len(pairs) < min_rows:
+        raise ValueError(f"{arg}: {path} has {len(pairs)} pair(s) with a caption; at least "
+                         f"{min_rows} are needed")
+    _one_readable(arg, pairs)
+    return pairs
 
 
-def _opens(arg: str, open_it) -> None:
+def _opens(arg: str, open_it):
     try:
-        open_it()
+        return open_it()
     except (OSError, ValueError) as exc:
         raise type(exc)(f"{arg}: {exc}") from None
+
+
+def output_paths(out, arg: str = "--out") -> Path:
+    """--out as a writable folder whose run files can be written: metrics.jsonl and the
+    reports files, checkpoints/ and cache/ folders (a file or folder of the wrong kind in
+    their place would fail only at the first log step or checkpoint)."""
+    if str(out).strip() == "":
+        raise ValueError(f"{arg} is empty; give a folder for the run's files")
+    out = writable_folder(out, arg)
+    for name in ("metrics.jsonl", "report.json", "table.md", "config.json", "curves.png"):
+        if (out / name).is_dir():
+            raise ValueError(f"{arg}: {out / name} is a folder; the run writes a file there")
+    for name in ("checkpoints", "cache"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ValueError(f"{arg}: {out / name} is a file; the run writes a folder there")
+    return out
+
+
+def float32_number(arg: str, value) -> None:
+    """A value the float32 kernels can hold (1e39 is inf there)."""
+    if value is not None and math.isfinite(value) and \
+            not math.isfinite(torch.tensor(value, dtype=torch.float32).item()):
+        raise ValueError(f"{arg} {value!r} overflows float32 (at most about 3.4e38)")
+
+
+def seed(arg: str, value: int) -> None:
+    """Seeds feed torch and numpy generators: 0 to 2**32 - 1."""
+    if not 0 <= value < 2 ** 32:
+        raise ValueError(f"{arg} must be between 0 and 2**32 - 1, got {value}")

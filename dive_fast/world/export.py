@@ -48,7 +48,7 @@ def write_captions(out: Path, corpus: str, n: int, seed: int, size: int, shard_s
         writer = wds.ShardWriter(str(root / "shards" / f"{corpus}-%06d.tar"), maxcount=shard_size,
                                  verbose=0)
     with open(root / "captions.csv", "w", newline="") as f:
-        table = csv.writer(f, delimiter="\t")
+        table = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # as dive_fast reads it
         table.writerow(["filepath", "title"])
         for i in tqdm(range(n), desc=corpus, leave=False):
             img, text, _ = caption_pair(corpus, i, seed, size)
