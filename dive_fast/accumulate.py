@@ -55,6 +55,28 @@ def micro(parts: list[Tensor], k: int, j: int) -> list[Tensor]:
     return [p.tensor_split(k)[j] for p in parts]
 
 
+def check_arguments(inputs, k) -> None:
+    """``k`` a positive int; ``inputs`` a non-empty list of non-empty tensors (each is cut
+    into ``k`` pieces of its own rows: a target and a reference batch may differ in size)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not isinstance(inputs, (list, tuple)) or not inputs or \
+            not all(isinstance(x, Tensor) for x in inputs):
+        raise ValueError("inputs must be a non-empty list of tensors (the whole batch, one "
+                         f"tensor per encoder input), got {type(inputs).__name__}")
+    if min(len(x) for x in inputs) == 0:
+        raise ValueError(f"inputs: an empty batch (0 rows; rows per tensor: "
+                         f"{[len(x) for x in inputs]})")
+
+
+def _features(encode, inputs) -> list[Tensor]:
+    out = encode(inputs)
+    if not isinstance(out, (list, tuple)) or not all(isinstance(f, Tensor) for f in out):
+        raise TypeError("encode must return a list or tuple of tensors, got "
+                        f"{type(out).__name__}")
+    return list(out)
+
+
 def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
                            learns: bool = True, before_micro_batch=None,
                            loss_scale: Tensor | float | None = None):
@@ -76,7 +98,8 @@ def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
             [images, tokens], lambda fs: dive(fs[0], img0, fs[1], txt0), k=4)
         opt.step()
     """
-    device = next((x.device for x in inputs), torch.device("cpu"))
+    check_arguments(inputs, k)
+    device = inputs[0].device
     if k > min(len(x) for x in inputs):
         raise ValueError(f"accumulation: {k} micro-batches is more than a batch of "
                          f"{min(len(x) for x in inputs)} rows")
@@ -84,7 +107,7 @@ def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
     with record_function("dive_fast.cache_features"), torch.no_grad():
         for j in range(k):
             states.append(rng_state(device))
-            parts.append(encode(micro(inputs, k, j)))
+            parts.append(_features(encode, micro(inputs, k, j)))
     # Whole-batch features as leaves: the objective's gradient stops at them.
     leaves = [torch.cat([p[i] for p in parts]).requires_grad_(learns)
               for i in range(len(parts[0]))]
@@ -101,6 +124,6 @@ def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
             if before_micro_batch is not None:
                 before_micro_batch(j, j == k - 1)
             with replayed(states[j], device):
-                features = encode(micro(inputs, k, j))
+                features = _features(encode, micro(inputs, k, j))
             torch.autograd.backward(features, micro(grads, k, j))
     return out

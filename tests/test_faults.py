@@ -286,3 +286,73 @@ def test_a_cache_changed_under_a_live_run_is_an_error_naming_it(tmp_path):
         cache.rows([9])
     with pytest.raises(RuntimeError, match=r"is 200 bytes, expected .*cut short"):
         frozen_cache.EmbeddingCache(path)
+
+
+# --- the other command lines ----------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["file", "foreign", "huge", "disk"])
+def test_world_export_writes_only_where_it_may(tmp_path, capsys, case):
+    from dive_fast.world.export import main
+    out = tmp_path / "w"
+    args = ["--out", str(out), "--tasks", "colour", "--splits", "test", "--n", "2", "--pairs", "0"]
+    if case == "file":
+        out.write_text("mine")
+        message = "is a file; give a folder"
+    elif case == "foreign":
+        (out / "reference").mkdir(parents=True)
+        (out / "reference" / "captions.csv").write_text("a user's own file")
+        message = "holds files that no `python -m dive_fast.world` wrote"
+    elif case == "huge":
+        args += ["--size", "100000"]
+        message = "GiB of memory to render"
+    else:
+        args += ["--size", "1024", "--n", "10000000"]
+        message = "GiB free"
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    if case == "foreign":
+        assert (out / "reference" / "captions.csv").read_text() == "a user's own file"
+
+
+def test_world_export_may_add_to_a_world_it_wrote(tmp_path):
+    from dive_fast.world.export import main
+    out = tmp_path / "w"
+    main(["--out", str(out), "--tasks", "colour", "--splits", "test", "--n", "2", "--pairs", "0"])
+    main(["--out", str(out), "--tasks", "size", "--splits", "test", "--n", "2", "--pairs", "0"])
+    assert {p.name for p in (out / "tasks").iterdir()} == {"colour", "size"}
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--steps", "0"], "--steps must be a finite number >= 1, got 0"),
+    (["--model", "ViT-B-32"], "--model ViT-B-32: pre-training on the world is meant for the tiny"),
+])
+def test_pretrain_refuses_what_cannot_make_sense(bad, message):
+    from dive_fast.train import pretrain
+    with pytest.raises(ValueError, match=message):
+        pretrain.main(bad)
+
+
+@pytest.mark.parametrize("k,message", [
+    (0, "k must be a positive integer, got 0"), (-1, "k must be a positive integer, got -1"),
+    (2.0, "k must be a positive integer, got 2.0"),
+])
+def test_micro_batched_backward_checks_its_arguments(k, message):
+    from dive_fast import micro_batched_backward
+    x = torch.randn(4, 3)
+    with pytest.raises((ValueError, TypeError), match=message):
+        micro_batched_backward(lambda xs: [xs[0]], [x], lambda fs: fs[0].sum(), k)
+
+
+def test_micro_batched_backward_names_bad_inputs_and_encoders():
+    from dive_fast import micro_batched_backward
+    lin = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"inputs: an empty batch \(0 rows\)"):
+        micro_batched_backward(lambda xs: [lin(xs[0])], [torch.randn(0, 3)], lambda fs: fs[0].sum(), 1)
+    with pytest.raises(ValueError, match="inputs must be a non-empty list of tensors"):
+        micro_batched_backward(lambda xs: [lin(xs[0])], [], lambda fs: fs[0].sum(), 1)
+    with pytest.raises(ValueError, match=r"inputs: an empty batch \(0 rows; rows per tensor: \[4, 0\]"):
+        micro_batched_backward(lambda xs: [lin(xs[0])], [torch.randn(4, 3), torch.randn(0, 3)],
+                               lambda fs: fs[0].sum(), 2)
+    with pytest.raises(TypeError, match=r"encode must return a list or tuple of tensors, got Tensor"):
+        micro_batched_backward(lambda xs: lin(xs[0]), [torch.randn(4, 3)], lambda fs: fs.sum(), 2)

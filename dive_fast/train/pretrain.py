@@ -39,7 +39,9 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
     torch.manual_seed(seed)
     steps = steps or DEFAULT_STEPS.get(name, 600)
     out = Path(out) if out else tiny_checkpoint(name, seed)
-    bundle = load_clip(name, None, device)
+    # Full-length text: the cached weights (and the tables made with them) come from the
+    # arithmetic before text truncation; fine-tuning trims exactly either way.
+    bundle = load_clip(name, None, device, text_truncation=False)
     model = bundle.model.train()
     data = WorldCaptions("pretrain", steps * batch_size, bundle.preprocess_val, seed,
                          bundle.image_size)
@@ -102,13 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default=None, help="weights file to write (unset: the model cache, "
       "$DIVE_FAST_CACHE or ~/.cache/dive_fast)")
     a("--device", default=None, help="torch device (unset: cuda when visible, else cpu)")
+    a("--any-model", action="store_true",
+      help="pre-train a model other than dive_fast's tiny configs on the world (an open_clip "
+           "ViT takes hours to days on a CPU)")
     return p
+
+
+def check_args(args) -> None:
+    from .models import TINY_MODELS
+    from .validate import device, number
+    if args.model not in TINY_MODELS and not args.any_model:
+        raise ValueError(f"--model {args.model}: pre-training on the world is meant for the tiny "
+                         f"configs ({', '.join(TINY_MODELS)}); pass --any-model to pre-train "
+                         "another (slow), or fine-tune it from --pretrained weights instead")
+    number("--steps", args.steps, 1)
+    number("--batch-size", args.batch_size, 1)
+    number("--lr", args.lr, 0, above=True)
+    number("--workers", args.workers, 0)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device(args.device)
 
 
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     path = pretrain(args.model, args.seed, args.out, args.steps, args.batch_size, args.lr,
                     workers=args.workers, device=args.device)
     meta = json.loads(path.with_suffix(".json").read_text())
@@ -119,8 +138,11 @@ def run(args):
 
 
 def main(argv=None):
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    from .._argparse import run_checked
+    run_checked(build_parser(), check_args, run)

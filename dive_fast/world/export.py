@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -64,6 +65,31 @@ def write_captions(out: Path, corpus: str, n: int, seed: int, size: int, shard_s
     return root
 
 
+MARKER = ".dive_fast_world.json"  # what says a folder holds a world this command wrote
+MAX_IMAGE_BYTES = 1 << 30  # one rendered image's working memory: float64 RGB, S x S
+
+
+def check_output(out: Path, size: int, images: int, formats) -> None:
+    """--out is a folder this command may write: new, empty, or a world it wrote before
+    (never a user's own files), with room for what it will write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ValueError(f"--out {out} holds files that no `python -m dive_fast.world` wrote; "
+                         "give a new or empty folder")
+    if 3 * 8 * size * size > MAX_IMAGE_BYTES:
+        raise ValueError(f"--size {size}: one image would need about "
+                         f"{3 * 8 * size * size / 2**30:.1f} GiB of memory to render (at most "
+                         f"{MAX_IMAGE_BYTES >> 30} GiB); the world is drawn at 16 to 1024 pixels")
+    per_image = 3 * size * size * (len(formats) if formats else 1)  # uncompressed, per format
+    need = images * per_image
+    probe = out if out.is_dir() else next(p for p in out.parents if p.is_dir())
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ValueError(f"the world asked for ({images} images at {size} px) may need up to "
+                         f"{need / 2**30:.1f} GiB, and {probe} has {free / 2**30:.1f} GiB free")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .._argparse import DefaultsFormatter
     p = argparse.ArgumentParser(
@@ -102,6 +128,11 @@ def main(argv=None):
         p.error(f"--formats wants a comma-separated subset of csv,wds, got {args.formats!r}")
     out = Path(args.out)
     names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    try:
+        check_output(out, args.size, len(names) * len(args.splits.split(",")) * args.n
+                     + args.pairs + args.pretrain_pairs + args.rsa_pairs, formats)
+    except ValueError as exc:
+        p.error(str(exc))
     splits = args.splits.split(",")
     for name in names:
         if name not in TASKS:
@@ -109,7 +140,9 @@ def main(argv=None):
     for split in splits:
         if split not in SPLITS:
             p.error(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    for name in names:  # everything checked: now write
+    out.mkdir(parents=True, exist_ok=True)  # everything checked: now write
+    (out / MARKER).write_text(json.dumps({"seed": args.seed, "size": args.size}) + "\n")
+    for name in names:
         for split in splits:
             write_task(out, name, split, args.n, args.seed, args.size)
     if args.pairs:
