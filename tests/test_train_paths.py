@@ -215,3 +215,31 @@ def test_fsdp_checkpoint_loads_into_a_plain_model_and_resumes(ddp_runs):
     step2 = load_checkpoint(whole_dir / "checkpoints" / "step-00000002.pt")
     assert not torch.equal(step2["state_dict"]["logit_scale"], whole["state_dict"]["logit_scale"]) \
         or any(not torch.equal(step2["state_dict"][k], v) for k, v in whole["state_dict"].items())
+
+
+def test_two_nodes_of_one_process_equal_one_process(ddp_runs, tmp_path):
+    """The documented multi-node command, as two nodes of one process each on this machine
+    (c10d rendezvous on localhost, gloo): the same update as one process on the global batch."""
+    import socket
+    from dive_fast.train.models import load_clip, tiny_checkpoint
+    out_one, args_one = ddp_runs["world", "flyp", "one"]
+    args = list(args_one)
+    args[args.index("--out") + 1] = str(tmp_path / "nodes")
+    args[args.index("--batch-size") + 1] = "4"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+           "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id",
+           "two-nodes", "-m", "dive_fast.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    pre = load_clip("dive-micro", str(tiny_checkpoint("dive-micro"))).model.state_dict()
+    one, two = final(out_one), final(tmp_path / "nodes")
+    keys = [k for k in pre if pre[k].is_floating_point() and not k.endswith("in_proj_bias")
+            and not torch.equal(one["state_dict"][k], pre[k])]
+    assert two["world_size"] == 2
+    assert relative_gap(one["state_dict"], two["state_dict"], pre, keys) < 0.02
