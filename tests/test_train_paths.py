@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import train_args
 from dive_fast import train
 from dive_fast.train.checkpoint import load_checkpoint
 
@@ -243,3 +244,20 @@ def test_two_nodes_of_one_process_equal_one_process(ddp_runs, tmp_path):
             and not torch.equal(one["state_dict"][k], pre[k])]
     assert two["world_size"] == 2
     assert relative_gap(one["state_dict"], two["state_dict"], pre, keys) < 0.02
+
+
+def test_a_rank_that_dies_ends_the_run_naming_it(micro_cache, tmp_path):
+    """Rank 1 exits in its second step: the other does not hang; torchrun ends the run within
+    seconds and names the rank and its exit code."""
+    import time
+    args = train_args(tmp_path / "out", "--method", "flyp", "--steps", "6")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+                           str(Path(__file__).parent / "helpers" / "dying_rank.py"), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank      : 1" in proc.stderr and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 90, f"took {elapsed:.0f} s"  # start-up and the model included
