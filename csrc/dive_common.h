@@ -1,4 +1,4 @@
-// Shared by the CPU and CUDA DiVE kernels: statistics layout and dtype dispatch.
+// Shared by the CPU and CUDA DiVE ops: statistics layout, input checks and dtype dispatch.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,12 +13,6 @@ constexpr int kCount = 0, kM2U = 1, kM2V = 2, kPvl = 3, kNormU = 4, kNormV = 5;
 constexpr int kNonFinite = 6, kZeroNorm = 10, kNumScalars = 14;
 constexpr int kInfoSize = 10;  // mean |u|, mean |v|, 4 non-finite, 4 zero-norm row counts
 
-#ifdef __CUDACC__
-#define DIVE_HOST_DEVICE __host__ __device__
-#else
-#define DIVE_HOST_DEVICE
-#endif
-
 // Unroll a loop of constant trip count in device code (host compilers unroll such loops
 // at -O3 on their own, and some warn on the CUDA pragma).
 #ifdef __CUDA_ARCH__
@@ -26,44 +20,6 @@ constexpr int kInfoSize = 10;  // mean |u|, mean |v|, 4 non-finite, 4 zero-norm 
 #else
 #define DIVE_UNROLL
 #endif
-
-// The finalisation's merge over parts (CPU and CUDA; Triton's takes the same two sums in
-// two passes over tiles of parts): column j's mean over the parts k = 0..K-1 of u, then
-// of v, each weighing its row count n_k, by Chan's update; dev += the parts' squared
-// deviations about that mean.
-// Parts are read kMergeChunk at a time into registers before they are merged: the merge
-// is a dependent chain (each step divides by the running count), and a load issued inside
-// it waits out its whole latency (the first H200 run: ~1 ms of the forward at K = 264,
-// D = 1024, in one CTA). The order of the arithmetic is unchanged.
-constexpr int kMergeChunk = 8;
-
-template <typename T, typename S>
-DIVE_HOST_DEVICE inline T merge_parts(const S* means, const S* scalars, int64_t K, int64_t D,
-                                      int64_t j, T& dev) {
-  T n_run = 0, mean = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += kMergeChunk) {
-    const int64_t left = K - k0;
-    T n[kMergeChunk] = {}, x[2 * kMergeChunk] = {};  // zeros: never read past K
-    DIVE_UNROLL
-    for (int i = 0; i < kMergeChunk; ++i) {
-      if (i < left) {
-        n[i] = scalars[(k0 + i) * kNumScalars + kCount];
-        x[2 * i] = T(means[(2 * (k0 + i)) * D + j]);          // u
-        x[2 * i + 1] = T(means[(2 * (k0 + i) + 1) * D + j]);  // v
-      }
-    }
-    DIVE_UNROLL
-    for (int i = 0; i < 2 * kMergeChunk; ++i) {  // u, then v, part by part
-      if (i / 2 < left) {
-        const T tot = n_run + n[i / 2], w = n[i / 2] / tot, e = x[i] - mean;
-        dev += n_run * w * e * e;
-        mean += e * w;
-        n_run = tot;
-      }
-    }
-  }
-  return mean;
-}
 
 // The forward's outputs, (loss, avl, pvl, m_new, b, info), as the ops return them.
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -74,17 +30,6 @@ inline ForwardOutputs empty_forward_outputs(const at::Tensor& means, const at::T
   const auto opts = means.options();
   return {at::empty({}, opts), at::empty({}, opts), at::empty({}, opts), at::empty_like(m),
           at::empty({means.size(2)}, opts), at::empty({kInfoSize}, opts)};
-}
-
-// The single-process forward, the same on every device: the statistics, then their
-// finalisation (on a GPU two launches), m_out updated by the latter.
-template <auto stats, auto finalize>
-ForwardOutputs fused_forward(const at::Tensor& img_ft, const at::Tensor& img_pre,
-                             const at::Tensor& txt_ft, const at::Tensor& txt_pre,
-                             const at::Tensor& m, const std::optional<at::Tensor>& m_out,
-                             bool normalize, double momentum, double lam_avl, double lam_pvl) {
-  const auto [means, scalars] = stats(img_ft, img_pre, txt_ft, txt_pre, normalize);
-  return finalize(means, scalars, m, m_out, std::nullopt, momentum, lam_avl, lam_pvl);
 }
 
 inline void check_finalize_inputs(const at::Tensor& means, const at::Tensor& scalars,

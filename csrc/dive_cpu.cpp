@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "dive_common.h"
+#include "dive_cuda_plan.h"
 
 namespace dive_fast {
 namespace {
@@ -148,10 +149,9 @@ void stats_chunk(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
   st.norm_v = norm_v;
 }
 
-std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
-                                                  const at::Tensor& img_pre,
-                                                  const at::Tensor& txt_ft,
-                                                  const at::Tensor& txt_pre, bool normalize) {
+std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& img_ft, const at::Tensor& img_pre,
+                                             const at::Tensor& txt_ft, const at::Tensor& txt_pre,
+                                             bool normalize) {
   const auto [A, A0, T, T0, B, D] = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
@@ -185,12 +185,22 @@ std::tuple<at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
   return {means, scalars};
 }
 
+// The op: the statistics and an empty workspace (the GPU finalisations' ticket lives there).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dive_stats_cpu(const at::Tensor& img_ft,
+                                                              const at::Tensor& img_pre,
+                                                              const at::Tensor& txt_ft,
+                                                              const at::Tensor& txt_pre,
+                                                              bool normalize) {
+  auto [means, scalars] = stats_cpu(img_ft, img_pre, txt_ft, txt_pre, normalize);
+  return {means, scalars, at::empty({0}, means.options())};
+}
+
 // The finalisation: the mathematics of dive_fast.ops.dive.finalize (the reference), in the
-// form the CUDA and Triton finalisation kernels share. Per column, the parts' u and v
-// means are merged one by one (Chan's update, weights n_k) into this process's batch mean
-// b_local and dev = sum_k n_k |mean_k - b_local|^2. Then m_new = momentum m +
-// (1 - momentum) b, with b = b_local or the mean over ranks when given, and m kept when b
-// is not finite; AVL = (sum M2 + dev + 2n |b_local - m_new|^2) / n, every term
+// form the CUDA and Triton finalisation kernels share, in float64. Per column, the parts'
+// u and v means weighted by their row counts give this process's batch mean b_local, then
+// dev = sum_k n_k |mean_k - b_local|^2 (a second pass, about b_local). Then m_new =
+// momentum m + (1 - momentum) b, with b = b_local or the mean over ranks when given, and m
+// kept when b is not finite; AVL = (sum M2 + dev + 2n |b_local - m_new|^2) / n, every term
 // non-negative (no cancellation when all difference vectors are nearly equal).
 template <typename acc_t>
 void finalize_host(const acc_t* means, const acc_t* scalars, int64_t K, int64_t D,
@@ -202,13 +212,30 @@ void finalize_host(const acc_t* means, const acc_t* scalars, int64_t K, int64_t 
     for (int j = 0; j < kNumScalars; ++j) sums[j] += scalars[k * kNumScalars + j];
   }
   const double total = sums[kCount];
-  std::vector<double> b_local(D);
+  std::vector<double> b_local(D, 0.0);
+  for (int64_t k = 0; k < K; ++k) {
+    const double n = scalars[k * kNumScalars + kCount];
+    const acc_t* mu = means + 2 * k * D;
+    const acc_t* mv = mu + D;
+    for (int64_t d = 0; d < D; ++d) b_local[d] += n * (double(mu[d]) + double(mv[d]));
+  }
+  for (int64_t d = 0; d < D; ++d) b_local[d] /= 2 * total;
   double dev = 0, bad = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double n = scalars[k * kNumScalars + kCount];
+    const acc_t* mu = means + 2 * k * D;
+    const acc_t* mv = mu + D;
+    double part = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double du = mu[d] - b_local[d], dv = mv[d] - b_local[d];
+      part += du * du + dv * dv;
+    }
+    dev += n * part;
+  }
   for (int64_t d = 0; d < D; ++d) {
-    const double mean = merge_parts<double>(means, scalars, K, D, d, dev);
-    b_local[d] = mean;
-    b_out[d] = static_cast<acc_t>(mean);
-    bad += !(std::abs(b_global ? double(b_global[d]) : mean) <= std::numeric_limits<acc_t>::max());
+    const double b = b_global ? double(b_global[d]) : b_local[d];
+    b_out[d] = static_cast<acc_t>(b);
+    bad += !(std::abs(b) <= std::numeric_limits<acc_t>::max());
   }
   double off = 0;
   for (int64_t d = 0; d < D; ++d) {
@@ -229,8 +256,8 @@ void finalize_host(const acc_t* means, const acc_t* scalars, int64_t K, int64_t 
   for (int j = 0; j < 8; ++j) info[2 + j] = static_cast<acc_t>(sums[kNonFinite + j]);
 }
 
-ForwardOutputs dive_finalize_cpu(const at::Tensor& means, const at::Tensor& scalars,
-                                 const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+ForwardOutputs finalize_cpu(const at::Tensor& means, const at::Tensor& scalars,
+                            const at::Tensor& m, const std::optional<at::Tensor>& m_out,
                                  const std::optional<at::Tensor>& b, double momentum,
                                  double lam_avl, double lam_pvl) {
   check_finalize_inputs(means, scalars, m, m_out, b);
@@ -251,6 +278,23 @@ ForwardOutputs dive_finalize_cpu(const at::Tensor& means, const at::Tensor& scal
   if (m_new.scalar_type() != m.scalar_type()) m_new = m_new.to(m.scalar_type());
   if (m_out && !direct) m_out->copy_(m_new);
   return out;
+}
+
+ForwardOutputs dive_finalize_cpu(const at::Tensor& means, const at::Tensor& scalars,
+                                 const std::optional<at::Tensor>& /*workspace: GPU only*/,
+                                 const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                                 const std::optional<at::Tensor>& b, double momentum,
+                                 double lam_avl, double lam_pvl) {
+  return finalize_cpu(means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl);
+}
+
+// The forward in one call: statistics, then their finalisation.
+ForwardOutputs dive_forward_cpu(const at::Tensor& img_ft, const at::Tensor& img_pre,
+                                const at::Tensor& txt_ft, const at::Tensor& txt_pre,
+                                const at::Tensor& m, const std::optional<at::Tensor>& m_out,
+                                bool normalize, double momentum, double lam_avl, double lam_pvl) {
+  const auto [means, scalars] = stats_cpu(img_ft, img_pre, txt_ft, txt_pre, normalize);
+  return finalize_cpu(means, scalars, m, m_out, std::nullopt, momentum, lam_avl, lam_pvl);
 }
 
 // Gradient outputs are large (B' x D) and die within the step; fresh ones cost the OS
@@ -431,10 +475,13 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
 TORCH_LIBRARY(dive_fast_C, lib) {
   // The statistics (per-part means and scalars), the finalisation of such statistics
   // (b given: the mean over ranks), and the two in one call; m_out receives m_new too.
+  // dive_stats returns (means, scalars, workspace); the workspace (empty on the CPU) goes to
+  // dive_finalize with them: on a GPU it holds the finalisation's ticket, zeroed by the
+  // statistics kernel, and its partial sums.
   lib.def("dive_stats(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, "
-          "bool normalize) -> (Tensor, Tensor)");
-  lib.def("dive_finalize(Tensor means, Tensor scalars, Tensor m, Tensor(a!)? m_out, Tensor? b, "
-          "float momentum, float lam_avl, float lam_pvl) "
+          "bool normalize) -> (Tensor, Tensor, Tensor)");
+  lib.def("dive_finalize(Tensor means, Tensor scalars, Tensor? workspace, Tensor m, "
+          "Tensor(a!)? m_out, Tensor? b, float momentum, float lam_avl, float lam_pvl) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   lib.def("dive_forward(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, Tensor m, "
           "Tensor(a!)? m_out, bool normalize, float momentum, float lam_avl, float lam_pvl) "
@@ -445,12 +492,32 @@ TORCH_LIBRARY(dive_fast_C, lib) {
   // The CPU backward's cache of gradient blocks: bytes held, and a way to free them.
   lib.def("cpu_cached_bytes() -> int", [] { return int64_t(GradientBlockCache::instance().cached_bytes()); });
   lib.def("cpu_release_cached() -> ()", [] { GradientBlockCache::instance().release_all(); });
+  // The CUDA kernels' launch shapes (dive_cuda_plan.h), for the ahead-of-time checks: they
+  // need no GPU and no CUDA build.
+  lib.def("cuda_parts() -> int", [] { return int64_t(kParts); });
+  lib.def("cuda_max_dim() -> int", [] { return kMaxDim; });
+  lib.def("cuda_stats_plan(int dim, int elem_ft, int elem_pre, bool aligned, int shared_limit) "
+          "-> int[]", [](int64_t D, int64_t ft, int64_t pre, bool aligned, int64_t limit) {
+            const StatsPlan p = stats_plan(D, int(ft), int(pre), aligned, limit);
+            return std::vector<int64_t>{p.fast, p.chunks, p.threads_per_row, p.rows_per_tile,
+                                        p.stages, p.stage_bytes, p.shared_bytes, kParts,
+                                        kStatsThreads};
+          });
+  lib.def("cuda_backward_plan(int batch, int dim, int elem_ft, int elem_pre, bool aligned) "
+          "-> int[]", [](int64_t B, int64_t D, int64_t ft, int64_t pre, bool aligned) {
+            const BackwardPlan p = backward_plan(B, D, int(ft), int(pre), aligned);
+            return std::vector<int64_t>{p.fast, p.threads_per_row, p.rows_per_block, p.threads,
+                                        p.blocks};
+          });
+  lib.def("cuda_finalize_plan(int dim) -> int[]", [](int64_t D) {
+    return std::vector<int64_t>{finalize_blocks(D), kFinalizeThreads, workspace_doubles(D)};
+  });
 }
 
 TORCH_LIBRARY_IMPL(dive_fast_C, CPU, lib) {
   lib.impl("dive_stats", &dive_stats_cpu);
   lib.impl("dive_finalize", &dive_finalize_cpu);
-  lib.impl("dive_forward", &fused_forward<dive_stats_cpu, dive_finalize_cpu>);
+  lib.impl("dive_forward", &dive_forward_cpu);
   lib.impl("dive_backward", &dive_backward_cpu);
 }
 

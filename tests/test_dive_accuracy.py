@@ -121,7 +121,7 @@ def test_finalisation_merges_many_uneven_parts(backend, spread):
                                      pre[1].float(), False))
     means, scalars = (torch.cat(x) for x in zip(*parts))
     m = (c + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64)).float()
-    loss, avl, pvl, m_new, b, info = _finalize(backend, means, scalars, m, None, None, 0.99,
+    loss, avl, pvl, m_new, b, info = _finalize(backend, means, scalars, None, m, None, None, 0.99,
                                                1000.0, 1000.0)
     avl64, pvl64, m64, b64, info64 = finalize(means.double(), scalars.double(), m.double(),
                                               0.99)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ROOT = Path(__file__).resolve().parents[2]
 # Per SM: 64K registers, 2048 threads; shared memory per SM and per block (opt-in maximum).
 REGISTERS_PER_SM, THREADS_PER_SM, REGISTER_UNIT = 65536, 2048, 256
@@ -89,17 +90,19 @@ def triton_jobs() -> list[tuple[str, str, dict]]:
     jobs = []
     pairs = list(itertools.product(DTYPES, repeat=2))
     for D, (ft, pre), normalize in itertools.product(_dim_buckets(), pairs, (True, False)):
-        cfg = launch_config(D)
-        label = (f"D<={D} BLOCK_B={cfg.block_b} BLOCK_D={cfg.block_d} warps={cfg.num_warps} "
+        cfg = launch_config(D, min(ELEMENT_BYTES[ft], ELEMENT_BYTES[pre]))
+        label = (f"D<={D} BLOCK_B={cfg.block_b} CHUNKS={cfg.chunks} VEC={cfg.vec} "
+                 f"rows_in_warp={int(cfg.rows_in_warp)} warps={cfg.num_warps} "
                  f"ft={ft} pre={pre} normalize={int(normalize)}")
         for kernel in ("_dive_stats_kernel", "_dive_backward_kernel"):
             jobs.append((kernel, label, dict(kernel=kernel, D=D, ft=ft, pre=pre,
                                              normalize=normalize, num_warps=cfg.num_warps,
-                                             block_b=cfg.block_b, block_d=cfg.block_d)))
+                                             block_b=cfg.block_b, chunks=cfg.chunks,
+                                             vec=cfg.vec, rows_in_warp=cfg.rows_in_warp)))
     for m, has_b, has_m_out in itertools.product(DTYPES, (False, True), (False, True)):
         label = (f"BLOCK_K={FINALIZE['BLOCK_K']} BLOCK_D={FINALIZE['BLOCK_D']} "
-                 f"warps={FINALIZE['num_warps']} m={m} all_reduced_b={int(has_b)} "
-                 f"m_out={int(has_m_out)}")
+                 f"BLOCK_P={FINALIZE['BLOCK_P']} warps={FINALIZE['num_warps']} m={m} "
+                 f"all_reduced_b={int(has_b)} m_out={int(has_m_out)}")
         jobs.append(("_dive_finalize_kernel", label,
                      dict(kernel="_dive_finalize_kernel", m=m, has_b=has_b, has_m_out=has_m_out)))
     return jobs
@@ -107,30 +110,35 @@ def triton_jobs() -> list[tuple[str, str, dict]]:
 
 def _kernel_args(job: dict):
     """Example arguments (tiny tensors for the pointers: only dtype and alignment count),
-    constexprs and warps for one job, as its launcher passes them."""
+    constexprs and compile options for one job, as its launcher passes them."""
     import torch
 
     from . import dive_triton as k
     from .dive_reference import NUM_SCALARS
 
     ptr = lambda name: torch.empty(16, dtype=getattr(torch, DTYPES[name]))  # noqa: E731
-    f32 = ptr("fp32")
+    f32, i32 = ptr("fp32"), torch.empty(16, dtype=torch.int32)
     if job["kernel"] == "_dive_finalize_kernel":
         m = ptr(job["m"])
-        args = [f32, f32, m, f32, m, m, f32, f32, f32, f32, f32, 100, 512, 0.99, 0.01, 1000.0,
-                1000.0]
+        args = [f32, f32, m, f32, m, m, f32, f32, f32, f32, f32, i32, 100, 512, 0.99, 0.01,
+                1000.0, 1000.0]
+        fin = k.FINALIZE
         return k._dive_finalize_kernel, args, dict(
             HAS_B=job["has_b"], HAS_M_OUT=job["has_m_out"], NUM_SCAL=NUM_SCALARS,
-            BLOCK_K=k.FINALIZE["BLOCK_K"], BLOCK_D=k.FINALIZE["BLOCK_D"]), k.FINALIZE["num_warps"]
+            BLOCK_K=fin["BLOCK_K"], BLOCK_D=fin["BLOCK_D"], BLOCK_P=fin["BLOCK_P"]), dict(
+                num_warps=fin["num_warps"], num_stages=fin["num_stages"])
     D, B = job["D"], 1000  # contiguous rows: stride D, column stride 1
     a, p = ptr(job["ft"]), ptr(job["pre"])
     strides = [D, 1] * 4
-    constexprs = dict(NORMALIZE=job["normalize"], BLOCK_B=job["block_b"], BLOCK_D=job["block_d"])
+    constexprs = dict(NORMALIZE=job["normalize"], BLOCK_B=job["block_b"], CHUNKS=job["chunks"],
+                      VEC=job["vec"], ROWS_IN_WARP=job["rows_in_warp"])
     if job["kernel"] == "_dive_stats_kernel":
-        args = [a, p, a, p, f32, f32, B, D, *strides]
-        return k._dive_stats_kernel, args, dict(constexprs, NUM_SCAL=NUM_SCALARS), job["num_warps"]
+        args = [a, p, a, p, f32, f32, i32, B, D, *strides]
+        return k._dive_stats_kernel, args, dict(constexprs, NUM_SCAL=NUM_SCALARS,
+                                                NUM_STAGES=k.STAGES), dict(
+                                                    num_warps=job["num_warps"])
     args = [a, p, a, p, f32, f32, f32, f32, a, a, B, D, *strides, 20.0, 20.0, 0.01, 0.01]
-    return k._dive_backward_kernel, args, constexprs, job["num_warps"]
+    return k._dive_backward_kernel, args, constexprs, dict(num_warps=job["num_warps"])
 
 
 def compile_triton(job: dict, arch: int) -> dict:
@@ -140,7 +148,8 @@ def compile_triton(job: dict, arch: int) -> dict:
     from triton.compiler import ASTSource
     from triton.runtime.jit import native_specialize_impl
 
-    kernel, args, constexprs, num_warps = _kernel_args(job)
+    kernel, args, constexprs, options = _kernel_args(job)
+    num_warps = options["num_warps"]
     names = [n for n in kernel.arg_names if n not in constexprs]
     signature, attrs = {}, {}
     for name, value in zip(names, args):  # the runtime's own specialisation of each argument
@@ -159,7 +168,7 @@ def compile_triton(job: dict, arch: int) -> dict:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                       target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=num_warps))
+                                      options=options)
     except Exception as exc:  # a configuration that does not compile is a finding
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     (entry,) = parse_ptxas(log.getvalue()).values()

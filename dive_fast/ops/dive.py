@@ -32,12 +32,14 @@ __all__ = ["INFO_SIZE", "DiVEFunction", "DiVEOutput", "dive_backward", "dive_for
 
 
 def _stats(backend: str, *inputs, normalize: bool):
+    """(means, scalars, workspace): the per-part statistics and what the backend's
+    finalisation needs with them (the GPU backends' arrival ticket; None elsewhere)."""
     if backend == "torch":
-        return reference_stats(*inputs, normalize)
+        return (*reference_stats(*inputs, normalize), None)
     if backend == "triton":
         from .dive_triton import triton_stats
         return triton_stats(*inputs, normalize)
-    return _extension.ops().dive_stats(*inputs, normalize)
+    return tuple(_extension.ops().dive_stats(*inputs, normalize))
 
 
 def batch_mean(means: Tensor, scalars: Tensor) -> Tensor:
@@ -69,8 +71,9 @@ def finalize(means: Tensor, scalars: Tensor, m: Tensor, momentum: float, b: Tens
     return avl, pvl, m_new, b, info
 
 
-def _finalize(backend: str, means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl):
-    """(loss, avl, pvl, m_new, b, info) by the backend's finalisation; m_out gets m_new."""
+def _finalize(backend: str, means, scalars, workspace, m, m_out, b, momentum, lam_avl, lam_pvl):
+    """(loss, avl, pvl, m_new, b, info) by the backend's finalisation; m_out gets m_new.
+    ``workspace``: the statistics' (None: partials from elsewhere)."""
     if backend == "torch":
         avl, pvl, m_new, b, info = finalize(means, scalars, m, momentum, b)
         m_new = m_new.to(m.dtype)
@@ -79,16 +82,18 @@ def _finalize(backend: str, means, scalars, m, m_out, b, momentum, lam_avl, lam_
         return lam_avl * avl + lam_pvl * pvl, avl, pvl, m_new, b, info
     if backend == "triton":
         from .dive_triton import triton_finalize
-        return triton_finalize(means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl)
-    return tuple(_extension.ops().dive_finalize(means, scalars, m, m_out, b, momentum, lam_avl,
-                                                lam_pvl))
+        return triton_finalize(means, scalars, workspace, m, m_out, b, momentum, lam_avl,
+                               lam_pvl)
+    return tuple(_extension.ops().dive_finalize(means, scalars, workspace, m, m_out, b, momentum,
+                                                lam_avl, lam_pvl))
 
 
 def _fused_forward(backend: str, inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl):
     """Statistics and finalisation: on the GPU backends two launches, on the CPU one call."""
     if backend == "torch":
         means, scalars = reference_stats(*inputs, normalize)
-        return _finalize(backend, means, scalars, m, m_out, None, momentum, lam_avl, lam_pvl)
+        return _finalize(backend, means, scalars, None, m, m_out, None, momentum, lam_avl,
+                         lam_pvl)
     if backend == "triton":
         from .dive_triton import triton_forward
         return triton_forward(*inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl)
@@ -117,11 +122,11 @@ def _forward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor,
     if world_size == 1:
         return _fused_forward(backend, inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl)
     # b crosses ranks before the EMA update: one all-reduce of D values, no host sync.
-    means, scalars = _stats(backend, *inputs, normalize=normalize)
+    means, scalars, workspace = _stats(backend, *inputs, normalize=normalize)
     b = batch_mean(means, scalars)
     dist.all_reduce(b)
     b /= world_size
-    return _finalize(backend, means, scalars, m, m_out, b, momentum, lam_avl, lam_pvl)
+    return _finalize(backend, means, scalars, workspace, m, m_out, b, momentum, lam_avl, lam_pvl)
 
 
 dive_forward = torch.library.custom_op("dive_fast::dive_forward", _forward,

@@ -1,13 +1,21 @@
 """Triton kernels for the DiVE regulariser (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-Forward, two launches: ``_dive_stats_kernel``, a persistent grid; each program walks row
-blocks, loads the four [BLOCK_B, D] tiles once, normalises, forms u and v, and keeps a
-running (count, mean, M2) of u and v merged block by block with Chan's update, plus the
-PVL and norm sums: one read of the inputs, [K, 2, D] partials. Then
-``_dive_finalize_kernel``, one program: the partials' batch mean b, the EMA update of m
-(kept when b is not finite), both losses and the info counts (the same mathematics as
-``dive.finalize``, the reference's).
-Backward, one launch: one row block per program reads the four tiles and writes both
+Forward, two launches:
+- ``_dive_stats_kernel``: a fixed number of programs (``PARTS``: the partials, hence every
+  result, are the same on every GPU and at every batch size); part k owns the row tiles
+  k, k + K, k + 2K, ..., loaded by a loop Triton pipelines (``tl.range(num_stages=...)``:
+  cp.async into a shared-memory ring). Per tile: one reduction along the rows (the four
+  squared norms with the previous tile's |u|^2, |v|^2: one round through shared memory),
+  then u, v, merged elementwise into each row slot's running means by Welford's update;
+  the slots are merged once at the end of the part (b first, then the deviations about
+  it). One read of the inputs; [K, 2, D] means and [K, NUM_SCALARS] scalars.
+- ``_dive_finalize_kernel``: one program per ``FINALIZE["BLOCK_D"]`` columns, each merging
+  its columns over all parts in fixed order (b, then the deviations about b), loads and
+  FMAs only inside the loops over parts; its partial sums, then one acquire-release ticket;
+  the last program to arrive sums the partials in program order and writes the losses, the
+  info counts and m (kept where b is not finite), then resets the ticket, which the
+  statistics kernel zeroed for this call.
+Backward, one launch: one row block per program reads the four tiles once and writes both
 gradients; the loss coefficients come from the upstream gradients inside the kernel.
 ``launch_config`` is the launchers' one choice of block sizes and warps (the
 ahead-of-time compile check enumerates it).
@@ -31,208 +39,333 @@ from .dive_reference import INFO_SIZE, NUM_SCALARS, accumulation_dtype
 TILE_ELEMENTS = 2048
 ELEMENTS_PER_THREAD = 8
 MAX_DIM = 4096  # wider rows: the cuda backend (or the reference)
+# Parts of the statistics on a GPU: fixed (as the cuda backend's), 2 x the 132 SMs of an
+# H100/H200. The interpreter runs programs one after another: a few parts, the same code.
+PARTS = 264
+INTERPRETED_PARTS = 5
+STAGES = 3  # tiles in flight per program (the loads' pipeline depth)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
 def _tile(ptr, rows, cols, mask, stride_r, stride_c):
-    """A [BLOCK_B, BLOCK_D] tile of a strided [B, D] input, as float32 (zeros off the edge)."""
-    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask,
-                   other=0.0).to(tl.float32)
+    """A tile of a strided [B, D] input as float32 (zeros off the edge): rows [BLOCK_B] by
+    column indices [BLOCK_D] (2-D) or rows by [CHUNKS, 1, VEC] (3-D, see ``_columns``)."""
+    if len(cols.shape) == 1:
+        offsets = rows[:, None] * stride_r + cols[None, :] * stride_c
+    else:
+        offsets = rows[None, :, None] * stride_r + cols * stride_c
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _row_scale(x, rmask, NORMALIZE: tl.constexpr, CHECK: tl.constexpr = True):
-    sumsq = tl.sum(x * x, axis=1)
+def _columns(CHUNKS: tl.constexpr, VEC: tl.constexpr):
+    """Column indices [CHUNKS, 1, VEC] of a [CHUNKS, BLOCK_B, VEC] tile: a row of
+    CHUNKS * VEC columns, with the chunks outermost so that Triton's layout puts the warps
+    along the rows (a row's sums stay within its warp) when BLOCK_B >= warps."""
+    return tl.arange(0, CHUNKS)[:, None, None] * VEC + tl.arange(0, VEC)[None, None, :]
+
+
+@triton.jit
+def _rsum(x, ROWS_IN_WARP: tl.constexpr = True):
+    """Row sums of a [CHUNKS, BLOCK_B, VEC] tile: [BLOCK_B]. Rows within a warp: the
+    chunks (a thread's registers) first, then the lanes. Rows across warps (the warps split
+    the chunks): the lanes first, so that one value a thread crosses the warps."""
+    if ROWS_IN_WARP:
+        return tl.sum(tl.sum(x, axis=0), axis=1)
+    else:  # one chunk: [1, BLOCK_B, BLOCK_D, ...]
+        s = tl.sum(x, axis=2)
+        return tl.reshape(s, s.shape[1:])
+
+
+@triton.jit
+def _rsum4(x0, x1, x2, x3, ROWS_IN_WARP: tl.constexpr):
+    """Four row sums by one reduction: joined, their partial sums cross the warps in one
+    round through shared memory (a reduction of several operands takes a round, and a
+    barrier, per operand)."""
+    s01, s23 = tl.split(_rsum(tl.join(tl.join(x0, x1), tl.join(x2, x3)), ROWS_IN_WARP))
+    r0, r1 = tl.split(s01)
+    r2, r3 = tl.split(s23)
+    return r0, r1, r2, r3
+
+
+@triton.jit
+def _rsum2(x0, x1, ROWS_IN_WARP: tl.constexpr):
+    return tl.split(_rsum(tl.join(x0, x1), ROWS_IN_WARP))
+
+
+@triton.jit
+def _inverse_norm(sumsq, rmask, NORMALIZE: tl.constexpr, CHECK: tl.constexpr = True):
+    """1/|x| (1 without normalisation); 0 off the edge (those rows then vanish)."""
     if NORMALIZE:
         # Padding rows divide by 1, not 0; a real zero-norm row still gives inf (reported).
         inv = 1.0 / tl.sqrt(tl.where(rmask, sumsq, 1.0))
     else:
-        inv = 1.0
+        inv = tl.full(sumsq.shape, 1.0, tl.float32)
     if CHECK:  # an overflowing squared norm gives NaN (not 1/inf = 0): a NaN row
         inv = tl.where(sumsq < float("inf"), inv, float("nan"))
-    inv = tl.where(rmask, inv, 0.0)
-    return sumsq, inv
+    return tl.where(rmask, inv, 0.0)
 
 
 @triton.jit
-def _count(flag, rmask):
-    return tl.sum(tl.where(rmask & flag, 1.0, 0.0), axis=0)
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _flag(condition, rmask):
+    return tl.where(rmask & condition, 1.0, 0.0)
 
 
 @triton.jit
 def _dive_stats_kernel(
-    A, A0, T, T0, MEANS, SCAL, B, D,
+    A, A0, T, T0, MEANS, SCAL, TICKET, B, D,
     s_a0, s_a1, s_p0, s_p1, s_t0, s_t1, s_q0, s_q1,
-    NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SCAL: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr,
+    ROWS_IN_WARP: tl.constexpr, NUM_STAGES: tl.constexpr, NUM_SCAL: tl.constexpr,
 ):
+    """Tiles of [CHUNKS, BLOCK_B, VEC]. ROWS_IN_WARP (a warp holds whole rows): every row
+    sum is a warp's, taken per tile (no barrier). Otherwise rows span warps: the squared
+    norms are one joined reduction per tile, M2 and PVL stay elementwise until the end,
+    and the previous tile's |u|^2, |v|^2 go across the warps with the next tile's norms."""
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_D)
+    K = tl.num_programs(0)
+    if pid == 0:
+        tl.store(TICKET, 0)  # this call's arrival counter for the finalisation
+    cols = _columns(CHUNKS, VEC)
     cmask = cols < D
-    zero = tl.sum(tl.zeros([BLOCK_D], dtype=tl.float32), axis=0)
-    n_run = zero
+    n_tiles = tl.cdiv(B, BLOCK_B)
+    my_tiles = tl.cdiv(tl.maximum(n_tiles - pid, 0), K)
+    zero = tl.zeros([CHUNKS, BLOCK_B, VEC], dtype=tl.float32)
+    zero_row = _rsum(zero, ROWS_IN_WARP)  # per-row values in the layout row sums come in
+    slots = tl.arange(0, BLOCK_B)
+    # Per row slot and column: running means (Welford). Per row slot: rows seen, sums of
+    # M2 and PVL terms and of |u|, |v|, the non-finite and zero-norm row counts; rows
+    # across warps: M2 and PVL terms per column, and the last tile's squares of u and v.
+    mean_u = zero
+    mean_v = zero
     m2_u = zero
     m2_v = zero
-    pvl = zero
-    norm_u = zero
-    norm_v = zero
-    bad = tl.zeros([8], dtype=tl.float32)
-    idx8 = tl.arange(0, 8)
-    mean_u = tl.zeros([BLOCK_D], dtype=tl.float32)
-    mean_v = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for blk in range(pid, tl.cdiv(B, BLOCK_B), nprog):
-        rows = blk * BLOCK_B + tl.arange(0, BLOCK_B)
+    pv = zero
+    uu = zero
+    vv = zero
+    m2u_rows = zero_row
+    m2v_rows = zero_row
+    pv_rows = zero_row
+    count = zero_row
+    prev = zero_row
+    norm_u = zero_row
+    norm_v = zero_row
+    nf_a = zero_row
+    nf_a0 = zero_row
+    nf_t = zero_row
+    nf_t0 = zero_row
+    z_a = zero_row
+    z_a0 = zero_row
+    z_t = zero_row
+    z_t0 = zero_row
+    for j in tl.range(0, my_tiles, num_stages=NUM_STAGES):
+        rows = (pid + j * K) * BLOCK_B + slots
         rmask = rows < B
-        mask = rmask[:, None] & cmask[None, :]
+        mask = rmask[None, :, None] & cmask
         a = _tile(A, rows, cols, mask, s_a0, s_a1)
         a0 = _tile(A0, rows, cols, mask, s_p0, s_p1)
         t = _tile(T, rows, cols, mask, s_t0, s_t1)
         t0 = _tile(T0, rows, cols, mask, s_q0, s_q1)
-        ss_a, inv_a = _row_scale(a, rmask, NORMALIZE)
-        ss_a0, inv_a0 = _row_scale(a0, rmask, NORMALIZE)
-        ss_t, inv_t = _row_scale(t, rmask, NORMALIZE)
-        ss_t0, inv_t0 = _row_scale(t0, rmask, NORMALIZE)
-        u = a * inv_a[:, None] - a0 * inv_a0[:, None]
-        v = t * inv_t[:, None] - t0 * inv_t0[:, None]
-        nb = tl.sum(tl.where(rmask, 1.0, 0.0), axis=0)
-        bu = tl.sum(u, axis=0) / nb
-        bv = tl.sum(v, axis=0) / nb
-        du = tl.where(mask, u - bu[None, :], 0.0)
-        dv = tl.where(mask, v - bv[None, :], 0.0)
-        duv = u - v
-        pvl += tl.sum(tl.sum(duv * duv, axis=1), axis=0)
-        norm_u += tl.sum(tl.sqrt(tl.sum(u * u, axis=1)), axis=0)
-        norm_v += tl.sum(tl.sqrt(tl.sum(v * v, axis=1)), axis=0)
-        # Chan et al.: merge (nb, bu, M2_block) into the running (n_run, mean_u, m2_u).
-        tot = n_run + nb
-        w = nb / tot
-        cross = n_run * w
-        eu = bu - mean_u
-        ev = bv - mean_v
-        m2_u += tl.sum(tl.sum(du * du, axis=1), axis=0) + cross * tl.sum(eu * eu, axis=0)
-        m2_v += tl.sum(tl.sum(dv * dv, axis=1), axis=0) + cross * tl.sum(ev * ev, axis=0)
-        mean_u += eu * w
-        mean_v += ev * w
-        n_run = tot
+        if ROWS_IN_WARP:
+            ss_a = _rsum(a * a)
+            ss_a0 = _rsum(a0 * a0)
+            ss_t = _rsum(t * t)
+            ss_t0 = _rsum(t0 * t0)
+        else:
+            ss_a, ss_a0, ss_t, ss_t0 = _rsum4(a * a, a0 * a0, t * t, t0 * t0, ROWS_IN_WARP)
+            nu, nv = _rsum2(uu, vv, ROWS_IN_WARP)
+            norm_u += tl.where(prev > 0, tl.sqrt(nu), 0.0)
+            norm_v += tl.where(prev > 0, tl.sqrt(nv), 0.0)
         # sumsq <= FLT_MAX is False for NaN and Inf.
-        bad += tl.where(idx8 == 0, _count(~(ss_a <= 3.4028234663852886e38), rmask), 0.0)
-        bad += tl.where(idx8 == 1, _count(~(ss_a0 <= 3.4028234663852886e38), rmask), 0.0)
-        bad += tl.where(idx8 == 2, _count(~(ss_t <= 3.4028234663852886e38), rmask), 0.0)
-        bad += tl.where(idx8 == 3, _count(~(ss_t0 <= 3.4028234663852886e38), rmask), 0.0)
-        bad += tl.where(idx8 == 4, _count(ss_a == 0.0, rmask), 0.0)
-        bad += tl.where(idx8 == 5, _count(ss_a0 == 0.0, rmask), 0.0)
-        bad += tl.where(idx8 == 6, _count(ss_t == 0.0, rmask), 0.0)
-        bad += tl.where(idx8 == 7, _count(ss_t0 == 0.0, rmask), 0.0)
+        nf_a += _flag(~(ss_a <= FLT_MAX), rmask)
+        nf_a0 += _flag(~(ss_a0 <= FLT_MAX), rmask)
+        nf_t += _flag(~(ss_t <= FLT_MAX), rmask)
+        nf_t0 += _flag(~(ss_t0 <= FLT_MAX), rmask)
+        z_a += _flag(ss_a == 0.0, rmask)
+        z_a0 += _flag(ss_a0 == 0.0, rmask)
+        z_t += _flag(ss_t == 0.0, rmask)
+        z_t0 += _flag(ss_t0 == 0.0, rmask)
+        u = (a * _inverse_norm(ss_a, rmask, NORMALIZE)[None, :, None]
+             - a0 * _inverse_norm(ss_a0, rmask, NORMALIZE)[None, :, None])
+        v = (t * _inverse_norm(ss_t, rmask, NORMALIZE)[None, :, None]
+             - t0 * _inverse_norm(ss_t0, rmask, NORMALIZE)[None, :, None])
+        valid = tl.where(rmask, 1.0, 0.0)
+        count += valid
+        w = (valid / tl.maximum(count, 1.0))[None, :, None]  # 1/n for a row, 0 off the edge
+        du = u - mean_u
+        dv = v - mean_v
+        mean_u += du * w
+        mean_v += dv * w
+        # Zero off the edges: u = v = 0 there, and M2 terms masked.
+        if ROWS_IN_WARP:
+            m2u_rows += _rsum(tl.where(mask, du * (u - mean_u), 0.0))
+            m2v_rows += _rsum(tl.where(mask, dv * (v - mean_v), 0.0))
+            pv_rows += _rsum((u - v) * (u - v))
+            norm_u += tl.where(rmask, tl.sqrt(_rsum(u * u)), 0.0)
+            norm_v += tl.where(rmask, tl.sqrt(_rsum(v * v)), 0.0)
+        else:
+            m2_u += tl.where(mask, du * (u - mean_u), 0.0)
+            m2_v += tl.where(mask, dv * (v - mean_v), 0.0)
+            pv += (u - v) * (u - v)
+            uu = u * u
+            vv = v * v
+            prev = valid
+    if not ROWS_IN_WARP:  # the last tile's rows
+        nu, nv = _rsum2(uu, vv, ROWS_IN_WARP)
+        norm_u += tl.where(prev > 0, tl.sqrt(nu), 0.0)
+        norm_v += tl.where(prev > 0, tl.sqrt(nv), 0.0)
+        m2u_rows = _rsum(m2_u, ROWS_IN_WARP)
+        m2v_rows = _rsum(m2_v, ROWS_IN_WARP)
+        pv_rows = _rsum(pv, ROWS_IN_WARP)
+    # The row slots merged: the part's means (sum n_s mean_s / n), then the slots' squared
+    # deviations about them.
+    n = tl.sum(count, axis=0)
+    weight = count[None, :, None]
+    part_u = tl.sum(weight * mean_u, axis=1) / tl.maximum(n, 1.0)  # [CHUNKS, VEC]
+    part_v = tl.sum(weight * mean_v, axis=1) / tl.maximum(n, 1.0)
+    eu = mean_u - part_u[:, None, :]
+    ev = mean_v - part_v[:, None, :]
+    dev_u = tl.sum(_rsum(weight * eu * eu, ROWS_IN_WARP), axis=0)
+    dev_v = tl.sum(_rsum(weight * ev * ev, ROWS_IN_WARP), axis=0)
+    cols2 = tl.arange(0, CHUNKS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     out = MEANS + pid * 2 * D
-    tl.store(out + cols, mean_u, mask=cmask)
-    tl.store(out + D + cols, mean_v, mask=cmask)
+    tl.store(out + cols2, part_u, mask=cols2 < D)
+    tl.store(out + D + cols2, part_v, mask=cols2 < D)
     scal = SCAL + pid * NUM_SCAL
-    tl.store(scal + 0, n_run)
-    tl.store(scal + 1, m2_u)
-    tl.store(scal + 2, m2_v)
-    tl.store(scal + 3, pvl)
-    tl.store(scal + 4, norm_u)
-    tl.store(scal + 5, norm_v)
-    tl.store(scal + 6 + idx8, bad)
+    tl.store(scal + 0, n)
+    tl.store(scal + 1, tl.sum(m2u_rows, axis=0) + dev_u)
+    tl.store(scal + 2, tl.sum(m2v_rows, axis=0) + dev_v)
+    tl.store(scal + 3, tl.sum(pv_rows, axis=0))
+    tl.store(scal + 4, tl.sum(norm_u, axis=0))
+    tl.store(scal + 5, tl.sum(norm_v, axis=0))
+    tl.store(scal + 6, tl.sum(nf_a, axis=0))
+    tl.store(scal + 7, tl.sum(nf_a0, axis=0))
+    tl.store(scal + 8, tl.sum(nf_t, axis=0))
+    tl.store(scal + 9, tl.sum(nf_t0, axis=0))
+    tl.store(scal + 10, tl.sum(z_a, axis=0))
+    tl.store(scal + 11, tl.sum(z_a0, axis=0))
+    tl.store(scal + 12, tl.sum(z_t, axis=0))
+    tl.store(scal + 13, tl.sum(z_t0, axis=0))
 
 
 @triton.jit
 def _parts_tile(MEANS, SCAL, kk, cols, K, D, NUM_SCAL: tl.constexpr):
-    """Parts kk's row counts [BLOCK_K] and u, v means [BLOCK_K, BLOCK_D]; zeros off the
-    edge (count 0: no weight)."""
+    """Parts kk's row counts [BLOCK_K] and u, v means [BLOCK_K, BLOCK_D], in float64; zeros
+    off the edge (count 0: no weight)."""
     kmask = kk < K
     mask = kmask[:, None] & (cols < D)[None, :]
     part = MEANS + kk[:, None] * 2 * D + cols[None, :]
-    return (tl.load(SCAL + kk * NUM_SCAL, mask=kmask, other=0.0),
-            tl.load(part, mask=mask, other=0.0), tl.load(part + D, mask=mask, other=0.0))
+    return (tl.load(SCAL + kk * NUM_SCAL, mask=kmask, other=0.0).to(tl.float64),
+            tl.load(part, mask=mask, other=0.0).to(tl.float64),
+            tl.load(part + D, mask=mask, other=0.0).to(tl.float64))
+
+
+@triton.jit
+def _pick(vector, index, i):
+    return tl.sum(tl.where(index == i, vector, 0.0), axis=0)
 
 
 @triton.jit
 def _dive_finalize_kernel(
-    MEANS, SCAL, M, B_GLOBAL, M_NEW, M_OUT, B_OUT, LOSS, AVL, PVL, INFO, K, D,
+    MEANS, SCAL, M, B_GLOBAL, M_NEW, M_OUT, B_OUT, LOSS, AVL, PVL, INFO, TICKET, K, D,
     momentum, rate, lam_avl, lam_pvl,
     HAS_B: tl.constexpr, HAS_M_OUT: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, NUM_SCAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, NUM_SCAL: tl.constexpr,
 ):
-    """One program. b: the parts' weighted mean of u and v (B_GLOBAL instead when given:
-    the mean over ranks); m_new = momentum m + rate b (rate = 1 - momentum, formed in
-    float64 on the host: 1 - fp32(0.99) is off by 1e-6), or m where b is not
-    finite; AVL = (sum M2 + sum_k n_k |mean_k - m_new|^2) / n, the second sum taken as
-    dev + 2n |b_local - m_new|^2 with dev the parts' squared deviations about their own
-    weighted mean b_local: every term non-negative, no cancellation.
+    """Columns pid * BLOCK_D + [0, BLOCK_D). b: the parts' weighted mean of u and v
+    (B_GLOBAL instead when given, the mean over ranks); m_new = momentum m + rate b (rate =
+    1 - momentum, formed in float64 on the host: 1 - fp32(0.99) is off by 1e-6), or m where
+    any column of b is not finite; AVL = (sum M2 + sum_k n_k |mean_k - m_new|^2) / n, the
+    second sum taken as dev + 2n |b_local - m_new|^2 with dev the parts' squared deviations
+    about their own weighted mean b_local: every term non-negative, no cancellation.
 
-    b_local and dev take two passes over the parts, each accumulating a [BLOCK_K, BLOCK_D]
-    tile elementwise and reducing it once at the end: no reduction (and no barrier) inside
-    the loop over parts, whose loads are then independent of each other. (The first H200
-    run's forward was 5-25x the HBM floor; a running merge reduced across warps twice per
-    tile of parts, with the tile's loads waiting behind it.)"""
+    Each loop over parts accumulates a [BLOCK_K, BLOCK_D] tile elementwise and reduces it
+    once after the loop: no reduction, barrier or division inside it. The program's partial
+    sums (dev, |b_local - m_new|^2 with m updated and with m kept, non-finite columns of b)
+    go to the workspace after the ticket (TICKET: int32 words, the partials float64 from
+    word 2); the last program to take the ticket adds them up in program order."""
+    PARTIALS = (TICKET + 2).to(tl.pointer_type(tl.float64), bitcast=True)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     ks = tl.arange(0, BLOCK_K)
-    cols0 = tl.arange(0, BLOCK_D)
-    sc = tl.arange(0, 16)
-    sums = tl.zeros([16], dtype=tl.float32)
+    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float64)
+    counts = tl.zeros([BLOCK_K], dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        smask = (kk < K)[:, None] & (sc < NUM_SCAL)[None, :]
-        sums += tl.sum(tl.load(SCAL + kk[:, None] * NUM_SCAL + sc[None, :], mask=smask,
-                               other=0.0), axis=0)
-    total = tl.sum(tl.where(sc == 0, sums, 0.0), axis=0)
-    dev = total * 0.0
-    bad = total * 0.0
-    # Pass 1, per column block: b_local (the parts' u and v means, each weighing its row
-    # count), then dev, their squared deviations about it.
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + cols0
-        cmask = cols < D
-        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        n, u, v = _parts_tile(MEANS, SCAL, k0 + ks, cols, K, D, NUM_SCAL)
+        acc += n[:, None] * (u + v)
+        counts += n
+    total = tl.sum(counts, axis=0)
+    b_local = tl.sum(acc, axis=0) / (2.0 * total)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        n, u, v = _parts_tile(MEANS, SCAL, k0 + ks, cols, K, D, NUM_SCAL)
+        du = u - b_local[None, :]
+        dv = v - b_local[None, :]
+        acc += n[:, None] * (du * du + dv * dv)  # off the edges: count 0, or u = v = b = 0
+    dev = tl.sum(tl.sum(acc, axis=0), axis=0)
+    if HAS_B:
+        b = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
+    else:
+        b = b_local.to(tl.float32)
+    m_old = tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+    m_upd = (momentum * m_old + rate * b).to(M_NEW.dtype.element_ty)
+    e_upd = tl.where(cmask, b_local - m_upd.to(tl.float32).to(tl.float64), 0.0)
+    e_kept = tl.where(cmask, b_local - m_old.to(tl.float64), 0.0)
+    bad = tl.where(cmask & ~(tl.abs(b) <= FLT_MAX), 1.0, 0.0).to(tl.float64)
+    tl.store(M_NEW + cols, m_upd, mask=cmask)  # final unless some column of b is not finite
+    tl.store(B_OUT + cols, b, mask=cmask)
+    i4 = tl.arange(0, 4)
+    partial = tl.where(i4 == 0, dev, tl.where(i4 == 1, tl.sum(e_upd * e_upd, axis=0),
+                       tl.where(i4 == 2, tl.sum(e_kept * e_kept, axis=0), tl.sum(bad, axis=0))))
+    tl.store(PARTIALS + pid * 4 + i4, partial)
+    tl.debug_barrier()  # every thread's stores precede the ticket's release
+    if tl.atomic_add(TICKET, 1, sem="acq_rel") == nprog - 1:
+        # The last program: every other program's writes are visible; sums in program order.
+        sc = tl.arange(0, 16)
+        sums = tl.zeros([BLOCK_K, 16], dtype=tl.float64)
         for k0 in range(0, K, BLOCK_K):
-            n, u, v = _parts_tile(MEANS, SCAL, k0 + ks, cols, K, D, NUM_SCAL)
-            acc += n[:, None] * (u + v)
-        mean = tl.sum(acc, axis=0) / (2.0 * total)
-        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            n, u, v = _parts_tile(MEANS, SCAL, k0 + ks, cols, K, D, NUM_SCAL)
-            du = u - mean[None, :]
-            dv = v - mean[None, :]
-            acc += n[:, None] * (du * du + dv * dv)  # off the edges: count 0, or u = v = b = 0
-        dev += tl.sum(tl.sum(acc, axis=0), axis=0)
-        tl.store(B_OUT + cols, mean, mask=cmask)
-        if HAS_B:
-            mean = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
-        bad += _count(~(tl.abs(mean) <= 3.4028234663852886e38), cmask)
-    tl.debug_barrier()  # pass 2 reads the b_local stored above
-    finite = bad == 0.0
-    # Pass 2: the EMA update and sum_d |b_local - m_new|^2.
-    off = total * 0.0
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + cols0
-        cmask = cols < D
-        b_local = tl.load(B_OUT + cols, mask=cmask, other=0.0)
-        if HAS_B:
-            b = tl.load(B_GLOBAL + cols, mask=cmask, other=0.0)
-        else:
-            b = b_local
-        m_old = tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
-        m_new = tl.where(finite, momentum * m_old + rate * b, m_old)
-        tl.store(M_NEW + cols, m_new.to(M_NEW.dtype.element_ty), mask=cmask)
-        e = tl.where(cmask, b_local - m_new, 0.0)
-        off += tl.sum(e * e, axis=0)
-    if HAS_M_OUT:
-        # Pass 3: the caller's buffer, which may be M itself: written only once every
-        # read of M is done.
-        tl.debug_barrier()
+            kk = k0 + ks
+            smask = (kk < K)[:, None] & (sc < NUM_SCAL)[None, :]
+            sums += tl.load(SCAL + kk[:, None] * NUM_SCAL + sc[None, :], mask=smask,
+                            other=0.0).to(tl.float64)
+        scalars = tl.sum(sums, axis=0)
+        ps = tl.arange(0, BLOCK_P)
+        parts = tl.zeros([BLOCK_P, 4], dtype=tl.float64)
+        for p0 in range(0, nprog, BLOCK_P):
+            pp = p0 + ps
+            parts += tl.load(PARTIALS + pp[:, None] * 4 + i4[None, :],
+                             mask=(pp < nprog)[:, None], other=0.0, cache_modifier=".cg")
+        totals = tl.sum(parts, axis=0)
+        finite = _pick(totals, i4, 3) == 0.0
+        cols0 = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + cols0
-            cmask = cols < D
-            tl.store(M_OUT + cols, tl.load(M_NEW + cols, mask=cmask), mask=cmask)
-    m2 = tl.sum(tl.where((sc == 1) | (sc == 2), sums, 0.0), axis=0)
-    avl = (m2 + dev + 2.0 * total * off) / total
-    pvl = tl.sum(tl.where(sc == 3, sums, 0.0), axis=0) / total
-    tl.store(LOSS, lam_avl * avl + lam_pvl * pvl)
-    tl.store(AVL, avl)
-    tl.store(PVL, pvl)
-    # info: mean |u|, mean |v| (columns 4, 5 over n), then the eight row counts (6..13).
-    tl.store(INFO + sc - 4, tl.where(sc < 6, sums / total, sums), mask=(sc >= 4) & (sc < NUM_SCAL))
+            c = d0 + cols0
+            c_mask = c < D
+            kept = tl.load(M + c, mask=c_mask)
+            value = tl.where(finite, tl.load(M_NEW + c, mask=c_mask, cache_modifier=".cg"), kept)
+            tl.store(M_NEW + c, value, mask=c_mask)
+            if HAS_M_OUT:  # after every program's read of M (M_OUT may be M)
+                tl.store(M_OUT + c, value, mask=c_mask)
+        total = _pick(scalars, sc, 0)
+        off = tl.where(finite, _pick(totals, i4, 1), _pick(totals, i4, 2))
+        avl = (_pick(scalars, sc, 1) + _pick(scalars, sc, 2) + _pick(totals, i4, 0)
+               + 2.0 * total * off) / total
+        pvl = _pick(scalars, sc, 3) / total
+        tl.store(LOSS, (lam_avl * avl + lam_pvl * pvl).to(tl.float32))
+        tl.store(AVL, avl.to(tl.float32))
+        tl.store(PVL, pvl.to(tl.float32))
+        # info: mean |u|, mean |v| (columns 4, 5 over n), then the eight row counts (6..13).
+        tl.store(INFO + sc - 4, tl.where(sc < 6, scalars / total, scalars).to(tl.float32),
+                 mask=(sc >= 4) & (sc < NUM_SCAL))
+        tl.store(TICKET, 0)  # ready for a replay of the same buffers (a CUDA graph)
 
 
 @triton.jit
@@ -240,37 +373,47 @@ def _dive_backward_kernel(
     A, A0, T, T0, M, G_LOSS, G_AVL, G_PVL, GA, GT, B, D,
     s_a0, s_a1, s_p0, s_p1, s_t0, s_t1, s_q0, s_q1,
     k_loss_avl, k_loss_pvl, k_avl, k_pvl,
-    NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr,
+    ROWS_IN_WARP: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_D)
+    cols = _columns(CHUNKS, VEC)
     rmask = rows < B
     cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
+    mask = rmask[None, :, None] & cmask
     a = _tile(A, rows, cols, mask, s_a0, s_a1)
     a0 = _tile(A0, rows, cols, mask, s_p0, s_p1)
     t = _tile(T, rows, cols, mask, s_t0, s_t1)
     t0 = _tile(T0, rows, cols, mask, s_q0, s_q1)
-    m = tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+    # m at every row (L1 hits): loaded in the tiles' own layout, no conversion of the tiles.
+    m = tl.load(M + cols + 0 * rows[None, :, None], mask=mask, other=0.0).to(tl.float32)
     g_loss = tl.load(G_LOSS).to(tl.float32)
     c_avl = k_loss_avl * g_loss + k_avl * tl.load(G_AVL).to(tl.float32)
     c_pvl = k_loss_pvl * g_loss + k_pvl * tl.load(G_PVL).to(tl.float32)
-    # Overflow turns into NaN only when normalising: without, the forward's NaN loss has
-    # flagged the row already and the four extra row sums would halve occupancy.
-    _, inv_a = _row_scale(a, rmask, NORMALIZE, NORMALIZE)
-    _, inv_a0 = _row_scale(a0, rmask, NORMALIZE, NORMALIZE)
-    _, inv_t = _row_scale(t, rmask, NORMALIZE, NORMALIZE)
-    _, inv_t0 = _row_scale(t0, rmask, NORMALIZE, NORMALIZE)
-    ah = a * inv_a[:, None]
-    th = t * inv_t[:, None]
-    u = ah - a0 * inv_a0[:, None]
-    v = th - t0 * inv_t0[:, None]
-    gu = c_avl * (u - m[None, :]) + c_pvl * (u - v)
-    gv = c_avl * (v - m[None, :]) - c_pvl * (u - v)
+    # The norms only when normalising (one reduction for the four), where overflow turns
+    # into NaN; without, the forward's NaN loss has flagged such a row already.
     if NORMALIZE:
-        gu = (gu - ah * tl.sum(ah * gu, axis=1)[:, None]) * inv_a[:, None]
-        gv = (gv - th * tl.sum(th * gv, axis=1)[:, None]) * inv_t[:, None]
-    offs = rows[:, None] * D + cols[None, :]
+        ss_a, ss_a0, ss_t, ss_t0 = _rsum4(a * a, a0 * a0, t * t, t0 * t0, ROWS_IN_WARP)
+        inv_a = _inverse_norm(ss_a, rmask, NORMALIZE)[None, :, None]
+        inv_a0 = _inverse_norm(ss_a0, rmask, NORMALIZE)[None, :, None]
+        inv_t = _inverse_norm(ss_t, rmask, NORMALIZE)[None, :, None]
+        inv_t0 = _inverse_norm(ss_t0, rmask, NORMALIZE)[None, :, None]
+    else:
+        inv_a = tl.where(rmask, 1.0, 0.0)[None, :, None]
+        inv_a0 = inv_a
+        inv_t = inv_a
+        inv_t0 = inv_a
+    ah = a * inv_a
+    th = t * inv_t
+    u = ah - a0 * inv_a0
+    v = th - t0 * inv_t0
+    gu = c_avl * (u - m) + c_pvl * (u - v)
+    gv = c_avl * (v - m) - c_pvl * (u - v)
+    if NORMALIZE:  # through e_hat = e/|e|: dL/de = (g - e_hat (e_hat . g)) / |e|
+        dot_a, dot_t = _rsum2(ah * gu, th * gv, ROWS_IN_WARP)
+        gu = (gu - ah * dot_a[None, :, None]) * inv_a
+        gv = (gv - th * dot_t[None, :, None]) * inv_t
+    offs = rows[None, :, None] * D + cols
     tl.store(GA + offs, gu.to(GA.dtype.element_ty), mask=mask)
     tl.store(GT + offs, gv.to(GT.dtype.element_ty), mask=mask)
 
@@ -278,19 +421,39 @@ def _dive_backward_kernel(
 class LaunchConfig(NamedTuple):
     block_b: int  # rows per tile
     block_d: int  # columns per tile: the whole row, padded to a power of two
+    chunks: int  # the tile is [chunks, block_b, vec], chunks * vec = block_d
+    vec: int
+    rows_in_warp: bool  # a warp holds whole rows (block_b >= warps): row sums in-warp
     num_warps: int
 
 
-def launch_config(D: int) -> LaunchConfig:
-    """Block sizes and warps of the statistics and backward kernels for rows of D values."""
+ROWS_IN_WARP_MAX_DIM = 512  # wider rows in one warp: too many registers a thread
+
+
+def launch_config(D: int, elem_size: int = 4) -> LaunchConfig:
+    """Tile shape and warps of the statistics and backward kernels for rows of D values;
+    ``elem_size``: the narrowest input dtype's bytes. A warp's 16-byte loads of that dtype
+    span ``vec`` columns: every input's load then has the layout of the arithmetic."""
     block_d = max(MIN_BLOCK_D, triton.next_power_of_2(D))
-    block_b = max(1, min(64, TILE_ELEMENTS // block_d))
-    warps = block_b * block_d // (32 * ELEMENTS_PER_THREAD)
-    return LaunchConfig(block_b, block_d, max(4, min(8, warps)))
+    warps = 8
+    if block_d <= ROWS_IN_WARP_MAX_DIM:
+        vec = min(32 * 16 // elem_size, block_d)
+        return LaunchConfig(max(warps, TILE_ELEMENTS // block_d), block_d, block_d // vec, vec,
+                            True, warps)
+    # Rows across warps: one row a tile (a row sum is then one value a thread, one round
+    # of shared memory for four of them), 16 bytes a thread and load where the warps allow.
+    warps = max(4, min(16, block_d * elem_size // (32 * 16)))
+    return LaunchConfig(1, block_d, 1, block_d, False, warps)
 
 
-# The finalisation's tile over [parts, columns] and its warps.
-FINALIZE = dict(BLOCK_K=16, BLOCK_D=256, num_warps=8)
+def _config(img_ft, img_pre) -> LaunchConfig:
+    return launch_config(img_ft.shape[1], min(img_ft.element_size(), img_pre.element_size()))
+
+
+# The finalisation's tile over [parts, columns] (parts a loop), its programs' partials
+# per step of the last program's sum, and warps; num_stages=1: no software pipelining (its
+# waits would put barriers inside the loops over parts).
+FINALIZE = dict(BLOCK_K=128, BLOCK_D=32, BLOCK_P=64, num_warps=8, num_stages=1)
 # D buckets the launchers can choose: MIN_BLOCK_D .. MAX_DIM, powers of two.
 MIN_BLOCK_D = 16
 
@@ -299,51 +462,67 @@ def _strides(*xs):
     return [s for x in xs for s in x.stride()]
 
 
-def _num_programs(device: torch.device, num_blocks: int) -> int:
-    if device.type == "cuda":
-        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter runs programs one after another
-        cap = 4
-    return max(1, min(num_blocks, cap))
+def num_parts(device: torch.device) -> int:
+    """Programs of the statistics kernel: fixed on a GPU, whatever the batch."""
+    return PARTS if device.type == "cuda" else INTERPRETED_PARTS
+
+
+def finalize_programs(D: int) -> int:
+    return triton.cdiv(D, FINALIZE["BLOCK_D"])
+
+
+def new_workspace(D: int, device) -> torch.Tensor:
+    """The finalisation's int32 words: the ticket (word 0), then 4 float64 partial sums per
+    finalisation program (from word 2)."""
+    return torch.empty(2 + 8 * finalize_programs(D), dtype=torch.int32, device=device)
 
 
 def triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
+    """(means, scalars, workspace): the statistics of ``num_parts`` parts, and the
+    workspace (its ticket zeroed by the kernel) for ``triton_finalize``."""
     B, D = img_ft.shape
-    cfg = launch_config(D)
-    grid = _num_programs(img_ft.device, triton.cdiv(B, cfg.block_b))
+    cfg = _config(img_ft, img_pre)
+    parts = num_parts(img_ft.device)
     acc = accumulation_dtype(img_ft)
-    means = torch.empty(grid, 2, D, dtype=acc, device=img_ft.device)
-    scalars = torch.empty(grid, NUM_SCALARS, dtype=acc, device=img_ft.device)
-    _dive_stats_kernel[(grid,)](
-        img_ft, img_pre, txt_ft, txt_pre, means, scalars, B, D,
+    means = torch.empty(parts, 2, D, dtype=acc, device=img_ft.device)
+    scalars = torch.empty(parts, NUM_SCALARS, dtype=acc, device=img_ft.device)
+    workspace = new_workspace(D, img_ft.device)
+    _dive_stats_kernel[(parts,)](
+        img_ft, img_pre, txt_ft, txt_pre, means, scalars, workspace, B, D,
         *_strides(img_ft, img_pre, txt_ft, txt_pre),
-        NORMALIZE=normalize, BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d, NUM_SCAL=NUM_SCALARS,
+        NORMALIZE=normalize, BLOCK_B=cfg.block_b, CHUNKS=cfg.chunks, VEC=cfg.vec,
+        ROWS_IN_WARP=cfg.rows_in_warp, NUM_STAGES=STAGES, NUM_SCAL=NUM_SCALARS,
         num_warps=cfg.num_warps)
-    return means, scalars
+    return means, scalars, workspace
 
 
-def triton_finalize(means, scalars, m, m_out, b, momentum: float, lam_avl: float,
+def triton_finalize(means, scalars, workspace, m, m_out, b, momentum: float, lam_avl: float,
                     lam_pvl: float):
-    """(loss, avl, pvl, m_new, b, info) from the partials in one launch; ``b`` given: the
-    batch mean to update m with (averaged over ranks), else the partials' own.
-    ``m_out``, when given, receives m_new too (it may be m itself)."""
+    """(loss, avl, pvl, m_new, b, info) from the partials in one launch; ``workspace``: the
+    statistics' (None: partials from elsewhere, a zeroed one is made); ``b`` given: the
+    batch mean to update m with (averaged over ranks), else the partials' own. ``m_out``,
+    when given, receives m_new too (it may be m itself)."""
     K, _, D = means.shape
+    if workspace is None:
+        workspace = new_workspace(D, means.device).zero_()
     new = functools.partial(torch.empty, dtype=means.dtype, device=means.device)
     loss, avl, pvl, info = new(()), new(()), new(()), new(INFO_SIZE)
-    m_new, b_local = torch.empty_like(m), new(D)
-    _dive_finalize_kernel[(1,)](
-        means, scalars, m, b_local if b is None else b, m_new,
-        m_new if m_out is None else m_out, b_local, loss, avl, pvl, info, K, D,
-        momentum, 1.0 - momentum, lam_avl, lam_pvl, HAS_B=b is not None,
-        HAS_M_OUT=m_out is not None, NUM_SCAL=NUM_SCALARS, **FINALIZE)
-    return loss, avl, pvl, m_new, b_local if b is None else b, info
+    m_new, b_out = torch.empty_like(m), new(D)
+    fin = dict(FINALIZE)
+    _dive_finalize_kernel[(finalize_programs(D),)](
+        means, scalars, m, b_out if b is None else b, m_new,
+        m_new if m_out is None else m_out, b_out, loss, avl, pvl, info, workspace,
+        K, D, momentum, 1.0 - momentum, lam_avl, lam_pvl, HAS_B=b is not None,
+        HAS_M_OUT=m_out is not None, NUM_SCAL=NUM_SCALARS, **fin)
+    return loss, avl, pvl, m_new, b_out, info
 
 
 def triton_forward(img_ft, img_pre, txt_ft, txt_pre, m, m_out, normalize: bool,
                    momentum: float, lam_avl: float, lam_pvl: float):
     """The single-process forward: two launches."""
-    means, scalars = triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize)
-    return triton_finalize(means, scalars, m, m_out, None, momentum, lam_avl, lam_pvl)
+    means, scalars, workspace = triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize)
+    return triton_finalize(means, scalars, workspace, m, m_out, None, momentum, lam_avl,
+                           lam_pvl)
 
 
 def triton_backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl: float,
@@ -359,12 +538,12 @@ def triton_backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, l
     (gl, k_la), (_, k_lp) = term(g_loss, lam_avl), term(g_loss, lam_pvl)
     (ga, k_a), (gp, k_p) = term(g_avl, 1.0), term(g_pvl, 1.0)
     B, D = img_ft.shape
-    cfg = launch_config(D)
+    cfg = _config(img_ft, img_pre)
     grad_img = torch.empty(B, D, dtype=img_ft.dtype, device=img_ft.device)
     grad_txt = torch.empty(B, D, dtype=txt_ft.dtype, device=txt_ft.device)
     _dive_backward_kernel[(triton.cdiv(B, cfg.block_b),)](
         img_ft, img_pre, txt_ft, txt_pre, m, gl, ga, gp, grad_img, grad_txt, B, D,
         *_strides(img_ft, img_pre, txt_ft, txt_pre), k_la, k_lp, k_a, k_p,
-        NORMALIZE=normalize, BLOCK_B=cfg.block_b, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps)
+        NORMALIZE=normalize, BLOCK_B=cfg.block_b, CHUNKS=cfg.chunks, VEC=cfg.vec,
+        ROWS_IN_WARP=cfg.rows_in_warp, num_warps=cfg.num_warps)
     return grad_img, grad_txt

@@ -1,0 +1,109 @@
+// Launch shapes of the DiVE CUDA kernels, as functions of the problem alone (and, for the
+// pipeline depth, of the device's shared memory): host code shared by the CUDA launchers
+// (dive_cuda.cu), the CPU emulation of the kernels (dive_emulated.cpp) and the
+// ahead-of-time checks (dive_fast.ops.aot reads them through registered ops).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace dive_fast {
+
+// Parts of the statistics: fixed, so that the partials and hence every result are the
+// same on every GPU and at every batch size. 264 = 2 x 132, the SMs of an H100/H200: one
+// wave at two blocks per SM (an A100's 108 SMs take two waves).
+constexpr int kParts = 264;
+constexpr int kStatsThreads = 256;
+constexpr int kFinalizeThreads = 256;
+constexpr int kFinalizeColumns = 32;  // columns of m (and of the partials) per finalisation block
+constexpr int kMaxStages = 3;
+constexpr int64_t kMaxDim = 8192;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int next_pow2(int64_t x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// A 16-byte chunk of the wider of the two input dtypes: its element count.
+inline int chunk_elements(int elem_ft, int elem_pre) { return 16 / std::max(elem_ft, elem_pre); }
+
+// The statistics kernel's shape. Fast path (16-byte aligned rows, D a multiple of the
+// chunk, at most 4 chunks per thread): each thread owns `chunks` chunks of one row per
+// tile, a row is `threads_per_row` threads (a power of two: within a warp up to 32), a tile
+// is `rows_per_tile` rows, and `stages` tiles are staged in shared memory by cp.async.
+// Otherwise the portable kernel (dive_stats_rows_kernel), one part per block all the same.
+struct StatsPlan {
+  bool fast;
+  int chunks, threads_per_row, rows_per_tile, stages;
+  int64_t stage_bytes, shared_bytes;
+};
+
+inline StatsPlan stats_plan(int64_t D, int elem_ft, int elem_pre, bool aligned,
+                            int64_t shared_limit) {
+  const int E = chunk_elements(elem_ft, elem_pre);
+  const int64_t nchunks = ceil_div(D, E);
+  const int max_chunks = E == 4 ? 4 : 2;  // the instances compiled (dive_cuda.cu)
+  StatsPlan p{};
+  p.fast = aligned && D % E == 0 && nchunks <= int64_t(kStatsThreads) * max_chunks;
+  if (p.fast) {
+    p.chunks = nchunks <= 2 * kStatsThreads ? 2 : 4;
+    p.threads_per_row = next_pow2(ceil_div(nchunks, p.chunks));
+    p.rows_per_tile = kStatsThreads / p.threads_per_row;
+    p.stage_bytes = int64_t(kStatsThreads) * p.chunks * E * (2 * elem_ft + 2 * elem_pre);
+    p.stages = static_cast<int>(std::clamp<int64_t>(shared_limit / p.stage_bytes, 1, kMaxStages));
+    // At the end of a part the ring holds each row group's column means and the groups'
+    // counts and merge weights.
+    const int64_t padded = int64_t(p.threads_per_row) * p.chunks * E;
+    const int64_t merge = p.rows_per_tile * (2 * padded * 4 + 4 + 2 * 8) + 16;
+    p.shared_bytes = std::max(p.stages * p.stage_bytes, merge);
+  } else {
+    p.chunks = 0;
+    p.rows_per_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, 4096 / D)));
+    p.threads_per_row = 32;
+    p.stages = 1;
+    p.stage_bytes = 0;
+    p.shared_bytes = 4 * (2 * p.rows_per_tile * D + 2 * D);
+  }
+  return p;
+}
+
+// The backward's shape. Fast path: each thread holds 2 chunks of each input's row in
+// registers (one read of each input, 16-byte loads and stores), `threads_per_row` threads
+// per row (up to 512), `rows_per_block` rows per block. Otherwise one warp per row.
+struct BackwardPlan {
+  bool fast;
+  int threads_per_row, rows_per_block, threads;
+  int64_t blocks;
+};
+
+constexpr int kBackwardChunks = 2;
+constexpr int kBackwardMaxThreads = 512;
+
+inline BackwardPlan backward_plan(int64_t B, int64_t D, int elem_ft, int elem_pre, bool aligned) {
+  const int E = chunk_elements(elem_ft, elem_pre);
+  const int64_t nchunks = ceil_div(D, E);
+  BackwardPlan p{};
+  p.fast = aligned && D % E == 0 && nchunks <= int64_t(kBackwardChunks) * kBackwardMaxThreads;
+  if (p.fast) {
+    p.threads_per_row = next_pow2(ceil_div(nchunks, kBackwardChunks));
+    p.rows_per_block = std::max(1, 256 / p.threads_per_row);
+    p.threads = p.rows_per_block * p.threads_per_row;
+  } else {
+    p.threads_per_row = 32;
+    p.rows_per_block = 8;
+    p.threads = 256;
+  }
+  p.blocks = ceil_div(B, p.rows_per_block);
+  return p;
+}
+
+inline int finalize_blocks(int64_t D) { return static_cast<int>(ceil_div(D, kFinalizeColumns)); }
+
+// The workspace a forward hands from the statistics to the finalisation: the arrival
+// ticket (zeroed by the statistics kernel) and 4 partial sums per finalisation block.
+inline int64_t workspace_doubles(int64_t D) { return 2 + 4 * int64_t(finalize_blocks(D)); }
+
+}  // namespace dive_fast
