@@ -32,6 +32,7 @@ def has_kernel(dispatch_key: str) -> bool:
         f"{OP_NAMESPACE}::dive_stats", dispatch_key)
 
 
+@functools.lru_cache(maxsize=None)  # the namespace object is fixed; the lookup is not free
 def ops():
     return getattr(torch.ops, OP_NAMESPACE)
 

@@ -1,13 +1,21 @@
-"""Public DiVE API: the ``DiVELoss`` module (keeps the EMA vector m) and ``dive_loss``."""
+"""Public DiVE API: the ``DiVELoss`` module (keeps the EMA vector m) and ``dive_loss``.
+
+A call's checks and backend choice depend only on the inputs' shapes, dtypes and devices
+and on the options: they run once per such key, and later calls find the packed
+``DiVEConfig`` in a dictionary (the host cost of a call is then close to that of a bare
+``autograd.Function`` calling the kernels: ``benchmarks/bench_dive_op.py --host``). Under
+torch.compile the checks are traced instead.
+"""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor, nn
 
 from . import backends
-from .ops.dive import INFO_SIZE, DiVEFunction, DiVEOutput
+from .ops.dive import ALL, LOSS, LOSS_INFO, DiVEConfig, DiVEFunction, DiVEOutput
 from .ops.dive_reference import INPUT_NAMES, accumulation_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -64,7 +72,7 @@ def raise_on_bad_values(info: Tensor, normalize: bool, inputs) -> None:
     A row counted non-finite may hold only finite values whose squared norm overflows the
     accumulator; on this error path a second look at that input tells which it is.
     """
-    counts = info[2:INFO_SIZE].tolist()
+    counts = info.tolist()[2:]  # the whole vector: a slice of info first costs several us
     for i, (name, x) in enumerate(zip(INPUT_NAMES, inputs)):
         if counts[i]:
             nan_rows = int((~torch.isfinite(x)).any(1).sum())
@@ -77,6 +85,45 @@ def raise_on_bad_values(info: Tensor, normalize: bool, inputs) -> None:
         if normalize and counts[4 + i]:
             raise ValueError(f"{name} has {int(counts[4 + i])} row(s) of zero norm, which cannot "
                              "be L2-normalised (pass normalize=False if already normalised)")
+
+
+def check_options(lam, momentum) -> None:
+    check_lam(lam)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+
+
+def make_config(img_ft, img_pre, txt_ft, txt_pre, m, m_out, *, lam, momentum, update, normalize,
+                avl, pvl, distributed, backend, outputs) -> DiVEConfig:
+    """Every check of a call's inputs and options, then the backend and the packed options."""
+    validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m)
+    check_options(lam, momentum)
+    if m_out is not None and (m_out.shape != m.shape or m_out.dtype != m.dtype
+                              or m_out.device != m.device):
+        raise ValueError(f"m_out must match m ({tuple(m.shape)} {m.dtype} on {m.device}), got "
+                         f"{tuple(m_out.shape)} {m_out.dtype} on {m_out.device}")
+    chosen = backends.select(img_ft.device.type, img_ft.dtype, img_ft.shape[1], backend)
+    return DiVEConfig(float(momentum) if update else 1.0, bool(normalize),
+                      float(lam) * float(avl), float(lam) * float(pvl), bool(distributed),
+                      chosen, outputs)
+
+
+# Validated configurations by call key (see the module docstring); a bounded memo.
+_CONFIGS: dict = {}
+_MAX_CONFIGS = 1024
+
+
+def _remember(key, config: DiVEConfig) -> DiVEConfig:
+    if key is not None:
+        if len(_CONFIGS) >= _MAX_CONFIGS:
+            _CONFIGS.clear()
+        _CONFIGS[key] = config
+    return config
+
+
+def _frozen(x: Tensor) -> Tensor:
+    """The frozen embeddings never receive a gradient: detached, autograd keeps no graph."""
+    return x.detach() if x.requires_grad else x
 
 
 def dive_loss(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, m: Tensor, *,
@@ -92,22 +139,29 @@ def dive_loss(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, 
     sync per call and raises on NaN/Inf or zero-norm rows; without it such rows give a NaN
     loss, and m is left unchanged either way. Under torch.compile the check is skipped.
     """
-    validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m)
-    check_lam(lam)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    if m_out is not None and (m_out.shape != m.shape or m_out.dtype != m.dtype
-                              or m_out.device != m.device):
-        raise ValueError(f"m_out must match m ({tuple(m.shape)} {m.dtype} on {m.device}), got "
-                         f"{tuple(m_out.shape)} {m_out.dtype} on {m_out.device}")
-    chosen = backends.select(img_ft.device.type, img_ft.dtype, img_ft.shape[1], backend)
-    # The frozen embeddings never receive a gradient: detach so autograd keeps no graph.
+    options = dict(lam=lam, momentum=momentum, update=update, normalize=normalize, avl=avl,
+                   pvl=pvl, distributed=distributed, backend=backend, outputs=ALL)
+    compiling = torch.compiler.is_compiling()
+    key = config = None
+    if not compiling:
+        check_tensors(img_ft, img_pre, txt_ft, txt_pre)
+        try:
+            key = (img_ft.shape, img_ft.dtype, img_ft.device, img_pre.shape, img_pre.dtype,
+                   img_pre.device, txt_ft.shape, txt_ft.dtype, txt_ft.device, txt_pre.shape,
+                   txt_pre.dtype, txt_pre.device, m.shape, m.dtype, m.device,
+                   None if m_out is None else (m_out.shape, m_out.dtype, m_out.device),
+                   float(lam), float(momentum), bool(update), bool(normalize), bool(avl),
+                   bool(pvl), bool(distributed), backend, os.environ.get(backends.ENV_VAR))
+            config = _CONFIGS.get(key)
+        except (AttributeError, TypeError, ValueError):  # the checks below name the problem
+            key = None
+    if config is None:
+        config = _remember(key, make_config(img_ft, img_pre, txt_ft, txt_pre, m, m_out,
+                                            **options))
     # m_out may be m itself (DiVELoss's buffer): then the op reads m from m_out.
-    out = DiVEOutput(*DiVEFunction.apply(
-        img_ft, img_pre.detach(), txt_ft, txt_pre.detach(), None if m_out is m else m.detach(),
-        m_out, float(momentum), bool(update), bool(normalize), float(lam), float(avl), float(pvl),
-        bool(distributed), chosen))
-    if check_values and not torch.compiler.is_compiling():
+    out = DiVEOutput(*DiVEFunction.apply(img_ft, _frozen(img_pre), txt_ft, _frozen(txt_pre),
+                                         None if m_out is m else _frozen(m), m_out, config))
+    if check_values and not compiling:
         raise_on_bad_values(out.info, normalize, (img_ft, img_pre, txt_ft, txt_pre))
     return out
 
@@ -128,9 +182,7 @@ class DiVELoss(nn.Module):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        check_lam(lam)
+        check_options(lam, momentum)
         self.dim, self.lam, self.momentum = dim, lam, momentum
         self.avl, self.pvl, self.normalize = avl, pvl, normalize
         self.backend, self.distributed, self.check_values = backend, distributed, check_values
@@ -148,22 +200,55 @@ class DiVELoss(nn.Module):
 
     def forward(self, img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor,
                 return_parts: bool = False):
-        check_tensors(img_ft, img_pre, txt_ft, txt_pre)  # before .device is read below
-        if self.m.device != img_ft.device:
-            raise ValueError(f"DiVELoss buffer m is on {self.m.device} but img_ft is on "
-                             f"{img_ft.device}: move the loss with .to(device)")
-        if img_ft.dim() == 2 and img_ft.shape[-1] != self.dim:
-            raise ValueError(f"img_ft has dim {img_ft.shape[-1]} but DiVELoss(dim={self.dim})")
-        out = dive_loss(img_ft, img_pre, txt_ft, txt_pre, self.m, lam=self.lam,
-                        momentum=self.momentum, update=self.training, normalize=self.normalize,
-                        avl=self.avl, pvl=self.pvl, distributed=self.distributed,
-                        check_values=self.check_values, backend=self.backend,
-                        m_out=self.m if self.training else None)  # m updated in place
-        if not return_parts:
-            return out.loss
+        m = self._buffers["m"]
+        training = self.training
+        compiling = torch.compiler.is_compiling()
+        key = config = None
+        if not compiling:
+            try:
+                key = (img_ft.shape, img_ft.dtype, img_ft.device, img_pre.shape, img_pre.dtype,
+                       img_pre.device, txt_ft.shape, txt_ft.dtype, txt_ft.device, txt_pre.shape,
+                       txt_pre.dtype, txt_pre.device, m.shape, m.dtype, m.device, training,
+                       return_parts, self.dim, self.lam, self.momentum, self.avl, self.pvl, self.normalize,
+                       self.distributed, self.check_values, self.backend,
+                       os.environ.get(backends.ENV_VAR))
+                config = _CONFIGS.get(key)
+            except (AttributeError, TypeError):  # not tensors: the checks below say so
+                key = None
+        if config is None:
+            config = _remember(key, self._config(img_ft, img_pre, txt_ft, txt_pre, m,
+                                                 return_parts))
+        # In training the op updates the buffer in place (read from m_out, written there).
+        result = DiVEFunction.apply(
+            img_ft, img_pre.detach() if img_pre.requires_grad else img_pre, txt_ft,
+            txt_pre.detach() if txt_pre.requires_grad else txt_pre, None if training else m,
+            m if training else None, config)
+        if config.outputs == LOSS:
+            return result
+        check = self.check_values and not compiling
+        if config.outputs == LOSS_INFO:
+            if check:
+                raise_on_bad_values(result[1], self.normalize, (img_ft, img_pre, txt_ft, txt_pre))
+            return result[0]
+        out = DiVEOutput(*result)
+        if check:
+            raise_on_bad_values(out.info, self.normalize, (img_ft, img_pre, txt_ft, txt_pre))
         parts = {"avl": out.avl.detach(), "pvl": out.pvl.detach(), "b": out.b.detach(),
                  "mean_norm_u": out.info[0].detach(), "mean_norm_v": out.info[1].detach()}
         return out.loss, parts
+
+    def _config(self, img_ft, img_pre, txt_ft, txt_pre, m, return_parts) -> DiVEConfig:
+        check_tensors(img_ft, img_pre, txt_ft, txt_pre)  # before .device is read below
+        if m.device != img_ft.device:
+            raise ValueError(f"DiVELoss buffer m is on {m.device} but img_ft is on "
+                             f"{img_ft.device}: move the loss with .to(device)")
+        if img_ft.dim() == 2 and img_ft.shape[-1] != self.dim:
+            raise ValueError(f"img_ft has dim {img_ft.shape[-1]} but DiVELoss(dim={self.dim})")
+        outputs = ALL if return_parts else LOSS_INFO if self.check_values else LOSS
+        return make_config(img_ft, img_pre, txt_ft, txt_pre, m, m if self.training else None,
+                           lam=self.lam, momentum=self.momentum, update=self.training,
+                           normalize=self.normalize, avl=self.avl, pvl=self.pvl,
+                           distributed=self.distributed, backend=self.backend, outputs=outputs)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, lam={self.lam}, momentum={self.momentum}, avl={self.avl}, "

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import backend_params
 from dive_fast import DiVELoss, backends, dive_loss
@@ -20,7 +21,7 @@ ALL = backend_params()
 def test_opcheck(backend):
     x = make_inputs(6, 10, seed=0)
     m = 0.1 * torch.randn(10, generator=torch.Generator().manual_seed(0))
-    options = (0.9, True, True, 10.0, 1.0, 1.0, False, backend)
+    options = (0.9, True, 10.0, 10.0, False, backend)  # momentum, normalize, lam_avl, lam_pvl
     torch.library.opcheck(dive_forward, (*x, m, None, *options))  # functional
     torch.library.opcheck(dive_forward, (*x, m, torch.zeros(10), *options))  # m_out given
     torch.library.opcheck(dive_forward, (*x, None, m.clone(), *options))  # m_out in place
@@ -288,3 +289,65 @@ def test_cpu_backward_recycles_gradient_blocks(backend):
     del again
     _extension.release_cpu_gradient_cache()
     assert _extension.cpu_gradient_cache_bytes() == 0
+
+
+# --- host cost: no synchronisation, one config per key -----------------------------------
+
+class _Syncs(TorchDispatchMode):
+    """Records the ops that copy a value to the host (a sync on a GPU): .item(), float(),
+    bool(), int() of a tensor all dispatch aten::_local_scalar_dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_host_sync_without_value_check(backend, training):
+    """check_values=False: forward and backward never read a value on the host, so the
+    step can be captured in a CUDA graph (here: the dispatch-level check on the CPU)."""
+    x = make_inputs(11, 16, seed=2)
+    a, t = x[0].clone().requires_grad_(True), x[2].clone().requires_grad_(True)
+    loss_fn = DiVELoss(16, backend=backend, check_values=False).train(training)
+    loss_fn(a, x[1], t, x[3])  # the first call validates and chooses the backend
+    with _Syncs() as recorder:
+        loss, parts = loss_fn(a, x[1], t, x[3], return_parts=True)
+        (loss + parts["avl"]).backward()
+        loss_fn(a, x[1], t, x[3]).backward()
+    assert recorder.syncs == 0
+    with _Syncs() as recorder:
+        float(loss_fn(a, x[1], t, x[3]).detach())
+    assert recorder.syncs == 1  # the recorder sees a sync when there is one
+
+
+def test_config_reused_and_renewed_when_an_option_changes():
+    """The checks run once per key; changing an option or a shape takes the checks again."""
+    from dive_fast import loss as loss_module
+    loss_fn = DiVELoss(8, backend="torch", check_values=False)
+    loss_fn(*_x())
+    configs = len(loss_module._CONFIGS)
+    loss_fn(*_x())
+    assert len(loss_module._CONFIGS) == configs
+    loss_fn.lam = -1.0
+    with pytest.raises(ValueError, match="lam"):
+        loss_fn(*_x())
+    loss_fn.lam = 3.0
+    loss_fn(*_x())
+    assert len(loss_module._CONFIGS) == configs + 1
+    with pytest.raises(ValueError, match="img_pre has shape"):
+        loss_fn(_x()[0], _x(B=3)[1], *_x()[2:])
+
+
+def test_second_derivative_raises():
+    """The kernels have no derivatives: create_graph=True gives first-order gradients, and
+    differentiating them again raises instead of silently returning a wrong result."""
+    x = _x()
+    a = x[0].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(DiVELoss(8, backend="torch")(a, *x[1:]), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

@@ -12,7 +12,7 @@ input gradients, with m fixed at its updated value (no gradient flows through m)
 The forward op writes the new m into the caller's buffer itself (``m_out``), which
 spares a copy launch per step; torch.library does not let a mutating op carry its own
 autograd formula, so ``DiVEFunction`` (a ``torch.autograd.Function``, which torch.compile
-traces) joins the two ops.
+traces) joins the two ops, its options packed in one ``DiVEConfig``.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from .dive_reference import (COUNT, INFO_SIZE, M2_U, M2_V, NONFINITE, NORM_U_SUM
                              PVL_SUM, ZERO_NORM, accumulation_dtype, reference_backward,
                              reference_stats)
 
-__all__ = ["INFO_SIZE", "DiVEFunction", "DiVEOutput", "dive_backward", "dive_forward",
-           "finalize"]
+__all__ = ["ALL", "INFO_SIZE", "LOSS", "LOSS_INFO", "DiVEConfig", "DiVEFunction", "DiVEOutput",
+           "dive_backward", "dive_forward", "finalize"]
 
 
 def _stats(backend: str, *inputs, normalize: bool):
@@ -97,8 +97,8 @@ def _fused_forward(backend: str, inputs, m, m_out, normalize, momentum, lam_avl,
     if backend == "triton":
         from .dive_triton import triton_forward
         return triton_forward(*inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl)
-    return tuple(_extension.ops().dive_forward(*inputs, m, m_out, normalize, momentum, lam_avl,
-                                               lam_pvl))
+    return _extension.ops().dive_forward(*inputs, m, m_out, normalize, momentum, lam_avl,
+                                         lam_pvl)
 
 
 def _world_size() -> int:
@@ -106,21 +106,25 @@ def _world_size() -> int:
 
 
 def _forward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor,
-             m: Optional[Tensor], m_out: Optional[Tensor], momentum: float, update: bool,
-             normalize: bool, lam: float, w_avl: float, w_pvl: float, all_reduce: bool,
+             m: Optional[Tensor], m_out: Optional[Tensor], momentum: float, normalize: bool,
+             lam_avl: float, lam_pvl: float, all_reduce: bool,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, avl, pvl, m_new, b, info); loss = lam * (w_avl * avl + w_pvl * pvl).
+    """-> (loss, avl, pvl, m_new, b, info); loss = lam_avl * avl + lam_pvl * pvl.
 
-    ``m_out`` (optional) receives m_new as well, written by the finalisation itself;
-    ``m`` None: m is read from m_out (an in-place update of the module's buffer).
+    ``momentum`` 1 leaves m as it is. ``m_out`` (optional) receives m_new as well, written
+    by the finalisation itself; ``m`` None: m is read from m_out (an in-place update of
+    the module's buffer).
     """
-    inputs = (img_ft, img_pre, txt_ft, txt_pre)
-    m = m_out if m is None else m
-    momentum = momentum if update else 1.0
-    lam_avl, lam_pvl = lam * w_avl, lam * w_pvl
+    if m is None:
+        m = m_out
     world_size = _world_size() if all_reduce else 1
     if world_size == 1:
-        return _fused_forward(backend, inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl)
+        if backend == "cpu" or backend == "cuda":  # the common case, without more layers
+            return _extension.ops().dive_forward(img_ft, img_pre, txt_ft, txt_pre, m, m_out,
+                                                 normalize, momentum, lam_avl, lam_pvl)
+        return _fused_forward(backend, (img_ft, img_pre, txt_ft, txt_pre), m, m_out, normalize,
+                              momentum, lam_avl, lam_pvl)
+    inputs = (img_ft, img_pre, txt_ft, txt_pre)
     # b crosses ranks before the EMA update: one all-reduce of D values, no host sync.
     means, scalars, workspace = _stats(backend, *inputs, normalize=normalize)
     b = batch_mean(means, scalars)
@@ -134,7 +138,7 @@ dive_forward = torch.library.custom_op("dive_fast::dive_forward", _forward,
 
 
 @dive_forward.register_fake
-def _(img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum, update, normalize, lam, w_avl, w_pvl,
+def _(img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum, normalize, lam_avl, lam_pvl,
       all_reduce, backend):
     acc = accumulation_dtype(img_ft)
     scalar = img_ft.new_empty((), dtype=acc)
@@ -149,13 +153,16 @@ def _backward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, 
     """Gradients for img_ft and txt_ft given dL/du = c_avl (u-m) + c_pvl (u-v), etc., with
     c_avl = scale (lam_avl g_loss + g_avl), c_pvl = scale (lam_pvl g_loss + g_pvl) from the
     upstream gradients of (loss, avl, pvl) (None: zero), formed inside the kernel."""
+    if backend == "cpu" or backend == "cuda":
+        return _extension.ops().dive_backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl,
+                                              g_pvl, lam_avl, lam_pvl, scale, normalize)
     args = (img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale)
     if backend == "torch":
         return reference_backward(*args, normalize)
     if backend == "triton":
         from .dive_triton import triton_backward
         return triton_backward(*args, normalize)
-    return tuple(_extension.ops().dive_backward(*args, normalize))
+    return _extension.ops().dive_backward(*args, normalize)
 
 
 dive_backward = torch.library.custom_op("dive_fast::dive_backward", _backward, mutates_args=())
@@ -168,40 +175,79 @@ def _(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl, lam_pv
         torch.empty_like(txt_ft, memory_format=torch.contiguous_format)
 
 
-def _op(custom_op, implementation):
-    """The custom op while torch.compile traces (an opaque node with its fake), else its
-    implementation called directly: the op's dispatcher layers cost tens of microseconds
-    per eager call, as much as the CPU kernels at B' = 512."""
-    return custom_op if torch.compiler.is_compiling() else implementation
+# What DiVEFunction returns: the loss; the loss and info (the value check reads info); or
+# every output (loss, avl, pvl, m_new, b, info), avl and pvl differentiable too.
+LOSS, LOSS_INFO, ALL = 0, 1, 2
+
+
+class DiVEConfig(NamedTuple):
+    """One call's options, packed once per (shapes, dtypes, device, options) by the callers
+    (``dive_fast.loss``), validated there."""
+    momentum: float  # 1.0 when m is not updated
+    normalize: bool
+    lam_avl: float  # loss = lam_avl * avl + lam_pvl * pvl
+    lam_pvl: float
+    all_reduce: bool
+    backend: str
+    outputs: int  # LOSS, LOSS_INFO or ALL
 
 
 class DiVEFunction(torch.autograd.Function):
-    """Autograd of the forward op (arguments as ``dive_forward``'s): the backward op with m
-    at its updated value; gradients for img_ft and txt_ft only."""
+    """Autograd of the forward op: ``apply(img_ft, img_pre, txt_ft, txt_pre, m, m_out,
+    config)``; the backward op with m at its updated value; gradients for img_ft and
+    txt_ft only. In eager mode the ops' Python implementations are called directly (the
+    custom op's dispatcher layers cost tens of microseconds a call, as much as the CPU
+    kernels at B' = 512); while torch.compile traces, the custom ops (opaque nodes with
+    their fakes)."""
 
     @staticmethod
-    def forward(ctx, img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum, update, normalize,
-                lam, w_avl, w_pvl, all_reduce, backend):
-        out = _op(dive_forward, _forward)(img_ft, img_pre, txt_ft, txt_pre, m, m_out, momentum,
-                                          update, normalize, lam, w_avl, w_pvl, all_reduce,
-                                          backend)
+    def forward(ctx, img_ft, img_pre, txt_ft, txt_pre, m, m_out, config: DiVEConfig):
+        backend = config.backend
+        if ((backend == "cpu" or backend == "cuda") and not torch.compiler.is_compiling()
+                and not (config.all_reduce and _world_size() > 1)):
+            # The compiled kernels' one call, straight (the path of _forward, less a layer).
+            out = _extension.ops().dive_forward(img_ft, img_pre, txt_ft, txt_pre,
+                                                m_out if m is None else m, m_out,
+                                                config.normalize, config.momentum,
+                                                config.lam_avl, config.lam_pvl)
+        else:
+            op = dive_forward if torch.compiler.is_compiling() else _forward
+            out = op(img_ft, img_pre, txt_ft, txt_pre, m, m_out, config.momentum,
+                     config.normalize, config.lam_avl, config.lam_pvl, config.all_reduce, backend)
         ctx.save_for_backward(img_ft, img_pre, txt_ft, txt_pre, out[3])
-        ctx.normalize, ctx.lam_avl, ctx.lam_pvl, ctx.backend = normalize, lam * w_avl, \
-            lam * w_pvl, backend
-        ctx.mark_non_differentiable(*out[3:])
+        ctx.config = config
+        if config.outputs == LOSS:
+            return out[0]
         ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors (launches)
-        return out
+        if config.outputs == LOSS_INFO:
+            ctx.mark_non_differentiable(out[5])
+            return out[0], out[5]
+        ctx.mark_non_differentiable(*out[3:])
+        return tuple(out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss, g_avl, g_pvl, *_):
-        img_ft, img_pre, txt_ft, txt_pre, m_new = ctx.saved_tensors
-        grad_img = grad_txt = None
-        if g_loss is not None or g_avl is not None or g_pvl is not None:
-            grad_img, grad_txt = _op(dive_backward, _backward)(
-                img_ft, img_pre, txt_ft, txt_pre, m_new, g_loss, g_avl, g_pvl, ctx.lam_avl,
-                ctx.lam_pvl, 2.0 / img_ft.shape[0], ctx.normalize, ctx.backend)
-        return (grad_img, None, grad_txt) + (None,) * 11
+    def backward(ctx, g_loss, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels have no derivatives
+            return _backward_once(ctx, g_loss, *grads)
+        return _gradients(ctx, g_loss, *grads)
+
+
+def _gradients(ctx, g_loss, *grads):
+    config = ctx.config
+    g_avl, g_pvl = grads[:2] if config.outputs == ALL else (None, None)
+    if g_loss is None and g_avl is None and g_pvl is None:
+        return (None,) * 7
+    img_ft, img_pre, txt_ft, txt_pre, m_new = ctx.saved_tensors
+    op = dive_backward if torch.compiler.is_compiling() else _backward
+    grad_img, grad_txt = op(img_ft, img_pre, txt_ft, txt_pre, m_new, g_loss, g_avl, g_pvl,
+                            config.lam_avl, config.lam_pvl, 2.0 / img_ft.shape[0],
+                            config.normalize, config.backend)
+    return grad_img, None, grad_txt, None, None, None, None
+
+
+# once_differentiable costs ~5 us a call (a third of the Python layer's budget at B' = 8),
+# so only the create_graph=True path takes it: a second derivative then raises.
+_backward_once = torch.autograd.function.once_differentiable(_gradients)
 
 
 class DiVEOutput(NamedTuple):
