@@ -11,7 +11,10 @@ module (frozen copy, embedding cache, DDP-free here), ``trainer.batches`` the da
 schedule, logit-scale clamp included), each variant in its own process (so peak memory is
 its own), interleaved over rounds:
   flyp-B        FLYP at batch B
-  flyp-B+B'     FLYP at batch B + B' (the trainable work DiVE cannot avoid)
+  flyp-B+B'     FLYP at batch B + B' (as many trainable samples as DiVE's step)
+  replay-B+B'   FLYP on B target samples plus the contrastive loss on B' reference pairs
+                (``--method flyp+replay``): the trainable work DiVE cannot avoid, captions
+                included (with text truncation, captions longer than class prompts cost more)
   dive-naive    DiVE as written plainly: separate trainable forwards for target and
                 reference, the frozen forward every step after them, the eager loss
                 (the ``reference`` backend), no cache
@@ -52,10 +55,10 @@ from tables import step_table  # noqa: E402
 
 from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
-VARIANTS = ("open_clip_train", "flyp-B", "flyp-B+B'", "flyp-B+B'-notrunc", "dive-naive",
-            "dive-fast", "open_clip_train-compiled", "flyp-B+B'-compiled", "dive-fast-compiled",
-            "dive-seq", "dive-cosched")
-DEFAULT_VARIANTS = VARIANTS[:9]
+VARIANTS = ("open_clip_train", "flyp-B", "flyp-B+B'", "flyp-B+B'-notrunc", "replay-B+B'",
+            "dive-naive", "dive-fast", "open_clip_train-compiled", "flyp-B+B'-compiled",
+            "dive-fast-compiled", "dive-seq", "dive-cosched")
+DEFAULT_VARIANTS = VARIANTS[:10]
 PHASES = ("data", "trainable_fwd", "frozen_fwd", "losses", "backward", "optimizer")
 # open_clip's profile: GFLOP per image-text pair forward (x3 for forward + backward).
 GFLOP_PER_PAIR = {"ViT-B-16": 41.0, "ViT-B-32": 14.8}
@@ -102,7 +105,8 @@ def naive_dive():
 def variant_cli(args, variant, out) -> list[str]:
     """The command line a user would give ``dive_fast.train`` for this variant."""
     B, Bp = args.batch, args.ref_batch or args.batch
-    cli = train_cli("flyp" if variant.startswith("flyp") else "dive", args.model,
+    method = {"flyp": "flyp", "replay": "flyp+replay"}.get(variant.split("-")[0], "dive")
+    cli = train_cli(method, args.model,
                     B + Bp if variant.startswith("flyp-B+B'") else B, Bp, args.ref_size,
                     args.amp, args.device, args.workers, args.warmup + args.steps + 3, out)
     if variant.endswith("-notrunc"):
