@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import train_args
+from helpers.kill import run_killed_at_step
 from dive_fast import train
 from dive_fast.train import cli
 from dive_fast.train.checkpoint import load_checkpoint
@@ -63,18 +64,7 @@ def test_resume_latest_with_clipping_ends_where_an_unbroken_run_ends(micro_cache
     from dive_fast.train import methods
     args = ["--method", "flyp", "--grad-clip-norm", "0.5", "--keep", "5"]
     train.main(train_args(tmp_path / "whole", *args))
-    calls, original = {"n": 0}, methods.FLYP.forward
-
-    def killed_at_step_3(self, batch, step):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, batch, step)
-
-    monkeypatch.setattr(methods.FLYP, "forward", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(tmp_path / "broken", *args))
-    monkeypatch.setattr(methods.FLYP, "forward", original)
+    run_killed_at_step(monkeypatch, methods.FLYP, 3, train_args(tmp_path / "broken", *args))
     train.main(train_args(tmp_path / "broken", *args, "--resume", "latest"))
     whole, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "step-00000004.pt")
                       for run in ("whole", "broken"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import train_args
+from helpers.kill import run_killed_at_step
 from dive_fast import train
 from dive_fast.train import methods
 from dive_fast.train.checkpoint import load_checkpoint
@@ -42,19 +43,7 @@ def _final(out):
 def test_resume_ends_where_an_unbroken_run_ends(micro_cache, tmp_path, monkeypatch):
     args = ["--method", "dive", "--steps", "6", "--checkpoint-every", "3", "--keep", "5"]
     train.main(train_args(tmp_path / "whole", *args))
-    calls = {"n": 0}
-    original = methods.DiVE.forward
-
-    def crash_at_step_5(self, batch, step):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, batch, step)
-
-    monkeypatch.setattr(methods.DiVE, "forward", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(tmp_path / "broken", *args))
-    monkeypatch.setattr(methods.DiVE, "forward", original)
+    run_killed_at_step(monkeypatch, methods.DiVE, 5, train_args(tmp_path / "broken", *args))
     assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").glob("*.pt")) == \
         ["step-00000003.pt"]
     train.main(train_args(tmp_path / "broken", *args, "--resume", "auto"))
