@@ -53,10 +53,12 @@
 #define DIVE_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
-// Loops over parts: four iterations' loads in flight at once.
+// Loops over parts: several iterations' loads in flight at once.
 #if defined(__CUDA_ARCH__)
+#define DIVE_UNROLL_8 _Pragma("unroll 8")
 #define DIVE_UNROLL_4 _Pragma("unroll 4")
 #else
+#define DIVE_UNROLL_8
 #define DIVE_UNROLL_4
 #endif
 
@@ -750,7 +752,7 @@ dive_finalize_kernel(FinalizeArgs<m_t> p) {
 
   // b: sum_k n_k (mean_u + mean_v) / (2 sum_k n_k), warps over parts, lanes over columns.
   double acc = 0, n = 0;
-  DIVE_UNROLL_4
+  DIVE_UNROLL_8
   for (int k = warp; k < K; k += kWarps) {
     const double nk = p.scalars[k * kNumScalars + kCount];
     acc += nk * (double(p.means[(2 * k) * D + c]) + double(p.means[(2 * k + 1) * D + c]));
@@ -771,7 +773,7 @@ dive_finalize_kernel(FinalizeArgs<m_t> p) {
   // dev: sum_k n_k (|mean_u - b|^2 + |mean_v - b|^2), the same parts again.
   const double b = b_local[lane];
   double dev = 0;
-  DIVE_UNROLL_4
+  DIVE_UNROLL_8
   for (int k = warp; k < K; k += kWarps) {
     const double nk = p.scalars[k * kNumScalars + kCount];
     const double du = double(p.means[(2 * k) * D + c]) - b;
@@ -812,12 +814,14 @@ dive_finalize_kernel(FinalizeArgs<m_t> p) {
   fence_gpu();
   for (int j = warp; j < kNumScalars; j += kWarps) {  // the scalar columns over the parts
     double s[1] = {0};
+    DIVE_UNROLL_4
     for (int k = lane; k < K; k += 32) s[0] += p.scalars[k * kNumScalars + j];
     group_sum(s, 32);
     if (lane == 0) scalar_sums[j] = s[0];
   }
   if (warp == kWarps - 1) {  // the blocks' partials, in block order per lane
     double t[4] = {0, 0, 0, 0};
+    DIVE_UNROLL_4
     for (int blk = lane; blk < static_cast<int>(gridDim.x); blk += 32) {
       DIVE_UNROLL
       for (int i = 0; i < 4; ++i) t[i] += load_cg(p.partials + blk * 4 + i);

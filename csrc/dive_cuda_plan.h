@@ -14,7 +14,7 @@ namespace dive_fast {
 // wave at two blocks per SM (an A100's 108 SMs take two waves).
 constexpr int kParts = 264;
 constexpr int kStatsThreads = 256;
-constexpr int kFinalizeThreads = 256;
+constexpr int kFinalizeThreads = 512;  // 16 warps share a block's parts: short load chains
 constexpr int kFinalizeColumns = 32;  // columns of m (and of the partials) per finalisation block
 constexpr int kMaxStages = 3;
 constexpr int64_t kMaxDim = 8192;

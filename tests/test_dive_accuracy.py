@@ -1,4 +1,6 @@
 """Every backend against an independent float64 oracle: loss, parts, new m, both grads."""
+import itertools
+
 import pytest
 import torch
 
@@ -100,17 +102,12 @@ def test_nearly_equal_difference_vectors(backend):
     assert abs(naive.double() - exact) / exact > 10 * rows["avl"]
 
 
-@pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("spread", [1.0, 1e-4], ids=["spread", "nearly-equal"])
-def test_finalisation_merges_many_uneven_parts(backend, spread):
-    """The finalisation on K = 37 parts of 1 to 9 rows, D = 300: more parts than one chunk
-    of the CPU/CUDA merge (8) or of Triton's tile (16), with remainders on both axes,
-    against the float64 finalisation of the same parts. With spread 1e-4 the parts' means
-    nearly coincide, where AVL is tiny against |b|^2 and a cancelling form would lose it."""
-    from dive_fast.ops.dive import _finalize, finalize
+def _uneven_parts(K=37, D=300, spread=1.0):
+    """K parts of 1 to 9 rows (reference statistics in float32) about a common centre c,
+    their spread about it ``spread``; and an m near c."""
     from dive_fast.ops.dive_reference import reference_stats
     g = torch.Generator().manual_seed(9)
-    D, sizes = 300, [1 + (5 * k) % 9 for k in range(37)]
+    sizes = [1 + (5 * k) % 9 for k in range(K)]
     c = torch.randn(D, generator=g, dtype=torch.float64)
     parts = []
     for rows in sizes:
@@ -121,14 +118,60 @@ def test_finalisation_merges_many_uneven_parts(backend, spread):
                                      pre[1].float(), False))
     means, scalars = (torch.cat(x) for x in zip(*parts))
     m = (c + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64)).float()
-    loss, avl, pvl, m_new, b, info = _finalize(backend, means, scalars, None, m, None, None, 0.99,
-                                               1000.0, 1000.0)
+    return means, scalars, m
+
+
+def _assert_finalised(out, means, scalars, m, momentum=0.99, lam_avl=1000.0, lam_pvl=1000.0):
+    from dive_fast.ops.dive import finalize
+    loss, avl, pvl, m_new, b, info = out
     avl64, pvl64, m64, b64, info64 = finalize(means.double(), scalars.double(), m.double(),
-                                              0.99)
+                                              momentum)
     for name, got, want in (("avl", avl, avl64), ("pvl", pvl, pvl64), ("m_new", m_new, m64),
                             ("b", b, b64), ("info", info, info64),
-                            ("loss", loss, 1000.0 * (avl64 + pvl64))):
+                            ("loss", loss, lam_avl * avl64 + lam_pvl * pvl64)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("spread", [1.0, 1e-4], ids=["spread", "nearly-equal"])
+def test_finalisation_merges_many_uneven_parts(backend, spread):
+    """The finalisation on K = 37 parts of 1 to 9 rows, D = 300 (10 column blocks of the
+    GPU finalisations, the last one partial), against the float64 finalisation of the same
+    parts. With spread 1e-4 the parts' means nearly coincide, where AVL is tiny against
+    |b|^2 and a cancelling form would lose it."""
+    from dive_fast.ops.dive import _finalize
+    means, scalars, m = _uneven_parts(spread=spread)
+    _assert_finalised(_finalize(backend, means, scalars, None, m, None, None, 0.99, 1000.0,
+                                1000.0), means, scalars, m)
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+def test_triton_ticket_any_arrival_order(backend, monkeypatch):
+    """The Triton finalisation's programs taken in every order (the interpreter's grid
+    loop permuted): the last to take the ticket sums the partials in program order, so
+    every order gives the same bits, those of the float64 finalisation within rounding;
+    and the ticket, zeroed by the statistics kernel, is back at 0 afterwards."""
+    from triton.runtime import interpreter
+
+    from dive_fast.ops.dive import _finalize
+    from dive_fast.ops.dive_triton import triton_stats
+    means, scalars, m = _uneven_parts(K=11, D=100)  # 4 programs of 32 columns
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+    results = []
+    for order in itertools.permutations(range(4)):
+        monkeypatch.setattr(builder, "set_grid_idx",
+                            lambda x, y, z, o=order: set_grid_idx(o[x], y, z))
+        results.append(_finalize(backend, means, scalars, None, m, None, None, 0.9, 10.0, 3.0))
+    monkeypatch.undo()
+    for other in results[1:]:
+        assert all(torch.equal(got, want) for got, want in zip(other, results[0]))
+    _assert_finalised(results[0], means, scalars, m, 0.9, 10.0, 3.0)
+    x = make_inputs(9, 100, seed=3)
+    means, scalars, workspace = triton_stats(*x, True)
+    assert workspace[0].item() == 0
+    _finalize(backend, means, scalars, workspace, m, None, None, 0.9, 10.0, 3.0)
+    assert workspace[0].item() == 0
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -11,11 +11,15 @@ contiguous, 16-byte aligned inputs; registers and spills from ptxas's report of 
 compile, shared memory from the compiled metadata.
 CUDA: ``csrc/dive_cuda.cu`` compiled to a cubin per architecture by nvcc with
 ``--resource-usage`` (the device code of the build: same flags), one row per template
-instance; the statistics kernel's dynamic shared memory is its launcher's
-(``cuda_stats_shared_bytes``) at the largest dim.
+instance; the statistics kernels' dynamic shared memory is their launcher's plan
+(``cuda_stats_plan``, from ``csrc/dive_cuda_plan.h``).
 
 ``blocks_per_sm`` estimates how many blocks of the kernel fit on one SM at once, the
-least of the register, thread and shared-memory limits.
+least of the register, thread and shared-memory limits; ``bytes_in_flight_per_sm`` that
+times the bytes of input a block has requested ahead of its arithmetic. The other columns
+are read from the SASS (``dive_fast.ops.sass.kernel_facts``): the statistics tile loop's
+barriers and loads, the backward's loads and stores, the finalisation's loops, and the
+atomics of every kernel; ``tests/test_gpu_kernels.py`` holds them to the design.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import sass
+
 ARCHS = (80, 90)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -45,7 +51,15 @@ REGISTERS_PER_SM, THREADS_PER_SM, REGISTER_UNIT = 65536, 2048, 256
 SHARED_PER_SM = {80: 167936, 90: 233472}
 SHARED_PER_BLOCK = {80: 166912, 90: 232448}
 FIELDS = ("backend", "kernel", "config", "arch", "registers", "spill_store_bytes",
-          "spill_load_bytes", "stack_bytes", "shared_bytes", "threads", "blocks_per_sm", "error")
+          "spill_load_bytes", "stack_bytes", "shared_bytes", "threads", "blocks_per_sm",
+          "bytes_in_flight_per_sm", "barriers_per_tile", "inner_loop_barriers",
+          "narrow_loads_hot", "wide_loads_hot", "async_loads_hot", "narrow_loads", "wide_loads",
+          "narrow_stores", "wide_stores", "loops", "loop_barriers", "loop_divisions",
+          "loop_calls", "atomics", "float_atomics", "acq_rel_ticket", "error")
+KIND = {"_dive_stats_kernel": "stats", "_dive_backward_kernel": "backward",
+        "_dive_finalize_kernel": "finalize", "dive_stats_kernel": "stats",
+        "dive_stats_rows_kernel": "stats", "dive_backward_kernel": "backward",
+        "dive_backward_rows_kernel": "backward", "dive_finalize_kernel": "finalize"}
 
 
 def blocks_per_sm(registers: int, threads: int, shared: int, arch: int) -> int:
@@ -90,7 +104,8 @@ def triton_jobs() -> list[tuple[str, str, dict]]:
     jobs = []
     pairs = list(itertools.product(DTYPES, repeat=2))
     for D, (ft, pre), normalize in itertools.product(_dim_buckets(), pairs, (True, False)):
-        cfg = launch_config(D, min(ELEMENT_BYTES[ft], ELEMENT_BYTES[pre]))
+        sizes = (ELEMENT_BYTES[ft], ELEMENT_BYTES[pre])
+        cfg = launch_config(D, min(sizes), max(sizes))
         label = (f"D<={D} BLOCK_B={cfg.block_b} CHUNKS={cfg.chunks} VEC={cfg.vec} "
                  f"rows_in_warp={int(cfg.rows_in_warp)} warps={cfg.num_warps} "
                  f"ft={ft} pre={pre} normalize={int(normalize)}")
@@ -173,11 +188,25 @@ def compile_triton(job: dict, arch: int) -> dict:
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     (entry,) = parse_ptxas(log.getvalue()).values()
     shared = compiled.metadata.shared
+    blocks = blocks_per_sm(entry["registers"], 32 * num_warps, shared, arch)
+    (instrs,) = sass.disassemble(compiled.asm["cubin"]).values()
     return {**row, **{k: entry[k] for k in ("registers", "spill_store_bytes", "spill_load_bytes",
                                             "stack_bytes")},
             "shared_bytes": shared, "compile_s": round(time.perf_counter() - t0, 2),
-            "blocks_per_sm": blocks_per_sm(entry["registers"], 32 * num_warps, shared, arch),
-            "cubin_bytes": len(compiled.asm["cubin"])}
+            "blocks_per_sm": blocks, "bytes_in_flight_per_sm": _triton_in_flight(job, blocks),
+            "cubin_bytes": len(compiled.asm["cubin"]),
+            **sass.kernel_facts(instrs, KIND[job["kernel"]])}
+
+
+def _triton_in_flight(job: dict, blocks: int) -> int | str:
+    """Bytes of the inputs a SM has requested and not yet received, at most: the
+    statistics kernel's pipelined tiles (STAGES - 1 ahead), the backward's one tile."""
+    from .dive_triton import STAGES
+    if job["kernel"] == "_dive_finalize_kernel":
+        return ""
+    tile = job["block_b"] * job["chunks"] * job["vec"] * 2 * (ELEMENT_BYTES[job["ft"]]
+                                                              + ELEMENT_BYTES[job["pre"]])
+    return blocks * tile * ((STAGES - 1) if job["kernel"] == "_dive_stats_kernel" else 1)
 
 
 def _worker_init(cache_dir: str) -> None:
@@ -213,17 +242,42 @@ def _nvcc():
     return str(Path(home) / "bin" / "nvcc") if home else shutil.which("nvcc")
 
 
-def _cuda_config(demangled: str) -> tuple[str, str]:
-    """(kernel name, config) from a demangled template instance's name."""
+def _cuda_config(demangled: str) -> tuple[str, dict]:
+    """(kernel name, template arguments by name) from a demangled instance's name."""
     name = re.search(r"(\w+)<", demangled).group(1)
     types = re.search(r"<(.*?)>\(", demangled).group(1).split(", ")
     labels = [CXX_TYPES.get(t, t) for t in types]
-    keys = ("m",) if name == "dive_finalize_kernel" else ("ft", "pre")
-    return name, " ".join(f"{k}={v}" for k, v in zip(keys, labels))
+    keys = ("m",) if name == "dive_finalize_kernel" else ("ft", "pre", "chunks")
+    return name, dict(zip(keys, labels))
+
+
+def _cuda_launch(ops, kernel: str, args: dict, arch: int):
+    """(threads, dynamic shared bytes, bytes one block has in flight, label) of a CUDA
+    kernel instance as its launcher would start it: the statistics kernels at a dim that
+    selects them (their shared memory does not depend on D otherwise: the fast kernel's
+    ring holds chunks of 256 threads, the portable one rows of at most 4096 values), the
+    fast backward at 256 threads (its widest rows take 512, with the same registers)."""
+    if ops is None or kernel == "dive_finalize_kernel":
+        return 256, 0, 0, ""
+    ft, pre = ELEMENT_BYTES[args["ft"]], ELEMENT_BYTES[args["pre"]]
+    chunk = 16 // max(ft, pre)
+    if kernel == "dive_stats_kernel":
+        dim = int(args["chunks"]) * 256 * chunk  # the widest row with these chunks a thread
+        plan = [int(v) for v in ops.cuda_stats_plan(dim, ft, pre, True, SHARED_PER_BLOCK[arch])]
+        stages, stage_bytes, shared, threads = plan[4], plan[5], plan[6], plan[8]
+        return threads, shared, (stages - 1) * stage_bytes, f"stages={stages}"
+    if kernel == "dive_stats_rows_kernel":
+        dim = int(ops.cuda_max_dim())
+        plan = [int(v) for v in ops.cuda_stats_plan(dim, ft, pre, False, SHARED_PER_BLOCK[arch])]
+        return 256, plan[6], 0, f"dynamic_shared@D={dim}"
+    if kernel == "dive_backward_kernel":
+        return 256, 0, 256 * 2 * chunk * (2 * ft + 2 * pre), ""
+    return 256, 0, 0, ""
 
 
 def cuda_rows(archs=ARCHS) -> list[dict]:
-    """Each CUDA kernel instance's resources per architecture, from nvcc --resource-usage."""
+    """Each CUDA kernel instance's resources and machine-code facts per architecture, from
+    nvcc --resource-usage and the cubin's SASS."""
     import torch
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
@@ -232,10 +286,6 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
         raise RuntimeError("no CUDA toolkit (nvcc) found")
     from .. import _extension
     ops = _extension.ops() if _extension.load()[0] else None
-    dynamic = {}
-    if ops is not None and hasattr(ops, "cuda_stats_shared_bytes"):
-        dim = int(ops.cuda_max_dim())
-        dynamic["dive_stats_kernel"] = (int(ops.cuda_stats_shared_bytes(dim)), dim)
     flags = ["-O3", "-lineinfo", "-std=c++20", *COMMON_NVCC_FLAGS, f"-I{ROOT / 'csrc'}",
              *(f"-I{p}" for p in include_paths(device_type="cuda")),
              f"-I{sysconfig.get_paths()['include']}",
@@ -248,11 +298,12 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
             proc = subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "--resource-usage", *flags,
                                    str(ROOT / "csrc" / "dive_cuda.cu"), "-o", f"{tmp}/k.cubin"],
                                   capture_output=True, text=True)
-            return arch, proc, time.perf_counter() - t0
+            code = sass.disassemble(f"{tmp}/k.cubin") if proc.returncode == 0 else {}
+            return arch, proc, code, time.perf_counter() - t0
 
     rows = []
     with concurrent.futures.ThreadPoolExecutor(len(archs)) as pool:
-        for arch, proc, seconds in pool.map(compile_arch, archs):
+        for arch, proc, code, seconds in pool.map(compile_arch, archs):
             if proc.returncode != 0:
                 rows.append({"backend": "cuda", "kernel": "dive_cuda.cu", "config": "",
                              "arch": f"sm_{arch}", "error": proc.stderr[-500:]})
@@ -262,18 +313,19 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
                                        text=True).stdout.splitlines()
             for (mangled, entry), readable in sorted(zip(entries.items(), demangled),
                                                      key=lambda x: x[1]):
-                kernel, config = _cuda_config(readable)
-                extra, dim = dynamic.get(kernel, (0, None))
-                if dim is not None:
-                    config += f" dynamic_shared@D={dim}={extra}"
-                shared = entry["static_shared"] + extra
+                kernel, args = _cuda_config(readable)
+                threads, dynamic, per_block, launch = _cuda_launch(ops, kernel, args, arch)
+                config = " ".join([f"{k}={v}" for k, v in args.items()] + ([launch] if launch else []))
+                shared = entry["static_shared"] + dynamic
+                blocks = blocks_per_sm(entry["registers"], threads, shared, arch)
                 rows.append({"backend": "cuda", "kernel": kernel, "config": config,
-                             "arch": f"sm_{arch}", "threads": 256,
+                             "arch": f"sm_{arch}", "threads": threads,
                              **{k: entry[k] for k in ("registers", "spill_store_bytes",
                                                       "spill_load_bytes", "stack_bytes")},
-                             "shared_bytes": shared,
-                             "blocks_per_sm": blocks_per_sm(entry["registers"], 256, shared, arch),
-                             "compile_s": round(seconds, 1), "error": ""})
+                             "shared_bytes": shared, "blocks_per_sm": blocks,
+                             "bytes_in_flight_per_sm": blocks * per_block if per_block else "",
+                             "compile_s": round(seconds, 1), "error": "",
+                             **sass.kernel_facts(code[mangled], KIND[kernel])})
     return rows
 
 

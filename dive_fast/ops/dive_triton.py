@@ -4,11 +4,13 @@ Forward, two launches:
 - ``_dive_stats_kernel``: a fixed number of programs (``PARTS``: the partials, hence every
   result, are the same on every GPU and at every batch size); part k owns the row tiles
   k, k + K, k + 2K, ..., loaded by a loop Triton pipelines (``tl.range(num_stages=...)``:
-  cp.async into a shared-memory ring). Per tile: one reduction along the rows (the four
-  squared norms with the previous tile's |u|^2, |v|^2: one round through shared memory),
-  then u, v, merged elementwise into each row slot's running means by Welford's update;
-  the slots are merged once at the end of the part (b first, then the deviations about
-  it). One read of the inputs; [K, 2, D] means and [K, NUM_SCALARS] scalars.
+  cp.async into a shared-memory ring). Per tile: the rows' squared norms, then u, v,
+  merged elementwise into each row slot's running means by Welford's update, and the
+  rows' M2 terms and norms of u and v; rows up to 512 values lie within a warp (those
+  sums take no barrier), wider rows span warps (each sum a round through shared memory,
+  two rounds a tile: the values are joined). The slots are merged once at the end of the
+  part (b first, then the deviations about it). One read of the inputs; [K, 2, D] means
+  and [K, NUM_SCALARS] scalars.
 - ``_dive_finalize_kernel``: one program per ``FINALIZE["BLOCK_D"]`` columns, each merging
   its columns over all parts in fixed order (b, then the deviations about b), loads and
   FMAs only inside the loops over parts; its partial sums, then one acquire-release ticket;
@@ -108,11 +110,6 @@ def _inverse_norm(sumsq, rmask, NORMALIZE: tl.constexpr, CHECK: tl.constexpr = T
 
 
 @triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
 def _flag(condition, rmask):
     return tl.where(rmask & condition, 1.0, 0.0)
 
@@ -125,35 +122,30 @@ def _dive_stats_kernel(
     ROWS_IN_WARP: tl.constexpr, NUM_STAGES: tl.constexpr, NUM_SCAL: tl.constexpr,
 ):
     """Tiles of [CHUNKS, BLOCK_B, VEC]. ROWS_IN_WARP (a warp holds whole rows): every row
-    sum is a warp's, taken per tile (no barrier). Otherwise rows span warps: the squared
-    norms are one joined reduction per tile, M2 and PVL stay elementwise until the end,
-    and the previous tile's |u|^2, |v|^2 go across the warps with the next tile's norms."""
+    sum is a warp's, taken per tile (no barrier). Otherwise rows span warps and row sums
+    go through shared memory, joined into two reductions a tile: the four squared norms,
+    then |u|^2, |v|^2 and the M2 terms; PVL terms stay elementwise until the end."""
     pid = tl.program_id(0)
     K = tl.num_programs(0)
     if pid == 0:
         tl.store(TICKET, 0)  # this call's arrival counter for the finalisation
     cols = _columns(CHUNKS, VEC)
     cmask = cols < D
+    slots = tl.arange(0, BLOCK_B)
     n_tiles = tl.cdiv(B, BLOCK_B)
     my_tiles = tl.cdiv(tl.maximum(n_tiles - pid, 0), K)
     zero = tl.zeros([CHUNKS, BLOCK_B, VEC], dtype=tl.float32)
     zero_row = _rsum(zero, ROWS_IN_WARP)  # per-row values in the layout row sums come in
-    slots = tl.arange(0, BLOCK_B)
-    # Per row slot and column: running means (Welford). Per row slot: rows seen, sums of
-    # M2 and PVL terms and of |u|, |v|, the non-finite and zero-norm row counts; rows
-    # across warps: M2 and PVL terms per column, and the last tile's squares of u and v.
+    # Per row slot and column: running means (Welford), and across warps the PVL terms.
+    # Per row slot: rows seen, sums of M2 and PVL terms and of |u|, |v|, and the
+    # non-finite and zero-norm row counts.
     mean_u = zero
     mean_v = zero
-    m2_u = zero
-    m2_v = zero
     pv = zero
-    uu = zero
-    vv = zero
     m2u_rows = zero_row
     m2v_rows = zero_row
     pv_rows = zero_row
     count = zero_row
-    prev = zero_row
     norm_u = zero_row
     norm_v = zero_row
     nf_a = zero_row
@@ -179,9 +171,6 @@ def _dive_stats_kernel(
             ss_t0 = _rsum(t0 * t0)
         else:
             ss_a, ss_a0, ss_t, ss_t0 = _rsum4(a * a, a0 * a0, t * t, t0 * t0, ROWS_IN_WARP)
-            nu, nv = _rsum2(uu, vv, ROWS_IN_WARP)
-            norm_u += tl.where(prev > 0, tl.sqrt(nu), 0.0)
-            norm_v += tl.where(prev > 0, tl.sqrt(nv), 0.0)
         # sumsq <= FLT_MAX is False for NaN and Inf.
         nf_a += _flag(~(ss_a <= FLT_MAX), rmask)
         nf_a0 += _flag(~(ss_a0 <= FLT_MAX), rmask)
@@ -202,26 +191,23 @@ def _dive_stats_kernel(
         dv = v - mean_v
         mean_u += du * w
         mean_v += dv * w
-        # Zero off the edges: u = v = 0 there, and M2 terms masked.
+        # Zero off the edges: u = v = 0 there, and the M2 terms masked.
+        m2u = tl.where(mask, du * (u - mean_u), 0.0)
+        m2v = tl.where(mask, dv * (v - mean_v), 0.0)
         if ROWS_IN_WARP:
-            m2u_rows += _rsum(tl.where(mask, du * (u - mean_u), 0.0))
-            m2v_rows += _rsum(tl.where(mask, dv * (v - mean_v), 0.0))
+            nu = _rsum(u * u)
+            nv = _rsum(v * v)
+            m2u_rows += _rsum(m2u)
+            m2v_rows += _rsum(m2v)
             pv_rows += _rsum((u - v) * (u - v))
-            norm_u += tl.where(rmask, tl.sqrt(_rsum(u * u)), 0.0)
-            norm_v += tl.where(rmask, tl.sqrt(_rsum(v * v)), 0.0)
         else:
-            m2_u += tl.where(mask, du * (u - mean_u), 0.0)
-            m2_v += tl.where(mask, dv * (v - mean_v), 0.0)
+            nu, nv, m2u_row, m2v_row = _rsum4(u * u, v * v, m2u, m2v, ROWS_IN_WARP)
+            m2u_rows += m2u_row
+            m2v_rows += m2v_row
             pv += (u - v) * (u - v)
-            uu = u * u
-            vv = v * v
-            prev = valid
-    if not ROWS_IN_WARP:  # the last tile's rows
-        nu, nv = _rsum2(uu, vv, ROWS_IN_WARP)
-        norm_u += tl.where(prev > 0, tl.sqrt(nu), 0.0)
-        norm_v += tl.where(prev > 0, tl.sqrt(nv), 0.0)
-        m2u_rows = _rsum(m2_u, ROWS_IN_WARP)
-        m2v_rows = _rsum(m2_v, ROWS_IN_WARP)
+        norm_u += tl.where(rmask, tl.sqrt(nu), 0.0)
+        norm_v += tl.where(rmask, tl.sqrt(nv), 0.0)
+    if not ROWS_IN_WARP:
         pv_rows = _rsum(pv, ROWS_IN_WARP)
     # The row slots merged: the part's means (sum n_s mean_s / n), then the slots' squared
     # deviations about them.
@@ -430,10 +416,13 @@ class LaunchConfig(NamedTuple):
 ROWS_IN_WARP_MAX_DIM = 512  # wider rows in one warp: too many registers a thread
 
 
-def launch_config(D: int, elem_size: int = 4) -> LaunchConfig:
+def launch_config(D: int, elem_size: int = 4, widest: int | None = None) -> LaunchConfig:
     """Tile shape and warps of the statistics and backward kernels for rows of D values;
-    ``elem_size``: the narrowest input dtype's bytes. A warp's 16-byte loads of that dtype
-    span ``vec`` columns: every input's load then has the layout of the arithmetic."""
+    ``elem_size``, ``widest``: the narrowest and widest input dtypes' bytes. Rows within a
+    warp: a warp's 16-byte loads of the narrowest dtype span ``vec`` columns, so that every
+    input's load has the layout of the arithmetic. Rows across warps: 16 bytes a thread of
+    the widest dtype (more, in registers, spills on sm_80)."""
+    widest = widest or elem_size
     block_d = max(MIN_BLOCK_D, triton.next_power_of_2(D))
     warps = 8
     if block_d <= ROWS_IN_WARP_MAX_DIM:
@@ -442,12 +431,13 @@ def launch_config(D: int, elem_size: int = 4) -> LaunchConfig:
                             True, warps)
     # Rows across warps: one row a tile (a row sum is then one value a thread, one round
     # of shared memory for four of them), 16 bytes a thread and load where the warps allow.
-    warps = max(4, min(16, block_d * elem_size // (32 * 16)))
+    warps = max(4, min(16, block_d * widest // (32 * 16)))
     return LaunchConfig(1, block_d, 1, block_d, False, warps)
 
 
 def _config(img_ft, img_pre) -> LaunchConfig:
-    return launch_config(img_ft.shape[1], min(img_ft.element_size(), img_pre.element_size()))
+    sizes = (img_ft.element_size(), img_pre.element_size())
+    return launch_config(img_ft.shape[1], min(sizes), max(sizes))
 
 
 # The finalisation's tile over [parts, columns] (parts a loop), its programs' partials

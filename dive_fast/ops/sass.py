@@ -85,14 +85,18 @@ def disassemble(cubin: bytes | str | os.PathLike) -> dict[str, list[Instr]]:
 
 
 def loops(instrs: list[Instr]) -> list[Loop]:
-    """Every backward branch as a loop, outermost first."""
+    """Every backward branch as a loop, outermost first; but not a branch from code placed
+    out of line after the kernel's end (divergent shuffles' fallbacks, the division's slow
+    path) back into it: such a range holds an unconditional EXIT or RET, a loop never."""
     found = []
     for i in instrs:
         if i.base == "BRA" and not i.opcode.startswith("BRA.DIV"):
             t = _TARGET.search(i.operands)
             if t and int(t.group(1), 16) < i.addr:
                 start = int(t.group(1), 16)
-                found.append(Loop(start, i.addr, [j for j in instrs if start <= j.addr <= i.addr]))
+                body = [j for j in instrs if start <= j.addr <= i.addr]
+                if not any(j.base in ("EXIT", "RET") and not j.predicated for j in body):
+                    found.append(Loop(start, i.addr, body))
     return sorted(found, key=lambda lp: (lp.start, -lp.end))
 
 
@@ -150,13 +154,65 @@ def is_call(i: Instr) -> bool:
 
 
 def acquire_release_ticket(instrs: list[Instr]) -> bool:
-    """One integer atomic add at GPU scope, with a memory barrier before it (release) and
-    an L1 invalidation after it (acquire): how acq_rel lowers on sm_70 and later."""
+    """One integer atomic add at GPU scope, with a memory barrier just before it (release)
+    and an L1 invalidation after it, before the next barrier or global load (acquire): how
+    acq_rel lowers on sm_70 and later."""
     atoms = atomics(instrs)
     if len(atoms) != 1 or is_float_atomic(atoms[0]) or ".ADD" not in atoms[0].opcode:
         return False
     k = instrs.index(atoms[0])
-    before = [i.opcode for i in instrs[max(0, k - 4):k]]
-    after = [i.opcode for i in instrs[k + 1:k + 4]]
-    return (".GPU" in atoms[0].opcode and any(op.startswith("MEMBAR") for op in before)
-            and any(op.startswith("CCTL.IVALL") for op in after))
+    release = any(i.opcode.startswith("MEMBAR") for i in instrs[max(0, k - 6):k])
+    acquire = False
+    for i in instrs[k + 1:]:
+        if i.opcode.startswith("CCTL.IVALL"):
+            acquire = True
+            break
+        if is_barrier(i) or global_load_width(i) or i.base in ("EXIT", "LDGSTS"):
+            break
+    return ".GPU" in atoms[0].opcode and release and acquire
+
+
+def _count(instrs, predicate) -> int:
+    return sum(1 for i in instrs if predicate(i))
+
+
+def kernel_facts(instrs: list[Instr], kind: str) -> dict:
+    """What the guards check of one kernel's SASS. ``kind``: "stats", "backward" or
+    "finalize".
+
+    stats: the tile loop (the innermost loop that waits for asynchronous copies, DEPBAR,
+    else the largest loop that loads) and its barriers (static count; its inner loops'
+    barriers separately), its global loads into registers narrower than 8 bytes and wider,
+    and its asynchronous copies (LDGSTS). backward: the whole kernel's narrow and wide
+    loads and stores. finalize: barriers, divisions and calls inside any loop. Every kind:
+    atomics, floating-point atomics, and whether there is exactly one acquire-release
+    integer ticket."""
+    atoms = atomics(instrs)
+    facts = {"atomics": len(atoms), "float_atomics": _count(atoms, is_float_atomic),
+             "acq_rel_ticket": int(acquire_release_ticket(instrs))}
+    found = loops(instrs)
+    narrow = lambda i: (global_load_width(i) or 64) < 64  # noqa: E731
+    wide = lambda i: (global_load_width(i) or 0) >= 64  # noqa: E731
+    if kind == "stats":
+        waiting = [lp for lp in found if any(i.opcode.startswith("DEPBAR") for i in lp.body)]
+        loading = [lp for lp in found if any(global_load_width(i) or i.base == "LDGSTS"
+                                             for i in lp.body)]
+        hot = (min(waiting, key=lambda lp: len(lp.body)) if waiting
+               else max(loading, key=lambda lp: len(lp.body)) if loading else None)
+        body = hot.body if hot else []
+        inner = [lp for lp in found if hot and hot.contains(lp)]
+        facts.update(barriers_per_tile=_count(body, is_barrier),
+                     inner_loop_barriers=sum(_count(lp.body, is_barrier) for lp in inner),
+                     narrow_loads_hot=_count(body, narrow), wide_loads_hot=_count(body, wide),
+                     async_loads_hot=_count(body, lambda i: i.base == "LDGSTS"))
+    elif kind == "backward":
+        facts.update(narrow_loads=_count(instrs, narrow), wide_loads=_count(instrs, wide),
+                     narrow_stores=_count(instrs, lambda i: (global_store_width(i) or 64) < 64),
+                     wide_stores=_count(instrs, lambda i: (global_store_width(i) or 0) >= 64),
+                     barriers=_count(instrs, is_barrier))
+    elif kind == "finalize":
+        in_loops = [i for lp in found for i in lp.body]
+        facts.update(loops=len(found), loop_barriers=_count(in_loops, is_barrier),
+                     loop_divisions=_count(in_loops, is_division),
+                     loop_calls=_count(in_loops, is_call))
+    return facts
