@@ -1,7 +1,15 @@
 """DiVE op benchmark: every backend against eager PyTorch, torch.compile and the memory floor.
 
     python benchmarks/bench_dive_op.py                       # CPU, the issue's grid
+    python benchmarks/bench_dive_op.py --host --impls cpu --batches 512 32768 --dims 512
     python benchmarks/bench_dive_op.py --device cuda --dtypes float32 bfloat16
+
+``--host``: the Python layer's cost, B' = D = 8 on the CPU with one thread, interleaved
+round by round: a DiVELoss forward+backward (check_values off and on), the functional
+dive_loss, and the floor, a bare ``autograd.Function`` that calls the C++ ops directly
+(``host_cost``). On a GPU each timed shape also gets its kernels' own device time
+(``device_ms``: one profiler pass after the wall-clock timing) and the roofline model's
+prediction (``model_ms``, ``roofline``).
 
 Writes long-format CSV (op, impl, mode, B, D, dtype, median/p20/p80 ms, ratios to the
 floors, device, versions) and a PNG. The floor of the exact algorithm: m must be updated
@@ -17,8 +25,10 @@ What is timed is what a user's call costs: ``dive_loss`` (or the eager formula) 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +48,114 @@ PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM, from the da
 def peak_bandwidth(name: str) -> float | None:
     """Bytes/s of the device's memory by its data sheet, where known."""
     return next((gbps * 1e9 for key, gbps in PEAK_GBPS.items() if key in name), None)
+
+
+# The roofline model's constants, H100/H200-class: a dependent launch's gap on the device,
+# and an L2 round trip under load (the finalisation's loops wait for a few of them).
+DEVICE_LAUNCH_S = 3e-6
+L2_ROUND_TRIP_S = 0.6e-6
+MODEL_EFFICIENCY = 0.9  # of the data sheet's bandwidth that a streaming read reaches
+
+
+def roofline(B: int, D: int, itemsize: int, bandwidth: float, parts: int = 264,
+             finalize_warps: int = 16, unroll: int = 8) -> dict[str, float]:
+    """Predicted device seconds of each kernel from its bytes and launches: the
+    statistics read the four inputs once and write the parts' partials; the finalisation
+    is a few chains of L2 round trips (two passes over the parts, then the last block's
+    sums); the backward reads the inputs and writes both gradients."""
+    partials = parts * (2 * D + 14) * 4
+    stats = DEVICE_LAUNCH_S + (4 * B * D * itemsize + partials) / bandwidth
+    rounds = 2 * math.ceil(parts / (finalize_warps * unroll)) + math.ceil(parts / (32 * 4)) + 3
+    finalize = DEVICE_LAUNCH_S + rounds * L2_ROUND_TRIP_S
+    backward = DEVICE_LAUNCH_S + (4 * B * D * itemsize + 2 * B * D * itemsize + 4 * D) / bandwidth
+    return {"stats": stats, "finalize": finalize, "backward": backward,
+            "fwd": stats + finalize, "bwd": backward, "fwd+bwd": stats + finalize + backward}
+
+
+def kernel_device_ms(calls: dict, repeats: int = 5) -> dict[str, float]:
+    """Median device milliseconds per call of each labelled function: the durations of the
+    GPU kernels that start inside its profiled window (a synchronize closes each window,
+    so kernels issued from autograd's own thread count too)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    for fn in calls.values():
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for label, fn in calls.items():
+            for i in range(repeats):
+                with record_function(f"{label}#{i}"):
+                    fn()
+                    torch.cuda.synchronize()
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.elapsed_us()) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    out = {}
+    for label in calls:
+        per_call = []
+        for e in events:
+            if e.name.startswith(f"{label}#") and e.device_type == torch.autograd.DeviceType.CPU:
+                start, end = e.time_range.start, e.time_range.end
+                per_call.append(sum(us for t, us in kernels if start <= t <= end))
+        # No kernel seen in a window (a profiler that did not record the device): NaN, not 0.
+        out[label] = (statistics.median(per_call) / 1e3 if per_call and max(per_call) > 0
+                      else float("nan"))
+    return out
+
+
+def host_cost(rounds: int = 30, calls: int = 200) -> list[dict]:
+    """Microseconds of a DiVELoss forward+backward at B' = D = 8 on the CPU, one thread,
+    against a bare autograd.Function calling the C++ ops (the floor of any Python layer):
+    the implementations take turns, round by round; each round's best of ``calls``, and
+    the median over rounds."""
+    from dive_fast import DiVELoss, _extension
+    from dive_fast.testing import make_inputs
+    if not _extension.load()[0]:
+        return []
+    ops = _extension.ops()
+
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, a0, t, t0, m):
+            out = ops.dive_forward(a, a0, t, t0, m, m, True, 0.99, 1000.0, 1000.0)
+            ctx.save_for_backward(a, a0, t, t0, out[3])
+            return out[0]
+
+        @staticmethod
+        def backward(ctx, g):
+            a, a0, t, t0, m_new = ctx.saved_tensors
+            ga, gt = ops.dive_backward(a, a0, t, t0, m_new, g, None, None, 1000.0, 1000.0,
+                                       2.0 / a.shape[0], True)
+            return ga, None, gt, None, None
+
+    x = make_inputs(8, 8, seed=0)
+    a, t = x[0].clone().requires_grad_(True), x[2].clone().requires_grad_(True)
+    m = torch.zeros(8)
+    quiet, checked = DiVELoss(8, check_values=False), DiVELoss(8, check_values=True)
+    impls = {
+        "bare autograd.Function": lambda: torch.autograd.grad(Bare.apply(a, x[1], t, x[3], m), (a, t)),
+        "DiVELoss": lambda: torch.autograd.grad(quiet(a, x[1], t, x[3]), (a, t)),
+        "DiVELoss check_values": lambda: torch.autograd.grad(checked(a, x[1], t, x[3]), (a, t)),
+        "dive_loss": lambda: torch.autograd.grad(
+            dive_loss(a, x[1], t, x[3], m, check_values=False).loss, (a, t)),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = {name: [] for name in impls}
+        for _ in range(rounds):
+            for name, fn in impls.items():
+                times = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                best[name].append(min(times) * 1e6)
+    finally:
+        torch.set_num_threads(threads)
+    floor = statistics.median(best["bare autograd.Function"])
+    return [{"op": "host", "impl": name, "mode": "fwd+bwd", "B": 8, "D": 8, "dtype": "float32",
+             "median_us": statistics.median(v), "min_us": min(v),
+             "ratio_to_bare": statistics.median(v) / floor} for name, v in best.items()]
 
 
 def launch_seconds(device: str) -> float:
@@ -85,8 +203,13 @@ def time_modes(fn, inputs, m, device, repeats, min_time_s):
     def bwd():
         torch.autograd.grad(loss, (a, t), retain_graph=True)
 
-    return {mode: measure(call, device, repeats, min_time_s=min_time_s)
-            for mode, call in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}
+    modes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    out = {mode: measure(call, device, repeats, min_time_s=min_time_s)
+           for mode, call in modes.items()}
+    if device.startswith("cuda"):
+        for mode, ms in kernel_device_ms(modes).items():
+            out[mode]["device_ms"] = ms
+    return out
 
 
 def plot(rows, path):
@@ -125,6 +248,8 @@ def main(argv=None):
                    help="and at least this many seconds per mode: on a shared machine a few "
                         "stalled calls must not move the median of a sub-millisecond op")
     p.add_argument("--copy-mib", type=int, default=256, help="copy-bandwidth buffer size")
+    p.add_argument("--host", action="store_true",
+                   help="also the Python layer's cost at B' = D = 8 against a bare Function")
     p.add_argument("--out", default="benchmarks/results/dive_op_cpu.csv")
     args = p.parse_args(argv)
     env = environment(args.device)
@@ -149,20 +274,25 @@ def main(argv=None):
                         launch_ms = launches[mode] * launch_s * 1e3
                         hbm = {"hbm_floor_ms": nbytes / peak * 1e3,
                                "ratio_to_hbm": stats["median_ms"] / (nbytes / peak * 1e3),
-                               "peak_GBps": peak / 1e9} if peak else {}
+                               "device_ratio_to_hbm": stats.get("device_ms", math.nan)
+                               / (nbytes / peak * 1e3),
+                               "model_ms": roofline(B, D, itemsize, MODEL_EFFICIENCY * peak)[mode]
+                               * 1e3, "peak_GBps": peak / 1e9} if peak else {}
                         rows.append({"op": "dive", "impl": impl, "mode": mode, "B": B, "D": D,
                                      "dtype": dtype_name, **stats, "bytes": nbytes, **hbm,
                                      "launch_floor_ms": launch_ms,
                                      "ratio_to_launch_floor": stats["median_ms"] / launch_ms,
                                      **env})
                         r = rows[-1]
-                        hbm_note = f" {r['ratio_to_hbm']:7.2f}x HBM" if peak else ""
+                        hbm_note = (f" {r['ratio_to_hbm']:7.2f}x HBM, device {r['device_ms']:8.3f} ms "
+                                    f"{r['device_ratio_to_hbm']:6.2f}x (model {r['model_ms']:.3f})"
+                                    if peak else "")
                         print(f"{dtype_name:9s} B={B:6d} D={D:4d} {impl:14s} {mode:8s} "
                               f"{r['median_ms']:9.3f} ms  {nbytes / copies[-1] * 1e3:7.3f} ms at "
                               f"{copies[-1] / 1e9:.1f} GB/s{hbm_note} "
                               f"{r['ratio_to_launch_floor']:7.1f}x launches", flush=True)
     bandwidth = statistics.median(copies)
-    for r in rows:
+    for r in rows:  # every row so far is an op timing
         r.update(floor_ms=r["bytes"] / bandwidth * 1e3, copy_GBps=bandwidth / 1e9,
                  copy_GBps_min=min(copies) / 1e9, copy_GBps_max=max(copies) / 1e9)
         r["ratio_to_floor"] = r["median_ms"] / r["floor_ms"]
@@ -173,8 +303,14 @@ def main(argv=None):
         if r["mode"] == "fwd+bwd":
             print(f"{r['dtype']:9s} B={r['B']:6d} D={r['D']:4d} {r['impl']:14s} fwd+bwd "
                   f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor")
+    if args.host:
+        host = host_cost()
+        for r in host:
+            print(f"host B'=D=8 {r['impl']:24s} fwd+bwd {r['median_us']:7.1f} us (best round "
+                  f"{r['min_us']:6.1f}) {r['ratio_to_bare']:5.2f}x the bare Function")
+        rows += [{**r, **env} for r in host]
     write_csv(rows, args.out)
-    plot(rows, Path(args.out).with_suffix(".png"))
+    plot([r for r in rows if r["op"] == "dive"], Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 

@@ -1,5 +1,8 @@
-"""The prepared GPU check: every GPU backend and dtype against the float64 oracle, the
-kernel launches per call, op timings against the HBM and launch-latency floors, the
+"""The prepared GPU check: first the kernels (each kernel's device time, a finalisation
+sweep over parts and dims, a pure-read bandwidth reference, an accuracy smoke test of every
+kernel, host against device time at the per-rank size) and the op table (eager,
+torch.compile, triton, cuda: wall and device time against the HBM floor); then every GPU
+backend and dtype against the float64 oracle, the kernel launches per call, the
 training-step benchmark, the co-scheduled frozen forward against the sequential one, and
 the memory benchmark (FLYP against DiVE, full batch and micro-batched).
 
@@ -10,7 +13,8 @@ The dry run takes every stage through its code on CPU tensors, with small shapes
 Triton kernels under TRITON_INTERPRET=1, the CUDA backend skipped with the reason, the
 step benchmark with the micro model. Writes, to $OUT or --out (default: on a GPU
 benchmarks/results/, dry run a temporary folder), CSVs named by device:
-gpu_accuracy_<device>.csv, gpu_launches_<device>.csv, dive_op_<device>.csv (and .png),
+kernels_<device>.csv, gpu_accuracy_<device>.csv, gpu_launches_<device>.csv,
+dive_op_<device>.csv (and .png),
 step_<device>.csv, streams_<device>.csv, memory_B<batch>_<device>.csv. Exit status 0 only
 when every stage passed.
 """
@@ -195,6 +199,150 @@ def _count_launches(backend: str, device: str, B: int, D: int, dtype, rows: list
     return ok
 
 
+# Per-kernel device times at the large batch (the forward's two kernels and the backward).
+KERNEL_SHAPES = [(32768, 512), (32768, 1024)]
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+SWEEP = {"parts": (8, 64, 264, 1024), "dims": (512, 1024, 4096)}
+SMOKE_SHAPES = {"gpu": [(512, 512), (33, 130), (1000, 1024), (32768, 1024)],
+                "dry": [(9, 16), (5, 19)]}
+
+
+def _kernel_calls(backend: str, x, m, g):
+    """The three kernels of one forward and backward, each a call (statistics, the
+    finalisation of their output, the backward with m_new), on these inputs."""
+    from dive_fast import _extension
+    from dive_fast.ops import dive_triton
+    B = x[0].shape[0]
+    if backend == "cuda":
+        ops = _extension.ops()
+        stats = lambda: ops.dive_stats(*x, True)  # noqa: E731
+        means, scalars, ws = stats()
+        fin = lambda: ops.dive_finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)  # noqa: E731
+        m_new = fin()[3]
+        back = lambda: ops.dive_backward(*x, m_new, g, None, None, 1e3, 1e3, 2.0 / B, True)  # noqa: E731
+    else:
+        stats = lambda: dive_triton.triton_stats(*x, True)  # noqa: E731
+        means, scalars, ws = stats()
+        fin = lambda: dive_triton.triton_finalize(means, scalars, ws, m, None, None, 0.99, 1e3,  # noqa: E731
+                                                  1e3)
+        m_new = fin()[3]
+        back = lambda: dive_triton.triton_backward(*x, m_new, g, None, None, 1e3, 1e3, 2.0 / B,  # noqa: E731
+                                                   True)
+    return {"stats": stats, "finalize": fin, "backward": back}, means.shape[0]
+
+
+def _finalize_call(backend: str, K: int, D: int):
+    """A finalisation of K synthetic parts of D columns (100 rows each)."""
+    from dive_fast import _extension
+    from dive_fast.ops import dive_triton
+    g = torch.Generator(device="cuda").manual_seed(K + D)
+    means = torch.randn(K, 2, D, device="cuda", generator=g)
+    scalars = torch.zeros(K, 14, device="cuda")
+    scalars[:, 0] = 100.0
+    m = torch.zeros(D, device="cuda")
+    if backend == "cuda":
+        ops = _extension.ops()
+        ws = torch.zeros(int(ops.cuda_finalize_plan(D)[2]), dtype=torch.float64, device="cuda")
+        return lambda: ops.dive_finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)
+    ws = dive_triton.new_workspace(D, "cuda").zero_()
+    return lambda: dive_triton.triton_finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)
+
+
+def kernels(device: str, out: Path) -> bool:
+    """Each kernel's device time (the profiler) against its bytes at the data sheet's
+    bandwidth and against the roofline model; the finalisation over parts and dims; a
+    pure read's bandwidth; every kernel against the float64 oracle (a smoke test); host
+    against device time of a DiVELoss step at 512 x 512."""
+    import bench_dive_op as bench
+    rows, ok = [], True
+    env = environment(device)
+    gpu = device == "cuda"
+    peak = bench.peak_bandwidth(env["device"]) if gpu else None
+    bandwidth = bench.MODEL_EFFICIENCY * (peak or 4.8e12)
+    print(f"roofline model ({'this GPU' if peak else 'an H200'}: {bandwidth / 1e12:.2f} TB/s, "
+          f"{bench.DEVICE_LAUNCH_S * 1e6:.0f} us a launch, {bench.L2_ROUND_TRIP_S * 1e6:.1f} us an "
+          "L2 round trip), microseconds:")
+    for (B, D), dtype in ((s, d) for s in KERNEL_SHAPES for d in KERNEL_DTYPES):
+        model = bench.roofline(B, D, torch.empty((), dtype=dtype).element_size(), bandwidth)
+        print(f"  B'={B} D={D} {str(dtype):15s} " + " ".join(
+            f"{k} {v * 1e6:6.1f}" for k, v in model.items()))
+        rows.append({"stage": "model", "B": B, "D": D, "dtype": str(dtype),
+                     **{f"model_{k}_us": v * 1e6 for k, v in model.items()}, **env})
+    if gpu:
+        x = torch.empty(1 << 28, device="cuda")  # 1 GiB, read once by a sum
+        (read_ms,) = bench.kernel_device_ms({"read": lambda: x.sum()}).values()
+        read_bw = x.numel() * 4 / (read_ms / 1e3)
+        del x
+        print(f"pure read (sum of 1 GiB): {read_ms:.3f} ms, {read_bw / 1e9:.0f} GB/s"
+              f"{f' ({read_bw / peak:.0%} of the data sheet)' if peak else ''}")
+        rows.append({"stage": "read", "device_ms": read_ms, "GBps": read_bw / 1e9, **env})
+    for backend in GPU_BACKENDS:
+        if skipped(backend, device, rows, env):
+            ok &= not gpu
+            continue
+        for (B, D), dtype in ((s, d) for s in SMOKE_SHAPES["gpu" if gpu else "dry"]
+                              for d in KERNEL_DTYPES):
+            x = make_inputs(B, D, dtype=dtype, device=device, seed=B + D)
+            bad = failures(compare_with_oracle(backend, x, 0.1 * torch.ones(D, device=device)))
+            ok &= not bad
+            print(f"smoke {backend:6s} B={B:6d} D={D:5d} {str(dtype):15s} "
+                  f"{'ok' if not bad else 'FAIL ' + str(bad)}")
+            rows.append({"stage": "smoke", "backend": backend, "B": B, "D": D,
+                         "dtype": str(dtype), "status": "ok" if not bad else f"FAIL {bad}",
+                         **env})
+        if not gpu:
+            continue
+        for (B, D), dtype in ((s, d) for s in KERNEL_SHAPES for d in KERNEL_DTYPES):
+            x = make_inputs(B, D, dtype=dtype, device=device, seed=0)
+            calls, parts = _kernel_calls(backend, x, torch.zeros(D, device=device),
+                                         torch.ones((), device=device))
+            times = bench.kernel_device_ms(calls)
+            itemsize = x[0].element_size()
+            model = bench.roofline(B, D, itemsize, bandwidth, parts)
+            nbytes = {"stats": 4 * B * D * itemsize, "finalize": 2 * parts * (2 * D + 14) * 4,
+                      "backward": 6 * B * D * itemsize}
+            for kernel, ms in times.items():
+                floor = nbytes[kernel] / peak * 1e3 if peak else float("nan")
+                rows.append({"stage": "kernel", "backend": backend, "kernel": kernel, "B": B,
+                             "D": D, "dtype": str(dtype), "device_ms": ms,
+                             "bytes": nbytes[kernel], "GBps": nbytes[kernel] / ms / 1e6,
+                             "hbm_floor_ms": floor, "ratio_to_hbm": ms / floor,
+                             "model_ms": model[kernel] * 1e3, **env})
+                print(f"{backend:6s} {kernel:9s} B'={B} D={D} {str(dtype):15s} {ms * 1e3:8.1f} us "
+                      f"{nbytes[kernel] / ms / 1e6:7.0f} GB/s {ms / floor:5.2f}x floor "
+                      f"(model {model[kernel] * 1e6:6.1f} us)")
+            total = sum(times.values())
+            fwd_bwd_floor = 10 * B * D * itemsize / peak * 1e3 if peak else float("nan")
+            print(f"{backend:6s} fwd+bwd   B'={B} D={D} {str(dtype):15s} {total * 1e3:8.1f} us "
+                  f"{total / fwd_bwd_floor:5.2f}x the fwd+bwd floor")
+        sweep = {f"K={K} D={D}": _finalize_call(backend, K, D)
+                 for K in SWEEP["parts"] for D in SWEEP["dims"]}
+        for label, ms in bench.kernel_device_ms(sweep).items():
+            print(f"{backend:6s} finalize {label:14s} {ms * 1e3:7.1f} us")
+            rows.append({"stage": "finalize sweep", "backend": backend, "config": label,
+                         "device_ms": ms, **env})
+        D = 512
+        x = make_inputs(512, D, device=device, seed=1)
+        a, t = (x[i].clone().requires_grad_(True) for i in (0, 2))
+        loss_fn = DiVELoss(D, backend=backend, check_values=False).to(device)
+        step = lambda: loss_fn(a, x[1], t, x[3]).backward()  # noqa: E731
+        wall = bench.measure(step, device, repeats=50)["median_ms"]
+        step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            step()
+        issue = (time.perf_counter() - t0) / 200 * 1e3  # the host's rate, before the sync
+        torch.cuda.synchronize()
+        (device_ms,) = bench.kernel_device_ms({"step": step}).values()
+        print(f"{backend:6s} DiVELoss fwd+bwd 512 x 512: wall {wall * 1e3:6.1f} us (synced), "
+              f"host {issue * 1e3:6.1f} us a call, device {device_ms * 1e3:6.1f} us")
+        rows.append({"stage": "host vs device", "backend": backend, "B": 512, "D": D,
+                     "wall_ms": wall, "host_ms": issue, "device_ms": device_ms, **env})
+    write_csv(rows, out / f"kernels_{slug(env['device'])}.csv")
+    return ok
+
+
 def op_timings(device: str, out: Path) -> bool:
     import bench_dive_op
     name = slug(device_name(device))
@@ -271,8 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="run every stage on the CPU (Triton interpreted, CUDA skipped)")
     p.add_argument("--out", default=os.environ.get("OUT") or None)
-    p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "launches", "op", "step",
-                                                                  "streams", "memory"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["kernels", "op", "accuracy", "launches", "step", "streams", "memory"])
     args = p.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
@@ -284,10 +432,10 @@ def main(argv=None) -> int:
     print(f"gpu_check on {device_name(device)}{' (dry run)' if args.dry_run else ''} -> {out}")
     info.main()
     check = Check()
-    stages = {"accuracy": (accuracy, device, SHAPES["dry" if args.dry_run else "gpu"], out),
-              "launches": (launches, device, out), "op": (op_timings, device, out),
-              "step": (step, device, out), "streams": (streams, device, out),
-              "memory": (memory, device, out)}
+    stages = {"kernels": (kernels, device, out), "op": (op_timings, device, out),
+              "accuracy": (accuracy, device, SHAPES["dry" if args.dry_run else "gpu"], out),
+              "launches": (launches, device, out), "step": (step, device, out),
+              "streams": (streams, device, out), "memory": (memory, device, out)}
     for name, (fn, *fn_args) in stages.items():
         if name not in args.skip:
             check.stage(name, fn, *fn_args)
