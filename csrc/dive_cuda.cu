@@ -14,7 +14,6 @@
 
 #include <array>
 #include <atomic>
-#include <mutex>
 #include <vector>
 
 #include "dive_common.h"
@@ -77,16 +76,18 @@ int64_t shared_limit(int device) {
   return value;
 }
 
-// Lets `kernel` use up to the device's limit of dynamic shared memory: once per kernel
-// instance and device (the attribute is per device context).
+// Lets `kernel` take `bytes` of dynamic shared memory (beyond the default 48 KiB): the
+// attribute is per kernel instance and device, set when a launch first needs more than
+// it allows (the fast statistics kernel's need is fixed per device, the portable one's
+// grows with D). The attribute plus the kernel's static shared memory must stay within
+// the device's opt-in limit: the plans keep kStaticSharedReserve for it.
 template <auto kernel>
 void allow_shared(int device, int64_t bytes) {
-  static std::array<std::once_flag, kMaxDevices> done;
-  if (bytes <= 48 * 1024) return;
-  std::call_once(done[device], [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_limit(device))));
-  });
+  static std::array<std::atomic<int64_t>, kMaxDevices> allowed{};
+  if (bytes <= 48 * 1024 || bytes <= allowed[device].load(std::memory_order_relaxed)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  allowed[device].store(bytes, std::memory_order_relaxed);
 }
 
 void check_cuda_inputs(const at::Tensor& a) {

@@ -17,6 +17,9 @@ constexpr int kStatsThreads = 256;
 constexpr int kFinalizeThreads = 512;  // 16 warps share a block's parts: short load chains
 constexpr int kFinalizeColumns = 32;  // columns of m (and of the partials) per finalisation block
 constexpr int kMaxStages = 3;
+// Shared memory per block left to the kernels' static arrays (under 2 KiB) out of the
+// device's opt-in limit when the ring's depth is chosen.
+constexpr int64_t kStaticSharedReserve = 4096;
 constexpr int64_t kMaxDim = 8192;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -53,7 +56,8 @@ inline StatsPlan stats_plan(int64_t D, int elem_ft, int elem_pre, bool aligned,
     p.threads_per_row = next_pow2(ceil_div(nchunks, p.chunks));
     p.rows_per_tile = kStatsThreads / p.threads_per_row;
     p.stage_bytes = int64_t(kStatsThreads) * p.chunks * E * (2 * elem_ft + 2 * elem_pre);
-    p.stages = static_cast<int>(std::clamp<int64_t>(shared_limit / p.stage_bytes, 1, kMaxStages));
+    p.stages = static_cast<int>(std::clamp<int64_t>(
+        (shared_limit - kStaticSharedReserve) / p.stage_bytes, 1, kMaxStages));
     // At the end of a part the ring holds each row group's column means and the groups'
     // counts and merge weights.
     const int64_t padded = int64_t(p.threads_per_row) * p.chunks * E;
