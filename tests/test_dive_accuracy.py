@@ -30,6 +30,17 @@ def test_small_shapes(backend, dtype, shape):
     assert_exact(backend, inputs, m)
 
 
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(9, 1024), (3, 2048), (11, 700)], ids=str)
+def test_wide_rows(backend, dtype, shape):
+    """Rows wider than 512 values: Triton's kernels with rows across warps (one row a
+    tile, the row sums joined through shared memory)."""
+    inputs = make_inputs(*shape, dtype=dtype, seed=shape[1])
+    assert_exact(backend, inputs, 0.1 * torch.randn(shape[1],
+                                                    generator=torch.Generator().manual_seed(3)))
+
+
 @pytest.mark.parametrize("backend", HOST)
 @pytest.mark.parametrize("shape", [(4096, 33), (2049, 1024), (513, 768)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
