@@ -132,7 +132,8 @@ def host_cost(rounds: int = 30, calls: int = 200) -> list[dict]:
     m = torch.zeros(8)
     quiet, checked = DiVELoss(8, check_values=False), DiVELoss(8, check_values=True)
     impls = {
-        "bare autograd.Function": lambda: torch.autograd.grad(Bare.apply(a, x[1], t, x[3], m), (a, t)),
+        "bare autograd.Function": lambda: torch.autograd.grad(Bare.apply(a, x[1], t, x[3], m),
+                                                              (a, t)),
         "DiVELoss": lambda: torch.autograd.grad(quiet(a, x[1], t, x[3]), (a, t)),
         "DiVELoss check_values": lambda: torch.autograd.grad(checked(a, x[1], t, x[3]), (a, t)),
         "dive_loss": lambda: torch.autograd.grad(
@@ -284,9 +285,9 @@ def main(argv=None):
                                      "ratio_to_launch_floor": stats["median_ms"] / launch_ms,
                                      **env})
                         r = rows[-1]
-                        hbm_note = (f" {r['ratio_to_hbm']:7.2f}x HBM, device {r['device_ms']:8.3f} ms "
-                                    f"{r['device_ratio_to_hbm']:6.2f}x (model {r['model_ms']:.3f})"
-                                    if peak else "")
+                        hbm_note = (f" {r['ratio_to_hbm']:7.2f}x HBM, device "
+                                    f"{r['device_ms']:8.3f} ms {r['device_ratio_to_hbm']:6.2f}x "
+                                    f"(model {r['model_ms']:.3f})" if peak else "")
                         print(f"{dtype_name:9s} B={B:6d} D={D:4d} {impl:14s} {mode:8s} "
                               f"{r['median_ms']:9.3f} ms  {nbytes / copies[-1] * 1e3:7.3f} ms at "
                               f"{copies[-1] / 1e9:.1f} GB/s{hbm_note} "

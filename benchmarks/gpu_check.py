@@ -215,20 +215,16 @@ def _kernel_calls(backend: str, x, m, g):
     B = x[0].shape[0]
     if backend == "cuda":
         ops = _extension.ops()
-        stats = lambda: ops.dive_stats(*x, True)  # noqa: E731
-        means, scalars, ws = stats()
-        fin = lambda: ops.dive_finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)  # noqa: E731
-        m_new = fin()[3]
-        back = lambda: ops.dive_backward(*x, m_new, g, None, None, 1e3, 1e3, 2.0 / B, True)  # noqa: E731
+        stats_op, finalize_op, backward_op = ops.dive_stats, ops.dive_finalize, ops.dive_backward
     else:
-        stats = lambda: dive_triton.triton_stats(*x, True)  # noqa: E731
-        means, scalars, ws = stats()
-        fin = lambda: dive_triton.triton_finalize(means, scalars, ws, m, None, None, 0.99, 1e3,  # noqa: E731
-                                                  1e3)
-        m_new = fin()[3]
-        back = lambda: dive_triton.triton_backward(*x, m_new, g, None, None, 1e3, 1e3, 2.0 / B,  # noqa: E731
-                                                   True)
-    return {"stats": stats, "finalize": fin, "backward": back}, means.shape[0]
+        stats_op = dive_triton.triton_stats
+        finalize_op, backward_op = dive_triton.triton_finalize, dive_triton.triton_backward
+    means, scalars, ws = stats_op(*x, True)
+    m_new = finalize_op(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)[3]
+    return {"stats": lambda: stats_op(*x, True),
+            "finalize": lambda: finalize_op(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3),
+            "backward": lambda: backward_op(*x, m_new, g, None, None, 1e3, 1e3, 2.0 / B, True),
+            }, means.shape[0]
 
 
 def _finalize_call(backend: str, K: int, D: int):

@@ -121,8 +121,10 @@ template <typename T>
 inline T* block_shared(const void* tag, size_t count) {
   Block* b = current_block();
   auto it = b->static_shared.find(tag);
-  if (it == b->static_shared.end())
-    it = b->static_shared.emplace(tag, std::vector<unsigned char>(count * sizeof(T) + 16, kGarbage)).first;
+  if (it == b->static_shared.end()) {
+    std::vector<unsigned char> bytes(count * sizeof(T) + 16, kGarbage);
+    it = b->static_shared.emplace(tag, std::move(bytes)).first;
+  }
   return reinterpret_cast<T*>(it->second.data());
 }
 

@@ -272,7 +272,8 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
     using ft_t = typename decltype(ft_tag)::type;
     using pre_t = typename decltype(pre_tag)::type;
     constexpr int E = chunk_elems<ft_t, pre_t>();
-    const BackwardPlan plan = backward_plan(x.B, x.D, sizeof(ft_t), sizeof(pre_t), all_aligned(x, E));
+    const BackwardPlan plan =
+        backward_plan(x.B, x.D, sizeof(ft_t), sizeof(pre_t), all_aligned(x, E));
     const auto in = row_pointers<ft_t, pre_t>(x);
     if (plan.fast) {
       constexpr auto kernel = dive_backward_kernel<ft_t, pre_t>;

@@ -842,7 +842,8 @@ dive_finalize_kernel(FinalizeArgs<m_t> p) {
   if (tid == 0) {
     const double total = scalar_sums[kCount];
     const double off = finite ? totals[1] : totals[2];
-    const double avl = (scalar_sums[kM2U] + scalar_sums[kM2V] + totals[0] + 2 * total * off) / total;
+    const double m2 = scalar_sums[kM2U] + scalar_sums[kM2V];
+    const double avl = (m2 + totals[0] + 2 * total * off) / total;
     const double pvl = scalar_sums[kPvl] / total;
     *p.loss = static_cast<float>(p.lam_avl * avl + p.lam_pvl * pvl);
     *p.avl = static_cast<float>(avl);

@@ -209,8 +209,8 @@ class DiVELoss(nn.Module):
                 key = (img_ft.shape, img_ft.dtype, img_ft.device, img_pre.shape, img_pre.dtype,
                        img_pre.device, txt_ft.shape, txt_ft.dtype, txt_ft.device, txt_pre.shape,
                        txt_pre.dtype, txt_pre.device, m.shape, m.dtype, m.device, training,
-                       return_parts, self.dim, self.lam, self.momentum, self.avl, self.pvl, self.normalize,
-                       self.distributed, self.check_values, self.backend,
+                       return_parts, self.dim, self.lam, self.momentum, self.avl, self.pvl,
+                       self.normalize, self.distributed, self.check_values, self.backend,
                        os.environ.get(backends.ENV_VAR))
                 config = _CONFIGS.get(key)
             except (AttributeError, TypeError):  # not tensors: the checks below say so

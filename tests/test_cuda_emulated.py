@@ -169,7 +169,8 @@ def test_every_arrival_order_gives_the_same_bits(emu):
             assert torch.equal(got, want)
     means, scalars, m = _uneven_parts(K=11, D=300)  # 10 blocks
     g = torch.Generator().manual_seed(0)
-    orders = [[], list(range(9, -1, -1))] + [torch.randperm(10, generator=g).tolist() for _ in range(4)]
+    orders = [[], list(range(9, -1, -1))]
+    orders += [torch.randperm(10, generator=g).tolist() for _ in range(4)]
     results = [emu.finalize(means, scalars, None, m, None, None, 0.9, 10.0, 3.0, o) for o in orders]
     for other in results[1:]:
         for got, want in zip(other, results[0]):

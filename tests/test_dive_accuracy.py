@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import backend_params
-from dive_fast import DiVELoss, backends, dive_loss
+from dive_fast import DiVELoss, dive_loss
 from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import compare_with_oracle, failures, make_inputs
 

@@ -315,7 +315,8 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
                                                      key=lambda x: x[1]):
                 kernel, args = _cuda_config(readable)
                 threads, dynamic, per_block, launch = _cuda_launch(ops, kernel, args, arch)
-                config = " ".join([f"{k}={v}" for k, v in args.items()] + ([launch] if launch else []))
+                config = " ".join([f"{k}={v}" for k, v in args.items()]
+                                  + ([launch] if launch else []))
                 shared = entry["static_shared"] + dynamic
                 blocks = blocks_per_sm(entry["registers"], threads, shared, arch)
                 rows.append({"backend": "cuda", "kernel": kernel, "config": config,

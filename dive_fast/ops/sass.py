@@ -52,7 +52,8 @@ def cuobjdump() -> str:
         candidates.append(Path(found))
     try:
         import triton
-        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+        candidates.append(bundled / "cuobjdump")
     except ImportError:
         pass
     for c in candidates:
