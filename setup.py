@@ -75,7 +75,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "open_clip_torch>=2.24", "numpy", "pillow", "tqdm",
                       "matplotlib", "webdataset", "braceexpand", "safetensors"],
-    extras_require={"test": ["pytest>=7.3", "pytest-benchmark", "scipy"],
+    # pandas: open_clip's trainer (the step benchmark's anchor) imports it; tensorboard:
+    # --report-to tensorboard.
+    extras_require={"test": ["pytest>=7.3", "pytest-benchmark", "scipy", "pandas", "tensorboard"],
                     "triton": ["triton"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, environment, measure, write_csv  # noqa: E402
+from common import copy_bandwidth, environment, measure, result_path, write_csv  # noqa: E402
 
 from dive_fast import backends, dive_loss  # noqa: E402
 from dive_fast.ops.dive_reference import dive_loss_eager  # noqa: E402
@@ -237,12 +237,16 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batches", type=int, nargs="+", default=[512, 4096, 32768])
-    p.add_argument("--dims", type=int, nargs="+", default=[512, 768])
-    p.add_argument("--dtypes", nargs="+", default=["float32"])
+def build_parser() -> argparse.ArgumentParser:
+    from dive_fast._argparse import DefaultsFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--batches", type=int, nargs="+", default=[512, 4096, 32768],
+                   help="reference batch sizes B'")
+    p.add_argument("--dims", type=int, nargs="+", default=[512, 768], help="embedding widths D")
+    p.add_argument("--dtypes", nargs="+", default=["float32"],
+                   help="input dtypes: float32, bfloat16, float16")
     p.add_argument("--impls", nargs="*", default=None, help="subset of implementations")
     p.add_argument("--repeats", type=int, default=10, help="at least this many calls per mode")
     p.add_argument("--min-time", type=float, default=1.0,
@@ -251,8 +255,15 @@ def main(argv=None):
     p.add_argument("--copy-mib", type=int, default=256, help="copy-bandwidth buffer size")
     p.add_argument("--host", action="store_true",
                    help="also the Python layer's cost at B' = D = 8 against a bare Function")
-    p.add_argument("--out", default="benchmarks/results/dive_op_cpu.csv")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None,
+                   help="CSV, and a PNG beside it (unset: benchmarks/results/local/"
+                        "dive_op_<device>.csv, so a run never overwrites the committed figures)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.out = str(args.out or result_path("dive_op", args.device))
     env = environment(args.device)
     peak = peak_bandwidth(env["device"]) if args.device.startswith("cuda") else None
     launch_s = launch_seconds(args.device)
