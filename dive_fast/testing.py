@@ -91,6 +91,19 @@ def failures(rows):
     return [(q, e, b) for q, e, b in rows if not e <= b]
 
 
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the ops that copy a value to the host (a sync on a GPU): .item(), float(),
+    bool(), int() of a tensor all dispatch aten::_local_scalar_dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
 class LaunchCounter(TorchDispatchMode):
     """What a call issues: Triton kernel launches (``kernels``, by name) and PyTorch ops
     (``ops``), those inside dive_fast's own custom ops included, those a Triton launch

@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import backend_params
 from dive_fast import DiVELoss, backends, dive_loss
 from dive_fast import _extension
 from dive_fast.ops.dive import dive_backward, dive_forward
-from dive_fast.testing import make_inputs
+from dive_fast.testing import HostSyncCounter, make_inputs
 
 ALL = backend_params()
 
@@ -293,19 +292,6 @@ def test_cpu_backward_recycles_gradient_blocks(backend):
 
 # --- host cost: no synchronisation, one config per key -----------------------------------
 
-class _Syncs(TorchDispatchMode):
-    """Records the ops that copy a value to the host (a sync on a GPU): .item(), float(),
-    bool(), int() of a tensor all dispatch aten::_local_scalar_dense."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.syncs += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_no_host_sync_without_value_check(backend, training):
@@ -315,12 +301,12 @@ def test_no_host_sync_without_value_check(backend, training):
     a, t = x[0].clone().requires_grad_(True), x[2].clone().requires_grad_(True)
     loss_fn = DiVELoss(16, backend=backend, check_values=False).train(training)
     loss_fn(a, x[1], t, x[3])  # the first call validates and chooses the backend
-    with _Syncs() as recorder:
+    with HostSyncCounter() as recorder:
         loss, parts = loss_fn(a, x[1], t, x[3], return_parts=True)
         (loss + parts["avl"]).backward()
         loss_fn(a, x[1], t, x[3]).backward()
     assert recorder.syncs == 0
-    with _Syncs() as recorder:
+    with HostSyncCounter() as recorder:
         float(loss_fn(a, x[1], t, x[3]).detach())
     assert recorder.syncs == 1  # the recorder sees a sync when there is one
 
@@ -343,11 +329,28 @@ def test_config_reused_and_renewed_when_an_option_changes():
         loss_fn(_x()[0], _x(B=3)[1], *_x()[2:])
 
 
-def test_second_derivative_raises():
-    """The kernels have no derivatives: create_graph=True gives first-order gradients, and
-    differentiating them again raises instead of silently returning a wrong result."""
+@pytest.mark.parametrize("backend", ALL)
+def test_second_derivative_raises(backend):
+    """The kernels have no derivatives: create_graph=True gives first-order gradients (the
+    usual ones), and differentiating them again raises, saying so: not 'does not require
+    grad', and not, in a sum with other terms, a second derivative that silently treats
+    DiVE's gradient as a constant."""
     x = _x()
     a = x[0].clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(DiVELoss(8, backend="torch")(a, *x[1:]), a, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    loss_fn = DiVELoss(8, backend=backend).eval()
+    (g,) = torch.autograd.grad(loss_fn(a, *x[1:]), a, create_graph=True)
+    torch.testing.assert_close(g, torch.autograd.grad(loss_fn(a, *x[1:]), a)[0])
+    unsupported = "second derivatives of DiVE are not supported"
+    with pytest.raises(RuntimeError, match=unsupported):
         g.sum().backward()
+    with pytest.raises(RuntimeError, match=unsupported):
+        torch.autograd.grad(g.sum(), a)
+    loss_fn(a, *x[1:]).backward(create_graph=True)
+    with pytest.raises(RuntimeError, match=unsupported):
+        a.grad.sum().backward()
+    # A gradient penalty over a loss that includes DiVE among other terms.
+    w = torch.ones(8, requires_grad=True)
+    (gw,) = torch.autograd.grad(loss_fn(x[0] * w, *x[1:]) + (w ** 3).sum(), w,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match=unsupported):
+        torch.autograd.grad(gw.sum(), w)

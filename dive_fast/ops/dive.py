@@ -228,7 +228,9 @@ class DiVEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *grads):
         if torch.is_grad_enabled():  # create_graph=True: the kernels have no derivatives
-            return _backward_once(ctx, g_loss, *grads)
+            if torch.compiler.is_compiling():
+                return _backward_once(ctx, g_loss, *grads)
+            return _backward_first_order(ctx, g_loss, *grads)
         return _gradients(ctx, g_loss, *grads)
 
 
@@ -246,8 +248,30 @@ def _gradients(ctx, g_loss, *grads):
 
 
 # once_differentiable costs ~5 us a call (a third of the Python layer's budget at B' = 8),
-# so only the create_graph=True path takes it: a second derivative then raises.
+# so only the create_graph=True path takes it (traced by torch.compile).
 _backward_once = torch.autograd.function.once_differentiable(_gradients)
+
+SECOND_ORDER_REFUSED = ("second derivatives of DiVE are not supported: its kernels give "
+                        "first-order gradients only (create_graph=True gave those; "
+                        "differentiating them again is what failed)")
+
+
+def _backward_first_order(ctx, g_loss, *grads):
+    """create_graph=True in eager mode: the first-order gradients, with a graph node that
+    raises when they are differentiated again. (once_differentiable adds that node only when
+    an upstream gradient requires grad; without it a second derivative either fails with
+    'does not require grad' or, mixed with other terms, silently treats DiVE's gradient as a
+    constant.)"""
+    with torch.no_grad():
+        out = _gradients(ctx, g_loss, *grads)
+    if out[0] is None:
+        return out
+    # The node's inputs: the gradients and what they depend on (img_ft, txt_ft), so that a
+    # second torch.autograd.grad(..., img_ft) reaches the node and raises.
+    img_ft, _, txt_ft, _, _ = ctx.saved_tensors
+    refuse = torch._C._functions.DelayedError(SECOND_ORDER_REFUSED, 4)
+    grad_img, grad_txt, _, _ = refuse(out[0], out[2], img_ft, txt_ft)
+    return grad_img, None, grad_txt, None, None, None, None
 
 
 class DiVEOutput(NamedTuple):
