@@ -68,6 +68,19 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torc
     return None
 
 
+def check_name(backend) -> None:
+    """An argument naming a backend: None (or "", as ``select`` reads it), "auto", a
+    backend or an alias. Whether it can run is decided per call (the inputs' device is not
+    known before)."""
+    if backend is None or backend == "":
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend != "auto" and ALIASES.get(backend, backend) not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of "
+                         f"{', '.join(BACKENDS)}, 'auto' or None (the fastest usable)")
+
+
 _warned: set[str] = set()
 
 

@@ -1,6 +1,7 @@
 """`python -m dive_fast.info`: which DiVE backends can run here, and why not."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -19,6 +20,27 @@ def backend_table() -> list[tuple[str, str, str]]:
                 why = "no CUDA device visible"
             rows.append((name, device, "usable" if why is None else why))
     return rows
+
+
+def override_lines(rows=None) -> list[str]:
+    """What $DIVE_FAST_BACKEND does to calls that name no backend: nothing (unset or auto),
+    force a backend (usable or not, per device), or make every such call raise."""
+    var = backends.ENV_VAR
+    value = os.environ.get(var)
+    if not value:
+        return [f"${var}: not set (each call takes the fastest usable backend)"]
+    name = backends.ALIASES.get(value, value)
+    if name == "auto":
+        return [f"${var}={value!r}: the fastest usable backend, as when unset"]
+    if name not in backends.BACKENDS:
+        return [f"${var}={value!r}: unknown backend, expected one of "
+                f"{', '.join(backends.BACKENDS)}; every call without backend= will raise"]
+    lines = [f"${var}={value!r}: overrides the default; calls without backend= use {name}"]
+    for backend, device, status in rows or backend_table():
+        if backend == name:
+            lines.append(f"  {device} inputs: " + (
+                "usable" if status == "usable" else f"cannot run here ({status}); calls raise"))
+    return lines
 
 
 def versions() -> dict[str, str]:
@@ -45,8 +67,12 @@ def versions() -> dict[str, str]:
 def main() -> None:
     print("dive_fast backends")
     width = max(len(n) for n in backends.BACKENDS)
-    for name, device, status in backend_table():
+    rows = backend_table()
+    for name, device, status in rows:
         print(f"  {name:<{width}}  {device:<4}  {status}")
+    print("override")
+    for line in override_lines(rows):
+        print(f"  {line}")
     print("versions")
     for k, v in versions().items():
         print(f"  {k}: {v}")
