@@ -4,7 +4,9 @@ A call's checks and backend choice depend only on the inputs' shapes, dtypes and
 and on the options: they run once per such key, and later calls find the packed
 ``DiVEConfig`` in a dictionary (the host cost of a call is then close to that of a bare
 ``autograd.Function`` calling the kernels: ``benchmarks/bench_dive_op.py --host``). Under
-torch.compile the checks are traced instead.
+torch.compile the checks are traced instead. What depends on the call's tensors themselves
+is checked every call, without a host sync: no functorch transform active, and ``m_out``
+(when given) sharing no memory with an input.
 """
 from __future__ import annotations
 
