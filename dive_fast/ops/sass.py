@@ -105,11 +105,8 @@ def is_barrier(i: Instr) -> bool:
     return i.base == "BAR" and ".SYNC" in i.opcode or i.opcode in ("BAR.SYNC", "BAR.RED", "BAR")
 
 
-def global_load_width(i: Instr) -> int | None:
-    """Bits of a global load (LDG), None for anything else; 32 when the opcode names no
-    width. Asynchronous copies (LDGSTS) are not loads into registers: None."""
-    if i.base != "LDG":
-        return None
+def _width(i: Instr) -> int:
+    """Bits of a memory instruction, from its opcode's suffix (32 when it names none)."""
     for part in i.opcode.split(".")[1:]:
         if part in ("U8", "S8"):
             return 8
@@ -118,19 +115,16 @@ def global_load_width(i: Instr) -> int | None:
         if part.isdigit():
             return int(part)
     return 32
+
+
+def global_load_width(i: Instr) -> int | None:
+    """Bits of a global load (LDG), None for anything else. Asynchronous copies (LDGSTS)
+    are not loads into registers: None."""
+    return _width(i) if i.base == "LDG" else None
 
 
 def global_store_width(i: Instr) -> int | None:
-    if i.base != "STG":
-        return None
-    for part in i.opcode.split(".")[1:]:
-        if part in ("U8", "S8"):
-            return 8
-        if part in ("U16", "S16"):
-            return 16
-        if part.isdigit():
-            return int(part)
-    return 32
+    return _width(i) if i.base == "STG" else None
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64", "F16x2", "BF16x2", "FTZ")
