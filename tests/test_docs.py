@@ -98,7 +98,7 @@ def test_commands_parse_or_run(argv, tmp_path):
         return
     assert argv[0] == "python", f"no rule for `{line}` in the docs test"
     if "--help" in argv or argv[1:3] in (["-m", "dive_fast.info"],) or \
-            argv[1] == "benchmarks/tables.py":
+            argv[1] in ("benchmarks/tables.py", "-c"):
         run(argv, tmp_path)
     elif argv[1] == "-m":
         parse_or_fail(module_parser(argv[2]), argv[3:])
