@@ -37,6 +37,8 @@ def not_loaded(monkeypatch):
     def too_late(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
     monkeypatch.setattr(trainer, "load_clip", too_late)
+    from dive_fast.train import evaluate
+    monkeypatch.setattr(evaluate, "load_clip", too_late)
 
 
 # --- silently wrong before ------------------------------------------------------------
@@ -184,6 +186,8 @@ def _bad(tmp_path):
         (["--model", "ViT-B-32", "--pretrained", "nosuchtag"],
          r"--pretrained nosuchtag: open_clip has no such tag for ViT-B-32 \(its tags: openai"),
         (["--task", f"id:a:{imgs}", "--task", f"ood:a :{imgs}"], r"two tasks are named 'a'"),
+        (["--reference-shards", "http://127.0.0.1:9/{0000..0003}.tar", "--use-world",
+          "target,eval"], r"--reference-shards: cannot reach http://127.0.0.1:9/0000.tar"),
     ]
 
 
@@ -356,3 +360,9 @@ def test_micro_batched_backward_names_bad_inputs_and_encoders():
                                lambda fs: fs[0].sum(), 2)
     with pytest.raises(TypeError, match=r"encode must return a list or tuple of tensors, got Tensor"):
         micro_batched_backward(lambda xs: lin(xs[0]), [torch.randn(4, 3)], lambda fs: fs.sum(), 2)
+
+
+def test_evaluate_refuses_a_folder_as_its_report_file(tmp_path, not_loaded):
+    from dive_fast.train import evaluate
+    with pytest.raises(ValueError, match=r"--out .* is a folder; give the JSON file to write"):
+        evaluate.main(["--out", str(tmp_path)])

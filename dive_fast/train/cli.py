@@ -355,6 +355,23 @@ def check_model(args) -> None:
                              "checkpoint path")
 
 
+def check_remote(arg: str, shards: list[str], timeout_s: float = 10.0) -> None:
+    """An http(s) shard list must be reachable now (its first shard answers a HEAD request),
+    not at the first step after the model loaded."""
+    import urllib.error
+    import urllib.request
+    remote = [u for u in shards if u.startswith(("http://", "https://"))]
+    if not remote:
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(remote[0], method="HEAD"),
+                               timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ValueError(f"{arg}: cannot reach {remote[0]} ({reason}); check the address "
+                         "and the network, or copy the shards to a local disk") from None
+
+
 def check_inputs(args, world_size: int = 1) -> None:
     """The files and folders a run reads and writes, before any expensive work."""
     validate.task_specs(args.task)
@@ -380,6 +397,7 @@ def check_inputs(args, world_size: int = 1) -> None:
                 shards = shard_list(urls)  # missing or empty shards fail now, not at step 1
             except (OSError, ValueError) as exc:
                 raise type(exc)(f"{arg}: {exc}") from None
+            check_remote(arg, shards)
             if arg == "--reference-shards":
                 args.data_ids["reference"] = shards_fingerprint(shards)
             if arg == "--reference-shards" and len(shards) < readers:
