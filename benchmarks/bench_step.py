@@ -17,7 +17,7 @@ its own), interleaved over rounds:
                 included (with text truncation, captions longer than class prompts cost more)
   dive-naive    DiVE as written plainly: separate trainable forwards for target and
                 reference, the frozen forward every step after them, the eager loss
-                (the ``reference`` backend), no cache
+                (the ``torch`` backend), no cache
   dive-fast     ``--method dive`` as users run it: one concatenated forward, cached frozen
                 embeddings, the fused loss
   dive-seq      no cache: the frozen forward every step, after the trainable one
@@ -301,7 +301,8 @@ def main(argv=None):
         print(json.dumps(run_variant(args)))
         return
     env = environment(args.device)
-    rows = []
+    rows, failed = [], []
+    out = args.out or result_path("step", args.device)
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or tmp
         common = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -309,17 +310,21 @@ def main(argv=None):
             for variant in args.variants:
                 proc = subprocess.run([sys.executable, __file__, *common, "--cache-dir", cache,
                                        "--variant", variant], capture_output=True, text=True)
-                if proc.returncode:
-                    sys.exit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+                if proc.returncode:  # said, and the other variants still run
+                    print(f"round {rnd} {variant} FAILED:\n{proc.stderr[-4000:]}", flush=True)
+                    failed.append(variant)
+                    continue
                 row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "round": rnd, **env}
                 rows.append(row)
+                write_csv(rows, out)  # after every variant: a run cut short keeps what it has
                 print(f"round {rnd} {variant:12s} step {row['step_ms']:8.1f} ms  "
                       f"{row['samples_per_s']:7.1f} samples/s  peak {row['peak_mem_MiB']:7.0f} MiB  "
                       + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES
                                  if ph + "_ms" in row), flush=True)
-    out = args.out or result_path("step", args.device)
-    write_csv(rows, out)
-    print("\n" + step_table(rows))
+    if rows:
+        print("\n" + step_table(rows))
+    if failed:
+        raise RuntimeError(f"variants failed: {', '.join(failed)} (their errors above)")
     print(f"wrote {out}")
 
 

@@ -12,7 +12,7 @@ the memory benchmark (FLYP against DiVE, full batch and micro-batched).
 The dry run takes every stage through its code on CPU tensors, with small shapes: the
 Triton kernels under TRITON_INTERPRET=1, the CUDA backend skipped with the reason, the
 step benchmark with the micro model. Writes, to $OUT or --out (default: on a GPU
-benchmarks/results/, dry run a temporary folder), CSVs named by device:
+benchmarks/results/local/, dry run a temporary folder), CSVs named by device:
 kernels_<device>.csv, gpu_accuracy_<device>.csv, gpu_launches_<device>.csv,
 dive_op_<device>.csv (and .png),
 step_<device>.csv, streams_<device>.csv, memory_B<batch>_<device>.csv. Exit status 0 only
@@ -91,7 +91,7 @@ class Check:
         try:
             ok = fn(*args)
             status = "PASS" if ok is not False else "FAIL"
-        except Exception:
+        except (Exception, SystemExit):  # a benchmark's exit must not end the whole check
             traceback.print_exc()
             status = "ERROR"
         self.results.append((name, status, time.perf_counter() - t0))
@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="run every stage on the CPU (Triton interpreted, CUDA skipped)")
     p.add_argument("--out", default=os.environ.get("OUT") or None,
-                   help="folder of the CSVs (unset: $OUT, else benchmarks/results on a GPU and a "
-                        "temporary folder in a dry run)")
+                   help="folder of the CSVs (unset: $OUT, else benchmarks/results/local on a GPU, "
+                        "so committed figures are replaced only on purpose, and a temporary "
+                        "folder in a dry run)")
     p.add_argument("--skip", nargs="*", default=[], choices=list(EXPECTED_S),
                    help="stages not to run")
     p.add_argument("--memory", action="store_true",
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
         print("no CUDA device visible: run on a GPU machine, or pass --dry-run")
         return 2
     out = Path(args.out or (tempfile.mkdtemp(prefix="gpu-check-") if args.dry_run
-                            else "benchmarks/results"))
+                            else "benchmarks/results/local"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check on {device_name(device)}{' (dry run)' if args.dry_run else ''} -> {out}")
     info.main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one command, at most 5 minutes on a GPU): build the CUDA kernels
 # for this GPU's architecture, check triton and cuda against the float64 oracle, count launches,
-# time the op and the training step, measure the step's memory. CSVs go to $OUT or benchmarks/results/.
+# time the op and the training step, measure the step's memory. CSVs go to $OUT or benchmarks/results/local/.
 #
 #   bash benchmarks/gpu_check.sh             # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --dry-run   # here: every stage on the CPU, Triton

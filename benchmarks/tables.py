@@ -83,7 +83,7 @@ def step_table(rows) -> str:
     for a, b, label in pairs:
         if a in variants and b in variants:
             if label in (None, "replay"):
-                notes.append(f"dive-fast costs {1 / ratio(a, b):.3f}x {b}'s step time")
+                notes.append(f"dive-fast costs {1 / ratio(a, b):.3f}x the step time of {b}")
             else:
                 notes.append(f"{label}: {ratio(a, b):.2f}x")
     first = rows[0]

@@ -39,14 +39,23 @@ def test_precision_as_open_clip_names_it(micro_cache, tmp_path, precision):
     assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)
     final = load_checkpoint(sorted((out / "checkpoints").glob("step-*.pt"))[-1])
     assert final["precision"] == precision
+    fp32 = tmp_path / "reference-fp32"
+    if not fp32.exists():
+        train.main(train_args(fp32, "--method", "dive", "--precision", "fp32"))
+    first = [r for r in _rows(fp32) if "loss" in r][0]["clip"]
+    # Autocast changes the first step's loss (the same weights and batch); fp32 does not.
+    assert (rows[0]["clip"] == first) == (precision == "fp32"), (rows[0]["clip"], first)
     assert ("scaler" in final) == (precision == "amp")
     if precision == "amp":
         assert all(r["loss_scale"] > 0 for r in rows)
 
 
-def test_the_old_amp_flag_is_an_alias(tmp_path):
+def test_the_old_amp_flag_is_an_alias_and_bf16_is_not_offered(tmp_path, capsys):
     assert cli.parse(["--amp", "bf16"]).precision == "amp_bf16"
     assert cli.parse(["--amp", "fp32"]).precision == "fp32"
+    with pytest.raises(SystemExit):  # open_clip's bf16 casts the weights; autocast is amp_bf16
+        cli.parse(["--precision", "bf16"])
+    assert "invalid choice: 'bf16'" in capsys.readouterr().err
 
 
 def test_open_clip_spellings_reach_the_same_settings():

@@ -67,7 +67,8 @@ def test_custom_text_clip_is_truncated_exactly():
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_towers_that_cannot_be_cut_stay_at_full_length(caplog):
+def test_towers_that_cannot_be_cut_stay_at_full_length(caplog, monkeypatch):
+    monkeypatch.setattr(text, "_told", set())  # said once per process: from a clean slate
     model = text_only("dive-micro")
     model.text_pool_type = "last"  # pooling at the last position: cutting would move it
     caplog.set_level(logging.INFO, logger="dive_fast.train.text")

@@ -21,7 +21,10 @@ from . import distributed, parallel, runlock, validate
 from .data import shard_list, shards_fingerprint
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
-from .trainer import PRECISIONS, csv_options, run_owned
+from .checkpoint import CorruptCheckpoint
+from .fileio import DiskFull
+from .runlock import FolderInUse
+from .trainer import PRECISIONS, ResumeMismatch, claim_out, csv_options, run_owned
 
 EXAMPLES = """\
 examples:
@@ -344,12 +347,15 @@ def check_model(args) -> None:
     """A model open_clip knows and, for an open_clip tag, a tag it has for that model (a
     wrong tag would otherwise surface as a download or loading error after other work)."""
     import open_clip
+    if args.model.startswith("hf-hub:"):  # a model card on the Hugging Face hub: open_clip's
+        return
     if args.model not in open_clip.list_models():
         raise ValueError(f"--model {args.model}: unknown to open_clip (e.g. ViT-B-16, "
                          f"ViT-B-32, {', '.join(TINY_MODELS)}; open_clip.list_models() has all)")
     if args.pretrained and not is_weights_path(args.pretrained):
         tags = open_clip.list_pretrained_tags_by_model(args.model)
-        if args.pretrained not in tags:
+        spelled = lambda tag: tag.lower().replace("-", "_")  # noqa: E731  (as open_clip compares)
+        if spelled(args.pretrained) not in {spelled(t) for t in tags}:
             raise ValueError(f"--pretrained {args.pretrained}: open_clip has no such tag for "
                              f"{args.model} (its tags: {', '.join(tags) or 'none'}); or give a "
                              "checkpoint path")
@@ -366,6 +372,8 @@ def check_remote(arg: str, shards: list[str], timeout_s: float = 10.0) -> None:
     try:
         urllib.request.urlopen(urllib.request.Request(remote[0], method="HEAD"),
                                timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # the server answered (a URL signed for GET may refuse HEAD): reachable
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ValueError(f"{arg}: cannot reach {remote[0]} ({reason}); check the address "
@@ -410,6 +418,7 @@ def check_inputs(args, world_size: int = 1) -> None:
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
     validate.output_paths(args.out, "--out")
+    claim_out(args, Path(args.out))
     if args.pretrained is None and args.model in TINY_MODELS and \
             not tiny_checkpoint(args.model, args.world_seed).is_file():  # pre-training will write
         validate.writable_folder(cache_dir(), f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
@@ -443,8 +452,20 @@ def main(argv=None):
 def cli(argv=None) -> None:
     """The command's entry: an argument error is one line (argparse's), not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_checked(build_parser(), lambda args: check_args(args, distributed.world_size_from_env()),
-                lambda args: run(args, checked=True), argv)
+    parser = build_parser()
+
+    def run_or_say(args):
+        try:
+            return run(args, checked=True)
+        except RUN_ERRORS as exc:  # what a user can act on: one line, not a traceback
+            parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    run_checked(parser, lambda args: check_args(args, distributed.world_size_from_env()),
+                run_or_say, argv)
+
+
+# Errors of a run that name their cause and remedy (a full disk, another run holding
+# --out, a checkpoint that cannot be resumed or read); anything else keeps its traceback.
+RUN_ERRORS = (DiskFull, FolderInUse, ResumeMismatch, CorruptCheckpoint, FileExistsError)
 
 
 if __name__ == "__main__":

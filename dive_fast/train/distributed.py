@@ -1,12 +1,14 @@
 """torchrun integration: process group set-up and rank helpers (single process: no-ops)."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
 
+COLLECTIVE_MINUTES = 120
 _owned = []  # the process group this module created (and so destroys at shutdown)
 
 
@@ -23,7 +25,10 @@ def init_from_env(device: str) -> tuple[int, int, str]:
     world = world_size_from_env()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
+        # Rank 0 alone builds the frozen cache and evaluates while the others wait in a
+        # collective: on ImageNet-scale sets that outlasts the default 10 minutes. A rank
+        # that dies is still caught at once by torchrun, which ends the others.
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=COLLECTIVE_MINUTES))
         _owned.append(True)
     if world > 1 and device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))

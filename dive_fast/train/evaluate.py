@@ -2,7 +2,7 @@
 accuracy; RSA between the pre-trained and the fine-tuned embedding geometry.
 
     python -m dive_fast.train.evaluate                                  # pre-trained tiny model
-    python -m dive_fast.train.evaluate --checkpoint runs/x/checkpoints/final.pt
+    python -m dive_fast.train.evaluate --checkpoint runs/x/checkpoints/step-00000300.pt
     python -m dive_fast.train.evaluate --model ViT-B-16 --pretrained openai \\
         --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch
 """
@@ -116,6 +116,8 @@ def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | No
         if len(missing) < len(names):
             return None, (f"zero-shot head: class(es) {missing[:5]} are not among the trained "
                           f"head's {len(trained)} classes")
+    if heads:  # a method with a trained head, on a set that shares no class name with it
+        return None, "zero-shot head: no class of this set is among the trained head's"
     return None, None
 
 

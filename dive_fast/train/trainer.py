@@ -57,7 +57,8 @@ def reference_data(args, bundle, rank, world):
                                world_size=world), None
     if args.reference_csv:
         ds = CsvCaptions(args.reference_csv, tf, **csv_options(args))
-        return ds, ds.fingerprint()  # its contents: a CSV rewritten in place is new data
+        # its contents (cli.check_inputs digested them): a CSV rewritten in place is new data
+        return ds, args.data_ids.get("reference") or ds.fingerprint()
     if "reference" not in args.world_parts:  # cli.resolve_world_parts refuses this earlier
         raise ValueError("no reference pairs: give --reference-csv or --reference-shards")
     ds = WorldCaptions("reference", args.ref_size, tf, args.world_seed, bundle.image_size)
@@ -99,6 +100,12 @@ RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", 
                "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "momentum",
                "precision", "augment", "data_ids", "world_parts", "train_size", "ref_size",
                "world_seed", "seed", "fsdp")
+# What checkpoints written before data_ids (2026-12-05) recorded of their data, by path.
+OLD_DATA_KEYS = ("train_folder", "reference_csv", "reference_shards")
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint written with other settings or data than this run's."""
 
 
 def checkpoint_state(step, args, method, opt, sched, scaler=None) -> dict:
@@ -144,15 +151,16 @@ def load_resume(args) -> dict | None:
     if path is None:
         return None
     ckpt = load_checkpoint(path)
-    for key in RESUME_KEYS:
+    keys = RESUME_KEYS if "data_ids" in ckpt else RESUME_KEYS + OLD_DATA_KEYS
+    for key in keys:
         if key == "data_ids" and key in ckpt:
             changed = [part for part, digest in ckpt[key].items() if args.data_ids.get(part) != digest]
             if changed:
-                raise ValueError(f"cannot resume from {path}: the {' and '.join(changed)} data "
+                raise ResumeMismatch(f"cannot resume from {path}: the {' and '.join(changed)} data "
                                  "differ from what it was trained on (other class names, files, "
                                  "sizes or modification times)")
         elif key in ckpt and ckpt[key] != getattr(args, key):
-            raise ValueError(f"cannot resume from {path}: it was written with {key}="
+            raise ResumeMismatch(f"cannot resume from {path}: it was written with {key}="
                              f"{ckpt[key]!r}, this run has {key}={getattr(args, key)!r}")
     ckpt["path"] = str(path)
     return ckpt
@@ -227,7 +235,7 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
             path = out / "cache" / f"frozen-ref-{key}.npy"
             if distributed.is_main():
                 frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path,
-                                   progress=not args.no_progress)
+                                   workers=args.workers, progress=not args.no_progress)
             distributed.barrier()
             frozen.cache = frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path)
     method = make_method(args.method, model, bundle.tokenizer, classnames, templates,
@@ -263,7 +271,8 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
 
 PRECISIONS = {  # --precision (open_clip's names) -> the autocast dtype (None: float32)
     "auto": "auto", "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16, "amp": torch.float16, "amp_fp16": torch.float16, "fp32": None}
+    "amp": torch.float16, "amp_fp16": torch.float16, "fp32": None}
+# open_clip's "bf16" (and "pure_bf16") cast the weights themselves: not offered under that name.
 
 
 def csv_options(args) -> dict:
@@ -318,7 +327,7 @@ def run_owned(args, rank, world, device) -> dict:
     report = {}
     if main_proc:  # before any sharding: rank 0 alone evaluates
         report["zero-shot"] = evaluate(model, bundle.tokenizer, sets, device=device,
-                                       progress=not args.no_progress)
+                                       workers=args.workers, progress=not args.no_progress)
     method, step = build_method(args, bundle, target_ds.classnames, target_ds.templates,
                                 pretrained, device, rank, world, out, reference)
     skipped = 0
@@ -348,7 +357,7 @@ def run_owned(args, rank, world, device) -> dict:
             log.info("--steps 0: evaluation only; the table has the zero-shot row alone")
         if method.trains and args.steps > 0:
             common = dict(pre_model=pre_model, rsa_set=rsa_set, device=device,
-                          progress=not args.no_progress)
+                          workers=args.workers, progress=not args.no_progress)
             report[args.method] = evaluate(model, bundle.tokenizer, sets,
                                            heads=method.eval_heads(), **common)
             report[args.method]["skipped_train_samples"] = skipped
@@ -381,7 +390,7 @@ def evaluate_during_training(args, method, bundle, pretrained, sets, device) -> 
     result = None
     if distributed.is_main():
         report = evaluate(model, bundle.tokenizer, sets, heads=method.eval_heads(), device=device,
-                          progress=False)
+                          workers=args.workers, progress=False)
         result = {f"eval/{name}": value for kind in ("id", "ood", "zeroshot")
                   for name, value in report[kind].items()}
         result.update({f"eval/{kind}_mean": report[f"{kind}_mean"]
