@@ -183,3 +183,19 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_without_stopping(micro_cach
     train.main(train_args(out, "--method", "flyp", "--precision", "amp"))
     assert scales[:2] == [2.0 ** 126, 2.0 ** 125] and len(scales) == 4
     assert [r["skipped_steps"] for r in _rows(out) if "loss" in r] == [0, 0, 0, 0]
+
+
+def test_run_errors_are_one_line_from_the_command(micro_cache, tmp_path):
+    """A resume that cannot be (another lr) ends `python -m dive_fast.train` with one line."""
+    import subprocess
+    import sys
+    args = train_args(tmp_path / "out", "--method", "flyp", "--steps", "2")
+    train.main(args)
+    proc = subprocess.run([sys.executable, "-m", "dive_fast.train", *args, "--lr", "0.5",
+                           "--resume", "latest"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "python -m dive_fast.train: error: cannot resume from ")
+    again = subprocess.run([sys.executable, "-m", "dive_fast.train", *args],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a run" in again.stderr.splitlines()[-1]
