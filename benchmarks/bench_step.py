@@ -26,8 +26,9 @@ its own), interleaved over rounds:
                 data) at batch B + B', same model, image size, precision and AdamW: what
                 users run today, beside flyp-B+B'
   ...-notrunc   the variant with --no-text-truncation (text at the full context length)
-  ...-compiled  the variant with --compile (open_clip_train: its --torchcompile); the
-                first step's extra time is the compile time
+  ...-compiled  the variant with --compile (open_clip_train: its --torchcompile), warmed
+                up until two steps in a row compile nothing; compile_s is what the
+                warm-up steps took beyond a steady step (open_clip_train: its first step's)
 Reports samples/s, peak memory and a per-step breakdown (data; and from a short profiled
 run after the timed steps: trainable forward, frozen forward, losses, backward,
 optimiser), as long-format CSV.
@@ -56,9 +57,9 @@ from tables import step_table  # noqa: E402
 from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
 VARIANTS = ("open_clip_train", "flyp-B", "flyp-B+B'", "flyp-B+B'-notrunc", "replay-B+B'",
-            "dive-naive", "dive-fast", "open_clip_train-compiled", "flyp-B+B'-compiled",
-            "dive-fast-compiled", "dive-seq", "dive-cosched")
-DEFAULT_VARIANTS = VARIANTS[:10]
+            "dive-naive", "dive-fast", "dive-fast-notrunc", "open_clip_train-compiled",
+            "flyp-B+B'-compiled", "dive-fast-compiled", "dive-seq", "dive-cosched")
+DEFAULT_VARIANTS = VARIANTS[:11]
 PHASES = ("data", "trainable_fwd", "frozen_fwd", "losses", "backward", "optimizer")
 # open_clip's profile: GFLOP per image-text pair forward (x3 for forward + backward).
 GFLOP_PER_PAIR = {"ViT-B-16": 41.0, "ViT-B-32": 14.8}
@@ -200,7 +201,7 @@ def run_variant(args) -> dict:
             amp_dtype=method.amp_dtype)
         step_fn = functools.partial(train_step, method, method)  # the same weights: run.opt
         method.train()
-    step_times, data_times, first = [], [], None
+    step_times, data_times = [], []
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -214,16 +215,32 @@ def run_variant(args) -> dict:
         synchronize(device)
         return t1 - t0, time.perf_counter() - t0, batch.samples
 
-    for step in range(args.warmup + args.steps):
+    warmup = compiled_warmup(one_step, args.warmup) if variant.endswith("-compiled") else \
+        [one_step(step)[1] for step in range(args.warmup)]
+    for step in range(len(warmup), len(warmup) + args.steps):
         data_s, step_s, samples = one_step(step)
-        first = step_s if first is None else first
-        if step >= args.warmup:
-            step_times.append(step_s)
-            data_times.append(data_s)
-    row = timing_row(args, variant, step_times, samples, on_gpu, first)
+        step_times.append(step_s)
+        data_times.append(data_s)
+    row = timing_row(args, variant, step_times, samples, on_gpu, warmup[0])
+    if variant.endswith("-compiled"):  # every step that compiled, less a steady step each
+        med = statistics.median(step_times)
+        row.update(compile_s=sum(max(0.0, t - med) for t in warmup), warmup_steps=len(warmup))
     return {**row, "baseline_rss_MiB": baseline_rss / 1024,
             "data_ms": statistics.median(data_times) * 1e3,
-            **profile_phases(one_step, args.warmup + args.steps, 3, on_gpu)}
+            **profile_phases(one_step, len(warmup) + args.steps, 3, on_gpu)}
+
+
+def compiled_warmup(one_step, least: int, most: int = 30) -> list[float]:
+    """Warm-up steps of a compiled variant: at least ``least``, then until two steps in a row
+    compile nothing (new text lengths and batch shapes recompile the first few steps; timing
+    them would time the compiler). Returns their times."""
+    from torch._dynamo.utils import counters
+    times, quiet = [], 0
+    while len(times) < most and (len(times) < least or quiet < 2):
+        graphs = counters["stats"]["unique_graphs"]
+        times.append(one_step(len(times))[1])
+        quiet = quiet + 1 if counters["stats"]["unique_graphs"] == graphs else 0
+    return times
 
 
 def _is_engine_node(event) -> bool:

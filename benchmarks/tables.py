@@ -71,9 +71,16 @@ def step_table(rows) -> str:
         cells += [" / ".join("–" if med(v, p) is None else f"{med(v, p):.1f}" for p in phases)]
         out.append("| " + " | ".join(map(str, cells)) + " |")
     ratio = lambda a, b: med(b, "step_ms") / med(a, "step_ms")  # noqa: E731  (a faster: > 1)
+
+    def spread(a, b) -> str:
+        """The ratio round by round (interleaved rounds share the machine's slow spells)."""
+        step = {(r["variant"], r.get("round")): _num(r, "step_ms") for r in rows}
+        each = [step[b, k] / step[a, k] for (v, k) in step if v == a and (b, k) in step]
+        return f" (rounds {min(each):.2f}-{max(each):.2f})" if len(each) > 1 else ""
     notes = []
     pairs = [("flyp-B+B'", "open_clip_train", "flyp-B+B' against open_clip_train (samples/s)"),
              ("dive-fast", "flyp-B+B'", None), ("dive-fast", "replay-B+B'", "replay"),
+             ("dive-fast-notrunc", "flyp-B+B'-notrunc", None),
              ("dive-fast", "dive-naive", "dive-fast over dive-naive"),
              ("flyp-B+B'", "flyp-B+B'-notrunc", "text truncation (flyp-B+B')"),
              ("flyp-B+B'-compiled", "flyp-B+B'", "--compile (flyp-B+B')"),
@@ -83,9 +90,10 @@ def step_table(rows) -> str:
     for a, b, label in pairs:
         if a in variants and b in variants:
             if label in (None, "replay"):
-                notes.append(f"dive-fast costs {1 / ratio(a, b):.3f}x the step time of {b}")
+                notes.append(f"{a} costs {1 / ratio(a, b):.3f}x the step time of {b}"
+                             + spread(b, a))
             else:
-                notes.append(f"{label}: {ratio(a, b):.2f}x")
+                notes.append(f"{label}: {ratio(a, b):.2f}x" + spread(a, b))
     first = rows[0]
     notes.append(f"{first['device']}, torch {first['torch']}, commit {first.get('commit', '?')}; "
                  f"peak memory: {first['peak_mem_kind']}")
