@@ -1,5 +1,6 @@
 """The command line as open_clip users type it, and the data it is allowed to use."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from conftest import train_args
 from helpers.kill import run_killed_at_step
 from dive_fast import train
-from dive_fast.train import cli
+from dive_fast.train import cli, evaluate
 from dive_fast.train.checkpoint import load_checkpoint
 
 
@@ -93,17 +94,23 @@ def test_torchcompile_trains_with_the_eager_losses(micro_cache, tmp_path):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
 
 
-def test_csv_keys_and_separator(micro_cache, tmp_path):
-    """A comma-separated CSV with its own column names, read through the three flags; paths
-    are read as written when they exist (here: absolute)."""
+def comma_csv(tmp_path, n: int = 24) -> Path:
+    """World pairs as a comma-separated CSV with columns image, caption (absolute paths)."""
     from dive_fast.world.export import write_captions
-    root = write_captions(tmp_path / "w", "reference", 24, 0, 16, 100, formats=("csv",))
+    root = write_captions(tmp_path / "w", "reference", n, 0, 16, 100, formats=("csv",))
     rows = (root / "captions.csv").read_text().splitlines()[1:]
     with open(tmp_path / "pairs.csv", "w") as f:
         f.write("image,caption\n")
         for row in rows:
             path, caption = row.split("\t")
             f.write(f"{root / path},\"{caption}\"\n")
+    return tmp_path / "pairs.csv"
+
+
+def test_csv_keys_and_separator(micro_cache, tmp_path):
+    """A comma-separated CSV with its own column names, read through the three flags; paths
+    are read as written when they exist (here: absolute)."""
+    comma_csv(tmp_path)
     out = tmp_path / "out"
     train.main(train_args(out, "--method", "dive", "--reference-csv", str(tmp_path / "pairs.csv"),
                           "--csv-separator", ",", "--csv-img-key", "image",
@@ -112,6 +119,26 @@ def test_csv_keys_and_separator(micro_cache, tmp_path):
     with pytest.raises(ValueError, match=r"--reference-csv: .*lacks column\(s\) \['filepath', 'title'\]"):
         train.main(train_args(tmp_path / "x", "--reference-csv", str(tmp_path / "pairs.csv"),
                               "--use-world", "target,eval"))
+
+
+def test_evaluate_reads_rsa_csvs_as_train_does(micro_cache, tmp_path, monkeypatch):
+    """evaluate takes the same --csv-* flags, and checks the CSV before a model loads."""
+    pairs, read = comma_csv(tmp_path, n=8), []
+    heldout_pairs = evaluate.heldout_pairs
+    monkeypatch.setattr(evaluate, "heldout_pairs",
+                        lambda *a, **k: read.append(heldout_pairs(*a, **k)) or read[-1])
+    evaluate.main(["--model", "dive-micro", "--n-per-task", "2", "--rsa-csv", str(pairs),
+                   "--rsa-size", "6", "--csv-separator", ",", "--csv-img-key", "image",
+                   "--csv-caption-key", "caption"])
+    assert len(read[0]) == 6 and all(isinstance(caption, str) for _, caption in read[0])
+
+    def too_late(*a, **k):
+        raise AssertionError("the model was loaded before the bad CSV was found")
+    monkeypatch.setattr(evaluate, "load_clip", too_late)
+    with pytest.raises(ValueError, match=r"--rsa-csv: .*lacks column\(s\) \['filepath', 'title'\]"):
+        evaluate.main(["--rsa-csv", str(pairs)])
+    with pytest.raises(FileNotFoundError, match="--rsa-csv"):
+        evaluate.main(["--rsa-csv", str(tmp_path / "none.csv")])
 
 
 def test_report_to_tensorboard_writes_event_files(micro_cache, tmp_path):

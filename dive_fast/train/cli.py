@@ -18,13 +18,13 @@ import torch
 
 from .._argparse import DefaultsFormatter, run_checked
 from . import distributed, parallel, runlock, validate
-from .data import shard_list, shards_fingerprint
+from .data import csv_options, shard_list, shards_fingerprint
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
 from .checkpoint import CorruptCheckpoint
 from .fileio import DiskFull
 from .runlock import FolderInUse
-from .trainer import PRECISIONS, ResumeMismatch, claim_out, csv_options, run_owned
+from .trainer import PRECISIONS, ResumeMismatch, claim_out, run_owned
 
 EXAMPLES = """\
 examples:
@@ -54,6 +54,24 @@ class _AmpAlias(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         namespace.precision = AMP_ALIASES[value]
+
+
+def add_csv_flags(add) -> None:
+    """open_clip's CSV flags: every command that reads a CSV reads it alike."""
+    add("--csv-separator", default="\t", help="column separator of the CSVs (open_clip's)")
+    add("--csv-img-key", default="filepath", help="image-path column of the CSVs")
+    add("--csv-caption-key", default="title", help="caption column of the CSVs")
+
+
+def checked_shards(arg: str, urls: str) -> list[str]:
+    """The shard list of ``urls``: missing, empty or unreachable shards fail now, naming
+    ``arg``, not at the first step."""
+    try:
+        shards = shard_list(urls)
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"{arg}: {exc}") from None
+    check_remote(arg, shards)
+    return shards
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--reference-shards", default=None,
       help="reference pairs as webdataset tar shards: brace pattern, glob or '::'-separated "
            "list")
-    g("--csv-separator", default="\t", help="column separator of the CSVs (open_clip's)")
-    g("--csv-img-key", default="filepath", help="image-path column of the CSVs")
-    g("--csv-caption-key", default="title", help="caption column of the CSVs")
+    add_csv_flags(g)
     g("--workers", type=int, default=1, help="data loader processes per rank")
     g("--augment", action=argparse.BooleanOptionalAction, default=True,
       help="on the world's target images: FLYP's RandomResizedCrop (scale 0.9-1); real "
@@ -401,11 +417,7 @@ def check_inputs(args, world_size: int = 1) -> None:
     for arg, urls in (("--reference-shards", args.reference_shards),
                       ("--rsa-shards", args.rsa_shards)):
         if urls:
-            try:
-                shards = shard_list(urls)  # missing or empty shards fail now, not at step 1
-            except (OSError, ValueError) as exc:
-                raise type(exc)(f"{arg}: {exc}") from None
-            check_remote(arg, shards)
+            shards = checked_shards(arg, urls)
             if arg == "--reference-shards":
                 args.data_ids["reference"] = shards_fingerprint(shards)
             if arg == "--reference-shards" and len(shards) < readers:

@@ -489,6 +489,12 @@ class ShardedCaptions(IterableDataset):
         return image, caption, -1, skipped
 
 
+def csv_options(args) -> dict:
+    """The CSV reader's options from --csv-separator, --csv-img-key, --csv-caption-key."""
+    return {"sep": args.csv_separator, "img_key": args.csv_img_key,
+            "caption_key": args.csv_caption_key}
+
+
 def heldout_pairs(transform, csv_path=None, shards=None, n: int = 256,
                   csv_options: dict | None = None) -> list:
     """The first ``n`` readable (image, caption) pairs of a held-out CSV or shard list, in

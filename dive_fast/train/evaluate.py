@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model_weights
-from .data import ImageFolderTask, WorldCaptions, WorldTask, collate, heldout_pairs
+from .data import (ImageFolderTask, WorldCaptions, WorldTask, collate, csv_options,
+                   heldout_pairs)
 from . import validate
 from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
@@ -194,6 +195,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from .._argparse import DefaultsFormatter
+    from .cli import add_csv_flags  # cli imports this module
     p = argparse.ArgumentParser(
         prog="python -m dive_fast.train.evaluate", epilog=EXAMPLES,
         formatter_class=DefaultsFormatter,
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
     a("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
     a("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
+    add_csv_flags(a)
     a("--out", default=None, help="write the report as JSON to this file (unset: print only)")
     return p
 
@@ -229,6 +232,13 @@ def check_args(args) -> list[TaskSpec]:
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
                         3 if name == "rsa_size" else 1)
+    if args.rsa_csv and args.rsa_shards:
+        raise ValueError("give one of --rsa-csv and --rsa-shards, not both")
+    if args.rsa_csv:
+        validate.caption_csv(args.rsa_csv, "--rsa-csv", min_rows=3, **csv_options(args))
+    if args.rsa_shards:
+        from .cli import checked_shards
+        checked_shards("--rsa-shards", args.rsa_shards)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
     if args.out and Path(args.out).is_dir():
@@ -248,7 +258,8 @@ def run(args) -> dict:
     sets = task_sets(tasks, tf) if tasks else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
     if args.rsa_csv or args.rsa_shards:
-        rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size)
+        rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,
+                                csv_options(args))
     else:
         rsa_set = world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size) if not args.task else None
     report = evaluate(bundle.model, bundle.tokenizer, sets, pre_model=pre_model, rsa_set=rsa_set,

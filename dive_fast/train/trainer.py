@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from . import distributed, frozen_cache, metrics_log, optim, parallel, validate
 from .checkpoint import atomic_save, load_checkpoint, prune
 from .data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
-                   WorldCaptions, WorldTask, heldout_pairs, train_collate)
+                   WorldCaptions, WorldTask, csv_options, heldout_pairs, train_collate)
 from .evaluate import evaluate, format_table, task_sets, world_eval_sets, world_rsa_set
 from .fileio import DiskFull, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .frozen import FrozenReference
@@ -273,12 +273,6 @@ PRECISIONS = {  # --precision (open_clip's names) -> the autocast dtype (None: f
     "auto": "auto", "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16,
     "amp": torch.float16, "amp_fp16": torch.float16, "fp32": None}
 # open_clip's "bf16" (and "pure_bf16") cast the weights themselves: not offered under that name.
-
-
-def csv_options(args) -> dict:
-    """The CSV reader's options from --csv-separator, --csv-img-key, --csv-caption-key."""
-    return {"sep": args.csv_separator, "img_key": args.csv_img_key,
-            "caption_key": args.csv_caption_key}
 
 
 def load_model(args, pretrained, device):
