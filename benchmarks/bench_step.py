@@ -83,10 +83,16 @@ class SyntheticTask(torch.utils.data.Dataset):
 
 
 class SyntheticCaptions(SyntheticTask):
-    def __getitem__(self, i):
+    """Random images with the world's reference captions, drawn once here: the loader then
+    does what it does with a user's pairs (tokenising), not the world's rendering."""
+
+    def __init__(self, n, size):
         from dive_fast.world import caption_pair
-        img, _ = super().__getitem__(i)
-        return img, caption_pair("reference", i, size=8)[1]
+        super().__init__(n, size)
+        self.captions = [caption_pair("reference", i, size=1)[1] for i in range(n)]
+
+    def __getitem__(self, i):
+        return super().__getitem__(i)[0], self.captions[i]
 
 
 def naive_dive():
@@ -128,8 +134,11 @@ def peak_memory(on_gpu: bool) -> float:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def timing_row(args, variant, step_times, samples, on_gpu, first_step_s) -> dict:
-    """The CSV row of one variant: median step, spread, samples/s, memory, MFU (GPU)."""
+def timing_row(args, variant, step_times, samples, on_gpu, first_step_s,
+               flops: float | None = None) -> dict:
+    """The CSV row of one variant: median step, spread, samples/s, memory, and the step's
+    FLOP rate (MFU on a GPU): from ``flops`` counted as the step ran, else open_clip's
+    per-pair profile of the model (its 77-token text)."""
     med = statistics.median(step_times)
     q = statistics.quantiles(step_times, n=5)
     row = {"variant": variant, "model": args.model, "image_size": args.image_size or "",
@@ -139,10 +148,25 @@ def timing_row(args, variant, step_times, samples, on_gpu, first_step_s) -> dict
            "peak_mem_kind": "cuda max allocated" if on_gpu else "process max RSS",
            "first_step_ms": first_step_s * 1e3,
            "compile_s": max(0.0, first_step_s - med) if variant.endswith("-compiled") else 0.0}
-    flop = GFLOP_PER_PAIR.get(args.model)
-    if flop and on_gpu and not args.image_size:
-        row["MFU"] = 3 * flop * 1e9 * samples / med / (args.peak_tflops * 1e12)
+    source = "counted"
+    if flops is None and args.model in GFLOP_PER_PAIR and not args.image_size:
+        flops, source = 3 * GFLOP_PER_PAIR[args.model] * 1e9 * samples, "open_clip profile"
+    if flops:
+        row.update(GFLOP_per_step=flops / 1e9, TFLOP_per_s=flops / med / 1e12,
+                   flop_count=source)
+        if on_gpu:
+            row["MFU"] = flops / med / (args.peak_tflops * 1e12)
     return row
+
+
+def step_flops(one_step, step: int) -> float:
+    """The FLOPs of one step as it runs (matmuls, convolutions and attention of the trainable
+    forward, the frozen forward when not cached, and the backward), counted eagerly by
+    torch's FlopCounterMode: truncated text counts at the length it runs at."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+        one_step(step)
+    return float(counter.get_total_flops())
 
 
 def run_open_clip_train(args) -> dict:
@@ -221,13 +245,14 @@ def run_variant(args) -> dict:
         data_s, step_s, samples = one_step(step)
         step_times.append(step_s)
         data_times.append(data_s)
-    row = timing_row(args, variant, step_times, samples, on_gpu, warmup[0])
+    flops = step_flops(one_step, len(warmup) + args.steps)
+    row = timing_row(args, variant, step_times, samples, on_gpu, warmup[0], flops)
     if variant.endswith("-compiled"):  # every step that compiled, less a steady step each
         med = statistics.median(step_times)
         row.update(compile_s=sum(max(0.0, t - med) for t in warmup), warmup_steps=len(warmup))
     return {**row, "baseline_rss_MiB": baseline_rss / 1024,
             "data_ms": statistics.median(data_times) * 1e3,
-            **profile_phases(one_step, len(warmup) + args.steps, 3, on_gpu)}
+            **profile_phases(one_step, len(warmup) + args.steps + 1, 3, on_gpu)}
 
 
 def compiled_warmup(one_step, least: int, most: int = 30) -> list[float]:
