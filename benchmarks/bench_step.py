@@ -4,6 +4,8 @@ compares with open_clip's own trainer.
     python benchmarks/bench_step.py                         # dive-tiny on this CPU
     python benchmarks/bench_step.py --model ViT-S-32 --batch 16 --data synthetic --steps 4
     python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16 --data synthetic
+    python benchmarks/bench_step.py --flops-only --model ViT-B-16 --batch 16 --data synthetic \
+        --workers 0 --ref-size 64 --variants "flyp-B+B'" dive-fast "flyp-B+B'-notrunc" dive-fast-notrunc
 
 Every variant runs the training app's own code: ``trainer.build_method`` builds the task
 module (frozen copy, embedding cache, DDP-free here), ``trainer.batches`` the data stream,
@@ -29,7 +31,9 @@ its own), interleaved over rounds:
   ...-compiled  the variant with --compile (open_clip_train: its --torchcompile), warmed
                 up until two steps in a row compile nothing; compile_s is what the
                 warm-up steps took beyond a steady step (open_clip_train: its first step's)
-Reports samples/s, peak memory and a per-step breakdown (data; and from a short profiled
+``--flops-only`` counts each variant's FLOPs for one step instead (any device, no timing:
+what a GPU run will have to do, from a CPU). Otherwise reports samples/s, FLOPs, peak
+memory and a per-step breakdown (data; and from a short profiled
 run after the timed steps: trainable forward, frozen forward, losses, backward,
 optimiser), as long-format CSV.
 """
@@ -239,6 +243,11 @@ def run_variant(args) -> dict:
         synchronize(device)
         return t1 - t0, time.perf_counter() - t0, batch.samples
 
+    if args.flops_only:  # the work of a step, without timing it
+        samples = (args.batch + (args.ref_batch or args.batch))
+        return {"variant": variant, "model": args.model, "B": args.batch,
+                "B_ref": args.ref_batch or args.batch, "samples_per_step": samples,
+                "GFLOP_per_step": step_flops(one_step, 0) / 1e9, "flop_count": "counted"}
     warmup = compiled_warmup(one_step, args.warmup) if variant.endswith("-compiled") else \
         [one_step(step)[1] for step in range(args.warmup)]
     for step in range(len(warmup), len(warmup) + args.steps):
@@ -327,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--rounds", type=int, default=2, help="variants run this many times, interleaved")
+    p.add_argument("--flops-only", action="store_true",
+                   help="count one step's FLOPs per variant (eager, any device), time nothing")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's peak for MFU (H100/H200 bf16 dense)")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (unset: a "
@@ -342,13 +353,16 @@ def main(argv=None):
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
+    if args.flops_only and any(v.startswith("open_clip_train") for v in args.variants):
+        print("--flops-only: open_clip_train's step runs inside its trainer, not counted")
+        args.variants = [v for v in args.variants if not v.startswith("open_clip_train")]
     env = environment(args.device)
     rows, failed = [], []
     out = args.out or result_path("step", args.device)
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or tmp
         common = [a for a in (argv if argv is not None else sys.argv[1:])]
-        for rnd in range(args.rounds):
+        for rnd in range(1 if args.flops_only else args.rounds):  # counts do not vary
             for variant in args.variants:
                 proc = subprocess.run([sys.executable, __file__, *common, "--cache-dir", cache,
                                        "--variant", variant], capture_output=True, text=True)
@@ -359,11 +373,15 @@ def main(argv=None):
                 row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "round": rnd, **env}
                 rows.append(row)
                 write_csv(rows, out)  # after every variant: a run cut short keeps what it has
+                if args.flops_only:
+                    print(f"{variant:12s} {row['GFLOP_per_step']:10.3f} GFLOP a step of "
+                          f"{row['samples_per_step']} samples", flush=True)
+                    continue
                 print(f"round {rnd} {variant:12s} step {row['step_ms']:8.1f} ms  "
                       f"{row['samples_per_s']:7.1f} samples/s  peak {row['peak_mem_MiB']:7.0f} MiB  "
                       + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES
                                  if ph + "_ms" in row), flush=True)
-    if rows:
+    if rows and not args.flops_only:
         print("\n" + step_table(rows))
     if failed:
         raise RuntimeError(f"variants failed: {', '.join(failed)} (their errors above)")

@@ -55,17 +55,21 @@ def step_table(rows) -> str:
 
     base = "flyp-B+B'" if "flyp-B+B'" in variants else variants[0]
     has_mfu = any(med(v, "MFU") for v in variants)
+    has_flops = any(med(v, "GFLOP_per_step") for v in variants)
     phases = ["data_ms", "trainable_fwd_ms", "frozen_fwd_ms", "losses_ms", "backward_ms",
               "optimizer_ms"]
     out = [f"| variant | samples/step | step ms | samples/s | peak MiB | time vs {base} | "
-           + ("MFU | " if has_mfu else "") + "compile s | "
-           "data / trainable fwd / frozen fwd / losses / backward / optimizer ms |",
-           "|---|---|---|---|---|---|" + ("---|" if has_mfu else "") + "---|---|"]
+           + ("GFLOP/step | " if has_flops else "") + ("MFU | " if has_mfu else "")
+           + "compile s | data / trainable fwd / frozen fwd / losses / backward / optimizer ms |",
+           "|---|---|---|---|---|---|" + ("---|" if has_flops else "") + ("---|" if has_mfu else "")
+           + "---|---|"]
     for v in variants:
         s = next(r for r in rows if r["variant"] == v)
         cells = [v, s["samples_per_step"], f"{med(v, 'step_ms'):.1f}",
                  f"{med(v, 'samples_per_s'):.1f}", f"{med(v, 'peak_mem_MiB'):.0f}",
                  f"{med(v, 'step_ms') / med(base, 'step_ms'):.3f}x"]
+        cells += [f"{med(v, 'GFLOP_per_step'):.1f}" if med(v, "GFLOP_per_step") else "–"] \
+            if has_flops else []
         cells += [f"{med(v, 'MFU'):.3f}" if med(v, "MFU") else "–"] if has_mfu else []
         cells += [f"{med(v, 'compile_s'):.1f}" if med(v, "compile_s") else "–"]
         cells += [" / ".join("–" if med(v, p) is None else f"{med(v, p):.1f}" for p in phases)]
@@ -90,8 +94,10 @@ def step_table(rows) -> str:
     for a, b, label in pairs:
         if a in variants and b in variants:
             if label in (None, "replay"):
+                work = med(a, "GFLOP_per_step"), med(b, "GFLOP_per_step")
                 notes.append(f"{a} costs {1 / ratio(a, b):.3f}x the step time of {b}"
-                             + spread(b, a))
+                             + spread(b, a) + (f" and does {work[0] / work[1]:.3f}x its FLOPs"
+                                               if all(work) else ""))
             else:
                 notes.append(f"{label}: {ratio(a, b):.2f}x" + spread(a, b))
     first = rows[0]

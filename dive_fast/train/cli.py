@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .._argparse import DefaultsFormatter, run_checked
-from . import distributed, parallel, runlock, validate
-from .data import csv_options, shard_list, shards_fingerprint
+from . import data, distributed, parallel, runlock, validate
+from .data import csv_options, shards_fingerprint
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
 from .checkpoint import CorruptCheckpoint
@@ -54,24 +54,6 @@ class _AmpAlias(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         namespace.precision = AMP_ALIASES[value]
-
-
-def add_csv_flags(add) -> None:
-    """open_clip's CSV flags: every command that reads a CSV reads it alike."""
-    add("--csv-separator", default="\t", help="column separator of the CSVs (open_clip's)")
-    add("--csv-img-key", default="filepath", help="image-path column of the CSVs")
-    add("--csv-caption-key", default="title", help="caption column of the CSVs")
-
-
-def checked_shards(arg: str, urls: str) -> list[str]:
-    """The shard list of ``urls``: missing, empty or unreachable shards fail now, naming
-    ``arg``, not at the first step."""
-    try:
-        shards = shard_list(urls)
-    except (OSError, ValueError) as exc:
-        raise type(exc)(f"{arg}: {exc}") from None
-    check_remote(arg, shards)
-    return shards
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--reference-shards", default=None,
       help="reference pairs as webdataset tar shards: brace pattern, glob or '::'-separated "
            "list")
-    add_csv_flags(g)
+    data.add_csv_flags(g)
     g("--workers", type=int, default=1, help="data loader processes per rank")
     g("--augment", action=argparse.BooleanOptionalAction, default=True,
       help="on the world's target images: FLYP's RandomResizedCrop (scale 0.9-1); real "
@@ -377,25 +359,6 @@ def check_model(args) -> None:
                              "checkpoint path")
 
 
-def check_remote(arg: str, shards: list[str], timeout_s: float = 10.0) -> None:
-    """An http(s) shard list must be reachable now (its first shard answers a HEAD request),
-    not at the first step after the model loaded."""
-    import urllib.error
-    import urllib.request
-    remote = [u for u in shards if u.startswith(("http://", "https://"))]
-    if not remote:
-        return
-    try:
-        urllib.request.urlopen(urllib.request.Request(remote[0], method="HEAD"),
-                               timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return  # the server answered (a URL signed for GET may refuse HEAD): reachable
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ValueError(f"{arg}: cannot reach {remote[0]} ({reason}); check the address "
-                         "and the network, or copy the shards to a local disk") from None
-
-
 def check_inputs(args, world_size: int = 1) -> None:
     """The files and folders a run reads and writes, before any expensive work."""
     validate.task_specs(args.task)
@@ -417,7 +380,7 @@ def check_inputs(args, world_size: int = 1) -> None:
     for arg, urls in (("--reference-shards", args.reference_shards),
                       ("--rsa-shards", args.rsa_shards)):
         if urls:
-            shards = checked_shards(arg, urls)
+            shards = validate.shard_urls(arg, urls)
             if arg == "--reference-shards":
                 args.data_ids["reference"] = shards_fingerprint(shards)
             if arg == "--reference-shards" and len(shards) < readers:

@@ -489,6 +489,14 @@ class ShardedCaptions(IterableDataset):
         return image, caption, -1, skipped
 
 
+def add_csv_flags(add) -> None:
+    """open_clip's CSV flags (``add``: a parser's or group's ``add_argument``): every command
+    that reads a CSV reads it alike."""
+    add("--csv-separator", default="\t", help="column separator of the CSVs (open_clip's)")
+    add("--csv-img-key", default="filepath", help="image-path column of the CSVs")
+    add("--csv-caption-key", default="title", help="caption column of the CSVs")
+
+
 def csv_options(args) -> dict:
     """The CSV reader's options from --csv-separator, --csv-img-key, --csv-caption-key."""
     return {"sep": args.csv_separator, "img_key": args.csv_img_key,

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model_weights
-from .data import (ImageFolderTask, WorldCaptions, WorldTask, collate, csv_options,
-                   heldout_pairs)
+from .data import (ImageFolderTask, WorldCaptions, WorldTask, add_csv_flags, collate,
+                   csv_options, heldout_pairs)
 from . import validate
 from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
@@ -195,7 +195,6 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from .._argparse import DefaultsFormatter
-    from .cli import add_csv_flags  # cli imports this module
     p = argparse.ArgumentParser(
         prog="python -m dive_fast.train.evaluate", epilog=EXAMPLES,
         formatter_class=DefaultsFormatter,
@@ -237,8 +236,7 @@ def check_args(args) -> list[TaskSpec]:
     if args.rsa_csv:
         validate.caption_csv(args.rsa_csv, "--rsa-csv", min_rows=3, **csv_options(args))
     if args.rsa_shards:
-        from .cli import checked_shards
-        checked_shards("--rsa-shards", args.rsa_shards)
+        validate.shard_urls("--rsa-shards", args.rsa_shards)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
     if args.out and Path(args.out).is_dir():

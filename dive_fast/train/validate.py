@@ -163,3 +163,34 @@ def seed(arg: str, value: int) -> None:
     """Seeds feed torch and numpy generators: 0 to 2**32 - 1."""
     if not 0 <= value < 2 ** 32:
         raise ValueError(f"{arg} must be between 0 and 2**32 - 1, got {value}")
+
+
+def shard_urls(arg: str, urls: str) -> list[str]:
+    """The shard list of ``urls``: missing, empty or unreachable shards fail now, naming
+    ``arg``, not at the first step."""
+    from .data import shard_list
+    try:
+        shards = shard_list(urls)
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"{arg}: {exc}") from None
+    _reachable(arg, shards)
+    return shards
+
+
+def _reachable(arg: str, shards: list[str], timeout_s: float = 10.0) -> None:
+    """An http(s) shard list must be reachable now (its first shard answers a HEAD request),
+    not at the first step after the model loaded."""
+    import urllib.error
+    import urllib.request
+    remote = [u for u in shards if u.startswith(("http://", "https://"))]
+    if not remote:
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(remote[0], method="HEAD"),
+                               timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # the server answered (a URL signed for GET may refuse HEAD): reachable
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ValueError(f"{arg}: cannot reach {remote[0]} ({reason}); check the address "
+                         "and the network, or copy the shards to a local disk") from None

@@ -1,0 +1,44 @@
+"""The step's work, counted (FLOPs as torch's FlopCounterMode sees one step run; exact and
+the same on every machine, unlike timings): what fast DiVE adds to FLYP(B+B')."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_step import build_parser, step_flops, variant_cli  # noqa: E402
+from common import user_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def flops(tmp_path_factory):
+    """GFLOP of one dive-micro step per variant (random weights, B = B' = 8)."""
+    tmp = tmp_path_factory.mktemp("work")
+    args = build_parser().parse_args(["--model", "dive-micro", "--batch", "8", "--workers", "0",
+                                      "--ref-size", "32", "--data", "synthetic"])
+
+    def count(variant):
+        run = user_step(variant_cli(args, variant, tmp / variant), "synthetic", None, tmp)
+
+        def one_step(i):
+            batch = next(run.stream)
+            run.step(batch, i, run.opt, run.sched, run.guard)
+            return 0.0, 0.0, batch.samples
+        return step_flops(one_step, 0) / 1e9
+    return {v: count(v) for v in ("flyp-B+B'", "flyp-B+B'-notrunc", "dive-fast",
+                                  "dive-fast-notrunc", "dive-seq")}
+
+
+def test_fast_dive_does_flyps_work_at_equal_text_lengths(flops):
+    """Cached frozen embeddings and the fused loss: no tower work beyond FLYP(B+B')'s."""
+    assert flops["dive-fast-notrunc"] == pytest.approx(flops["flyp-B+B'-notrunc"], rel=0.02)
+
+
+def test_the_cache_removes_the_frozen_forward(flops):
+    """Without the cache the frozen towers run on the B' reference pairs every step."""
+    assert flops["dive-seq"] > 1.1 * flops["dive-fast"]
+
+
+def test_truncation_removes_text_work(flops):
+    assert flops["flyp-B+B'"] < 0.9 * flops["flyp-B+B'-notrunc"]
+    assert flops["dive-fast"] < 0.9 * flops["dive-fast-notrunc"]
