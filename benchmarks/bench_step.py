@@ -4,8 +4,9 @@ compares with open_clip's own trainer.
     python benchmarks/bench_step.py                         # dive-tiny on this CPU
     python benchmarks/bench_step.py --model ViT-S-32 --batch 16 --data synthetic --steps 4
     python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16 --data synthetic
-    python benchmarks/bench_step.py --flops-only --model ViT-B-16 --batch 16 --data synthetic \
-        --workers 0 --ref-size 64 --variants "flyp-B+B'" dive-fast "flyp-B+B'-notrunc" dive-fast-notrunc
+    python benchmarks/bench_step.py --flops-only --model ViT-B-16 --batch 32 --steps 2 \
+        --data synthetic --workers 0 --ref-size 64 \
+        --variants "flyp-B+B'" dive-fast "flyp-B+B'-notrunc" dive-fast-notrunc
 
 Every variant runs the training app's own code: ``trainer.build_method`` builds the task
 module (frozen copy, embedding cache, DDP-free here), ``trainer.batches`` the data stream,
@@ -31,8 +32,8 @@ its own), interleaved over rounds:
   ...-compiled  the variant with --compile (open_clip_train: its --torchcompile), warmed
                 up until two steps in a row compile nothing; compile_s is what the
                 warm-up steps took beyond a steady step (open_clip_train: its first step's)
-``--flops-only`` counts each variant's FLOPs for one step instead (any device, no timing:
-what a GPU run will have to do, from a CPU). Otherwise reports samples/s, FLOPs, peak
+``--flops-only`` counts each variant's FLOPs instead, the mean over ``--steps`` steps (any
+device, no timing: the work a GPU run will do, counted on a CPU). Otherwise reports samples/s, FLOPs, peak
 memory and a per-step breakdown (data; and from a short profiled
 run after the timed steps: trainable forward, frozen forward, losses, backward,
 optimiser), as long-format CSV.
@@ -119,7 +120,7 @@ def variant_cli(args, variant, out) -> list[str]:
     method = {"flyp": "flyp", "replay": "flyp+replay"}.get(variant.split("-")[0], "dive")
     cli = train_cli(method, args.model,
                     B + Bp if variant.startswith("flyp-B+B'") else B, Bp, args.ref_size,
-                    args.amp, args.device, args.workers, args.warmup + args.steps + 3, out)
+                    args.amp, args.device, args.workers, args.warmup + args.steps + 40, out)
     if variant.endswith("-notrunc"):
         cli += ["--no-text-truncation"]
     if variant.endswith("-compiled"):
@@ -138,11 +139,9 @@ def peak_memory(on_gpu: bool) -> float:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def timing_row(args, variant, step_times, samples, on_gpu, first_step_s,
-               flops: float | None = None) -> dict:
-    """The CSV row of one variant: median step, spread, samples/s, memory, and the step's
-    FLOP rate (MFU on a GPU): from ``flops`` counted as the step ran, else open_clip's
-    per-pair profile of the model (its 77-token text)."""
+def timing_row(args, variant, step_times, samples, on_gpu, first_step_s) -> dict:
+    """The CSV row of one variant: median step, spread, samples/s, peak memory (read here,
+    before any step outside the timed ones)."""
     med = statistics.median(step_times)
     q = statistics.quantiles(step_times, n=5)
     row = {"variant": variant, "model": args.model, "image_size": args.image_size or "",
@@ -152,25 +151,50 @@ def timing_row(args, variant, step_times, samples, on_gpu, first_step_s,
            "peak_mem_kind": "cuda max allocated" if on_gpu else "process max RSS",
            "first_step_ms": first_step_s * 1e3,
            "compile_s": max(0.0, first_step_s - med) if variant.endswith("-compiled") else 0.0}
-    source = "counted"
-    if flops is None and args.model in GFLOP_PER_PAIR and not args.image_size:
-        flops, source = 3 * GFLOP_PER_PAIR[args.model] * 1e9 * samples, "open_clip profile"
-    if flops:
-        row.update(GFLOP_per_step=flops / 1e9, TFLOP_per_s=flops / med / 1e12,
-                   flop_count=source)
-        if on_gpu:
-            row["MFU"] = flops / med / (args.peak_tflops * 1e12)
     return row
 
 
-def step_flops(one_step, step: int) -> float:
-    """The FLOPs of one step as it runs (matmuls, convolutions and attention of the trainable
-    forward, the frozen forward when not cached, and the backward), counted eagerly by
-    torch's FlopCounterMode: truncated text counts at the length it runs at."""
+def flop_fields(args, step_s: float, samples: int, on_gpu: bool, flops: float | None) -> dict:
+    """The step's work and FLOP rate (MFU on a GPU): from ``flops`` counted as the step ran,
+    else open_clip's per-pair profile of the model (77-token text), else nothing."""
+    source = "counted"
+    if flops is None and args.model in GFLOP_PER_PAIR and not args.image_size:
+        flops, source = 3 * GFLOP_PER_PAIR[args.model] * 1e9 * samples, "open_clip profile"
+    if not flops:
+        return {}
+    row = {"GFLOP_per_step": flops / 1e9, "TFLOP_per_s": flops / step_s / 1e12,
+           "flop_count": source}
+    if on_gpu:
+        row["MFU"] = flops / step_s / (args.peak_tflops * 1e12)
+    return row
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def step_flops(one_step, first: int, steps: int = 1) -> tuple[float, int]:
+    """(FLOPs, samples) of a step as it runs, the mean over ``steps`` steps from ``first``:
+    matmuls, convolutions and attention of the trainable forward, of the frozen forward when
+    not cached, and of the backward, counted eagerly by torch's FlopCounterMode (truncated
+    text at the length it runs at; element-wise work and the DiVE op are not counted). The
+    CPU's attention kernel gets torch's attention formula, which it lacks, so that a CPU
+    counts what a GPU does."""
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-        one_step(step)
-    return float(counter.get_total_flops())
+    aten = torch.ops.aten
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                         _cpu_attention_backward}
+    with torch.compiler.set_stance("force_eager"), \
+            FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        samples = [one_step(first + i)[2] for i in range(steps)]
+    return counter.get_total_flops() / steps, samples[0]
 
 
 def run_open_clip_train(args) -> dict:
@@ -207,7 +231,8 @@ def run_open_clip_train(args) -> dict:
     if len(rates) != steps:
         raise RuntimeError(f"open_clip_train logged {len(rates)} steps, expected {steps}")
     times = [batch / r for r in rates]
-    return timing_row(args, args.variant, times[args.warmup:], batch, on_gpu, times[0])
+    row = timing_row(args, args.variant, times[args.warmup:], batch, on_gpu, times[0])
+    return {**row, **flop_fields(args, row["step_ms"] / 1e3, batch, on_gpu, None)}
 
 
 def run_variant(args) -> dict:
@@ -244,21 +269,24 @@ def run_variant(args) -> dict:
         return t1 - t0, time.perf_counter() - t0, batch.samples
 
     if args.flops_only:  # the work of a step, without timing it
-        samples = (args.batch + (args.ref_batch or args.batch))
+        flops, samples = step_flops(one_step, 0, args.steps)
         return {"variant": variant, "model": args.model, "B": args.batch,
                 "B_ref": args.ref_batch or args.batch, "samples_per_step": samples,
-                "GFLOP_per_step": step_flops(one_step, 0) / 1e9, "flop_count": "counted"}
+                "GFLOP_per_step": flops / 1e9, "steps_counted": args.steps,
+                "flop_count": "counted"}
     warmup = compiled_warmup(one_step, args.warmup) if variant.endswith("-compiled") else \
         [one_step(step)[1] for step in range(args.warmup)]
     for step in range(len(warmup), len(warmup) + args.steps):
         data_s, step_s, samples = one_step(step)
         step_times.append(step_s)
         data_times.append(data_s)
-    flops = step_flops(one_step, len(warmup) + args.steps)
-    row = timing_row(args, variant, step_times, samples, on_gpu, warmup[0], flops)
+    row = timing_row(args, variant, step_times, samples, on_gpu,
+                     warmup[0] if warmup else step_times[0])
+    med = statistics.median(step_times)
     if variant.endswith("-compiled"):  # every step that compiled, less a steady step each
-        med = statistics.median(step_times)
         row.update(compile_s=sum(max(0.0, t - med) for t in warmup), warmup_steps=len(warmup))
+    row.update(flop_fields(args, med, samples, on_gpu,
+                           step_flops(one_step, len(warmup) + args.steps)[0]))
     return {**row, "baseline_rss_MiB": baseline_rss / 1024,
             "data_ms": statistics.median(data_times) * 1e3,
             **profile_phases(one_step, len(warmup) + args.steps + 1, 3, on_gpu)}
@@ -337,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--rounds", type=int, default=2, help="variants run this many times, interleaved")
     p.add_argument("--flops-only", action="store_true",
-                   help="count one step's FLOPs per variant (eager, any device), time nothing")
+                   help="count the FLOPs of --steps steps per variant (eager, any device; "
+                        "their mean), time nothing")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's peak for MFU (H100/H200 bf16 dense)")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (unset: a "
@@ -356,9 +385,12 @@ def main(argv=None):
     if args.flops_only and any(v.startswith("open_clip_train") for v in args.variants):
         print("--flops-only: open_clip_train's step runs inside its trainer, not counted")
         args.variants = [v for v in args.variants if not v.startswith("open_clip_train")]
+    if not args.variants:
+        print("no variants to run")
+        return
     env = environment(args.device)
     rows, failed = [], []
-    out = args.out or result_path("step", args.device)
+    out = args.out or result_path("step_flops" if args.flops_only else "step", args.device)
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or tmp
         common = [a for a in (argv if argv is not None else sys.argv[1:])]

@@ -68,8 +68,9 @@ def step_table(rows) -> str:
         cells = [v, s["samples_per_step"], f"{med(v, 'step_ms'):.1f}",
                  f"{med(v, 'samples_per_s'):.1f}", f"{med(v, 'peak_mem_MiB'):.0f}",
                  f"{med(v, 'step_ms') / med(base, 'step_ms'):.3f}x"]
-        cells += [f"{med(v, 'GFLOP_per_step'):.1f}" if med(v, "GFLOP_per_step") else "–"] \
-            if has_flops else []
+        profiled = s.get("flop_count") == "open_clip profile"  # not counted: its trainer's
+        cells += [f"{med(v, 'GFLOP_per_step'):.1f}" + ("*" if profiled else "")
+                  if med(v, "GFLOP_per_step") else "–"] if has_flops else []
         cells += [f"{med(v, 'MFU'):.3f}" if med(v, "MFU") else "–"] if has_mfu else []
         cells += [f"{med(v, 'compile_s'):.1f}" if med(v, "compile_s") else "–"]
         cells += [" / ".join("–" if med(v, p) is None else f"{med(v, p):.1f}" for p in phases)]
@@ -100,6 +101,9 @@ def step_table(rows) -> str:
                                                if all(work) else ""))
             else:
                 notes.append(f"{label}: {ratio(a, b):.2f}x" + spread(a, b))
+    if any(r.get("flop_count") == "open_clip profile" for r in rows):
+        notes.append("GFLOP*: open_clip's per-pair profile of the model (77-token text), the "
+                     "others counted as the step ran")
     first = rows[0]
     notes.append(f"{first['device']}, torch {first['torch']}, commit {first.get('commit', '?')}; "
                  f"peak memory: {first['peak_mem_kind']}")
