@@ -226,3 +226,27 @@ def test_run_errors_are_one_line_from_the_command(micro_cache, tmp_path):
     again = subprocess.run([sys.executable, "-m", "dive_fast.train", *args],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds a run" in again.stderr.splitlines()[-1]
+
+
+def test_progress_bars_redraw_rarely_into_a_log_file():
+    """Written to a file (a log, CI's pipe), a bar redraws at most every half minute, so
+    a run's log keeps a few lines where tqdm's pace (10 a second) piles up hundreds of KB;
+    the same loop through plain tqdm shows that the check can tell them apart."""
+    import io
+    import time
+
+    from tqdm import tqdm
+
+    from dive_fast.train.progress import progress_bar
+
+    def redraws(make_bar):
+        log = io.StringIO()
+        bar = make_bar(range(30), file=log, desc="train")
+        for i in bar:
+            time.sleep(0.01)
+            bar.set_postfix(loss=i, refresh=False)
+        bar.close()
+        return log.getvalue().count("\r")
+
+    assert redraws(progress_bar) <= 2  # the first draw and the last
+    assert redraws(tqdm) > 2

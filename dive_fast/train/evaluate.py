@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .checkpoint import load_model_weights
 from .data import (ImageFolderTask, WorldCaptions, WorldTask, add_csv_flags, collate,
@@ -40,7 +40,8 @@ def zeroshot_head(model, tokenizer, classnames, templates, device="cpu") -> torc
 def accuracy(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
     """(top-1 accuracy, samples seen, samples skipped); streams, memory flat in set size."""
     correct = seen = skipped = 0
-    for images, labels, n_skipped in tqdm(loader, desc=desc, leave=False, disable=desc is None):
+    for images, labels, n_skipped in progress_bar(loader, desc=desc, leave=False,
+                                                  disable=desc is None):
         skipped += n_skipped
         if images is None:
             continue

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .fileio import atomic_write, atomic_write_text, file_digest
 
@@ -124,8 +124,8 @@ def build(frozen, tokenizer, dataset, path: Path, batch_size=256, workers=0,
     loader = DataLoader(_Numbered(dataset), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate)
     emb = None
-    for rows, images, texts in tqdm(loader, desc="frozen reference embeddings",
-                                    disable=not progress, leave=False):
+    for rows, images, texts in progress_bar(loader, desc="frozen reference embeddings",
+                                            disable=not progress, leave=False):
         if images is None:
             continue
         img, txt = frozen.embed(images.to(frozen.device), tokenizer(texts).to(frozen.device))

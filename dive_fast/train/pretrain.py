@@ -19,7 +19,7 @@ import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import save
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from . import optim
 from .data import WorldCaptions, collate
@@ -52,8 +52,8 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
     opt, sched = optim.build(model.named_parameters(), lr, 0.1, steps, warmup, fused=False)
     loss_fn = ClipLoss()
     start = time.time()
-    bar = tqdm(loader, total=steps, desc=f"pretrain {name}", disable=not progress)
-    for images, texts, _ in bar:
+    bar = progress_bar(loader, total=steps, desc=f"pretrain {name}", disable=not progress)
+    for done, (images, texts, _) in enumerate(bar, 1):
         img, txt, scale = model(images.to(device), bundle.tokenizer(texts).to(device))
         loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
@@ -61,7 +61,9 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
         opt.step()
         sched.step()
         optim.clamp_logit_scale(model)
-        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}", samples_s=f"{bar.n * batch_size / (time.time() - start + 1e-9):.0f}")
+        rate = done * batch_size / (time.time() - start + 1e-9)  # bar.n lags between redraws
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}",
+                        samples_s=f"{rate:.0f}", refresh=False)
     payload = save({k: v.contiguous() for k, v in model.state_dict().items()})
     atomic_write(out, lambda f: f.write(payload))
     meta = {"model": name, "world_seed": seed, "steps": steps, "batch_size": batch_size,

@@ -414,7 +414,7 @@ def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, 
     """Runs steps start_step .. args.steps; returns the unreadable samples skipped (all ranks).
     ``evaluator()`` (every rank calls it; rank 0's result is logged) runs every
     ``--eval-every`` steps."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     device = method.device
     stream = batches(args, method, target_ds, ref_ds, tokenizer, start_step, rank, world)
@@ -428,8 +428,8 @@ def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, 
                      if int(p.stem.split("-")[1]) <= start_step) if main_proc else []
     last_ckpt = written[-1] if written else None
     guard = NonFiniteGuard(device)
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
-               desc=args.method, disable=args.no_progress or not main_proc)
+    bar = progress_bar(range(start_step, args.steps), initial=start_step, total=args.steps,
+                       desc=args.method, disable=args.no_progress or not main_proc)
     t_last, n_samples, skipped = time.perf_counter(), 0, 0
     method.train()
     if rng is not None:  # a resumed run continues the random streams where they stopped
@@ -461,7 +461,8 @@ def train_loop(args, method, step_fn, opt, sched, target_ds, ref_ds, tokenizer, 
                        "skipped_samples": skipped, "skipped_steps": skipped_steps}
                 t_last, n_samples = now, 0
                 metrics.write(row)
-                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")})
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")},
+                                refresh=False)
         if evaluator is not None and done % args.eval_every == 0 and done < args.steps:
             result = evaluator()  # the last step's evaluation is the final report's
             if main_proc:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from PIL import Image
-from tqdm.auto import tqdm
+from ..train.progress import progress_bar
 
 from .tasks import DEFAULT_SEED, SPLITS, TASKS, caption_pair, task_image
 
@@ -51,7 +51,7 @@ def write_captions(out: Path, corpus: str, n: int, seed: int, size: int, shard_s
     with open(root / "captions.csv", "w", newline="") as f:
         table = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # as dive_fast reads it
         table.writerow(["filepath", "title"])
-        for i in tqdm(range(n), desc=corpus, leave=False):
+        for i in progress_bar(range(n), desc=corpus, leave=False):
             img, text, _ = caption_pair(corpus, i, seed, size)
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=95)
