@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from .progress import progress_bar
 
 from .checkpoint import load_model_weights
 from .data import (ImageFolderTask, WorldCaptions, WorldTask, add_csv_flags, collate,
@@ -21,6 +20,7 @@ from .data import (ImageFolderTask, WorldCaptions, WorldTask, add_csv_flags, col
 from . import validate
 from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
+from .progress import progress_bar
 from .validate import KINDS, TaskSpec
 from ..world.tasks import TASKS
 

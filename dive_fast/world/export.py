@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 from PIL import Image
-from ..train.progress import progress_bar
 
+from ..train.progress import progress_bar
 from .tasks import DEFAULT_SEED, SPLITS, TASKS, caption_pair, task_image
 
 
