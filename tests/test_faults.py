@@ -298,6 +298,30 @@ def test_a_cache_changed_under_a_live_run_is_an_error_naming_it(tmp_path):
         frozen_cache.EmbeddingCache(path)
 
 
+def test_a_cache_is_checked_against_its_digest_once_a_run(micro_cache, tmp_path, monkeypatch):
+    """The digest is a read of the whole cache (GBs for CC3M): a run reads it once, on rank
+    0, whether it builds the cache (the record's digest) or reuses one (the check); the
+    opening that skips it still checks the header and size."""
+    read = []
+    digest = frozen_cache.file_digest
+    monkeypatch.setattr(frozen_cache, "file_digest",
+                        lambda path: read.append(Path(path).name) or digest(path))
+    args = train_args(tmp_path / "out", "--method", "dive", "--steps", "1")
+    for extra in ([], ["--resume", "auto"]):  # builds it, then reuses it (evaluating again)
+        read.clear()
+        train.main(args + extra)
+        assert sum(n.startswith("frozen-ref-") for n in read) == 1, read
+    path = next((tmp_path / "out" / "cache").glob("frozen-ref-*.npy"))
+    path.with_suffix(".sha256").write_text("0" * 64)  # a record the bytes do not match
+    with pytest.raises(RuntimeError, match="does not match the digest"):
+        frozen_cache.EmbeddingCache(path)
+    assert len(frozen_cache.EmbeddingCache(path, verify_digest=False)) == 32
+    with open(path, "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(RuntimeError, match="cut short"):
+        frozen_cache.EmbeddingCache(path, verify_digest=False)
+
+
 # --- the other command lines ----------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["file", "foreign", "huge", "disk"])

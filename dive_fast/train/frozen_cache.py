@@ -26,12 +26,15 @@ from .progress import progress_bar
 
 
 class EmbeddingCache:
-    """An ``np.save``d [N, 2, D] float32 array, read row by row (``rows``)."""
+    """An ``np.save``d [N, 2, D] float32 array, read row by row (``rows``). Opening checks
+    its header and size, and with ``verify_digest`` reads the whole file against the digest
+    recorded beside it (one rank does that for a run: the others open what it checked)."""
 
-    def __init__(self, path):
+    def __init__(self, path, verify_digest: bool = True):
         self.path = Path(path)
         record = self.path.with_suffix(".sha256")
-        if record.is_file() and file_digest(self.path) != record.read_text().strip():
+        if verify_digest and record.is_file() and \
+                file_digest(self.path) != record.read_text().strip():
             raise RuntimeError(f"frozen embedding cache {self.path} does not match the digest "
                                "recorded when it was written (changed or damaged): delete it "
                                "and it is built again")
@@ -114,13 +117,14 @@ def _collate(batch):
 
 @torch.no_grad()
 def build(frozen, tokenizer, dataset, path: Path, batch_size=256, workers=0,
-          progress=True) -> EmbeddingCache:
+          progress=True, verify_digest=True) -> EmbeddingCache:
     """[N, 2, D] float32 (image, text) frozen embeddings, normalised, on disk beside a digest.
     ``frozen`` is a ``FrozenReference``. Rows of unreadable samples stay zero: the
-    training loader never uses them (``data.Readable`` replaces such samples)."""
+    training loader never uses them (``data.Readable`` replaces such samples). A cache
+    already at ``path`` is opened (``verify_digest``: see ``EmbeddingCache``)."""
     path = Path(path)
     if path.is_file():
-        return EmbeddingCache(path)
+        return EmbeddingCache(path, verify_digest)
     loader = DataLoader(_Numbered(dataset), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate)
     emb = None
@@ -137,7 +141,7 @@ def build(frozen, tokenizer, dataset, path: Path, batch_size=256, workers=0,
     path.with_suffix(".sha256").unlink(missing_ok=True)  # never a stale record beside new rows
     atomic_write(path, lambda f: np.save(f, emb), size_hint=emb.nbytes)
     atomic_write_text(path.with_suffix(".sha256"), file_digest(path))
-    return EmbeddingCache(path)
+    return EmbeddingCache(path, verify_digest=False)  # the digest was just read from the file
 
 
 def lookup(cache: EmbeddingCache, indices, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,11 +233,14 @@ def build_method(args, bundle, classnames, templates, pretrained, device, rank, 
                                          amp=str(amp_dtype),
                                          text_truncation=str(args.text_truncation))
             path = out / "cache" / f"frozen-ref-{key}.npy"
-            if distributed.is_main():
-                frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path,
-                                   workers=args.workers, progress=not args.no_progress)
+            # Rank 0 builds the cache, or checks the one there against its digest (a read of
+            # the whole file); the other ranks open what it checked, once it is there.
+            cache = frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path,
+                                       workers=args.workers, progress=not args.no_progress) \
+                if distributed.is_main() else None
             distributed.barrier()
-            frozen.cache = frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path)
+            frozen.cache = cache if cache is not None else \
+                frozen_cache.build(frozen, bundle.tokenizer, ref_ds, path, verify_digest=False)
     method = make_method(args.method, model, bundle.tokenizer, classnames, templates,
                          device=device, config=MethodConfig.from_args(args), frozen=frozen,
                          amp_dtype=amp_dtype, seed=args.seed, rank=rank, world_size=world)
