@@ -282,7 +282,7 @@ def run_variant(args) -> dict:
         data_times.append(data_s)
     row = timing_row(args, variant, step_times, samples, on_gpu,
                      warmup[0] if warmup else step_times[0])
-    med = statistics.median(step_times)
+    med = row["step_ms"] / 1e3
     if variant.endswith("-compiled"):  # every step that compiled, less a steady step each
         row.update(compile_s=sum(max(0.0, t - med) for t in warmup), warmup_steps=len(warmup))
     row.update(flop_fields(args, med, samples, on_gpu,

@@ -312,8 +312,6 @@ def check_args(args, world_size: int = 1) -> None:
                          f"target and reference batches (at most {smallest})")
     if args.reference_csv and args.reference_shards:
         raise ValueError("give one of --reference-csv and --reference-shards, not both")
-    if args.rsa_csv and args.rsa_shards:
-        raise ValueError("give one of --rsa-csv and --rsa-shards, not both")
     try:
         args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
     except ValueError:
@@ -370,24 +368,19 @@ def check_inputs(args, world_size: int = 1) -> None:
             raise ValueError(f"--train-folder {args.train_folder}: one class "
                              f"({folder.classnames[0]!r}); a classification task needs two or more")
         args.data_ids["target"] = folder.fingerprint()
-    for arg, csv_path, least in (("--reference-csv", args.reference_csv, 1),
-                                 ("--rsa-csv", args.rsa_csv, 3)):
-        if csv_path:
-            pairs = validate.caption_csv(csv_path, arg, min_rows=least, **csv_options(args))
-            if arg == "--reference-csv":
-                args.data_ids["reference"] = pairs.fingerprint()
-    readers = world_size * max(1, args.workers)
-    for arg, urls in (("--reference-shards", args.reference_shards),
-                      ("--rsa-shards", args.rsa_shards)):
-        if urls:
-            shards = validate.shard_urls(arg, urls)
-            if arg == "--reference-shards":
-                args.data_ids["reference"] = shards_fingerprint(shards)
-            if arg == "--reference-shards" and len(shards) < readers:
-                raise ValueError(f"{arg}: {len(shards)} shard(s) for {world_size} rank(s) x "
-                                 f"{max(1, args.workers)} loader worker(s): each reader needs a "
-                                 "shard of its own; write more, smaller shards or use fewer "
-                                 "--workers")
+    if args.reference_csv:
+        pairs = validate.caption_csv(args.reference_csv, "--reference-csv", **csv_options(args))
+        args.data_ids["reference"] = pairs.fingerprint()
+    if args.reference_shards:
+        shards = validate.shard_urls("--reference-shards", args.reference_shards)
+        args.data_ids["reference"] = shards_fingerprint(shards)
+        readers = world_size * max(1, args.workers)
+        if len(shards) < readers:
+            raise ValueError(f"--reference-shards: {len(shards)} shard(s) for {world_size} "
+                             f"rank(s) x {max(1, args.workers)} loader worker(s): each reader "
+                             "needs a shard of its own; write more, smaller shards or use "
+                             "fewer --workers")
+    validate.rsa_pairs(args)
     if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():

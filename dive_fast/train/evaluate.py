@@ -232,12 +232,7 @@ def check_args(args) -> list[TaskSpec]:
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
                         3 if name == "rsa_size" else 1)
-    if args.rsa_csv and args.rsa_shards:
-        raise ValueError("give one of --rsa-csv and --rsa-shards, not both")
-    if args.rsa_csv:
-        validate.caption_csv(args.rsa_csv, "--rsa-csv", min_rows=3, **csv_options(args))
-    if args.rsa_shards:
-        validate.shard_urls("--rsa-shards", args.rsa_shards)
+    validate.rsa_pairs(args)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
     if args.out and Path(args.out).is_dir():

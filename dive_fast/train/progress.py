@@ -18,5 +18,6 @@ def progress_bar(iterable=None, **kwargs):
     is_tty = getattr(stream, "isatty", lambda: False)()
     if autonotebook.tqdm is std.tqdm and not is_tty:  # not in a notebook
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        # tqdm's monitor thread forces a redraw after maxinterval (10 s by default)
         kwargs.setdefault("maxinterval", 2 * LOG_INTERVAL_S)
     return tqdm(iterable, **kwargs)

@@ -165,6 +165,18 @@ def seed(arg: str, value: int) -> None:
         raise ValueError(f"{arg} must be between 0 and 2**32 - 1, got {value}")
 
 
+def rsa_pairs(args) -> None:
+    """The held-out pairs for RSA, ``--rsa-csv`` or ``--rsa-shards`` (one of them): at least
+    3 readable pairs in the CSV, read with the run's CSV flags; shards that exist and answer."""
+    from .data import csv_options
+    if args.rsa_csv and args.rsa_shards:
+        raise ValueError("give one of --rsa-csv and --rsa-shards, not both")
+    if args.rsa_csv:
+        caption_csv(args.rsa_csv, "--rsa-csv", min_rows=3, **csv_options(args))
+    if args.rsa_shards:
+        shard_urls("--rsa-shards", args.rsa_shards)
+
+
 def shard_urls(arg: str, urls: str) -> list[str]:
     """The shard list of ``urls``: missing, empty or unreachable shards fail now, naming
     ``arg``, not at the first step."""
