@@ -14,8 +14,9 @@ prediction (``model_ms``, ``roofline``).
 Writes long-format CSV (op, impl, mode, B, D, dtype, median/p20/p80 ms, ratios to the
 floors, device, versions) and a PNG. The floor of the exact algorithm: m must be updated
 from every row before any gradient is final, so the forward reads the four inputs once
-and the backward reads them again and writes two gradients: 10*B*D values (fwd 4, bwd 6)
-at this device's measured copy bandwidth (``floor_ms``), and on a GPU whose peak is
+and the backward reads them again and writes two gradients: 10*B*D values (fwd 4, bwd 6).
+``floor_ms`` is the best time of a device copy of those bytes, timed call by call
+interleaved with the op's own calls (same footprint, hot with hot), and on a GPU whose peak is
 known also at that peak (``hbm_floor_ms``: e.g. 4.8 TB/s on an H200). Small batches are
 bound by launches instead: ``launch_floor_ms`` is the launches a call needs (GPU: fwd 2,
 bwd 1; CPU: one op each way) at the cost of one trivial op measured in the same run.
@@ -34,9 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, environment, measure, result_path, write_csv  # noqa: E402
+from common import environment, measure, result_path, synchronize, write_csv  # noqa: E402
 
-from dive_fast import backends, dive_loss  # noqa: E402
+from dive_fast import dive_loss  # noqa: E402
+from dive_fast.ops import backends  # noqa: E402
 from dive_fast.ops.dive_reference import dive_loss_eager  # noqa: E402
 from dive_fast.testing import make_inputs  # noqa: E402
 
@@ -107,11 +109,12 @@ def host_cost(rounds: int = 30, calls: int = 200) -> list[dict]:
     against a bare autograd.Function calling the C++ ops (the floor of any Python layer):
     the implementations take turns, round by round; each round's best of ``calls``, and
     the median over rounds."""
-    from dive_fast import DiVELoss, _extension
+    from dive_fast import DiVELoss
+    from dive_fast.ops import extension
     from dive_fast.testing import make_inputs
-    if not _extension.load()[0]:
+    if not extension.load()[0]:
         return []
-    ops = _extension.ops()
+    ops = extension.ops()
 
     class Bare(torch.autograd.Function):
         @staticmethod
@@ -188,9 +191,56 @@ def implementations(device: str, dtype, D: int, wanted):
     return {k: v for k, v in impls.items() if not wanted or k in wanted}
 
 
+def copy_of(nbytes: int, device: str, dtype):
+    """A device copy that moves ``nbytes`` (half read, half written): the floor's yardstick
+    at the op's own footprint, so a small op and its copy are both cache-hot or both not."""
+    src = torch.empty(max(1, nbytes // 2 // dtype.itemsize), dtype=dtype, device=device)
+    src.uniform_()
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def interleaved(fn, copy, device, repeats, min_time_s, warmup=2):
+    """``measure`` of ``fn`` with a timed ``copy`` after each call: the op's median and
+    percentiles, and ``copy_best_ms``, the fastest copy (the best bandwidth this machine
+    reached beside the op, not a median of a separate run that a busy moment can slow)."""
+    for _ in range(warmup):
+        fn()
+        copy()
+    synchronize(device)
+    times, copies = [], []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time_s:
+        for call, out in ((fn, times), (copy, copies)):
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            out.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
+            "repeats": len(times), "copy_best_ms": min(copies),
+            "copy_median_ms": statistics.median(copies)}
+
+
+def set_floors(rows: list[dict]) -> None:
+    """Each shape and mode's floor: the best copy of its bytes seen beside any of its
+    implementations' calls; every implementation's ratio is to that one floor."""
+    best: dict = {}
+    for r in rows:
+        key = (r["dtype"], r["B"], r["D"], r["mode"])
+        best[key] = min(best.get(key, math.inf), r["copy_best_ms"])
+    for r in rows:
+        floor_ms = best[(r["dtype"], r["B"], r["D"], r["mode"])]
+        r.update(floor_ms=floor_ms, copy_GBps=r["bytes"] / floor_ms / 1e6,
+                 ratio_to_floor=r["median_ms"] / floor_ms)
+
+
 def time_modes(fn, inputs, m, device, repeats, min_time_s):
+    """Each mode's timing, interleaved with a copy of the mode's floor bytes."""
     a, t = (inputs[i].detach().requires_grad_(True) for i in (0, 2))
     args = [a, inputs[1], t, inputs[3]]
+    B, D = a.shape
 
     def fwd():
         with torch.no_grad():
@@ -205,8 +255,10 @@ def time_modes(fn, inputs, m, device, repeats, min_time_s):
         torch.autograd.grad(loss, (a, t), retain_graph=True)
 
     modes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
-    out = {mode: measure(call, device, repeats, min_time_s=min_time_s)
-           for mode, call in modes.items()}
+    out = {}
+    for mode, call in modes.items():
+        copy = copy_of(FLOOR_VALUES[mode] * B * D * a.element_size(), device, a.dtype)
+        out[mode] = interleaved(call, copy, device, repeats, min_time_s)
     if device.startswith("cuda"):
         for mode, ms in kernel_device_ms(modes).items():
             out[mode]["device_ms"] = ms
@@ -252,7 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=1.0,
                    help="and at least this many seconds per mode: on a shared machine a few "
                         "stalled calls must not move the median of a sub-millisecond op")
-    p.add_argument("--copy-mib", type=int, default=256, help="copy-bandwidth buffer size")
     p.add_argument("--host", action="store_true",
                    help="also the Python layer's cost at B' = D = 8 against a bare Function")
     p.add_argument("--out", default=None,
@@ -268,20 +319,19 @@ def main(argv=None):
     peak = peak_bandwidth(env["device"]) if args.device.startswith("cuda") else None
     launch_s = launch_seconds(args.device)
     launches = LAUNCHES["cuda" if args.device.startswith("cuda") else "cpu"]
-    # The copy bandwidth, measured again before every shape: on a shared machine it drifts
-    # (29 to 42 GB/s seen in one hour here), and the floor takes the run's median.
-    copies, rows = [], []
+    # The floor of each timing: the best of the copies of the same bytes interleaved with
+    # its calls (same footprint: hot with hot), for every implementation alike.
+    rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for D in args.dims:
             for B in args.batches:
-                copies.append(copy_bandwidth(args.device, args.copy_mib << 20))
                 inputs = make_inputs(B, D, dtype=dtype, device=args.device, seed=0)
                 m = torch.zeros(D, device=args.device)
                 itemsize = inputs[0].element_size()
                 for impl, fn in implementations(args.device, dtype, D, args.impls).items():
                     for mode, stats in time_modes(fn, inputs, m, args.device, args.repeats,
-                                                     args.min_time).items():
+                                                  args.min_time).items():
                         nbytes = FLOOR_VALUES[mode] * B * D * itemsize
                         launch_ms = launches[mode] * launch_s * 1e3
                         hbm = {"hbm_floor_ms": nbytes / peak * 1e3,
@@ -300,21 +350,17 @@ def main(argv=None):
                                     f"{r['device_ms']:8.3f} ms {r['device_ratio_to_hbm']:6.2f}x "
                                     f"(model {r['model_ms']:.3f})" if peak else "")
                         print(f"{dtype_name:9s} B={B:6d} D={D:4d} {impl:14s} {mode:8s} "
-                              f"{r['median_ms']:9.3f} ms  {nbytes / copies[-1] * 1e3:7.3f} ms at "
-                              f"{copies[-1] / 1e9:.1f} GB/s{hbm_note} "
-                              f"{r['ratio_to_launch_floor']:7.1f}x launches", flush=True)
-    bandwidth = statistics.median(copies)
-    for r in rows:  # every row so far is an op timing
-        r.update(floor_ms=r["bytes"] / bandwidth * 1e3, copy_GBps=bandwidth / 1e9,
-                 copy_GBps_min=min(copies) / 1e9, copy_GBps_max=max(copies) / 1e9)
-        r["ratio_to_floor"] = r["median_ms"] / r["floor_ms"]
-    print(f"{env['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(copies)}, "
-          f"{min(copies) / 1e9:.1f} to {max(copies) / 1e9:.1f})"
-          f"{f', peak {peak / 1e9:.0f} GB/s' if peak else ''}, one launch {launch_s * 1e6:.1f} us")
+                              f"{r['median_ms']:9.3f} ms  copy {r['copy_best_ms']:7.3f} ms"
+                              f"{hbm_note} {r['ratio_to_launch_floor']:7.1f}x launches",
+                              flush=True)
+    set_floors(rows)
+    print(f"{env['device']}{f', peak {peak / 1e9:.0f} GB/s' if peak else ''}, "
+          f"one launch {launch_s * 1e6:.1f} us")
     for r in rows:
         if r["mode"] == "fwd+bwd":
             print(f"{r['dtype']:9s} B={r['B']:6d} D={r['D']:4d} {r['impl']:14s} fwd+bwd "
-                  f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor")
+                  f"{r['median_ms']:9.3f} ms  {r['ratio_to_floor']:7.2f}x floor "
+                  f"({r['floor_ms']:.3f} ms at {r['copy_GBps']:.1f} GB/s)")
     if args.host:
         host = host_cost()
         for r in host:

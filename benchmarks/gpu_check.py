@@ -38,7 +38,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, environment, write_csv  # noqa: E402
 
-from dive_fast import DiVELoss, backends, info  # noqa: E402
+from dive_fast import DiVELoss, info  # noqa: E402
+from dive_fast.ops import backends  # noqa: E402
+from dive_fast.ops.dive import kernels as kernel_table  # noqa: E402
 from dive_fast.testing import (LaunchCounter, compare_with_oracle, failures,  # noqa: E402
                                make_inputs)
 
@@ -230,38 +232,27 @@ SMOKE_SHAPES = {"gpu": [(512, 512), (33, 130), (1000, 1024), (32768, 1024)],
 def _kernel_calls(backend: str, x, m, g):
     """The three kernels of one forward and backward, each a call (statistics, the
     finalisation of their output, the backward with m_new), on these inputs."""
-    from dive_fast import _extension
-    from dive_fast.ops import dive_triton
+    k = kernel_table(backend)
     B = x[0].shape[0]
-    if backend == "cuda":
-        ops = _extension.ops()
-        stats_op, finalize_op, backward_op = ops.dive_stats, ops.dive_finalize, ops.dive_backward
-    else:
-        stats_op = dive_triton.triton_stats
-        finalize_op, backward_op = dive_triton.triton_finalize, dive_triton.triton_backward
-    means, scalars, ws = stats_op(*x, True)
-    m_new = finalize_op(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)[3]
-    return {"stats": lambda: stats_op(*x, True),
-            "finalize": lambda: finalize_op(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3),
-            "backward": lambda: backward_op(*x, m_new, g, None, None, 1e3, 1e3, 2.0 / B, True),
+    means, scalars, ws = k.stats(*x, True)
+    m_new = k.finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)[3]
+    return {"stats": lambda: k.stats(*x, True),
+            "finalize": lambda: k.finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3),
+            "backward": lambda: k.backward(*x, m_new, g, None, None, 1e3, 1e3, 2.0 / B, True),
             }, means.shape[0]
 
 
 def _finalize_call(backend: str, K: int, D: int):
-    """A finalisation of K synthetic parts of D columns (100 rows each)."""
-    from dive_fast import _extension
-    from dive_fast.ops import dive_triton
+    """A finalisation of K synthetic parts of D columns (100 rows each), on the workspace
+    the backend's own statistics make for width D."""
+    k = kernel_table(backend)
     g = torch.Generator(device="cuda").manual_seed(K + D)
     means = torch.randn(K, 2, D, device="cuda", generator=g)
     scalars = torch.zeros(K, 14, device="cuda")
     scalars[:, 0] = 100.0
     m = torch.zeros(D, device="cuda")
-    if backend == "cuda":
-        ops = _extension.ops()
-        ws = torch.zeros(int(ops.cuda_finalize_plan(D)[2]), dtype=torch.float64, device="cuda")
-        return lambda: ops.dive_finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)
-    ws = dive_triton.new_workspace(D, "cuda").zero_()
-    return lambda: dive_triton.triton_finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)
+    ws = k.stats(*(torch.randn(2, D, device="cuda", generator=g) for _ in range(4)), True)[2]
+    return lambda: k.finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3)
 
 
 def kernels(device: str, out: Path) -> bool:

@@ -5,7 +5,8 @@
 import pytest
 import torch
 
-from dive_fast import backends, dive_loss
+from dive_fast import dive_loss
+from dive_fast.ops import backends
 from dive_fast.ops.dive_reference import dive_loss_eager
 from dive_fast.testing import make_inputs
 

@@ -6,7 +6,8 @@ import platform
 
 import torch
 
-from . import __version__, _extension, backends
+from . import __version__
+from .ops import backends, extension
 
 
 def backend_table() -> list[tuple[str, str, str]]:
@@ -56,8 +57,8 @@ def versions() -> dict[str, str]:
         out["open_clip"] = open_clip.__version__
     except Exception as exc:
         out["open_clip"] = f"unavailable ({exc})"
-    loaded, why = _extension.load()
-    kernels = [k for k in ("CPU", "CUDA") if _extension.has_kernel(k)]
+    loaded, why = extension.load()
+    kernels = [k for k in ("CPU", "CUDA") if extension.has_kernel(k)]
     out["dive_fast._C"] = f"loaded, kernels for {', '.join(kernels)}" if loaded else why
     out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     out["TRITON_INTERPRET"] = str(backends.triton_interpreted())

@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dive_fast import backends  # noqa: E402
+from dive_fast.ops import backends  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dive_fast.ops.dive import finalize
+from dive_fast.ops.dive_reference import finalize
 from dive_fast.ops.dive_reference import reference_stats
 from dive_fast.testing import ERROR_FLOOR, make_inputs, relative_error, run_eager
 

@@ -133,7 +133,7 @@ def _uneven_parts(K=37, D=300, spread=1.0):
 
 
 def _assert_finalised(out, means, scalars, m, momentum=0.99, lam_avl=1000.0, lam_pvl=1000.0):
-    from dive_fast.ops.dive import finalize
+    from dive_fast.ops.dive_reference import finalize
     loss, avl, pvl, m_new, b, info = out
     avl64, pvl64, m64, b64, info64 = finalize(means.double(), scalars.double(), m.double(),
                                               momentum)
@@ -150,10 +150,10 @@ def test_finalisation_merges_many_uneven_parts(backend, spread):
     GPU finalisations, the last one partial), against the float64 finalisation of the same
     parts. With spread 1e-4 the parts' means nearly coincide, where AVL is tiny against
     |b|^2 and a cancelling form would lose it."""
-    from dive_fast.ops.dive import _finalize
+    from dive_fast.ops.dive import kernels
     means, scalars, m = _uneven_parts(spread=spread)
-    _assert_finalised(_finalize(backend, means, scalars, None, m, None, None, 0.99, 1000.0,
-                                1000.0), means, scalars, m)
+    _assert_finalised(kernels(backend).finalize(means, scalars, None, m, None, None, 0.99,
+                                                1000.0, 1000.0), means, scalars, m)
 
 
 @pytest.mark.parametrize("backend", backend_params(("triton",)))
@@ -164,8 +164,9 @@ def test_triton_ticket_any_arrival_order(backend, monkeypatch):
     and the ticket, zeroed by the statistics kernel, is back at 0 afterwards."""
     from triton.runtime import interpreter
 
-    from dive_fast.ops.dive import _finalize
+    from dive_fast.ops.dive import kernels
     from dive_fast.ops.dive_triton import triton_stats
+    finalize = kernels(backend).finalize
     means, scalars, m = _uneven_parts(K=11, D=100)  # 4 programs of 32 columns
     builder = interpreter.interpreter_builder
     set_grid_idx = builder.set_grid_idx
@@ -173,7 +174,7 @@ def test_triton_ticket_any_arrival_order(backend, monkeypatch):
     for order in itertools.permutations(range(4)):
         monkeypatch.setattr(builder, "set_grid_idx",
                             lambda x, y, z, o=order: set_grid_idx(o[x], y, z))
-        results.append(_finalize(backend, means, scalars, None, m, None, None, 0.9, 10.0, 3.0))
+        results.append(finalize(means, scalars, None, m, None, None, 0.9, 10.0, 3.0))
     monkeypatch.undo()
     for other in results[1:]:
         assert all(torch.equal(got, want) for got, want in zip(other, results[0]))
@@ -181,7 +182,7 @@ def test_triton_ticket_any_arrival_order(backend, monkeypatch):
     x = make_inputs(9, 100, seed=3)
     means, scalars, workspace = triton_stats(*x, True)
     assert workspace[0].item() == 0
-    _finalize(backend, means, scalars, workspace, m, None, None, 0.9, 10.0, 3.0)
+    finalize(means, scalars, workspace, m, None, None, 0.9, 10.0, 3.0)
     assert workspace[0].item() == 0
 
 

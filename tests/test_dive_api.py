@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import backend_params
-from dive_fast import DiVELoss, backends, dive_loss
-from dive_fast import _extension
+from dive_fast import DiVELoss, dive_loss
+from dive_fast.ops import backends
+from dive_fast.ops import extension
 from dive_fast.ops.dive import dive_backward, dive_forward
 from dive_fast.testing import HostSyncCounter, make_inputs
 
@@ -264,14 +265,14 @@ def test_cuda_sources_compiled_into_extension():
         pytest.skip("DIVE_FAST_BUILD_CUDA=0: CUDA kernels deliberately not built")
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("no CUDA toolkit (nvcc) on this machine: CUDA sources cannot be compiled")
-    assert _extension.load()[0], _extension.load()[1]
-    assert _extension.has_kernel("CUDA"), "dive_fast._C was built without its CUDA kernels"
+    assert extension.load()[0], extension.load()[1]
+    assert extension.has_kernel("CUDA"), "dive_fast._C was built without its CUDA kernels"
 
 
 @pytest.mark.parametrize("backend", backend_params(("cpu",)))
 def test_cpu_backward_recycles_gradient_blocks(backend):
     """Large gradients reuse freed blocks (no fresh pages per step) and stay exact."""
-    _extension.release_cpu_gradient_cache()
+    extension.release_cpu_gradient_cache()
     x = make_inputs(1024, 300, seed=1)  # 1.2 MB per gradient: above the cache's minimum
     m, g = torch.randn(300), torch.tensor(0.7)
     args = (m, g, None, None, 1.0, 1.0, 1.0, True)
@@ -279,15 +280,15 @@ def test_cpu_backward_recycles_gradient_blocks(backend):
     first = dive_backward(*make_inputs(1024, 300, seed=2), *args, backend)
     pointers = {g.data_ptr() for g in first}
     del first
-    assert _extension.cpu_gradient_cache_bytes() > 0
+    assert extension.cpu_gradient_cache_bytes() > 0
     # The recycled blocks still hold the other inputs' gradients: all must be overwritten.
     again = dive_backward(*x, *args, backend)
     assert {g.data_ptr() for g in again} == pointers
     for got, ref in zip(again, want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     del again
-    _extension.release_cpu_gradient_cache()
-    assert _extension.cpu_gradient_cache_bytes() == 0
+    extension.release_cpu_gradient_cache()
+    assert extension.cpu_gradient_cache_bytes() == 0
 
 
 # --- host cost: no synchronisation, one config per key -----------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import backend_params
-from dive_fast import DiVELoss, backends, dive_loss
+from dive_fast import DiVELoss, dive_loss
+from dive_fast.ops import backends
 from dive_fast.testing import HostSyncCounter, LaunchCounter, make_inputs
 
 ALL = backend_params()

@@ -175,12 +175,12 @@ def test_parts_do_not_depend_on_the_batch():
     every GPU; under the interpreter the Triton launcher keeps its own constant."""
     import torch
 
-    from dive_fast import _extension
+    from dive_fast.ops import extension
     from dive_fast.ops import dive_triton
     from dive_fast.testing import make_inputs
     assert dive_triton.num_parts(torch.device("cuda")) == dive_triton.PARTS
-    if _extension.load()[0]:
-        ops = _extension.ops()
+    if extension.load()[0]:
+        ops = extension.ops()
         assert {int(ops.cuda_stats_plan(d, 4, 4, True, 232448)[7]) for d in (8, 512, 4096)} \
             == {int(ops.cuda_parts())}
     if os.environ.get("TRITON_INTERPRET") == "1":

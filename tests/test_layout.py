@@ -142,8 +142,8 @@ def test_the_training_app_is_one_subpackage():
     """The kernel library is the top of the package and ops/; the training app (open_clip,
     data formats) is dive_fast/train/, the generated world dive_fast/world/."""
     top = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
-    assert top - {"__pycache__"} <= {"__init__", "_argparse", "_extension", "accumulate", "backends", "info",
-                                     "loss", "testing", "ops", "train", "world"}, top
+    assert top - {"__pycache__"} <= {"__init__", "_argparse", "accumulate", "info", "loss",
+                                     "testing", "ops", "train", "world"}, top
     for path in PACKAGE.rglob("*.py"):
         if {"train", "world"} & set(path.relative_to(PACKAGE).parts) or path.name == "info.py":
             continue  # info reports open_clip's version when it is there

@@ -284,8 +284,8 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("no CUDA toolkit (nvcc) found")
-    from .. import _extension
-    ops = _extension.ops() if _extension.load()[0] else None
+    from . import extension
+    ops = extension.ops() if extension.load()[0] else None
     flags = ["-O3", "-lineinfo", "-std=c++20", *COMMON_NVCC_FLAGS, f"-I{ROOT / 'csrc'}",
              *(f"-I{p}" for p in include_paths(device_type="cuda")),
              f"-I{sysconfig.get_paths()['include']}",

@@ -1,13 +1,14 @@
-"""The DiVE regulariser as torch.library custom ops with a custom autograd.
+"""The one door from the API to the kernels: the DiVE regulariser as torch.library custom
+ops with a custom autograd, and each backend's kernels in one table.
 
-``dive_fast::dive_forward``: one read of the four inputs by the chosen backend yields
-difference-vector statistics, and the backend's finalisation turns them into the batch
-mean b, the EMA update of m and both losses: on the GPU backends two kernel launches and
-no other op, on the CPU one C++ call. Under torch.distributed (``all_reduce`` and more
-than one rank) b is averaged across ranks between the two. ``finalize`` below is the
-reference's finalisation, the mathematics every backend's follows.
-``dive_fast::dive_backward``: one pass that reads the inputs again and writes the two
-input gradients, with m fixed at its updated value (no gradient flows through m).
+Every backend provides the same four kernels (``Kernels``): the statistics of the
+difference vectors (one read of the four inputs), their finalisation into the batch mean
+b, the EMA update of m and both losses (``dive_reference.finalize`` is the mathematics),
+the two fused (on the GPU backends two launches, on the CPU one C++ call), and the
+backward (one pass that reads the inputs again and writes both input gradients, with m
+fixed at its updated value). A call indexes the table once, by its backend's name; under
+torch.distributed (``all_reduce`` and more than one rank) b is averaged across ranks
+between the statistics and the finalisation.
 
 The forward op writes the new m into the caller's buffer itself (``m_out``), which
 spares a copy launch per step; torch.library does not let a mutating op carry its own
@@ -16,89 +17,65 @@ traces) joins the two ops, its options packed in one ``DiVEConfig``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _extension
-from .dive_reference import (COUNT, INFO_SIZE, M2_U, M2_V, NONFINITE, NORM_U_SUM, NORM_V_SUM,
-                             PVL_SUM, ZERO_NORM, accumulation_dtype, reference_backward,
-                             reference_stats)
+from . import extension
+from .dive_reference import (INFO_SIZE, accumulation_dtype, batch_mean, reference_backward,
+                             reference_finalize, reference_forward, reference_stats_op)
 
 __all__ = ["ALL", "INFO_SIZE", "LOSS", "LOSS_INFO", "DiVEConfig", "DiVEFunction", "DiVEOutput",
-           "dive_backward", "dive_forward", "finalize"]
+           "Kernels", "dive_backward", "dive_forward", "kernels"]
 
 
-def _stats(backend: str, *inputs, normalize: bool):
-    """(means, scalars, workspace): the per-part statistics and what the backend's
-    finalisation needs with them (the GPU backends' arrival ticket; None elsewhere)."""
-    if backend == "torch":
-        return (*reference_stats(*inputs, normalize), None)
-    if backend == "triton":
-        from .dive_triton import triton_stats
-        return triton_stats(*inputs, normalize)
-    return tuple(_extension.ops().dive_stats(*inputs, normalize))
+class Kernels(NamedTuple):
+    """One backend's kernels, with the signatures every backend shares."""
+    # (img_ft, img_pre, txt_ft, txt_pre, normalize) -> (means [K, 2, D], scalars [K, S],
+    # workspace): the per-part statistics and what the finalisation needs with them (the
+    # GPU backends' arrival ticket; None on the others).
+    stats: Callable
+    # (means, scalars, workspace, m, m_out, b, momentum, lam_avl, lam_pvl)
+    #   -> (loss, avl, pvl, m_new, b, info); b None: the parts' own batch mean; m_out, when
+    # given, receives m_new (written by the finalisation itself).
+    finalize: Callable
+    # (img_ft, img_pre, txt_ft, txt_pre, m, m_out, normalize, momentum, lam_avl, lam_pvl)
+    #   -> the finalisation's outputs: statistics and finalisation in one call.
+    forward: Callable
+    # (img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale,
+    # normalize) -> (grad_img, grad_txt).
+    backward: Callable
 
 
-def batch_mean(means: Tensor, scalars: Tensor) -> Tensor:
-    """b: the mean of u and v over all rows, from per-part statistics."""
-    n = scalars[:, COUNT]
-    return (n[:, None, None] * means).sum((0, 1)) / (2 * n.sum())
+def _torch_kernels() -> Kernels:
+    return Kernels(reference_stats_op, reference_finalize, reference_forward, reference_backward)
 
 
-def finalize(means: Tensor, scalars: Tensor, m: Tensor, momentum: float, b: Tensor | None = None):
-    """(avl, pvl, m_new, b, info) from per-part statistics; see dive_reference.
-
-    ``b``: the batch mean to update m with (averaged over ranks), else the parts' own.
-    ``momentum`` 1 leaves m as it is (no update).
-    """
-    n = scalars[:, COUNT]
-    total = n.sum()
-    if b is None:
-        b = batch_mean(means, scalars)
-    m_old = m.to(means.dtype)
-    m_new = momentum * m_old + (1 - momentum) * b
-    # A non-finite batch must not poison the EMA: keep the old m (no host sync).
-    m_new = torch.where(torch.isfinite(b).all(), m_new, m_old)
-    offset = ((means - m_new) ** 2).sum(2)  # [K, 2]
-    avl = (scalars[:, M2_U].sum() + scalars[:, M2_V].sum() + (n[:, None] * offset).sum()) / total
-    pvl = scalars[:, PVL_SUM].sum() / total
-    sums = scalars.sum(0)
-    info = torch.cat((sums[NORM_U_SUM:NORM_V_SUM + 1] / total,
-                      sums[NONFINITE:NONFINITE + 4], sums[ZERO_NORM:ZERO_NORM + 4]))
-    return avl, pvl, m_new, b, info
+def _triton_kernels() -> Kernels:
+    from . import dive_triton as t  # imported on first use: triton is optional
+    return Kernels(t.triton_stats, t.triton_finalize, t.triton_forward, t.triton_backward)
 
 
-def _finalize(backend: str, means, scalars, workspace, m, m_out, b, momentum, lam_avl, lam_pvl):
-    """(loss, avl, pvl, m_new, b, info) by the backend's finalisation; m_out gets m_new.
-    ``workspace``: the statistics' (None: partials from elsewhere)."""
-    if backend == "torch":
-        avl, pvl, m_new, b, info = finalize(means, scalars, m, momentum, b)
-        m_new = m_new.to(m.dtype)
-        if m_out is not None:
-            m_out.copy_(m_new)
-        return lam_avl * avl + lam_pvl * pvl, avl, pvl, m_new, b, info
-    if backend == "triton":
-        from .dive_triton import triton_finalize
-        return triton_finalize(means, scalars, workspace, m, m_out, b, momentum, lam_avl,
-                               lam_pvl)
-    return tuple(_extension.ops().dive_finalize(means, scalars, workspace, m, m_out, b, momentum,
-                                                lam_avl, lam_pvl))
+def _compiled_kernels() -> Kernels:
+    """dive_fast._C's ops: one name each, dispatched to the CPU or CUDA kernel by device."""
+    ops = extension.ops()
+    return Kernels(ops.dive_stats.default, ops.dive_finalize.default, ops.dive_forward.default,
+                   ops.dive_backward.default)
 
 
-def _fused_forward(backend: str, inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl):
-    """Statistics and finalisation: on the GPU backends two launches, on the CPU one call."""
-    if backend == "torch":
-        means, scalars = reference_stats(*inputs, normalize)
-        return _finalize(backend, means, scalars, None, m, m_out, None, momentum, lam_avl,
-                         lam_pvl)
-    if backend == "triton":
-        from .dive_triton import triton_forward
-        return triton_forward(*inputs, m, m_out, normalize, momentum, lam_avl, lam_pvl)
-    return _extension.ops().dive_forward(*inputs, m, m_out, normalize, momentum, lam_avl,
-                                         lam_pvl)
+_MAKERS = {"torch": _torch_kernels, "triton": _triton_kernels, "cpu": _compiled_kernels,
+           "cuda": _compiled_kernels}
+_TABLES: dict[str, Kernels] = {}
+
+
+def kernels(backend: str) -> Kernels:
+    """The kernels of a backend (a name ``backends.select`` returned), built on first use."""
+    table = _TABLES.get(backend)
+    if table is None:
+        table = _TABLES[backend] = _MAKERS[backend]()
+    return table
 
 
 def _world_size() -> int:
@@ -117,20 +94,17 @@ def _forward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor,
     """
     if m is None:
         m = m_out
+    k = kernels(backend)
     world_size = _world_size() if all_reduce else 1
     if world_size == 1:
-        if backend == "cpu" or backend == "cuda":  # the common case, without more layers
-            return _extension.ops().dive_forward(img_ft, img_pre, txt_ft, txt_pre, m, m_out,
-                                                 normalize, momentum, lam_avl, lam_pvl)
-        return _fused_forward(backend, (img_ft, img_pre, txt_ft, txt_pre), m, m_out, normalize,
-                              momentum, lam_avl, lam_pvl)
-    inputs = (img_ft, img_pre, txt_ft, txt_pre)
+        return tuple(k.forward(img_ft, img_pre, txt_ft, txt_pre, m, m_out, normalize, momentum,
+                               lam_avl, lam_pvl))
     # b crosses ranks before the EMA update: one all-reduce of D values, no host sync.
-    means, scalars, workspace = _stats(backend, *inputs, normalize=normalize)
+    means, scalars, workspace = k.stats(img_ft, img_pre, txt_ft, txt_pre, normalize)
     b = batch_mean(means, scalars)
     dist.all_reduce(b)
     b /= world_size
-    return _finalize(backend, means, scalars, workspace, m, m_out, b, momentum, lam_avl, lam_pvl)
+    return tuple(k.finalize(means, scalars, workspace, m, m_out, b, momentum, lam_avl, lam_pvl))
 
 
 dive_forward = torch.library.custom_op("dive_fast::dive_forward", _forward,
@@ -153,16 +127,8 @@ def _backward(img_ft: Tensor, img_pre: Tensor, txt_ft: Tensor, txt_pre: Tensor, 
     """Gradients for img_ft and txt_ft given dL/du = c_avl (u-m) + c_pvl (u-v), etc., with
     c_avl = scale (lam_avl g_loss + g_avl), c_pvl = scale (lam_pvl g_loss + g_pvl) from the
     upstream gradients of (loss, avl, pvl) (None: zero), formed inside the kernel."""
-    if backend == "cpu" or backend == "cuda":
-        return _extension.ops().dive_backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl,
-                                              g_pvl, lam_avl, lam_pvl, scale, normalize)
-    args = (img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, lam_avl, lam_pvl, scale)
-    if backend == "torch":
-        return reference_backward(*args, normalize)
-    if backend == "triton":
-        from .dive_triton import triton_backward
-        return triton_backward(*args, normalize)
-    return _extension.ops().dive_backward(*args, normalize)
+    return tuple(kernels(backend).backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl,
+                                           g_pvl, lam_avl, lam_pvl, scale, normalize))
 
 
 dive_backward = torch.library.custom_op("dive_fast::dive_backward", _backward, mutates_args=())
@@ -195,25 +161,16 @@ class DiVEConfig(NamedTuple):
 class DiVEFunction(torch.autograd.Function):
     """Autograd of the forward op: ``apply(img_ft, img_pre, txt_ft, txt_pre, m, m_out,
     config)``; the backward op with m at its updated value; gradients for img_ft and
-    txt_ft only. In eager mode the ops' Python implementations are called directly (the
-    custom op's dispatcher layers cost tens of microseconds a call, as much as the CPU
-    kernels at B' = 512); while torch.compile traces, the custom ops (opaque nodes with
-    their fakes)."""
+    txt_ft only."""
 
     @staticmethod
     def forward(ctx, img_ft, img_pre, txt_ft, txt_pre, m, m_out, config: DiVEConfig):
-        backend = config.backend
-        if ((backend == "cpu" or backend == "cuda") and not torch.compiler.is_compiling()
-                and not (config.all_reduce and _world_size() > 1)):
-            # The compiled kernels' one call, straight (the path of _forward, less a layer).
-            out = _extension.ops().dive_forward(img_ft, img_pre, txt_ft, txt_pre,
-                                                m_out if m is None else m, m_out,
-                                                config.normalize, config.momentum,
-                                                config.lam_avl, config.lam_pvl)
-        else:
-            op = dive_forward if torch.compiler.is_compiling() else _forward
-            out = op(img_ft, img_pre, txt_ft, txt_pre, m, m_out, config.momentum,
-                     config.normalize, config.lam_avl, config.lam_pvl, config.all_reduce, backend)
+        # In eager mode the op's Python implementation, called directly (the custom op's
+        # dispatcher layers cost tens of microseconds a call, as much as the CPU kernels at
+        # B' = 512); while torch.compile traces, the custom op (an opaque node, its fake).
+        op = dive_forward if torch.compiler.is_compiling() else _forward
+        out = op(img_ft, img_pre, txt_ft, txt_pre, m, m_out, config.momentum, config.normalize,
+                 config.lam_avl, config.lam_pvl, config.all_reduce, config.backend)
         ctx.save_for_backward(img_ft, img_pre, txt_ft, txt_pre, out[3])
         ctx.config = config
         if config.outputs == LOSS:

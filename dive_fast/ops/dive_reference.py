@@ -1,7 +1,7 @@
 """Plain-PyTorch DiVE regulariser: the readable oracle and the fallback backend.
 
 Every backend produces the same *statistics* of the difference vectors, so that the
-EMA update and the losses (``dive.finalize``) are computed once, in one place:
+EMA update and the losses (``finalize`` below) are computed once, in one place:
 
 - ``means``   [K, 2, D]: mean of u (index 0) and of v (index 1) over the rows of part k;
 - ``scalars`` [K, NUM_SCALARS]: see the column constants below.
@@ -55,6 +55,61 @@ def reference_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
         scalars[0, NONFINITE + i] = (~torch.isfinite(s)).sum()
         scalars[0, ZERO_NORM + i] = (s == 0).sum()
     return torch.stack((mean_u, mean_v))[None], scalars
+
+
+def batch_mean(means: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+    """b: the mean of u and v over all rows, from per-part statistics."""
+    n = scalars[:, COUNT]
+    return (n[:, None, None] * means).sum((0, 1)) / (2 * n.sum())
+
+
+def finalize(means: torch.Tensor, scalars: torch.Tensor, m: torch.Tensor, momentum: float,
+             b: torch.Tensor | None = None):
+    """(avl, pvl, m_new, b, info) from per-part statistics: the mathematics every backend's
+    finalisation follows.
+
+    ``b``: the batch mean to update m with (averaged over ranks), else the parts' own.
+    ``momentum`` 1 leaves m as it is (no update).
+    """
+    n = scalars[:, COUNT]
+    total = n.sum()
+    if b is None:
+        b = batch_mean(means, scalars)
+    m_old = m.to(means.dtype)
+    m_new = momentum * m_old + (1 - momentum) * b
+    # A non-finite batch must not poison the EMA: keep the old m (no host sync).
+    m_new = torch.where(torch.isfinite(b).all(), m_new, m_old)
+    offset = ((means - m_new) ** 2).sum(2)  # [K, 2]
+    avl = (scalars[:, M2_U].sum() + scalars[:, M2_V].sum() + (n[:, None] * offset).sum()) / total
+    pvl = scalars[:, PVL_SUM].sum() / total
+    sums = scalars.sum(0)
+    info = torch.cat((sums[NORM_U_SUM:NORM_V_SUM + 1] / total,
+                      sums[NONFINITE:NONFINITE + 4], sums[ZERO_NORM:ZERO_NORM + 4]))
+    return avl, pvl, m_new, b, info
+
+
+# The torch backend's kernels, with the signatures every backend's kernels share
+# (``dive.Kernels``).
+
+def reference_stats_op(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
+    """(means, scalars, workspace): one part, no workspace."""
+    return (*reference_stats(img_ft, img_pre, txt_ft, txt_pre, normalize), None)
+
+
+def reference_finalize(means, scalars, workspace, m, m_out, b, momentum: float,
+                       lam_avl: float, lam_pvl: float):
+    """(loss, avl, pvl, m_new, b, info); ``m_out``, when given, receives m_new."""
+    avl, pvl, m_new, b, info = finalize(means, scalars, m, momentum, b)
+    m_new = m_new.to(m.dtype)
+    if m_out is not None:
+        m_out.copy_(m_new)
+    return lam_avl * avl + lam_pvl * pvl, avl, pvl, m_new, b, info
+
+
+def reference_forward(img_ft, img_pre, txt_ft, txt_pre, m, m_out, normalize: bool,
+                      momentum: float, lam_avl: float, lam_pvl: float):
+    means, scalars = reference_stats(img_ft, img_pre, txt_ft, txt_pre, normalize)
+    return reference_finalize(means, scalars, None, m, m_out, None, momentum, lam_avl, lam_pvl)
 
 
 def loss_coefficients(g_loss, g_avl, g_pvl, lam_avl: float, lam_pvl: float, scale: float):

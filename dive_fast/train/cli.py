@@ -329,7 +329,7 @@ def check_args(args, world_size: int = 1) -> None:
 def check_backend(args) -> None:
     """A forced DiVE backend (--dive-backend, else $DIVE_FAST_BACKEND) that can run on this
     device, named as the user set it."""
-    from .. import backends
+    from ..ops import backends
     requested, source = args.dive_backend, "--dive-backend"
     if not requested and os.environ.get(backends.ENV_VAR):
         requested, source = os.environ[backends.ENV_VAR], f"${backends.ENV_VAR}"

@@ -1,11 +1,12 @@
 """Lazy loading of the compiled ``dive_fast._C`` extension (C++ CPU and CUDA kernels).
 
-``import dive_fast`` never requires it: when it is missing or broken the reference
-backend serves, and ``backends.select`` warns once, saying why.
+``import dive_fast`` never requires it: when it is missing or broken the torch backend
+serves, and ``backends.select`` warns once, saying why.
 """
 from __future__ import annotations
 
 import functools
+
 import torch
 
 OP_NAMESPACE = "dive_fast_C"
@@ -35,6 +36,12 @@ def has_kernel(dispatch_key: str) -> bool:
 @functools.lru_cache(maxsize=None)  # the namespace object is fixed; the lookup is not free
 def ops():
     return getattr(torch.ops, OP_NAMESPACE)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_max_dim() -> int:
+    """The widest row the CUDA kernels take (their launch plan's limit)."""
+    return int(ops().cuda_max_dim())
 
 
 def cpu_gradient_cache_bytes() -> int:

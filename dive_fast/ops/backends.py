@@ -1,4 +1,6 @@
-"""Which DiVE backend runs where, and why not (xformers' not_supported_reasons in spirit)."""
+"""Which DiVE backend runs where, and why not (xformers' not_supported_reasons in spirit).
+
+``select`` names the backend a call runs; ``dive.kernels`` gives that backend's kernels."""
 from __future__ import annotations
 
 import os
@@ -6,7 +8,7 @@ import warnings
 
 import torch
 
-from . import _extension
+from . import extension
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 ALIASES = {"reference": "torch"}  # the plain-PyTorch backend's earlier name
@@ -37,10 +39,10 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torc
     if backend == "cpu":
         if device_type != "cpu":
             return f"the cpu backend takes CPU tensors, got {device_type}"
-        loaded, why = _extension.load()
+        loaded, why = extension.load()
         if not loaded:
             return why
-        return None if _extension.has_kernel("CPU") else "dive_fast._C has no CPU kernel"
+        return None if extension.has_kernel("CPU") else "dive_fast._C has no CPU kernel"
     if dtype not in LOW_PRECISION:
         return f"the {backend} backend takes float32, bfloat16 or float16, got {dtype}"
     if backend == "triton":
@@ -51,7 +53,7 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torc
             return "triton needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
         if device_type not in ("cpu", "cuda"):
             return f"triton does not run on {device_type} tensors"
-        from .ops.dive_triton import MAX_DIM
+        from .dive_triton import MAX_DIM
         if dim > MAX_DIM:
             return (f"the triton kernels keep a whole row in registers: dim {dim} > {MAX_DIM} "
                     "(wider rows would spill)")
@@ -59,12 +61,15 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype = torc
     # cuda
     if device_type != "cuda":
         return f"the cuda backend takes CUDA tensors, got {device_type}"
-    loaded, why = _extension.load()
+    loaded, why = extension.load()
     if not loaded:
         return why
-    if not _extension.has_kernel("CUDA"):
+    if not extension.has_kernel("CUDA"):
         return ("dive_fast._C was built without CUDA kernels (no CUDA toolkit at build time; "
                 "rebuild with DIVE_FAST_BUILD_CUDA=1)")
+    if dim > extension.cuda_max_dim():
+        return (f"the cuda kernels take rows of at most {extension.cuda_max_dim()} values, "
+                f"got dim {dim}")
     return None
 
 
