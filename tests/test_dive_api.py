@@ -236,6 +236,24 @@ def test_env_var_forces_backend(monkeypatch):
     assert backends.select("cpu", torch.float32, 8) == expected
 
 
+def test_auto_selection_falls_back_past_every_gpu_kernels_width(monkeypatch):
+    """Rows wider than the cuda kernels take (8192) and the Triton kernels (4096): the
+    automatic choice for CUDA inputs is the torch backend (with its one warning), never a
+    backend that then refuses the call."""
+    from dive_fast.ops import extension
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(extension, "load", lambda: (True, ""))
+    monkeypatch.setattr(extension, "has_kernel", lambda key: True)
+    monkeypatch.setattr(extension, "cuda_max_dim", lambda: 8192)
+    assert backends.unavailable_reason("cuda", "cuda", torch.float32, 8192) is None
+    assert "at most 8192" in backends.unavailable_reason("cuda", "cuda", torch.float32, 8193)
+    with pytest.warns(RuntimeWarning, match="using the torch backend"):
+        backends._warned.clear()
+        assert backends.select("cuda", torch.float32, 8193) == "torch"
+    with pytest.raises(RuntimeError, match="at most 8192 values, got dim 9000"):
+        backends.select("cuda", torch.float32, 9000, "cuda")
+
+
 def test_info_lists_every_backend():
     out = subprocess.run([sys.executable, "-m", "dive_fast.info"], capture_output=True,
                          text=True, check=True).stdout
