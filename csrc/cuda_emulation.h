@@ -1,6 +1,6 @@
 // A CPU model of the CUDA features the DiVE kernels use, so that the kernels themselves
 // (csrc/dive_cuda_kernels.cuh, compiled by a host compiler with DIVE_EMULATE) run in the
-// tests of a machine without a GPU (tests/test_cuda_emulated.py).
+// tests of a machine without a GPU (tests/ops/test_cuda_emulated.py).
 //
 // Each CUDA thread of a block is a fiber (ucontext) on one OS thread; a fiber runs until it
 // reaches a barrier (__syncthreads, or the warp exchange behind a shuffle) and the

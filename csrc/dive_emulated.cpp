@@ -1,5 +1,5 @@
 // The CUDA launchers and kernels of dive_cuda.cu, compiled for the CPU model of
-// cuda_emulation.h: a test-only module (tests/test_cuda_emulated.py builds it with
+// cuda_emulation.h: a test-only module (tests/ops/test_cuda_emulated.py builds it with
 // torch.utils.cpp_extension.load) whose functions take CPU tensors and run the very
 // kernels the GPU runs, thread by thread. Not part of the installed extension.
 #define DIVE_EMULATE 1

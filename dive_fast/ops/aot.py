@@ -19,7 +19,7 @@ least of the register, thread and shared-memory limits; ``bytes_in_flight_per_sm
 times the bytes of input a block has requested ahead of its arithmetic. The other columns
 are read from the SASS (``dive_fast.ops.sass.kernel_facts``): the statistics tile loop's
 barriers and loads, the backward's loads and stores, the finalisation's loops, and the
-atomics of every kernel; ``tests/test_gpu_kernels.py`` holds them to the design.
+atomics of every kernel; ``tests/ops/test_gpu_kernels.py`` holds them to the design.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from conftest import backend_params
 from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import make_inputs
 
-HELPER = Path(__file__).parent / "helpers" / "dist_dive_check.py"
+HELPER = Path(__file__).parents[1] / "helpers" / "dist_dive_check.py"
 
 
 @pytest.mark.parametrize("backend", backend_params(("torch", "cpu", "triton")))

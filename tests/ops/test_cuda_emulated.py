@@ -14,7 +14,7 @@ from dive_fast.ops.dive_reference import finalize
 from dive_fast.ops.dive_reference import reference_stats
 from dive_fast.testing import ERROR_FLOOR, make_inputs, relative_error, run_eager
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 H100_SHARED = 232448  # opt-in shared memory per block: three stages of 32 or 64 KB
 PARTS = 264
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 from bench_step import build_parser, step_flops, variant_cli  # noqa: E402
 from common import user_step  # noqa: E402
 

@@ -14,7 +14,7 @@ from conftest import train_args
 from dive_fast import train
 from dive_fast.train.checkpoint import load_checkpoint
 
-HELPER = Path(__file__).parent / "helpers" / "train_runs.py"
+HELPER = Path(__file__).parents[1] / "helpers" / "train_runs.py"
 USER_METHODS = ("dive", "flyp+replay", "ft")
 DDP_METHODS = ("ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive")
 # Two processes in other layouts, on both data paths, against one process on the global batch:
@@ -254,7 +254,7 @@ def test_a_rank_that_dies_ends_the_run_naming_it(micro_cache, tmp_path):
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-                           str(Path(__file__).parent / "helpers" / "dying_rank.py"), *args],
+                           str(Path(__file__).parents[1] / "helpers" / "dying_rank.py"), *args],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     elapsed = time.monotonic() - start

@@ -18,7 +18,7 @@ import pytest
 
 from dive_fast.ops import aot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "benchmarks" / "results" / "gpu_kernels.csv"
 KEY = ("backend", "kernel", "config", "arch")
 
