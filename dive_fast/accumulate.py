@@ -23,7 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.profiler import record_function
 
 
@@ -69,6 +69,23 @@ def check_arguments(inputs, k) -> None:
                          f"{[len(x) for x in inputs]})")
 
 
+def row_mixing_modules(modules) -> list[str]:
+    """The modules under ``modules`` (an nn.Module or a list of them) whose output for one
+    row depends on the other rows of the batch: batch normalisation in training mode (its
+    batch statistics, and its running statistics updated once per forward). Found by type:
+    a row-mixing computation written by hand in a forward (a batch mean) cannot be seen."""
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    found = []
+    for root in roots:
+        if not isinstance(root, nn.Module):
+            raise TypeError(f"modules must be an nn.Module or a list of them, got "
+                            f"{type(root).__name__}")
+        found += [f"{name or type(root).__name__} ({type(m).__name__})"
+                  for name, m in root.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    return found
+
+
 def _features(encode, inputs) -> list[Tensor]:
     out = encode(inputs)
     if not isinstance(out, (list, tuple)) or not all(isinstance(f, Tensor) for f in out):
@@ -79,12 +96,16 @@ def _features(encode, inputs) -> list[Tensor]:
 
 def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
                            learns: bool = True, before_micro_batch=None,
-                           loss_scale: Tensor | float | None = None):
+                           loss_scale: Tensor | float | None = None, modules=None):
     """The gradient of ``objective(encode(inputs))`` in ``k`` micro-batches, for any
     encoder and any batch-coupled loss (DiVELoss users outside the training loop too).
 
     ``encode(list of input tensors) -> list of feature tensors`` must treat rows
-    independently (a tower: row i's features depend on row i's input only);
+    independently (a tower: row i's features depend on row i's input only): a batch-norm
+    layer in training mode breaks that (gradients off by tens of percent, running
+    statistics updated 2k times a step). Given ``modules`` (the encoder's nn.Module(s)),
+    such layers are found by type and refused; a row-mixing computation inside a forward
+    (a batch mean written by hand) is not checked;
     ``objective(list of whole-batch features) -> loss or dict of losses``, called once.
     Gradients accumulate into the parameters' ``.grad``; returns what ``objective``
     returned. ``learns`` False: the encoder's parameters get no gradient (only the
@@ -99,6 +120,11 @@ def micro_batched_backward(encode, inputs: list[Tensor], objective, k: int, *,
         opt.step()
     """
     check_arguments(inputs, k)
+    if k > 1 and modules is not None and (mixing := row_mixing_modules(modules)):
+        raise ValueError(f"modules: {', '.join(mixing[:3])}{' ...' if len(mixing) > 3 else ''}"
+                         " mix(es) the rows of a batch in training mode, so micro-batches "
+                         "cannot reproduce the whole batch's gradient: put them in eval "
+                         "mode (frozen statistics) or use k=1")
     device = inputs[0].device
     if k > min(len(x) for x in inputs):
         raise ValueError(f"accumulation: {k} micro-batches is more than a batch of "

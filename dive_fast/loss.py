@@ -26,12 +26,14 @@ _MAX_CONFIGS = 1024
 
 
 def _call_key(img_ft, img_pre, txt_ft, txt_pre, m, m_out, options: tuple):
-    """What a call's checks and backend choice depend on: the tensors' metadata, the
+    """What a call's checks and backend choice depend on: the tensors' metadata (with
+    requires_grad: the swapped-order check reads it), the
     caller's options (lam and momentum with their types: "1000" or True is not 1000.0 or 1)
     and $DIVE_FAST_BACKEND. Raises AttributeError/TypeError for what is not a tensor."""
-    return (img_ft.shape, img_ft.dtype, img_ft.device, img_pre.shape, img_pre.dtype,
-            img_pre.device, txt_ft.shape, txt_ft.dtype, txt_ft.device, txt_pre.shape,
-            txt_pre.dtype, txt_pre.device, m.shape, m.dtype, m.device,
+    return (img_ft.shape, img_ft.dtype, img_ft.device, img_ft.requires_grad, img_pre.shape,
+            img_pre.dtype, img_pre.device, img_pre.requires_grad, txt_ft.shape, txt_ft.dtype,
+            txt_ft.device, txt_ft.requires_grad, txt_pre.shape, txt_pre.dtype, txt_pre.device,
+            txt_pre.requires_grad, m.shape, m.dtype, m.device,
             None if m_out is None else (m_out.shape, m_out.dtype, m_out.device),
             options, os.environ.get(backends.ENV_VAR))
 

@@ -122,6 +122,18 @@ def validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m: Tensor) -> None:
                          f"got {tuple(m.shape)} {m.dtype} on {m.device}")
 
 
+def check_order(img_ft, img_pre, txt_ft, txt_pre) -> None:
+    """A frozen input that requires grad beside a trainable partner that does not is the
+    mark of swapped arguments: the tower that should learn would silently get nothing."""
+    for ft, pre, ft_name, pre_name in ((img_ft, img_pre, "img_ft", "img_pre"),
+                                       (txt_ft, txt_pre, "txt_ft", "txt_pre")):
+        if pre.requires_grad and not ft.requires_grad:
+            raise ValueError(f"{pre_name} requires grad but {ft_name} does not: the arguments "
+                             "look swapped. The order is (img_ft, img_pre, txt_ft, txt_pre): "
+                             "the fine-tuned model's embeddings first, then the frozen "
+                             f"model's; {pre_name} never gets a gradient")
+
+
 def raise_on_bad_values(info: Tensor, normalize: bool, inputs, m: Tensor | None = None,
                         avl: Tensor | None = None) -> None:
     """One host sync: name the input holding NaN/Inf (or zero-norm rows when normalising),
@@ -206,6 +218,7 @@ def checked_config(img_ft, img_pre, txt_ft, txt_pre, m, m_out, *, lam, momentum,
                    normalize, avl, pvl, distributed, backend, outputs) -> DiVEConfig:
     """Every check of a call's inputs and options, then the backend and the packed options."""
     validate_inputs(img_ft, img_pre, txt_ft, txt_pre, m)
+    check_order(img_ft, img_pre, txt_ft, txt_pre)
     check_options(lam, momentum)
     backends.check_name(backend)
     if m_out is not None and not isinstance(m_out, Tensor):

@@ -112,4 +112,4 @@ def forward_backward(method, batch, step: int, k: int, gradient_sync=None,
     sync = None if gradient_sync is None else lambda j, last: gradient_sync.micro_batch(last)
     return micro_batched_backward(encode, [*images, *tokens], objective, k,
                                   learns=method.tower_grad(step), before_micro_batch=sync,
-                                  loss_scale=loss_scale)
+                                  loss_scale=loss_scale, modules=method.model)

@@ -210,3 +210,29 @@ def test_compiled_towers_give_the_eager_losses_and_gradients(micro_cache, tmp_pa
     for key in values:
         torch.testing.assert_close(c_values[key].float(), values[key].float(), rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_micro_batches_refuse_an_encoder_that_mixes_rows():
+    """A batch-norm layer in training mode makes a row's features depend on the batch:
+    micro-batches would give another gradient (and update its running statistics 2k times
+    a step). Given the encoder's modules, it is refused by name; in eval mode (frozen
+    statistics) and with k = 1 (the whole batch at once) it is exact and accepted."""
+    from dive_fast import micro_batched_backward
+    torch.manual_seed(0)
+    tower = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    x = torch.randn(8, 4)
+
+    def run(k):
+        tower.zero_grad()
+        micro_batched_backward(lambda xs: [tower(xs[0])], [x], lambda fs: (fs[0] ** 3).sum(),
+                               k, modules=tower)
+        return tower[0].weight.grad.clone()
+
+    with pytest.raises(ValueError, match=r"modules: 1 \(BatchNorm1d\) mix\(es\) the rows"):
+        run(4)
+    whole = run(1)
+    tower.zero_grad()
+    micro_batched_backward(lambda xs: [tower(xs[0])], [x], lambda fs: (fs[0] ** 3).sum(), 4)
+    assert not torch.allclose(tower[0].weight.grad, whole, rtol=0.05)  # what it guards
+    tower.eval()
+    torch.testing.assert_close(run(4), run(1))

@@ -84,6 +84,27 @@ def test_m_and_m_out_must_be_tensors():
         dive_loss(*_x(), torch.zeros(D), m_out=[0.0] * D)
 
 
+# --- the order of the four inputs ---------------------------------------------------------
+
+@pytest.mark.parametrize("api", ["module", "function"])
+def test_swapped_trainable_and_frozen_inputs_are_refused(api):
+    """(img_pre, img_ft, ...) in place of (img_ft, img_pre, ...): the frozen tensor needs no
+    gradient and the trainable one does; taken as given, the image tower would learn nothing.
+    The refusal names both arguments; the right order (and eval without grads) passes."""
+    x = [torch.randn(4, 8) for _ in range(4)]
+    ft = [t.clone().requires_grad_(True) for t in (x[0], x[2])]
+    call = (DiVELoss(8) if api == "module" else
+            lambda *a: dive_loss(*a, torch.zeros(8)).loss)
+    with pytest.raises(ValueError, match="img_pre requires grad but img_ft does not: the "
+                                         "arguments look swapped"):
+        call(x[1], ft[0], ft[1], x[3])
+    with pytest.raises(ValueError, match="txt_pre requires grad but txt_ft does not"):
+        call(ft[0], x[1], x[3], ft[1])
+    call(ft[0], x[1], ft[1], x[3]).backward()
+    assert ft[0].grad is not None and ft[1].grad is not None
+    call(x[0], x[1], x[2], x[3])  # nothing requires grad (evaluation): nothing to check
+
+
 # --- a NaN/Inf m --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
