@@ -312,8 +312,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Each bad value named before anything is timed (ValueError: one line, exit 2)."""
+    known = ("eager", "torch.compile", *backends.BACKENDS)
+    if unknown := [i for i in args.impls or [] if i not in known]:
+        raise ValueError(f"--impls: unknown {', '.join(unknown)}; expected some of "
+                         f"{', '.join(known)}")
+    if bad := [d for d in args.dtypes if d not in ("float32", "bfloat16", "float16")]:
+        raise ValueError(f"--dtypes: {', '.join(bad)} is not one of float32, bfloat16, float16")
+    for flag, values in (("--batches", args.batches), ("--dims", args.dims),
+                         ("--repeats", [args.repeats])):
+        if min(values) < 1:
+            raise ValueError(f"{flag} must be positive integers, got {min(values)}")
+    if args.min_time < 0:
+        raise ValueError(f"--min-time must be >= 0 seconds, got {args.min_time}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device}")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    from dive_fast._argparse import run_checked
+    parser = build_parser()
+    return run_checked(parser, check_args, run, argv)
+
+
+def run(args):
     args.out = str(args.out or result_path("dive_op", args.device))
     env = environment(args.device)
     peak = peak_bandwidth(env["device"]) if args.device.startswith("cuda") else None

@@ -65,7 +65,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+    argparse.ArgumentParser(prog="python -m dive_fast.info",
+                            description="Which DiVE backends can run here, and why not; the "
+                                        "$DIVE_FAST_BACKEND override; versions. Takes no "
+                                        "arguments.").parse_args(argv)
     print("dive_fast backends")
     width = max(len(n) for n in backends.BACKENDS)
     rows = backend_table()
