@@ -1,7 +1,7 @@
 // Launch shapes of the DiVE CUDA kernels, as functions of the problem alone (and, for the
 // pipeline depth, of the device's shared memory): host code shared by the CUDA launchers
 // (dive_cuda.cu), the CPU emulation of the kernels (dive_emulated.cpp) and the
-// ahead-of-time checks (dive_fast.ops.aot reads them through registered ops).
+// ahead-of-time checks (tools/aot.py reads them through registered ops).
 #pragma once
 
 #include <algorithm>
