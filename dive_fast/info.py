@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import torch
 
 from . import __version__, _extension, backends
+
+BUILD_NOTE = "_C_not_built.txt"  # written by setup.py's build_ext (its BUILD_NOTE)
 
 
 def backend_table() -> list[tuple[str, str, str]]:
@@ -43,6 +46,20 @@ def override_lines(rows=None) -> list[str]:
     return lines
 
 
+def extension_status() -> str:
+    """The compiled extension: loaded (with its kernels), or why not. setup.py leaves a note
+    beside where it would be when it skipped or failed the build; that note is the reason
+    (the import error alone would say only that the module is missing)."""
+    loaded, why = _extension.load()
+    if loaded:
+        kernels = [k for k in ("CPU", "CUDA") if _extension.has_kernel(k)]
+        return f"loaded, kernels for {', '.join(kernels)}"
+    note = Path(__file__).with_name(BUILD_NOTE)
+    if note.is_file():
+        return f"absent, {note.read_text().strip()}"
+    return f"absent, {why}"
+
+
 def versions() -> dict[str, str]:
     out = {"dive_fast": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "torch.version.cuda": str(torch.version.cuda)}
@@ -56,9 +73,7 @@ def versions() -> dict[str, str]:
         out["open_clip"] = open_clip.__version__
     except Exception as exc:
         out["open_clip"] = f"unavailable ({exc})"
-    loaded, why = _extension.load()
-    kernels = [k for k in ("CPU", "CUDA") if _extension.has_kernel(k)]
-    out["dive_fast._C"] = f"loaded, kernels for {', '.join(kernels)}" if loaded else why
+    out["dive_fast._C"] = extension_status()
     out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     out["TRITON_INTERPRET"] = str(backends.triton_interpreted())
     return out
