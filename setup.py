@@ -36,6 +36,10 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 # Why dive_fast._C is absent, written beside where it would be (read by dive_fast.info).
 BUILD_NOTE = "_C_not_built.txt"
+BUILD_EXT = os.environ.get("DIVE_FAST_BUILD_EXT", "")
+if BUILD_EXT not in ("", "0", "1"):
+    sys.exit(f"DIVE_FAST_BUILD_EXT={BUILD_EXT!r}: expected 1 (build dive_fast._C or fail), "
+             "0 (skip it) or unset (build it when the compile succeeds)")
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "dive_fast" / "__init__.py").read_text(),
                     re.M).group(1)
 
@@ -79,7 +83,7 @@ def extensions():
     """dive_fast._C: the op schema, the CPU kernels, the CUDA launch plans (host arithmetic,
     read by the checks), and the CUDA kernels when they are built."""
     sources = ["csrc/dive_schema.cpp", "csrc/dive_cpu.cpp", "csrc/dive_cuda_plan_ops.cpp"]
-    if os.environ.get("DIVE_FAST_BUILD_EXT") == "0":
+    if BUILD_EXT == "0":
         from setuptools import Extension  # a placeholder: build_ext only records the skip
         return [Extension("dive_fast._C", sources)]
     root = cuda_toolkit_root()
@@ -106,8 +110,14 @@ def extensions():
 class NoteMixin:
     """Records beside the extension's place why it is not there (or removes a stale note)."""
 
-    def note(self, reason: str | None) -> None:
-        folder = Path(self.get_ext_fullpath("dive_fast._C")).parent
+    def note_folder(self) -> Path:
+        """Where _C goes: the source tree for an in-place or editable build, else build_lib.
+        Read before the build: setuptools' run() clears inplace while it builds, and a
+        failed build leaves it cleared."""
+        return Path(self.get_ext_fullpath("dive_fast._C")).parent
+
+    def note(self, reason: str | None, folder: Path | None = None) -> None:
+        folder = folder or self.note_folder()
         path = folder / BUILD_NOTE
         if reason is None:
             path.unlink(missing_ok=True)
@@ -126,7 +136,7 @@ class SkipBuildExt(NoteMixin, build_ext):
 
 
 def build_ext_class():
-    if os.environ.get("DIVE_FAST_BUILD_EXT") == "0":
+    if BUILD_EXT == "0":
         return SkipBuildExt
     from torch.utils.cpp_extension import BuildExtension
 
@@ -135,18 +145,19 @@ def build_ext_class():
         (unless DIVE_FAST_BUILD_EXT=1), with the reason for dive_fast.info."""
 
         def run(self):
+            folder = self.note_folder()
             try:
                 super().run()
             except Exception as exc:  # compiler missing or failing: ninja, distutils, OSError
-                if os.environ.get("DIVE_FAST_BUILD_EXT") == "1":
+                if BUILD_EXT == "1":
                     raise
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 self.note(f"not built: the compile failed when dive_fast was built "
                           f"({type(exc).__name__}: {first}); install a C++ compiler and "
                           f"reinstall for the C++/CUDA backends (DIVE_FAST_BUILD_EXT=1 "
-                          f"makes a failed compile fail the install)")
+                          f"makes a failed compile fail the install)", folder)
             else:
-                self.note(None)
+                self.note(None, folder)
 
     return OptionalBuildExt
 

@@ -32,17 +32,18 @@ def _build_env(**extra) -> dict:
     return {**env, "DIVE_FAST_BUILD_CUDA": "0", **extra}
 
 
-@pytest.mark.parametrize("knobs, reason", [
-    ({"CXX": "false", "CC": "false"}, "not built: the compile failed"),
-    ({"DIVE_FAST_BUILD_EXT": "0"}, "not built: DIVE_FAST_BUILD_EXT=0"),
-], ids=["no-compiler", "skipped"])
-def test_the_build_succeeds_without_the_extension(tree, tmp_path, knobs, reason):
+@pytest.mark.parametrize("knobs, in_place, reason", [
+    ({"CXX": "false", "CC": "false"}, True, "not built: the compile failed"),
+    ({"DIVE_FAST_BUILD_EXT": "0"}, False, "not built: DIVE_FAST_BUILD_EXT=0"),
+], ids=["no-compiler-in-place", "skipped"])
+def test_the_build_succeeds_without_the_extension(tree, tmp_path, knobs, in_place, reason):
+    """In place (what an editable install does) and into a build folder (a wheel's way)."""
     base = tmp_path / "build"
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(base)],
-                          cwd=tree, env=_build_env(**knobs), capture_output=True, text=True,
-                          timeout=300)
+    command = ["build_ext", "--inplace"] if in_place else ["build", "--build-base", str(base)]
+    proc = subprocess.run([sys.executable, "setup.py", "-q", *command], cwd=tree,
+                          env=_build_env(**knobs), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (lib,) = base.glob("lib*")
+    lib = tree if in_place else next(base.glob("lib*"))
     assert not list(lib.glob("dive_fast/_C*.so"))
     assert (lib / "dive_fast" / "_C_not_built.txt").read_text().startswith(reason)
     code = f"""
