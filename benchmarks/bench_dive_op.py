@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, measure, result_path, synchronize, write_csv  # noqa: E402
+from common import environment, measure, pyplot, result_path, synchronize, write_csv  # noqa: E402
 
 from dive_fast import dive_loss  # noqa: E402
 from dive_fast.ops import backends  # noqa: E402
@@ -265,10 +265,11 @@ def time_modes(fn, inputs, m, device, repeats, min_time_s):
     return out
 
 
-def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows, path) -> bool:
+    """The fwd+bwd bar chart at ``path``; False (and said why) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
     sel = [r for r in rows if r["mode"] == "fwd+bwd"]
     shapes = sorted({(r["dtype"], r["B"], r["D"]) for r in sel})
     impls = list(dict.fromkeys(r["impl"] for r in sel))
@@ -287,6 +288,8 @@ def plot(rows, path):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,8 +400,9 @@ def run(args):
                   f"{r['min_us']:6.1f}) {r['ratio_to_bare']:5.2f}x the bare Function")
         rows += [{**r, **env} for r in host]
     write_csv(rows, args.out)
-    plot([r for r in rows if r["op"] == "dive"], Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    png = Path(args.out).with_suffix(".png")
+    plotted = plot([r for r in rows if r["op"] == "dive"], png)
+    print(f"wrote {args.out}" + (f" and {png}" if plotted else ""))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (environment, result_path, synchronize, train_cli, user_step,  # noqa: E402
-                    write_csv)
+from common import (environment, pyplot, result_path, synchronize, train_cli,  # noqa: E402
+                    user_step, write_csv)
 
 from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
@@ -177,9 +177,9 @@ def summarize(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:  # said why; the CSV and the table are written all the same
+        return
     models = list(dict.fromkeys((r["model"], r["image_size"]) for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, (model, size) in zip(axes[0], models):

@@ -8,6 +8,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -108,6 +109,20 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None, said why, when matplotlib is not
+    installed (it comes with the extra `train`): a benchmark then writes its CSV, no plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib, or the extra "
+              "`.[train]`); the results are written all the same", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def train_cli(method: str, model: str, batch: int, ref_batch: int, ref_size: int, amp: str,

@@ -24,7 +24,20 @@
 #include <vector>
 
 #include "dive_common.h"
-#include "dive_cuda_plan.h"
+
+// The two hot loops (stats_chunk, backward_rows) are compiled twice: for the build's
+// portable baseline and for x86-64-v3 (AVX2, FMA: Intel since Haswell, AMD since Zen), the
+// CPU choosing at load time (GCC function multi-versioning, resolved once by an ifunc). No
+// AVX-512 clone: the loops are memory-bound and GCC's own tuning for AVX-512 parts keeps
+// 256-bit vectors. A build for a named -march (DIVE_FAST_CPU_ARCH) sets DIVE_CPU_NO_CLONES:
+// its code is already specific, and a v3 clone would win over it. Elsewhere (non-x86,
+// Clang, no glibc ifunc) the baseline alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && \
+    !defined(DIVE_CPU_NO_CLONES)
+#define DIVE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DIVE_CPU_CLONES
+#endif
 
 namespace dive_fast {
 namespace {
@@ -72,6 +85,7 @@ inline void count_bad(acc_t* bad, const acc_t (&ss)[4]) {
 // first u (the shifted-data algorithm): with c a sample of the data, M2 = Q - |S|^2 / n
 // does not cancel, unlike the unshifted |u|^2 - 2 m.u + |m|^2 form.
 template <typename ft_t, typename pre_t, typename acc_t>
+DIVE_CPU_CLONES
 void stats_chunk(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
                  const at::Tensor& T0, int64_t r0, int64_t r1, bool normalize,
                  ChunkStats<acc_t>& st) {
@@ -399,6 +413,7 @@ inline void store_streaming(ft_t* dst, const acc_t* src, int64_t D) {
 }
 
 template <typename ft_t, typename pre_t, typename acc_t>
+DIVE_CPU_CLONES
 void backward_rows(const at::Tensor& A, const at::Tensor& A0, const at::Tensor& T,
                    const at::Tensor& T0, const acc_t* m, acc_t c_avl, acc_t c_pvl,
                    bool normalize, at::Tensor& GA, at::Tensor& GT, int64_t r0, int64_t r1) {
@@ -472,46 +487,12 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY(dive_fast_C, lib) {
-  // The statistics (per-part means and scalars), the finalisation of such statistics
-  // (b given: the mean over ranks), and the two in one call; m_out receives m_new too.
-  // dive_stats returns (means, scalars, workspace); the workspace (empty on the CPU) goes to
-  // dive_finalize with them: on a GPU it holds the finalisation's ticket, zeroed by the
-  // statistics kernel, and its partial sums.
-  lib.def("dive_stats(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, "
-          "bool normalize) -> (Tensor, Tensor, Tensor)");
-  lib.def("dive_finalize(Tensor means, Tensor scalars, Tensor? workspace, Tensor m, "
-          "Tensor(a!)? m_out, Tensor? b, float momentum, float lam_avl, float lam_pvl) "
-          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  lib.def("dive_forward(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, Tensor m, "
-          "Tensor(a!)? m_out, bool normalize, float momentum, float lam_avl, float lam_pvl) "
-          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  lib.def("dive_backward(Tensor img_ft, Tensor img_pre, Tensor txt_ft, Tensor txt_pre, "
-          "Tensor m, Tensor? g_loss, Tensor? g_avl, Tensor? g_pvl, float lam_avl, "
-          "float lam_pvl, float scale, bool normalize) -> (Tensor, Tensor)");
-  // The CPU backward's cache of gradient blocks: bytes held, and a way to free them.
-  lib.def("cpu_cached_bytes() -> int", [] { return int64_t(GradientBlockCache::instance().cached_bytes()); });
+// The CPU backward's cache of gradient blocks: bytes held, and a way to free them. The
+// dive_* ops' schema is in dive_schema.cpp.
+TORCH_LIBRARY_FRAGMENT(dive_fast_C, lib) {
+  lib.def("cpu_cached_bytes() -> int",
+          [] { return int64_t(GradientBlockCache::instance().cached_bytes()); });
   lib.def("cpu_release_cached() -> ()", [] { GradientBlockCache::instance().release_all(); });
-  // The CUDA kernels' launch shapes (dive_cuda_plan.h), for the ahead-of-time checks: they
-  // need no GPU and no CUDA build.
-  lib.def("cuda_parts() -> int", [] { return int64_t(kParts); });
-  lib.def("cuda_max_dim() -> int", [] { return kMaxDim; });
-  lib.def("cuda_stats_plan(int dim, int elem_ft, int elem_pre, bool aligned, int shared_limit) "
-          "-> int[]", [](int64_t D, int64_t ft, int64_t pre, bool aligned, int64_t limit) {
-            const StatsPlan p = stats_plan(D, int(ft), int(pre), aligned, limit);
-            return std::vector<int64_t>{p.fast, p.chunks, p.threads_per_row, p.rows_per_tile,
-                                        p.stages, p.stage_bytes, p.shared_bytes, kParts,
-                                        kStatsThreads};
-          });
-  lib.def("cuda_backward_plan(int batch, int dim, int elem_ft, int elem_pre, bool aligned) "
-          "-> int[]", [](int64_t B, int64_t D, int64_t ft, int64_t pre, bool aligned) {
-            const BackwardPlan p = backward_plan(B, D, int(ft), int(pre), aligned);
-            return std::vector<int64_t>{p.fast, p.threads_per_row, p.rows_per_block, p.threads,
-                                        p.blocks};
-          });
-  lib.def("cuda_finalize_plan(int dim) -> int[]", [](int64_t D) {
-    return std::vector<int64_t>{finalize_blocks(D), kFinalizeThreads, workspace_doubles(D)};
-  });
 }
 
 TORCH_LIBRARY_IMPL(dive_fast_C, CPU, lib) {
@@ -522,6 +503,3 @@ TORCH_LIBRARY_IMPL(dive_fast_C, CPU, lib) {
 }
 
 }  // namespace dive_fast
-
-// Importing dive_fast._C registers the ops above; the module itself exports nothing.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}

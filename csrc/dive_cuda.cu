@@ -2,8 +2,8 @@
 // (what each does, and why, is written there) and their registration as the CUDA
 // implementations of the dive_fast_C ops. Launch shapes come from dive_cuda_plan.h; the
 // device's shared-memory limit and each kernel's attribute are set up once per process.
-// dive_emulated.cpp compiles this file with DIVE_EMULATE: the same launchers, on CPU
-// tensors, with the kernels run by the CPU model of cuda_emulation.h.
+// tests/ops/cuda_emulation/dive_emulated.cpp compiles this file with DIVE_EMULATE: the same
+// launchers, on CPU tensors, with the kernels run by the CPU model of cuda_emulation.h.
 #ifndef DIVE_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

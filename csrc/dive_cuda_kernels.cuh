@@ -1,6 +1,7 @@
 // The DiVE CUDA kernels (device code only). Compiled by nvcc for the extension
 // (dive_cuda.cu) and, with DIVE_EMULATE, by the host compiler against the CPU model of
-// cuda_emulation.h (dive_emulated.cpp), which the tests run without a GPU.
+// tests/ops/cuda_emulation/cuda_emulation.h (on the include path of that test-only build,
+// tests/ops/cuda_emulation/dive_emulated.cpp), which the tests run without a GPU.
 //
 // Forward, two launches:
 // - dive_stats_kernel: kParts blocks, whatever the batch and the GPU (the partials, and so

@@ -1,7 +1,7 @@
 // Launch shapes of the DiVE CUDA kernels, as functions of the problem alone (and, for the
 // pipeline depth, of the device's shared memory): host code shared by the CUDA launchers
-// (dive_cuda.cu), the CPU emulation of the kernels (dive_emulated.cpp) and the
-// ahead-of-time checks (dive_fast.ops.aot reads them through registered ops).
+// (dive_cuda.cu), the CPU emulation of the kernels (tests/ops/cuda_emulation/) and the
+// ahead-of-time checks (tools/aot.py reads them through the ops of dive_cuda_plan_ops.cpp).
 #pragma once
 
 #include <algorithm>

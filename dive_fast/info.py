@@ -44,6 +44,15 @@ def override_lines(rows=None) -> list[str]:
     return lines
 
 
+def extension_status() -> str:
+    """The compiled extension: loaded (with its kernels), or why not."""
+    loaded, why = extension.load()
+    if loaded:
+        kernels = [k for k in ("CPU", "CUDA") if extension.has_kernel(k)]
+        return f"loaded, kernels for {', '.join(kernels)}"
+    return f"absent, {why.removeprefix('dive_fast._C ')}"
+
+
 def versions() -> dict[str, str]:
     out = {"dive_fast": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "torch.version.cuda": str(torch.version.cuda)}
@@ -57,9 +66,7 @@ def versions() -> dict[str, str]:
         out["open_clip"] = open_clip.__version__
     except Exception as exc:
         out["open_clip"] = f"unavailable ({exc})"
-    loaded, why = extension.load()
-    kernels = [k for k in ("CPU", "CUDA") if extension.has_kernel(k)]
-    out["dive_fast._C"] = f"loaded, kernels for {', '.join(kernels)}" if loaded else why
+    out["dive_fast._C"] = extension_status()
     out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     out["TRITON_INTERPRET"] = str(backends.triton_interpreted())
     return out

@@ -121,7 +121,7 @@ def _parsers():
     yield module_parser("dive_fast.train.evaluate")
     yield module_parser("dive_fast.train.pretrain")
     yield module_parser("dive_fast.world")
-    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+    for script in sorted((ROOT / "benchmarks").rglob("*.py")):  # research/, gpu_check/ too
         if script.name.startswith("test_") or script.name == "common.py":
             continue
         parser = _script_parser(script)

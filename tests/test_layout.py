@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers.site import site_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dive_fast"
 # numpy stays visible: torch itself probes for it (torch._dynamo's trace rules).
@@ -16,13 +17,7 @@ TRAINING_APP_ONLY = ("open_clip", "matplotlib", "webdataset", "tqdm", "PIL", "to
 def test_the_kernel_library_imports_and_runs_with_torch_alone(tmp_path):
     """In a site folder holding every installed package but those only the training app
     needs, DiVELoss imports, runs forward and backward, and names its backends."""
-    import sysconfig
-    packages = Path(sysconfig.get_paths()["purelib"])
-    hidden = {n.lower() for n in TRAINING_APP_ONLY} | {"open_clip_torch", "pillow"}
-    for entry in packages.iterdir():
-        name = entry.name.split("-")[0].split(".")[0].lower()
-        if name not in hidden and not entry.name.startswith(("__editable__", "_dive_fast")):
-            (tmp_path / entry.name).symlink_to(entry)
+    site_folder(tmp_path, {*TRAINING_APP_ONLY, "open_clip_torch", "pillow"})
     code = f"""
 import sys
 sys.path[:0] = [{str(PACKAGE.parent)!r}, {str(tmp_path)!r}]
@@ -144,11 +139,79 @@ def test_the_training_app_is_one_subpackage():
     top = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
     assert top - {"__pycache__"} <= {"__init__", "_argparse", "accumulate", "info", "loss",
                                      "testing", "ops", "train", "world"}, top
-    for path in PACKAGE.rglob("*.py"):
-        if {"train", "world"} & set(path.relative_to(PACKAGE).parts) or path.name == "info.py":
-            continue  # info reports open_clip's version when it is there
-        imported = {a.name for node in ast.walk(ast.parse(path.read_text()))
-                    if isinstance(node, ast.Import) for a in node.names}
-        imported |= {node.module or "" for node in ast.walk(ast.parse(path.read_text()))
-                     if isinstance(node, ast.ImportFrom) and not node.level}
-        assert not {m for m in imported if m.split(".")[0] in ("open_clip", "webdataset")}, path
+
+
+def _third_party_imports(path: Path) -> dict[str, bool]:
+    """{top-level module: whether every import of it is guarded by a try that catches
+    ImportError} for the modules outside the standard library and dive_fast."""
+    tree = ast.parse(path.read_text())
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                h.type is None or any(isinstance(n, ast.Name) and n.id in (
+                    "ImportError", "ModuleNotFoundError", "Exception")
+                    for n in ast.walk(h.type)) for h in node.handlers):
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    found: dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top != "dive_fast":
+                found[top] = found.get(top, True) and id(node) in guarded
+    return found
+
+
+def test_the_library_half_imports_torch_alone():
+    """dive_fast/*.py and dive_fast/ops/ (the kernel library; `pip install .` gives it torch
+    alone) import no third-party module but torch, except triton (the Triton backend, when
+    installed) and open_clip (info reports its version), each only inside a try that
+    catches ImportError; the Triton kernels' own module (dive_triton.py) imports triton
+    outright, and is imported only once triton is known to be there (the torch-alone run
+    above proves it)."""
+    files = [*PACKAGE.glob("*.py"), *(PACKAGE / "ops").rglob("*.py")]
+    assert len(files) > 5
+    for path in files:
+        for module, guarded in _third_party_imports(path).items():
+            optional = module in ("triton", "open_clip")
+            guarded = guarded or (module == "triton" and path.name == "dive_triton.py")
+            assert module == "torch" or (optional and guarded), \
+                f"{path.relative_to(PACKAGE.parent)} imports {module}" + (
+                    " outside a try" if optional else "")
+
+
+def _setup_arguments(monkeypatch) -> dict:
+    """The arguments setup.py gives setuptools.setup, from running it with the extension
+    skipped (nothing compiles, torch is not imported)."""
+    import runpy
+
+    import setuptools
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.setenv("DIVE_FAST_BUILD_EXT", "0")
+    monkeypatch.chdir(PACKAGE.parent)
+    runpy.run_path(str(PACKAGE.parent / "setup.py"), run_name="__main__")
+    return captured
+
+
+def test_setup_installs_the_library_with_torch_alone(monkeypatch):
+    """`pip install .` asks for torch only; the app's packages come with the extra `train`,
+    the tests' with `test` (which holds `train`); only dive_fast is installed (not tools/,
+    tests/ or benchmarks/), at the version the package states."""
+    import dive_fast
+    kw = _setup_arguments(monkeypatch)
+    assert [r.split(">")[0].split("=")[0] for r in kw["install_requires"]] == ["torch"]
+    train, test = kw["extras_require"]["train"], kw["extras_require"]["test"]
+    names = {r.split(">")[0].split("=")[0].lower() for r in train}
+    assert {"open_clip_torch", "pillow", "webdataset", "braceexpand", "safetensors", "tqdm",
+            "numpy"} <= names, names
+    assert set(train) <= set(test) and "pytest>=7.3" in test
+    assert all(p.split(".")[0] == "dive_fast" for p in kw["packages"]), kw["packages"]
+    assert {"dive_fast", "dive_fast.ops", "dive_fast.train", "dive_fast.world"} <= \
+        set(kw["packages"])
+    assert kw["version"] == dive_fast.__version__

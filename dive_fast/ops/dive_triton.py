@@ -34,7 +34,7 @@ import triton.language as tl
 from .dive_reference import INFO_SIZE, NUM_SCALARS, accumulation_dtype
 
 # fp32 elements per [BLOCK_B, BLOCK_D] tile and per thread, and at most 8 warps: no
-# configuration spills on sm_80 or sm_90 (`python -m dive_fast.ops.aot`,
+# configuration spills on sm_80 or sm_90 (`python -m tools.aot`,
 # benchmarks/results/gpu_kernels.csv). Tried and dropped: 4096-element tiles at 8 warps
 # (ptxas capped some at 128 registers and spilled, D <= 256), 16 warps (capped at 64,
 # spills), rows of 8192 (32 warps, 64 registers: spills).

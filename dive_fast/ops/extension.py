@@ -6,10 +6,14 @@ serves, and ``backends.select`` warns once, saying why.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
 OP_NAMESPACE = "dive_fast_C"
+# Left beside where dive_fast._C would be by setup.py's build_ext when it skipped or failed
+# the build: its text is the reason (an import error alone says only "no module").
+BUILD_NOTE = Path(__file__).resolve().parents[1] / "_C_not_built.txt"
 
 
 @functools.lru_cache(maxsize=None)
@@ -18,6 +22,8 @@ def load() -> tuple[bool, str]:
     try:
         from dive_fast import _C  # noqa: F401
     except Exception as exc:  # ImportError, or a symbol/ABI error from a stale build
+        if BUILD_NOTE.is_file():
+            return False, f"dive_fast._C {BUILD_NOTE.read_text().strip()}"
         reason = f"dive_fast._C is not importable ({type(exc).__name__}: {exc}); " \
                  "build it with `pip install --no-build-isolation -e .`"
         return False, reason

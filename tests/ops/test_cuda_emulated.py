@@ -1,8 +1,8 @@
 """The CUDA kernels, run without a GPU: csrc/dive_cuda.cu's launchers and kernels compiled
-against the CPU model of csrc/cuda_emulation.h (every CUDA thread a fiber, barriers and
-shuffles as the hardware binds them, cp.async copies landing only at their wait), checked
-against the float64 oracle, for bitwise determinism (pipeline depth, block arrival order)
-and for the launch shape's promises (a fixed number of parts)."""
+against the CPU model of tests/ops/cuda_emulation/cuda_emulation.h (every CUDA thread a fiber,
+barriers and shuffles as the hardware binds them, cp.async copies landing only at their
+wait), checked against the float64 oracle, for bitwise determinism (pipeline depth, block
+arrival order) and for the launch shape's promises (a fixed number of parts)."""
 import itertools
 import shutil
 from pathlib import Path
@@ -15,6 +15,7 @@ from dive_fast.ops.dive_reference import reference_stats
 from dive_fast.testing import ERROR_FLOOR, make_inputs, relative_error, run_eager
 
 ROOT = Path(__file__).resolve().parents[2]
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"  # test-only, not shipped
 H100_SHARED = 232448  # opt-in shared memory per block: three stages of 32 or 64 KB
 PARTS = 264
 
@@ -24,8 +25,10 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 @pytest.fixture(scope="module")
 def emu():
     from torch.utils.cpp_extension import load
-    return load(name="dive_fast_emulated", sources=[str(ROOT / "csrc" / "dive_emulated.cpp")],
-                extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-std=c++20"])
+    # dive_emulated.cpp includes csrc/dive_cuda.cu, whose kernels include cuda_emulation.h
+    return load(name="dive_fast_emulated", sources=[str(EMULATION / "dive_emulated.cpp")],
+                extra_include_paths=[str(ROOT / "csrc"), str(EMULATION)],
+                extra_cflags=["-O2", "-std=c++20"])
 
 
 def emulated(emu, inputs, m, lam=1000.0, momentum=0.99, normalize=True,

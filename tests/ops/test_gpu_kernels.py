@@ -1,5 +1,5 @@
 """Every GPU kernel configuration compiles for sm_80 and sm_90, without a GPU, and none
-spills (``dive_fast.ops.aot``: Triton through ``triton.compile`` for a named target,
+spills (``tools.aot``: Triton through ``triton.compile`` for a named target,
 CUDA through nvcc --resource-usage); the committed benchmarks/results/gpu_kernels.csv is
 what this code compiles to. The machine code (SASS) holds to the design of issue 19:
 statistics tile loops that load with cp.async and at most two barriers a tile, backward
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dive_fast.ops import aot
+from tools import aot  # the checkout's tools/ (pytest's pythonpath), not the package
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "benchmarks" / "results" / "gpu_kernels.csv"
@@ -31,9 +31,9 @@ def rows(tmp_path_factory):
     """One compile of everything per test session (a few minutes on 2 cores)."""
     out = tmp_path_factory.mktemp("aot") / "gpu_kernels.csv"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "dive_fast.ops.aot", "--out", str(out)]
+    cmd = [sys.executable, "-m", "tools.aot", "--out", str(out)]
     proc = subprocess.run(cmd + ([] if HAS_NVCC else ["--no-cuda"]), capture_output=True,
-                          text=True, env=env, timeout=1800)
+                          text=True, env=env, timeout=1800, cwd=ROOT)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
         return list(csv.DictReader(f))
@@ -93,7 +93,7 @@ def test_shared_memory_fits(rows):
 
 
 def test_committed_csv_is_current(rows):
-    """Regenerate with `python -m dive_fast.ops.aot` after changing a kernel or a launcher."""
+    """Regenerate with `python -m tools.aot` after changing a kernel or a launcher."""
     with open(COMMITTED) as f:
         committed = {tuple(r[k] for k in KEY): r for r in csv.DictReader(f)}
     fresh = {tuple(r[k] for k in KEY): r for r in rows}

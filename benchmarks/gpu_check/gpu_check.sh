@@ -3,20 +3,20 @@
 # for this GPU's architecture, check triton and cuda against the float64 oracle, count launches,
 # time the op and the training step, measure the step's memory. CSVs go to $OUT or benchmarks/results/local/.
 #
-#   bash benchmarks/gpu_check.sh             # on a CUDA machine
-#   bash benchmarks/gpu_check.sh --dry-run   # here: every stage on the CPU, Triton
-#                                            # interpreted, the CUDA parts skipped (CI runs it)
+#   bash benchmarks/gpu_check/gpu_check.sh            # on a CUDA machine
+#   bash benchmarks/gpu_check/gpu_check.sh --dry-run  # here: every stage on the CPU, Triton
+#                                    # interpreted, the CUDA parts skipped (CI runs it)
 #
 # Packages the GPU machine lacks (open_clip_torch, ftfy, wcwidth, webdataset, braceexpand,
 # ...) may be carried as wheels in the ignored folder .whl/ (see the README); they are
 # installed into /tmp/site, without network, before anything runs.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu_check/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
   esac
 done
 PYTHON="${PYTHON:-python3}"
@@ -27,7 +27,7 @@ fi
 export PYTHONUNBUFFERED=1
 if [ "$DRY_RUN" = 1 ]; then
   echo "dry run: CUDA build skipped (no GPU here); the installed dive_fast is used"
-  exec "$PYTHON" benchmarks/gpu_check.py --dry-run
+  exec "$PYTHON" benchmarks/gpu_check/gpu_check.py --dry-run
 fi
 # The extension for this GPU's own architecture only, in place (what `pip install -e .`
 # would build): an A100 gets 8.0, an H100/H200 9.0, a B200 10.0.
@@ -43,4 +43,5 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # stage whose expected time (gpu_check.py's EXPECTED_S) no longer fits is skipped and said.
 LEFT=$((300 - SECONDS))
 [ "$LEFT" -lt 60 ] && LEFT=60
-exec timeout --signal=INT "$((LEFT + 30))" "$PYTHON" benchmarks/gpu_check.py --budget "$LEFT"
+exec timeout --signal=INT "$((LEFT + 30))" \
+  "$PYTHON" benchmarks/gpu_check/gpu_check.py --budget "$LEFT"

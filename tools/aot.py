@@ -1,7 +1,7 @@
 """Every GPU kernel compiled ahead of time for named targets, without a GPU, with its
 resource use (registers, spills, shared memory) as ptxas reports it.
 
-    python -m dive_fast.ops.aot --out benchmarks/results/gpu_kernels.csv   # sm_80 and sm_90
+    python -m tools.aot --out benchmarks/results/gpu_kernels.csv   # sm_80 and sm_90
 
 Triton: every configuration the launchers can choose (``launch_config`` over the D
 buckets, fp32/bf16/fp16 for the fine-tuned and for the frozen inputs, normalisation on and
@@ -17,7 +17,7 @@ instance; the statistics kernels' dynamic shared memory is their launcher's plan
 ``blocks_per_sm`` estimates how many blocks of the kernel fit on one SM at once, the
 least of the register, thread and shared-memory limits; ``bytes_in_flight_per_sm`` that
 times the bytes of input a block has requested ahead of its arithmetic. The other columns
-are read from the SASS (``dive_fast.ops.sass.kernel_facts``): the statistics tile loop's
+are read from the SASS (``tools.sass.kernel_facts``): the statistics tile loop's
 barriers and loads, the backward's loads and stores, the finalisation's loops, and the
 atomics of every kernel; ``tests/ops/test_gpu_kernels.py`` holds them to the design.
 """
@@ -40,12 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import sass
+from tools import sass
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: csrc/ and benchmarks/
 # Per SM: 64K registers, 2048 threads; shared memory per SM and per block (opt-in maximum).
 REGISTERS_PER_SM, THREADS_PER_SM, REGISTER_UNIT = 65536, 2048, 256
 SHARED_PER_SM = {80: 167936, 90: 233472}
@@ -91,7 +91,7 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
 # --- Triton ------------------------------------------------------------------------------
 
 def _dim_buckets():
-    from .dive_triton import MAX_DIM, MIN_BLOCK_D
+    from dive_fast.ops.dive_triton import MAX_DIM, MIN_BLOCK_D
     d = MIN_BLOCK_D
     while d <= MAX_DIM:
         yield d
@@ -100,7 +100,7 @@ def _dim_buckets():
 
 def triton_jobs() -> list[tuple[str, str, dict]]:
     """(kernel, config label, job) for every configuration the launchers can choose."""
-    from .dive_triton import FINALIZE, launch_config
+    from dive_fast.ops.dive_triton import FINALIZE, launch_config
     jobs = []
     pairs = list(itertools.product(DTYPES, repeat=2))
     for D, (ft, pre), normalize in itertools.product(_dim_buckets(), pairs, (True, False)):
@@ -128,8 +128,8 @@ def _kernel_args(job: dict):
     constexprs and compile options for one job, as its launcher passes them."""
     import torch
 
-    from . import dive_triton as k
-    from .dive_reference import NUM_SCALARS
+    from dive_fast.ops import dive_triton as k
+    from dive_fast.ops.dive_reference import NUM_SCALARS
 
     ptr = lambda name: torch.empty(16, dtype=getattr(torch, DTYPES[name]))  # noqa: E731
     f32, i32 = ptr("fp32"), torch.empty(16, dtype=torch.int32)
@@ -201,7 +201,7 @@ def compile_triton(job: dict, arch: int) -> dict:
 def _triton_in_flight(job: dict, blocks: int) -> int | str:
     """Bytes of the inputs a SM has requested and not yet received, at most: the
     statistics kernel's pipelined tiles (STAGES - 1 ahead), the backward's one tile."""
-    from .dive_triton import STAGES
+    from dive_fast.ops.dive_triton import STAGES
     if job["kernel"] == "_dive_finalize_kernel":
         return ""
     tile = job["block_b"] * job["chunks"] * job["vec"] * 2 * (ELEMENT_BYTES[job["ft"]]
@@ -275,22 +275,31 @@ def _cuda_launch(ops, kernel: str, args: dict, arch: int):
     return 256, 0, 0, ""
 
 
+def _plan_ops():
+    """The extension's launch-plan ops (csrc/dive_cuda_plan_ops.cpp), or None when
+    dive_fast._C is not built (the statistics kernels' dynamic shared memory is then left
+    out of their rows)."""
+    import torch
+    try:
+        import dive_fast._C  # noqa: F401  (importing it registers the ops)
+    except ImportError:
+        return None
+    return torch.ops.dive_fast_C
+
+
 def cuda_rows(archs=ARCHS) -> list[dict]:
     """Each CUDA kernel instance's resources and machine-code facts per architecture, from
     nvcc --resource-usage and the cubin's SASS."""
-    import torch
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("no CUDA toolkit (nvcc) found")
-    from . import extension
-    ops = extension.ops() if extension.load()[0] else None
+    ops = _plan_ops()
     flags = ["-O3", "-lineinfo", "-std=c++20", *COMMON_NVCC_FLAGS, f"-I{ROOT / 'csrc'}",
              *(f"-I{p}" for p in include_paths(device_type="cuda")),
              f"-I{sysconfig.get_paths()['include']}",
              "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
-    del torch
 
     def compile_arch(arch):
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,9 @@
 """The paper's tables in miniature: every method on the embedded world, equal budgets,
 three fine-tuning seeds (mean and spread).
 
-    python benchmarks/replicate.py                    # everything, 3 seeds: ~2.5 h on 2 CPU cores
-    python benchmarks/replicate.py --seeds 0 --methods zeroshot flyp dive --lams   # a quick look
+    python benchmarks/research/replicate.py        # everything, 3 seeds: ~2.5 h on 2 CPU cores
+    python benchmarks/research/replicate.py --seeds 0 --methods zeroshot flyp dive --lams
+                                                   # a quick look
 
 Each method fine-tunes the cached pre-trained dive-tiny with ``dive_fast.train``'s defaults
 (steps, batch, lr, lambda 1000, momentum 0.99; override with --train-args) and each seed,
@@ -120,7 +121,7 @@ def write(args, rows):
               f"unless the row says otherwise; fine-tuning seeds {args.seeds} (the seeds column "
               f"says how many each row has); "
               f"{args.eval_per_task} test images per task. Regenerate: "
-              f"`python benchmarks/replicate.py` (see its --help).\n\n"
+              f"`python benchmarks/research/replicate.py` (see its --help).\n\n"
               "Summary: mean ± sample standard deviation over the seeds (no spread: one seed), "
               "in %.\n\n")
     text = header + summary(rows) + "\n\nAll tasks (seed means, %):\n\n" + format_table(means)

@@ -1,5 +1,5 @@
 """Reading the GPU kernels' machine code (SASS) without a GPU: the facts the guards of
-``dive_fast.ops.aot`` check (load widths in the hot loops, barriers per tile, atomics,
+``tools.aot`` check (load widths in the hot loops, barriers per tile, atomics,
 what the finalisation's loops over parts contain).
 
 SASS comes from ``cuobjdump -sass`` (the CUDA toolkit's, or the copy Triton ships); a loop

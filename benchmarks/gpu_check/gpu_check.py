@@ -6,8 +6,8 @@ backend and dtype against the float64 oracle, the kernel launches per call, the
 training-step benchmark, the co-scheduled frozen forward against the sequential one, and
 the memory benchmark (FLYP against DiVE, full batch and micro-batched).
 
-    bash benchmarks/gpu_check.sh             # on a CUDA machine (budget: 5 minutes)
-    bash benchmarks/gpu_check.sh --dry-run   # anywhere: the same script on the CPU
+    bash benchmarks/gpu_check/gpu_check.sh             # on a CUDA machine (budget: 5 minutes)
+    bash benchmarks/gpu_check/gpu_check.sh --dry-run   # anywhere: the same script on the CPU
 
 The dry run takes every stage through its code on CPU tensors, with small shapes: the
 Triton kernels under TRITON_INTERPRET=1, the CUDA backend skipped with the reason, the
@@ -35,7 +35,8 @@ if DRY_RUN:  # before triton is imported anywhere
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
+# benchmarks/ (common, bench_*); this folder (check_streams) is the script's own sys.path[0]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from common import device_name, environment, write_csv  # noqa: E402
 
 from dive_fast import DiVELoss, info  # noqa: E402

@@ -1,7 +1,7 @@
 """Fine-tuning levers on the embedded world: runs dive_fast.train for each given setting and
 prints one compact row each (ID, OOD mean, zero-shot mean, RSA joint, seconds).
 
-    python benchmarks/diagnose_finetune.py --label flyp-vs-dive \\
+    python benchmarks/research/diagnose_finetune.py --label flyp-vs-dive \\
         --run "flyp=--method flyp" --run "dive=--method dive" \\
         --run "dive-l10=--method dive --lam 10" --common "--steps 150 --eval-per-task 200"
 
@@ -23,7 +23,7 @@ from dive_fast.train import methods
 from dive_fast.world import tasks
 from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "diagnosis.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "diagnosis.json"
 
 
 def compact(report: dict) -> dict:

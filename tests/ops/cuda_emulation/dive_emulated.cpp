@@ -1,7 +1,8 @@
-// The CUDA launchers and kernels of dive_cuda.cu, compiled for the CPU model of
-// cuda_emulation.h: a test-only module (tests/ops/test_cuda_emulated.py builds it with
-// torch.utils.cpp_extension.load) whose functions take CPU tensors and run the very
-// kernels the GPU runs, thread by thread. Not part of the installed extension.
+// The CUDA launchers and kernels of csrc/dive_cuda.cu, compiled for the CPU model of
+// cuda_emulation.h (beside this file): a test-only module (tests/ops/test_cuda_emulated.py
+// builds it with torch.utils.cpp_extension.load, csrc/ and this folder on the include path)
+// whose functions take CPU tensors and run the very kernels the GPU runs, thread by thread.
+// Not part of the installed extension.
 #define DIVE_EMULATE 1
 
 #include <torch/extension.h>

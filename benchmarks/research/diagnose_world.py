@@ -1,9 +1,9 @@
 """Diagnosis of the embedded world: what the tiny image tower can learn of each task.
 
-    python benchmarks/diagnose_world.py zeroshot --checkpoint PATH        # pre-trained model
-    python benchmarks/diagnose_world.py probe --checkpoint PATH           # linear probes
-    python benchmarks/diagnose_world.py scratch --task shapes --steps 600 # supervised ceiling
-    python benchmarks/diagnose_world.py perclass --checkpoint RUN/checkpoints/step-00000300.pt
+    python benchmarks/research/diagnose_world.py zeroshot --checkpoint PATH   # pre-trained
+    python benchmarks/research/diagnose_world.py probe --checkpoint PATH      # linear probes
+    python benchmarks/research/diagnose_world.py scratch --task shapes --steps 600  # ceiling
+    python benchmarks/research/diagnose_world.py perclass --checkpoint RUN/checkpoints/STEP.pt
 
 zeroshot: the checkpoint's zero-shot accuracy on every task (templates, as evaluate does).
 probe:    a linear probe (multinomial logistic regression) on the frozen, normalised image
@@ -34,7 +34,7 @@ from dive_fast.train.models import load_clip
 from dive_fast.world.tasks import TASKS, task_image
 from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "diagnosis.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "diagnosis.json"
 
 
 def task_tensor(task: str, split: str, n: int, size: int, seed: int = 0):

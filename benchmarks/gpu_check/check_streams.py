@@ -2,7 +2,8 @@
 of each (the step the training app runs, ``--no-frozen-cache``, with and without
 ``--co-schedule``).
 
-    python benchmarks/check_streams.py --device cuda --model ViT-B-16 --batch 256 --amp bf16
+    python benchmarks/gpu_check/check_streams.py --device cuda --model ViT-B-16 --batch 256 \
+        --amp bf16
 
 On a CPU there is no side stream: both runs are sequential, and the check proves only
 that the script and the code path work (``gpu_check.sh --dry-run`` runs it so).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, bench_step
 from common import environment, synchronize, write_csv  # noqa: E402
 from dive_fast._argparse import DefaultsFormatter  # noqa: E402
 
