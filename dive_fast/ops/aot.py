@@ -146,7 +146,8 @@ def _kernel_args(job: dict):
     a, p = ptr(job["ft"]), ptr(job["pre"])
     strides = [D, 1] * 4
     constexprs = dict(NORMALIZE=job["normalize"], BLOCK_B=job["block_b"], CHUNKS=job["chunks"],
-                      VEC=job["vec"], ROWS_IN_WARP=job["rows_in_warp"])
+                      VEC=job["vec"], ROWS_IN_WARP=job["rows_in_warp"],
+                      WIDE=job.get("wide", False))
     if job["kernel"] == "_dive_stats_kernel":
         args = [a, p, a, p, f32, f32, i32, B, D, *strides]
         return k._dive_stats_kernel, args, dict(constexprs, NUM_SCAL=NUM_SCALARS,
@@ -156,15 +157,14 @@ def _kernel_args(job: dict):
     return k._dive_backward_kernel, args, constexprs, dict(num_warps=job["num_warps"])
 
 
-def compile_triton(job: dict, arch: int) -> dict:
-    """One configuration for one architecture: the ptxas report of a real compile."""
+def _triton_compile(job: dict, arch: int):
+    """(compiled kernel, its launch options): ``triton.compile`` for the named target."""
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import native_specialize_impl
 
     kernel, args, constexprs, options = _kernel_args(job)
-    num_warps = options["num_warps"]
     names = [n for n in kernel.arg_names if n not in constexprs]
     signature, attrs = {}, {}
     for name, value in zip(names, args):  # the runtime's own specialisation of each argument
@@ -175,15 +175,32 @@ def compile_triton(job: dict, arch: int) -> dict:
         elif attr:
             attrs[(kernel.arg_names.index(name),)] = BaseBackend.parse_attr(attr)
     signature.update({n: "constexpr" for n in constexprs})
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options), options
+
+
+def triton_ptx(kernel: str, D: int, arch: int = 90, normalize: bool = True,
+               dtype: str = "fp32") -> str:
+    """The PTX of one statistics or backward configuration (what the launcher would choose
+    for rows of D values of ``dtype``), compiled without a GPU."""
+    from .dive_triton import launch_config
+    cfg = launch_config(D, ELEMENT_BYTES[dtype])
+    job = dict(kernel=kernel, D=D, ft=dtype, pre=dtype, normalize=normalize,
+               num_warps=cfg.num_warps, block_b=cfg.block_b, chunks=cfg.chunks, vec=cfg.vec,
+               rows_in_warp=cfg.rows_in_warp)
+    return _triton_compile(job, arch)[0].asm["ptx"]
+
+
+def compile_triton(job: dict, arch: int) -> dict:
+    """One configuration for one architecture: the ptxas report of a real compile."""
+    num_warps = _kernel_args(job)[3]["num_warps"]
     row = {"backend": "triton", "kernel": job["kernel"], "arch": f"sm_{arch}",
            "threads": 32 * num_warps, "error": ""}
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                      target=GPUTarget("cuda", arch, 32),
-                                      options=options)
+            compiled, _ = _triton_compile(job, arch)
     except Exception as exc:  # a configuration that does not compile is a finding
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     (entry,) = parse_ptxas(log.getvalue()).values()
