@@ -49,7 +49,7 @@ def extensions():
     if build_cuda and root is None:
         raise RuntimeError("DIVE_FAST_BUILD_CUDA=1 but no CUDA toolkit was found "
                            "(set CUDA_HOME or put nvcc on PATH)")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cxx = ["-O3", "-fopenmp", f"-march={os.environ.get('DIVE_FAST_CPU_ARCH', 'native')}"]
     sources = ["csrc/dive_cpu.cpp"]
     if build_cuda:

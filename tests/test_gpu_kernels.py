@@ -169,16 +169,21 @@ def test_bytes_in_flight(rows):
     assert not short, "\n".join(short)
 
 
-def test_parts_do_not_depend_on_the_batch():
-    """The statistics' parts are a constant (the CUDA launcher's grid, the Triton
-    launcher's programs on a GPU), so every result is the same at every batch size and on
-    every GPU; under the interpreter the Triton launcher keeps its own constant."""
+def test_parts_do_not_depend_on_the_batch(monkeypatch):
+    """The statistics' parts are one wave of the device (the CUDA launcher's grid, the
+    Triton launcher's programs on a GPU), whatever the batch, so every result is the same
+    at every batch size on one kind of GPU; under the interpreter the Triton launcher keeps
+    its own constant."""
     import torch
 
     from dive_fast import _extension
     from dive_fast.ops import dive_triton
     from dive_fast.testing import make_inputs
-    assert dive_triton.num_parts(torch.device("cuda")) == dive_triton.PARTS
+    monkeypatch.setattr(dive_triton, "_sm_count", lambda index: 114)  # an H100 PCIe
+    for D in (16, 512, 1024, 4096):
+        cfg = dive_triton.launch_config(D)
+        blocks = dive_triton.STATS_BLOCKS_PER_SM[cfg.block_d, cfg.num_warps]
+        assert dive_triton.num_parts(torch.device("cuda", 0), cfg) == 114 * blocks
     if _extension.load()[0]:
         ops = _extension.ops()
         assert {int(ops.cuda_stats_plan(d, 4, 4, True, 232448)[7]) for d in (8, 512, 4096)} \

@@ -165,3 +165,28 @@ def test_sums_over_tiles_do_not_drift(monkeypatch):
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     norms = scalars[:, NORM_U_SUM].double().sum()
     assert norms.item() == pytest.approx(a.double().norm(dim=1).sum().item(), rel=1e-6)
+
+
+# (SMs, blocks per SM) -> parts, and (parts, SMs, blocks per SM) -> waves, by hand: A100
+# 108 SMs, H100 SXM and H200 132, H100 PCIe 114, L40S 142.
+PARTS_BY_HAND = [(108, 2, 216), (132, 2, 264), (114, 2, 228), (142, 1, 142), (132, 3, 396),
+                 (114, 1, 114), (0, 2, 2), (132, 0, 132)]
+WAVES_BY_HAND = [(264, 108, 2, 2), (264, 108, 1, 3), (264, 114, 2, 2), (264, 132, 2, 1),
+                 (264, 142, 2, 1), (216, 108, 2, 1), (228, 114, 2, 1), (1, 132, 2, 1)]
+
+
+def test_parts_one_full_wave_per_device(monkeypatch):
+    """K = SMs x the configuration's blocks per SM: one wave, where the fixed 264 took two
+    on an A100 and left a 36-block tail on an H100 PCIe."""
+    for sms, blocks, parts in PARTS_BY_HAND:
+        assert dive_triton.stats_parts(sms, blocks) == parts, (sms, blocks)
+    for parts, sms, blocks, n in WAVES_BY_HAND:
+        assert dive_triton.waves(parts, sms, blocks) == n, (parts, sms, blocks)
+    for sms in (108, 114, 132, 142):
+        monkeypatch.setattr(dive_triton, "_sm_count", lambda index, sms=sms: sms)
+        for D in (16, 512, 1024, 4096):
+            for size in (4, 2):
+                cfg = dive_triton.launch_config(D, size)
+                blocks = dive_triton.STATS_BLOCKS_PER_SM[cfg.block_d, cfg.num_warps]
+                parts = dive_triton.num_parts(torch.device("cuda", 1), cfg)
+                assert dive_triton.waves(parts, sms, blocks) == 1 and parts % sms == 0

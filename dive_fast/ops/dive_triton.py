@@ -1,8 +1,9 @@
 """Triton kernels for the DiVE regulariser (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
 Forward, two launches:
-- ``_dive_stats_kernel``: a fixed number of programs (``PARTS``: the partials, hence every
-  result, are the same on every GPU and at every batch size); part k owns the row tiles
+- ``_dive_stats_kernel``: ``num_parts`` programs, one full wave on the device (its SMs
+  times the kernel's blocks per SM for the launch configuration): the partials, hence
+  every result, are the same at every batch size on one kind of GPU; part k owns the row tiles
   k, k + K, k + 2K, ..., loaded by a loop Triton pipelines (``tl.range(num_stages=...)``:
   cp.async into a shared-memory ring). Per tile: the rows' squared norms, then u, v,
   merged elementwise into each row slot's running means by Welford's update, and the
@@ -42,9 +43,7 @@ from .dive_reference import INFO_SIZE, NUM_SCALARS, accumulation_dtype
 TILE_ELEMENTS = 2048
 ELEMENTS_PER_THREAD = 8
 MAX_DIM = 4096  # wider rows: the cuda backend (or the reference)
-# Parts of the statistics on a GPU: fixed (as the cuda backend's), 2 x the 132 SMs of an
-# H100/H200. The interpreter runs programs one after another: a few parts, the same code.
-PARTS = 264
+# The interpreter runs programs one after another: a few parts, the same code.
 INTERPRETED_PARTS = 5
 STAGES = 3  # tiles in flight per program (the loads' pipeline depth)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -488,9 +487,39 @@ def _on_device(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def num_parts(device: torch.device) -> int:
-    """Programs of the statistics kernel: fixed on a GPU, whatever the batch."""
-    return PARTS if device.type == "cuda" else INTERPRETED_PARTS
+# Blocks of the statistics kernel an SM holds at once, per launch configuration (rows of
+# up to block_d values, warps): the least that the ahead-of-time compile finds over dtypes,
+# normalisation, 64-bit offsets and sm_80/sm_90 (registers bind; `python -m
+# dive_fast.ops.aot`); tests/test_gpu_kernels.py holds every compiled configuration to it.
+STATS_BLOCKS_PER_SM = {(16, 8): 2, (32, 8): 2, (64, 8): 2, (128, 8): 2, (256, 8): 2,
+                       (512, 8): 1, (1024, 4): 4, (1024, 8): 3, (2048, 8): 2, (2048, 16): 1,
+                       (4096, 16): 1}
+
+
+def stats_parts(sm_count: int, blocks_per_sm: int) -> int:
+    """Parts of the statistics: one full wave, ``blocks_per_sm`` blocks on each of
+    ``sm_count`` SMs (a tail wave leaves SMs idle while its blocks run: 1.2-1.5x on the
+    statistics pass). As csrc/dive_cuda_plan.h's stats_parts."""
+    return max(1, sm_count) * min(max(1, blocks_per_sm), 32)
+
+
+def waves(parts: int, sm_count: int, blocks_per_sm: int) -> int:
+    """Waves of ``parts`` blocks on ``sm_count`` SMs holding ``blocks_per_sm`` each."""
+    return -(-parts // (max(1, sm_count) * max(1, blocks_per_sm)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_parts(device: torch.device, cfg: LaunchConfig) -> int:
+    """Programs of the statistics kernel: on a GPU one full wave of the configuration, the
+    same for every batch on one kind of device (so is every result)."""
+    if device.type != "cuda":
+        return INTERPRETED_PARTS
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return stats_parts(_sm_count(index), STATS_BLOCKS_PER_SM[cfg.block_d, cfg.num_warps])
 
 
 def finalize_programs(D: int) -> int:
@@ -508,7 +537,7 @@ def triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
     workspace (its ticket zeroed by the kernel) for ``triton_finalize``."""
     B, D = img_ft.shape
     cfg = _config(img_ft, img_pre)
-    parts = num_parts(img_ft.device)
+    parts = num_parts(img_ft.device, cfg)
     acc = accumulation_dtype(img_ft)
     means = torch.empty(parts, 2, D, dtype=acc, device=img_ft.device)
     scalars = torch.empty(parts, NUM_SCALARS, dtype=acc, device=img_ft.device)
