@@ -55,20 +55,56 @@ FIELDS = ("backend", "kernel", "config", "arch", "registers", "spill_store_bytes
           "bytes_in_flight_per_sm", "barriers_per_tile", "inner_loop_barriers",
           "narrow_loads_hot", "wide_loads_hot", "async_loads_hot", "narrow_loads", "wide_loads",
           "narrow_stores", "wide_stores", "loops", "loop_barriers", "loop_divisions",
-          "loop_calls", "atomics", "float_atomics", "acq_rel_ticket", "error")
+          "loop_calls", "atomics", "float_atomics", "acq_rel_ticket", "waves_A100",
+          "waves_H100_SXM", "waves_H100_PCIe", "waves_H200", "waves_L40S", "error")
+# The statistics kernels' waves per GPU (their parts: one full wave by the launchers' rule):
+# SMs, the compile whose registers stand for the GPU's, threads and shared memory per SM.
+GPUS = {"A100": (108, 80, 2048, 167936), "H100_SXM": (132, 90, 2048, 233472),
+        "H100_PCIe": (114, 90, 2048, 233472), "H200": (132, 90, 2048, 233472),
+        "L40S": (142, 80, 1536, 102400)}
 KIND = {"_dive_stats_kernel": "stats", "_dive_backward_kernel": "backward",
         "_dive_finalize_kernel": "finalize", "dive_stats_kernel": "stats",
         "dive_stats_rows_kernel": "stats", "dive_backward_kernel": "backward",
         "dive_backward_rows_kernel": "backward", "dive_finalize_kernel": "finalize"}
 
 
-def blocks_per_sm(registers: int, threads: int, shared: int, arch: int) -> int:
+def blocks_per_sm(registers: int, threads: int, shared: int, arch: int,
+                  threads_per_sm: int = THREADS_PER_SM, shared_per_sm: int | None = None) -> int:
     warps = -(-threads // 32)
     per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
-    limits = [REGISTERS_PER_SM // max(1, per_warp * warps), THREADS_PER_SM // threads, 32]
-    if shared:
-        limits.append(SHARED_PER_SM[arch] // (shared + 1024))  # 1 KiB reserved per block
+    limits = [REGISTERS_PER_SM // max(1, per_warp * warps), threads_per_sm // threads, 32]
+    if shared:  # 1 KiB reserved per block
+        limits.append((shared_per_sm or SHARED_PER_SM[arch]) // (shared + 1024))
     return min(limits)
+
+
+def _launcher_blocks_per_sm(row: dict, resident: int) -> int:
+    """The blocks per SM the launcher counts for a statistics row: Triton's table for its
+    launch configuration; CUDA's occupancy query, i.e. what fits (``resident``)."""
+    if row["backend"] != "triton":
+        return resident
+    from .dive_triton import STATS_BLOCKS_PER_SM
+    cfg = dict(kv.split("=") for kv in row["config"].split() if "=" in kv)
+    return STATS_BLOCKS_PER_SM[int(cfg["CHUNKS"]) * int(cfg["VEC"]), int(cfg["warps"])]
+
+
+def add_waves(rows: list[dict]) -> list[dict]:
+    """Each statistics row's waves on each GPU of its architecture: the launcher's parts
+    (SMs x its blocks per SM) over what the GPU holds at once (the kernel's registers,
+    threads and shared memory against the GPU's)."""
+    from .dive_triton import stats_parts, waves
+    for row in rows:
+        if KIND.get(row["kernel"]) != "stats" or row.get("error") or not row.get("registers"):
+            continue
+        for name, (sms, arch, threads_per_sm, shared_per_sm) in GPUS.items():
+            if row["arch"] != f"sm_{arch}":
+                continue
+            resident = blocks_per_sm(int(row["registers"]), int(row["threads"]),
+                                     int(row["shared_bytes"]), arch, threads_per_sm,
+                                     shared_per_sm)
+            parts = stats_parts(sms, _launcher_blocks_per_sm(row, resident))
+            row[f"waves_{name}"] = waves(parts, sms, resident)
+    return rows
 
 
 def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
@@ -348,7 +384,7 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
 
 
 def collect(archs=ARCHS, jobs: int | None = None, cuda: bool = True) -> list[dict]:
-    return triton_rows(archs, jobs) + (cuda_rows(archs) if cuda else [])
+    return add_waves(triton_rows(archs, jobs) + (cuda_rows(archs) if cuda else []))
 
 
 def write_csv(rows: list[dict], path) -> None:
