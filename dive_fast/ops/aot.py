@@ -186,9 +186,9 @@ def _kernel_args(job: dict):
                       WIDE=job.get("wide", False))
     if job["kernel"] == "_dive_stats_kernel":
         args = [a, p, a, p, f32, f32, i32, B, D, *strides]
-        return k._dive_stats_kernel, args, dict(constexprs, NUM_SCAL=NUM_SCALARS,
-                                                NUM_STAGES=k.STAGES), dict(
-                                                    num_warps=job["num_warps"])
+        stats = dict(constexprs, NUM_SCAL=NUM_SCALARS, NUM_STAGES=k.STAGES,
+                     SUMS64=job["block_b"] <= k.SUMS64_MAX_ROWS)
+        return k._dive_stats_kernel, args, stats, dict(num_warps=job["num_warps"])
     args = [a, p, a, p, f32, f32, f32, f32, a, a, B, D, *strides, 20.0, 20.0, 0.01, 0.01]
     return k._dive_backward_kernel, args, constexprs, dict(num_warps=job["num_warps"])
 

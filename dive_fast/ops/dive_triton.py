@@ -46,6 +46,11 @@ MAX_DIM = 4096  # wider rows: the cuda backend (or the reference)
 # The interpreter runs programs one after another: a few parts, the same code.
 INTERPRETED_PARTS = 5
 STAGES = 3  # tiles in flight per program (the loads' pipeline depth)
+# The statistics' sums over tiles in float64 for tiles of at most this many rows (D >= 128:
+# a row slot sees 1/16 or more of its part's rows, thousands at B' in millions). Wider
+# tiles (32-128 rows, D <= 64) keep float32: a slot sees 1/32-1/128 of them, and float64
+# took fp32 inputs to 164-168 registers on sm_90, one block an SM instead of two.
+SUMS64_MAX_ROWS = 16
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
@@ -115,6 +120,15 @@ def _inverse_norm(sumsq, rmask, NORMALIZE: tl.constexpr, CHECK: tl.constexpr = T
 
 
 @triton.jit
+def _sums(x, SUMS64: tl.constexpr):
+    """A per-row term as the sums over tiles hold it: float64 with SUMS64, else float32."""
+    if SUMS64:
+        return x.to(tl.float64)
+    else:
+        return x
+
+
+@triton.jit
 def _flag(condition, rmask):
     return tl.where(rmask & condition, 1.0, 0.0)
 
@@ -125,7 +139,7 @@ def _dive_stats_kernel(
     s_a0, s_a1, s_p0, s_p1, s_t0, s_t1, s_q0, s_q1,
     NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr,
     ROWS_IN_WARP: tl.constexpr, NUM_STAGES: tl.constexpr, NUM_SCAL: tl.constexpr,
-    WIDE: tl.constexpr = False,
+    WIDE: tl.constexpr = False, SUMS64: tl.constexpr = True,
 ):
     """Tiles of [CHUNKS, BLOCK_B, VEC]. ROWS_IN_WARP (a warp holds whole rows): every row
     sum is a warp's, taken per tile (no barrier). Otherwise rows span warps and row sums
@@ -142,15 +156,16 @@ def _dive_stats_kernel(
     my_tiles = tl.cdiv(tl.maximum(n_tiles - pid, 0), K)
     zero = tl.zeros([CHUNKS, BLOCK_B, VEC], dtype=tl.float32)
     zero_row = _rsum(zero, ROWS_IN_WARP)  # per-row values in the layout row sums come in
-    zero_row64 = zero_row.to(tl.float64)
+    zero_row64 = _sums(zero_row, SUMS64)
     # Per row slot and column: running means (Welford), and across warps the PVL terms.
     # Per row slot: rows seen, sums of M2 and PVL terms and of |u|, |v|, and the
-    # non-finite and zero-norm row counts. The sums over tiles in float64 (a few adds a
-    # row): in float32 a slot's sum drifts once it holds thousands of rows (B' in millions),
-    # each new row's term below half an ulp of the sum. Counts are exact in float32.
+    # non-finite and zero-norm row counts. SUMS64: the sums over tiles in float64 (a few
+    # adds a row): in float32 a slot's sum drifts once it holds thousands of rows (B' in
+    # millions), each new row's term below half an ulp of the sum. Counts are exact in
+    # float32.
     mean_u = zero
     mean_v = zero
-    pv = zero.to(tl.float64)
+    pv = _sums(zero, SUMS64)
     m2u_rows = zero_row64
     m2v_rows = zero_row64
     pv_rows = zero_row64
@@ -206,16 +221,16 @@ def _dive_stats_kernel(
         if ROWS_IN_WARP:
             nu = _rsum(u * u)
             nv = _rsum(v * v)
-            m2u_rows += _rsum(m2u).to(tl.float64)
-            m2v_rows += _rsum(m2v).to(tl.float64)
-            pv_rows += _rsum((u - v) * (u - v)).to(tl.float64)
+            m2u_rows += _sums(_rsum(m2u), SUMS64)
+            m2v_rows += _sums(_rsum(m2v), SUMS64)
+            pv_rows += _sums(_rsum((u - v) * (u - v)), SUMS64)
         else:
             nu, nv, m2u_row, m2v_row = _rsum4(u * u, v * v, m2u, m2v, ROWS_IN_WARP)
-            m2u_rows += m2u_row.to(tl.float64)
-            m2v_rows += m2v_row.to(tl.float64)
-            pv += ((u - v) * (u - v)).to(tl.float64)
-        norm_u += tl.where(rmask, tl.sqrt_rn(nu), 0.0).to(tl.float64)
-        norm_v += tl.where(rmask, tl.sqrt_rn(nv), 0.0).to(tl.float64)
+            m2u_rows += _sums(m2u_row, SUMS64)
+            m2v_rows += _sums(m2v_row, SUMS64)
+            pv += _sums((u - v) * (u - v), SUMS64)
+        norm_u += _sums(tl.where(rmask, tl.sqrt_rn(nu), 0.0), SUMS64)
+        norm_v += _sums(tl.where(rmask, tl.sqrt_rn(nv), 0.0), SUMS64)
     if not ROWS_IN_WARP:
         pv_rows = _rsum(pv, ROWS_IN_WARP)
     # The row slots merged: the part's means (sum n_s mean_s / n), then the slots' squared
@@ -234,8 +249,8 @@ def _dive_stats_kernel(
     tl.store(out + D + cols2, part_v, mask=cols2 < D)
     scal = SCAL + pid * NUM_SCAL
     tl.store(scal + 0, n)
-    tl.store(scal + 1, tl.sum(m2u_rows, axis=0) + dev_u.to(tl.float64))
-    tl.store(scal + 2, tl.sum(m2v_rows, axis=0) + dev_v.to(tl.float64))
+    tl.store(scal + 1, tl.sum(m2u_rows, axis=0) + _sums(dev_u, SUMS64))
+    tl.store(scal + 2, tl.sum(m2v_rows, axis=0) + _sums(dev_v, SUMS64))
     tl.store(scal + 3, tl.sum(pv_rows, axis=0))
     tl.store(scal + 4, tl.sum(norm_u, axis=0))
     tl.store(scal + 5, tl.sum(norm_v, axis=0))
@@ -548,7 +563,8 @@ def triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
             img_ft, img_pre, txt_ft, txt_pre, means, scalars, workspace, B, D, *strides,
             NORMALIZE=normalize, BLOCK_B=cfg.block_b, CHUNKS=cfg.chunks, VEC=cfg.vec,
             ROWS_IN_WARP=cfg.rows_in_warp, NUM_STAGES=STAGES, NUM_SCAL=NUM_SCALARS,
-            WIDE=_wide(B, D, strides), num_warps=cfg.num_warps)
+            WIDE=_wide(B, D, strides), SUMS64=cfg.block_b <= SUMS64_MAX_ROWS,
+            num_warps=cfg.num_warps)
     return means, scalars, workspace
 
 
