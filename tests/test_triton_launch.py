@@ -148,11 +148,11 @@ def test_no_flushing_square_root_in_the_kernels():
 
 def test_sums_over_tiles_do_not_drift(monkeypatch):
     """Each row slot of a part sums its rows' PVL terms, |u| and M2 terms over its tiles.
-    Crafted (one part, 60 tiles of 16 rows, D = 128): one row a slot with |u - v|^2 = 1,
+    Crafted (one part, 60 tiles of 8 rows, D = 256): one row a slot with |u - v|^2 = 1,
     then rows of 5.5e-8 each, under half an ulp of a float32 sum of 1, hence all lost in
     float32 (a relative 3e-6 here; B' in millions loses more); in float64 they count."""
     monkeypatch.setattr(dive_triton, "INTERPRETED_PARTS", 1)
-    D, tiles = 128, 60
+    D, tiles = 256, 60
     cfg = dive_triton.launch_config(D)
     B = cfg.block_b * tiles
     a = torch.zeros(B, D)

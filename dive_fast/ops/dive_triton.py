@@ -46,11 +46,11 @@ MAX_DIM = 4096  # wider rows: the cuda backend (or the reference)
 # The interpreter runs programs one after another: a few parts, the same code.
 INTERPRETED_PARTS = 5
 STAGES = 3  # tiles in flight per program (the loads' pipeline depth)
-# The statistics' sums over tiles in float64 for tiles of at most this many rows (D >= 128:
-# a row slot sees 1/16 or more of its part's rows, thousands at B' in millions). Wider
-# tiles (32-128 rows, D <= 64) keep float32: a slot sees 1/32-1/128 of them, and float64
+# The statistics' sums over tiles in float64 for tiles of at most this many rows (D >= 256:
+# a row slot sees 1/8 or more of its part's rows, thousands at B' in millions). Wider
+# tiles (16-128 rows, D <= 128) keep float32: a slot sees 1/16-1/128 of them, and float64
 # took fp32 inputs to 164-168 registers on sm_90, one block an SM instead of two.
-SUMS64_MAX_ROWS = 16
+SUMS64_MAX_ROWS = 8
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
