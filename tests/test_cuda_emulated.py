@@ -215,7 +215,7 @@ def test_stats_plan_fits_the_device_shared_memory(emu, limit):
     for D, (ft, pre), aligned in itertools.product(
             (8, 512, 1024, 2048, 4096, 6000, 6300, 8192), ((4, 4), (2, 2), (4, 2)),
             (True, False)):
-        fast, rows, stages, shared, fits = emu.stats_plan(D, ft, pre, aligned, limit)
+        _, rows, stages, shared, fits = emu.stats_plan(D, ft, pre, aligned, limit)
         assert not fits or shared + RESERVE <= limit, (D, ft, pre, aligned, shared)
         assert rows >= 1 and stages >= 1
         if D <= (6000 if limit >= 101376 else 3000):

@@ -142,7 +142,7 @@ def test_no_flushing_square_root_in_the_kernels():
             "        assert 'sqrt.approx' not in ptx, (k, D)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -159,7 +159,7 @@ def test_sums_over_tiles_do_not_drift(monkeypatch):
     a[:, 0] = 5.5e-8 ** 0.5
     a[:cfg.block_b, 0] = 1.0  # each slot's first row
     zero = torch.zeros(B, D)
-    means, scalars, _ = dive_triton.triton_stats(a, zero, zero, zero, False)
+    _, scalars, _ = dive_triton.triton_stats(a, zero, zero, zero, False)
     want = (a.double() ** 2).sum()
     got = scalars[:, PVL_SUM].double().sum()
     assert got.item() == pytest.approx(want.item(), rel=1e-6)

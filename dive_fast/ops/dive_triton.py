@@ -523,7 +523,7 @@ def waves(parts: int, sm_count: int, blocks_per_sm: int) -> int:
     return -(-parts // (max(1, sm_count) * max(1, blocks_per_sm)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
