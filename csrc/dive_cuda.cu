@@ -40,8 +40,17 @@ struct DeviceGuard {
 };
 inline Stream current_stream() { return 0; }
 inline int64_t shared_limit(int) { return emulated_shared_limit(); }
+// As cudaFuncSetAttribute refuses more than the device's opt-in shared memory.
 template <auto kernel>
-void allow_shared(int, int64_t) {}
+void allow_shared(int, int64_t bytes) {
+  TORCH_CHECK(bytes + kStaticSharedReserve <= emulated_shared_limit(), "a launch plan asks for ",
+              bytes, " bytes of shared memory per block, beyond the device's ",
+              emulated_shared_limit());
+}
+// An H100/H200's 132 SMs, two statistics blocks on each: the 264 parts of before.
+inline int sm_count(int) { return 132; }
+template <auto kernel>
+int blocks_per_sm(int, int, int64_t) { return 2; }
 void check_cuda_inputs(const at::Tensor& a) {
   TORCH_CHECK(a.dim() == 2 && a.size(1) <= kMaxDim, "dim <= ", kMaxDim, ", got ", a.sizes());
 }
@@ -90,6 +99,32 @@ void allow_shared(int device, int64_t bytes) {
   allowed[device].store(bytes, std::memory_order_relaxed);
 }
 
+// The device's SMs, queried once per device.
+int sm_count(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> counts{};
+  int value = counts[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+// Blocks of `kernel` resident on one SM at once (registers, threads, shared memory), per
+// kernel instance, device and dynamic shared memory (the plan's, fixed per device and D).
+template <auto kernel>
+int blocks_per_sm(int device, int threads, int64_t shared_bytes) {
+  static std::array<std::atomic<int64_t>, kMaxDevices> cached{};  // shared bytes << 8 | blocks
+  const int64_t hit = cached[device].load(std::memory_order_relaxed);
+  if (hit != 0 && (hit >> 8) == shared_bytes) return static_cast<int>(hit & 0xff);
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads,
+                                                               static_cast<size_t>(shared_bytes)));
+  blocks = std::clamp(blocks, 1, 32);
+  cached[device].store((shared_bytes << 8) | blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
 void check_cuda_inputs(const at::Tensor& a) {
   TORCH_CHECK(a.is_cuda(), "the cuda backend takes CUDA tensors");
   TORCH_CHECK(a.dim() == 2 && a.size(1) <= kMaxDim, "the cuda backend supports dim <= ", kMaxDim,
@@ -98,6 +133,16 @@ void check_cuda_inputs(const at::Tensor& a) {
 #endif
 
 using namespace kernels;
+
+// Every tensor an op reads or writes on the inputs' device: `name` says which is not.
+void check_device(const at::Tensor& x, const char* name, const at::Device& device) {
+  TORCH_CHECK(x.device() == device, name, " must be on the inputs' device ", device, ", got ",
+              x.device());
+}
+void check_device(const std::optional<at::Tensor>& x, const char* name,
+                  const at::Device& device) {
+  if (x && x->defined()) check_device(*x, name, device);
+}
 
 // Whether every row of x starts on a chunk boundary (16 bytes of the wider dtype).
 bool rows_aligned(const at::Tensor& x, int chunk) {
@@ -117,37 +162,70 @@ RowPtrs<ft_t, pre_t> row_pointers(const RowInputs& x) {
           x.t0.data_ptr<pre_t>(), x.a.stride(0), x.a0.stride(0), x.t.stride(0), x.t0.stride(0)};
 }
 
-// The statistics into caller-provided buffers: means [kParts, 2, D], scalars
-// [kParts, kNumScalars], the ticket zeroed for the finalisation.
-void launch_stats(const RowInputs& x, bool normalize, float* means, float* scalars,
-                  unsigned* ticket, Stream stream) {
+// A statistics kernel instance and whether it is the fast one (its arguments differ).
+template <auto k, bool kFast>
+struct StatsKernel {
+  static constexpr auto value = k;
+  static constexpr bool fast = kFast;
+};
+
+// The statistics kernel for the inputs: `f(StatsKernel tag, plan, row pointers)` with the
+// instance the plan selects. Refuses a plan beyond the device's shared memory.
+template <typename F>
+void with_stats_kernel(const RowInputs& x, F&& f) {
   const int device = x.a.get_device();
-  const int D = static_cast<int>(x.D);
   dispatch_dtypes<false>(x.a.scalar_type(), x.a0.scalar_type(), [&](auto ft_tag, auto pre_tag, auto) {
     using ft_t = typename decltype(ft_tag)::type;
     using pre_t = typename decltype(pre_tag)::type;
     constexpr int E = chunk_elems<ft_t, pre_t>();
-    const StatsPlan plan = stats_plan(x.D, sizeof(ft_t), sizeof(pre_t), all_aligned(x, E),
-                                      shared_limit(device));
+    const int64_t limit = shared_limit(device);
+    const StatsPlan plan = stats_plan(x.D, sizeof(ft_t), sizeof(pre_t), all_aligned(x, E), limit);
+    TORCH_CHECK(plan.fits, "the cuda backend's statistics at dim ", x.D, " need ",
+                rows_kernel_shared(x.D, 1) + kStaticSharedReserve,
+                " bytes of shared memory per block; this GPU allows ", limit,
+                ": use backend='torch' (or 'triton' for dim <= 4096)");
     const auto in = row_pointers<ft_t, pre_t>(x);
-    const StatsOutputs out{means, scalars, ticket};
-    const auto launch = [&](auto chunks) {
-      constexpr auto kernel = dive_stats_kernel<ft_t, pre_t, decltype(chunks)::value>;
-      allow_shared<kernel>(device, plan.shared_bytes);
-      DIVE_LAUNCH(kernel, kParts, kStatsThreads, plan.shared_bytes, stream, in, x.B, D,
-                  plan.threads_per_row, plan.stages, normalize, out);
-    };
     if (!plan.fast) {
-      constexpr auto kernel = dive_stats_rows_kernel<ft_t, pre_t>;
-      allow_shared<kernel>(device, plan.shared_bytes);
-      DIVE_LAUNCH(kernel, kParts, kStatsThreads, plan.shared_bytes, stream, in, x.B, D,
-                  plan.rows_per_tile, normalize, out);
+      f(StatsKernel<dive_stats_rows_kernel<ft_t, pre_t>, false>{}, plan, in);
     } else if (plan.chunks == 2) {
-      launch(std::integral_constant<int, 2>{});
+      f(StatsKernel<dive_stats_kernel<ft_t, pre_t, 2>, true>{}, plan, in);
     } else if constexpr (E == 4) {  // 4 chunks: only 4-element chunks reach D = 4096
-      launch(std::integral_constant<int, 4>{});
+      f(StatsKernel<dive_stats_kernel<ft_t, pre_t, 4>, true>{}, plan, in);
     } else {
       TORCH_CHECK(false, "no statistics kernel for ", plan.chunks, " chunks per thread");
+    }
+  });
+}
+
+// Parts of the statistics on the inputs' device: one full wave of the kernel the plan
+// selects (stats_parts), the same for every batch on one kind of device.
+int64_t num_parts(const RowInputs& x) {
+  const int device = x.a.get_device();
+  int64_t parts = 0;
+  with_stats_kernel(x, [&](auto tag, const StatsPlan& plan, const auto&) {
+    constexpr auto kernel = decltype(tag)::value;
+    parts = stats_parts(sm_count(device),
+                        blocks_per_sm<kernel>(device, kStatsThreads, plan.shared_bytes));
+  });
+  return parts;
+}
+
+// The statistics into caller-provided buffers: means [parts, 2, D], scalars
+// [parts, kNumScalars] (parts: num_parts's), the ticket zeroed for the finalisation.
+void launch_stats(const RowInputs& x, bool normalize, int64_t parts, float* means,
+                  float* scalars, unsigned* ticket, Stream stream) {
+  const int device = x.a.get_device();
+  const int D = static_cast<int>(x.D);
+  const StatsOutputs out{means, scalars, ticket};
+  with_stats_kernel(x, [&](auto tag, const StatsPlan& plan, const auto& in) {
+    constexpr auto kernel = decltype(tag)::value;
+    allow_shared<kernel>(device, plan.shared_bytes);
+    if constexpr (decltype(tag)::fast) {
+      DIVE_LAUNCH(kernel, parts, kStatsThreads, plan.shared_bytes, stream, in, x.B, D,
+                  plan.threads_per_row, plan.stages, normalize, out);
+    } else {
+      DIVE_LAUNCH(kernel, parts, kStatsThreads, plan.shared_bytes, stream, in, x.B, D,
+                  plan.rows_per_tile, normalize, out);
     }
     DIVE_LAUNCH_CHECK();
   });
@@ -162,10 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dive_stats_cuda(const at::Tensor&
   const DeviceGuard guard(img_ft.device());
   const RowInputs x = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   const auto f32 = x.a.options().dtype(at::kFloat);
-  auto means = at::empty({kParts, 2, x.D}, f32);
-  auto scalars = at::empty({kParts, kNumScalars}, f32);
+  const int64_t parts = num_parts(x);
+  auto means = at::empty({parts, 2, x.D}, f32);
+  auto scalars = at::empty({parts, kNumScalars}, f32);
   auto workspace = at::empty({workspace_doubles(x.D)}, f32.dtype(at::kDouble));
-  launch_stats(x, normalize, means.data_ptr<float>(), scalars.data_ptr<float>(),
+  launch_stats(x, normalize, parts, means.data_ptr<float>(), scalars.data_ptr<float>(),
                reinterpret_cast<unsigned*>(workspace.data_ptr<double>()), current_stream());
   return {means, scalars, workspace};
 }
@@ -179,6 +258,15 @@ ForwardOutputs finalize(const float* means, const float* scalars, int64_t K, int
                         double momentum, double lam_avl, double lam_pvl, Stream stream) {
   TORCH_CHECK(!m_out || m_out->scalar_type() == m.scalar_type(), "m_out must have m's dtype");
   TORCH_CHECK(!m_out || m_out->is_contiguous(), "m_out must be contiguous");
+  if (m.scalar_type() == at::kDouble) {
+    // A float64 m (accepted by the other backends): updated in float32, as the partials
+    // are, then written back in float64 (the CPU backend does the same).
+    auto out = finalize(means, scalars, K, D, workspace, m.to(at::kFloat), std::nullopt,
+                        b_global, momentum, lam_avl, lam_pvl, stream);
+    std::get<3>(out) = std::get<3>(out).to(at::kDouble);
+    if (m_out) m_out->copy_(std::get<3>(out));
+    return out;
+  }
   const at::Tensor m_c = m.contiguous();
   const auto f32 = m.options().dtype(at::kFloat);
   ForwardOutputs out{at::empty({}, f32), at::empty({}, f32),  at::empty({}, f32),
@@ -207,6 +295,11 @@ ForwardOutputs dive_finalize_cuda(const at::Tensor& means, const at::Tensor& sca
                                   double lam_avl, double lam_pvl) {
   check_finalize_inputs(means, scalars, m, m_out, b);
   TORCH_CHECK(means.scalar_type() == at::kFloat, "the cuda finalisation takes float32 partials");
+  for (const auto& [x, name] : {std::pair{&scalars, "scalars"}, std::pair{&m, "m"}}) {
+    check_device(*x, name, means.device());
+  }
+  check_device(m_out, "m_out", means.device());
+  check_device(b, "b", means.device());
   const DeviceGuard guard(means.device());
   const int64_t D = means.size(2), need = workspace_doubles(D);
   at::Tensor ws;
@@ -230,16 +323,18 @@ ForwardOutputs dive_forward_cuda(const at::Tensor& img_ft, const at::Tensor& img
   const DeviceGuard guard(img_ft.device());
   const RowInputs x = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   TORCH_CHECK(m.dim() == 1 && m.numel() == x.D, "m must have ", x.D, " elements, got ", m.sizes());
+  check_device(m, "m", img_ft.device());
+  check_device(m_out, "m_out", img_ft.device());
   // [workspace (float64) | means | scalars]: the partials stay on the device.
-  const int64_t ws = workspace_doubles(x.D);
-  auto buffer = at::empty({ws + (kParts * (2 * x.D + kNumScalars) + 1) / 2},
+  const int64_t ws = workspace_doubles(x.D), parts = num_parts(x);
+  auto buffer = at::empty({ws + (parts * (2 * x.D + kNumScalars) + 1) / 2},
                           x.a.options().dtype(at::kDouble));
   double* base = buffer.data_ptr<double>();
   float* means = reinterpret_cast<float*>(base + ws);
-  float* scalars = means + kParts * 2 * x.D;
+  float* scalars = means + parts * 2 * x.D;
   const auto stream = current_stream();
-  launch_stats(x, normalize, means, scalars, reinterpret_cast<unsigned*>(base), stream);
-  return finalize(means, scalars, kParts, x.D, base, m, m_out, nullptr, momentum, lam_avl,
+  launch_stats(x, normalize, parts, means, scalars, reinterpret_cast<unsigned*>(base), stream);
+  return finalize(means, scalars, parts, x.D, base, m, m_out, nullptr, momentum, lam_avl,
                   lam_pvl, stream);
 }
 
@@ -252,6 +347,10 @@ std::tuple<at::Tensor, at::Tensor> dive_backward_cuda(
   const DeviceGuard guard(img_ft.device());
   const RowInputs x = prepare_inputs(img_ft, img_pre, txt_ft, txt_pre);
   TORCH_CHECK(m.numel() == x.D, "m must have ", x.D, " elements, got ", m.numel());
+  check_device(m, "m", img_ft.device());
+  check_device(g_loss, "the gradient of the loss", img_ft.device());
+  check_device(g_avl, "the gradient of avl", img_ft.device());
+  check_device(g_pvl, "the gradient of pvl", img_ft.device());
   at::Tensor m32 = m.to(at::kFloat).contiguous();  // no copy for a float32 buffer
   if (reinterpret_cast<uintptr_t>(m32.data_ptr()) % 16 != 0) m32 = m32.clone();  // 16-byte loads
   const at::Tensor* present = g_loss ? &*g_loss : g_avl ? &*g_avl : &*g_pvl;

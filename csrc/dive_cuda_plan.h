@@ -9,9 +9,9 @@
 
 namespace dive_fast {
 
-// Parts of the statistics: fixed, so that the partials and hence every result are the
-// same on every GPU and at every batch size. 264 = 2 x 132, the SMs of an H100/H200: one
-// wave at two blocks per SM (an A100's 108 SMs take two waves).
+// Parts of the statistics on the reference device (an H100/H200: 132 SMs, two blocks of
+// the statistics kernel on each), which the CPU emulation and the ahead-of-time checks
+// use. On a GPU the launchers take stats_parts (below): one full wave on that device.
 constexpr int kParts = 264;
 constexpr int kStatsThreads = 256;
 constexpr int kFinalizeThreads = 512;  // 16 warps share a block's parts: short load chains
@@ -38,17 +38,26 @@ inline int chunk_elements(int elem_ft, int elem_pre) { return 16 / std::max(elem
 // tile, a row is `threads_per_row` threads (a power of two: within a warp up to 32), a tile
 // is `rows_per_tile` rows, and `stages` tiles are staged in shared memory by cp.async.
 // Otherwise the portable kernel (dive_stats_rows_kernel), one part per block all the same.
+// Both within the device's opt-in shared memory per block (`shared_limit`, less
+// kStaticSharedReserve): the fast kernel when one stage and its merge fit, else the
+// portable one with as many rows a tile as fit; `fits` false when not even one row does
+// (the launcher refuses: 16 bytes a column, D > ~6000 on the 99 KiB parts: L4, L40S, RTX).
 struct StatsPlan {
   bool fast;
   int chunks, threads_per_row, rows_per_tile, stages;
   int64_t stage_bytes, shared_bytes;
+  bool fits;
 };
+
+// The portable kernel's shared memory: u and v rows of a tile, then the part's two means.
+inline int64_t rows_kernel_shared(int64_t D, int64_t rows) { return 4 * (2 * rows * D + 2 * D); }
 
 inline StatsPlan stats_plan(int64_t D, int elem_ft, int elem_pre, bool aligned,
                             int64_t shared_limit) {
   const int E = chunk_elements(elem_ft, elem_pre);
   const int64_t nchunks = ceil_div(D, E);
   const int max_chunks = E == 4 ? 4 : 2;  // the instances compiled (dive_cuda.cu)
+  const int64_t available = shared_limit - kStaticSharedReserve;
   StatsPlan p{};
   p.fast = aligned && D % E == 0 && nchunks <= int64_t(kStatsThreads) * max_chunks;
   if (p.fast) {
@@ -63,15 +72,34 @@ inline StatsPlan stats_plan(int64_t D, int elem_ft, int elem_pre, bool aligned,
     const int64_t padded = int64_t(p.threads_per_row) * p.chunks * E;
     const int64_t merge = p.rows_per_tile * (2 * padded * 4 + 4 + 2 * 8) + 16;
     p.shared_bytes = std::max(p.stages * p.stage_bytes, merge);
-  } else {
-    p.chunks = 0;
-    p.rows_per_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, 4096 / D)));
+    p.fast = p.shared_bytes <= available;  // else one stage does not fit: the portable kernel
+  }
+  if (!p.fast) {
+    // Rows a tile: up to 16 and 4096 values, no more than fit beside the means.
+    const int64_t fit = (available / 4 - 2 * D) / (2 * D);
+    p = StatsPlan{};
+    p.rows_per_tile = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>({16, 4096 / D, fit})));
     p.threads_per_row = 32;
     p.stages = 1;
-    p.stage_bytes = 0;
-    p.shared_bytes = 4 * (2 * p.rows_per_tile * D + 2 * D);
+    p.shared_bytes = rows_kernel_shared(D, p.rows_per_tile);
   }
+  p.fits = p.shared_bytes <= available;
   return p;
+}
+
+// The statistics' parts on a device: one full wave of the kernel, `blocks_per_sm` blocks
+// on each of `sm_count` SMs (a tail wave would leave SMs idle while the last blocks run:
+// 1.2-1.5x on the statistics pass). The partials, hence every result, depend on this K
+// alone: the same on every device of one kind, and at every batch size.
+inline int stats_parts(int sm_count, int blocks_per_sm) {
+  return std::max(1, sm_count) * std::clamp(blocks_per_sm, 1, 32);
+}
+
+// Waves of `parts` blocks on `sm_count` SMs taking `blocks_per_sm` each (the kernel table's
+// column per GPU).
+inline int64_t waves(int64_t parts, int sm_count, int blocks_per_sm) {
+  return ceil_div(parts, int64_t(std::max(1, sm_count)) * std::max(1, blocks_per_sm));
 }
 
 // The backward's shape. Fast path: each thread holds 2 chunks of each input's row in

@@ -55,20 +55,56 @@ FIELDS = ("backend", "kernel", "config", "arch", "registers", "spill_store_bytes
           "bytes_in_flight_per_sm", "barriers_per_tile", "inner_loop_barriers",
           "narrow_loads_hot", "wide_loads_hot", "async_loads_hot", "narrow_loads", "wide_loads",
           "narrow_stores", "wide_stores", "loops", "loop_barriers", "loop_divisions",
-          "loop_calls", "atomics", "float_atomics", "acq_rel_ticket", "error")
+          "loop_calls", "atomics", "float_atomics", "acq_rel_ticket", "waves_A100",
+          "waves_H100_SXM", "waves_H100_PCIe", "waves_H200", "waves_L40S", "error")
+# The statistics kernels' waves per GPU (their parts: one full wave by the launchers' rule):
+# SMs, the compile whose registers stand for the GPU's, threads and shared memory per SM.
+GPUS = {"A100": (108, 80, 2048, 167936), "H100_SXM": (132, 90, 2048, 233472),
+        "H100_PCIe": (114, 90, 2048, 233472), "H200": (132, 90, 2048, 233472),
+        "L40S": (142, 80, 1536, 102400)}
 KIND = {"_dive_stats_kernel": "stats", "_dive_backward_kernel": "backward",
         "_dive_finalize_kernel": "finalize", "dive_stats_kernel": "stats",
         "dive_stats_rows_kernel": "stats", "dive_backward_kernel": "backward",
         "dive_backward_rows_kernel": "backward", "dive_finalize_kernel": "finalize"}
 
 
-def blocks_per_sm(registers: int, threads: int, shared: int, arch: int) -> int:
+def blocks_per_sm(registers: int, threads: int, shared: int, arch: int,
+                  threads_per_sm: int = THREADS_PER_SM, shared_per_sm: int | None = None) -> int:
     warps = -(-threads // 32)
     per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
-    limits = [REGISTERS_PER_SM // max(1, per_warp * warps), THREADS_PER_SM // threads, 32]
-    if shared:
-        limits.append(SHARED_PER_SM[arch] // (shared + 1024))  # 1 KiB reserved per block
+    limits = [REGISTERS_PER_SM // max(1, per_warp * warps), threads_per_sm // threads, 32]
+    if shared:  # 1 KiB reserved per block
+        limits.append((shared_per_sm or SHARED_PER_SM[arch]) // (shared + 1024))
     return min(limits)
+
+
+def _launcher_blocks_per_sm(row: dict, resident: int) -> int:
+    """The blocks per SM the launcher counts for a statistics row: Triton's table for its
+    launch configuration; CUDA's occupancy query, i.e. what fits (``resident``)."""
+    if row["backend"] != "triton":
+        return resident
+    from .dive_triton import STATS_BLOCKS_PER_SM
+    cfg = dict(kv.split("=") for kv in row["config"].split() if "=" in kv)
+    return STATS_BLOCKS_PER_SM[int(cfg["CHUNKS"]) * int(cfg["VEC"]), int(cfg["warps"])]
+
+
+def add_waves(rows: list[dict]) -> list[dict]:
+    """Each statistics row's waves on each GPU of its architecture: the launcher's parts
+    (SMs x its blocks per SM) over what the GPU holds at once (the kernel's registers,
+    threads and shared memory against the GPU's)."""
+    from .dive_triton import stats_parts, waves
+    for row in rows:
+        if KIND.get(row["kernel"]) != "stats" or row.get("error") or not row.get("registers"):
+            continue
+        for name, (sms, arch, threads_per_sm, shared_per_sm) in GPUS.items():
+            if row["arch"] != f"sm_{arch}":
+                continue
+            resident = blocks_per_sm(int(row["registers"]), int(row["threads"]),
+                                     int(row["shared_bytes"]), arch, threads_per_sm,
+                                     shared_per_sm)
+            parts = stats_parts(sms, _launcher_blocks_per_sm(row, resident))
+            row[f"waves_{name}"] = waves(parts, sms, resident)
+    return rows
 
 
 def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
@@ -146,25 +182,25 @@ def _kernel_args(job: dict):
     a, p = ptr(job["ft"]), ptr(job["pre"])
     strides = [D, 1] * 4
     constexprs = dict(NORMALIZE=job["normalize"], BLOCK_B=job["block_b"], CHUNKS=job["chunks"],
-                      VEC=job["vec"], ROWS_IN_WARP=job["rows_in_warp"])
+                      VEC=job["vec"], ROWS_IN_WARP=job["rows_in_warp"],
+                      WIDE=job.get("wide", False))
     if job["kernel"] == "_dive_stats_kernel":
         args = [a, p, a, p, f32, f32, i32, B, D, *strides]
-        return k._dive_stats_kernel, args, dict(constexprs, NUM_SCAL=NUM_SCALARS,
-                                                NUM_STAGES=k.STAGES), dict(
-                                                    num_warps=job["num_warps"])
+        stats = dict(constexprs, NUM_SCAL=NUM_SCALARS, NUM_STAGES=k.STAGES,
+                     SUMS64=job["block_b"] <= k.SUMS64_MAX_ROWS)
+        return k._dive_stats_kernel, args, stats, dict(num_warps=job["num_warps"])
     args = [a, p, a, p, f32, f32, f32, f32, a, a, B, D, *strides, 20.0, 20.0, 0.01, 0.01]
     return k._dive_backward_kernel, args, constexprs, dict(num_warps=job["num_warps"])
 
 
-def compile_triton(job: dict, arch: int) -> dict:
-    """One configuration for one architecture: the ptxas report of a real compile."""
+def _triton_compile(job: dict, arch: int):
+    """(compiled kernel, its launch options): ``triton.compile`` for the named target."""
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import native_specialize_impl
 
     kernel, args, constexprs, options = _kernel_args(job)
-    num_warps = options["num_warps"]
     names = [n for n in kernel.arg_names if n not in constexprs]
     signature, attrs = {}, {}
     for name, value in zip(names, args):  # the runtime's own specialisation of each argument
@@ -175,15 +211,32 @@ def compile_triton(job: dict, arch: int) -> dict:
         elif attr:
             attrs[(kernel.arg_names.index(name),)] = BaseBackend.parse_attr(attr)
     signature.update({n: "constexpr" for n in constexprs})
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options), options
+
+
+def triton_ptx(kernel: str, D: int, arch: int = 90, normalize: bool = True,
+               dtype: str = "fp32") -> str:
+    """The PTX of one statistics or backward configuration (what the launcher would choose
+    for rows of D values of ``dtype``), compiled without a GPU."""
+    from .dive_triton import launch_config
+    cfg = launch_config(D, ELEMENT_BYTES[dtype])
+    job = dict(kernel=kernel, D=D, ft=dtype, pre=dtype, normalize=normalize,
+               num_warps=cfg.num_warps, block_b=cfg.block_b, chunks=cfg.chunks, vec=cfg.vec,
+               rows_in_warp=cfg.rows_in_warp)
+    return _triton_compile(job, arch)[0].asm["ptx"]
+
+
+def compile_triton(job: dict, arch: int) -> dict:
+    """One configuration for one architecture: the ptxas report of a real compile."""
+    num_warps = _kernel_args(job)[3]["num_warps"]
     row = {"backend": "triton", "kernel": job["kernel"], "arch": f"sm_{arch}",
            "threads": 32 * num_warps, "error": ""}
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                      target=GPUTarget("cuda", arch, 32),
-                                      options=options)
+            compiled, _ = _triton_compile(job, arch)
     except Exception as exc:  # a configuration that does not compile is a finding
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     (entry,) = parse_ptxas(log.getvalue()).values()
@@ -340,7 +393,7 @@ def cuda_rows(archs=ARCHS) -> list[dict]:
 
 
 def collect(archs=ARCHS, jobs: int | None = None, cuda: bool = True) -> list[dict]:
-    return triton_rows(archs, jobs) + (cuda_rows(archs) if cuda else [])
+    return add_waves(triton_rows(archs, jobs) + (cuda_rows(archs) if cuda else []))
 
 
 def write_csv(rows: list[dict], path) -> None:

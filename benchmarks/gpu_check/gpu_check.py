@@ -13,7 +13,8 @@ The dry run takes every stage through its code on CPU tensors, with small shapes
 Triton kernels under TRITON_INTERPRET=1, the CUDA backend skipped with the reason, the
 step benchmark with the micro model. Writes, to $OUT or --out (default: on a GPU
 benchmarks/results/local/, dry run a temporary folder), CSVs named by device:
-kernels_<device>.csv, gpu_accuracy_<device>.csv, gpu_launches_<device>.csv,
+kernels_<device>.csv, gpu_accuracy_<device>.csv, app_<device>.csv (the app's inputs and
+uses, with output hashes that two devices' runs compare), gpu_launches_<device>.csv,
 dive_op_<device>.csv (and .png),
 step_<device>.csv, streams_<device>.csv, memory_B<batch>_<device>.csv. Exit status 0 only
 when every stage passed.
@@ -21,6 +22,7 @@ when every stage passed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import sys
@@ -60,6 +62,7 @@ STEP_VARIANTS = ["open_clip_train", "flyp-B+B'", "dive-fast", "dive-fast-compile
 # expectation no longer fits in what is left is skipped, said so, not cut half-way.
 EXPECTED_S = {"kernels": (50, "estimate"),   # Triton compiles + profiler windows
               "accuracy": (30, "estimate"),  # 54 s on the first run with 8 shapes; now 6
+              "app": (20, "estimate"),       # the app's inputs, graphs, streams, 8 GiB view
               "op": (40, "estimate"),        # 81 s on the first run with four impls x 8 shapes
               "launches": (5, "first run: 0-12 s"),
               "step": (85, "estimate"),      # 4 processes; the compiled one ~40 s of compiling
@@ -150,6 +153,144 @@ def accuracy(device: str, shapes, out: Path) -> bool:
             ok &= not bad
             print(f"{backend:6s} options {opts}: {'ok' if not bad else 'FAIL ' + str(bad)}")
     write_csv(rows, out / f"gpu_accuracy_{slug(env['device'])}.csv")
+    return ok
+
+
+def app_inputs(B: int, D: int, device: str, case: str):
+    """The training app's inputs: ``img_ft``, ``txt_ft`` bf16 row slices of one
+    concatenated tower output, ``img_pre``, ``txt_pre`` fp32 views of the frozen cache's
+    [N, 2D] rows (row stride 2D). ``misaligned``: the bf16 rows start 2 bytes off 16;
+    ``expanded``: every frozen row one row (stride 0)."""
+    g = torch.Generator().manual_seed(B * 7 + D)
+    batch = torch.randn(2 * B * D + 8, generator=g).to(device, torch.bfloat16)
+    start = 1 if case == "misaligned" else 0
+    ft = batch[start:start + 2 * B * D].view(2 * B, D)
+    cache = torch.randn(B + 3, 2 * D, generator=g, device="cpu").to(device)
+    pre = cache[3:]
+    if case == "expanded":
+        pre = cache[:1].expand(B, 2 * D)
+    return [ft[:B], pre[:, :D], ft[B:], pre[:, D:]]
+
+
+def _digest(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _twice_on_one_workspace(backend: str, x, m) -> bool:
+    """The finalisation run twice on the statistics' workspace: the same bits (its ticket
+    reset by the first)."""
+    k = kernel_table(backend)
+    means, scalars, ws = k.stats(*x, True)
+    runs = [k.finalize(means, scalars, ws, m, None, None, 0.99, 1e3, 1e3) for _ in range(2)]
+    return all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _step(loss_fn, x):
+    a, t = x[0].detach().clone().requires_grad_(True), x[2].detach().clone().requires_grad_(True)
+    loss = loss_fn(a, x[1], t, x[3])
+    loss.backward()
+    return loss.detach(), a.grad, t.grad
+
+
+def _graph_replay(backend: str, x, D: int) -> bool:
+    """A whole DiVE step (forward, EMA update, backward) captured in a CUDA graph, replayed
+    twice: the eager step's bits each time, m advanced as eagerly."""
+    eager, graphed = (DiVELoss(D, backend=backend, check_values=False).to(x[0].device)
+                      for _ in range(2))
+    want = [_step(eager, x) for _ in range(3)]
+    a = x[0].detach().clone().requires_grad_(True)
+    t = x[2].detach().clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        warm = DiVELoss(D, backend=backend, check_values=False).to(x[0].device)
+        warm(a, x[1], t, x[3]).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    a.grad = t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = graphed(a, x[1], t, x[3])
+        loss.backward()
+    got = []  # the capture ran nothing: each replay is one step
+    for _ in range(3):
+        graph.replay()
+        got.append((loss.clone(), a.grad.clone(), t.grad.clone()))
+    return all(torch.equal(g, w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)) \
+        and torch.equal(graphed.m, eager.m)
+
+
+def _two_streams(backend: str, xs, D: int) -> bool:
+    """Two steps on two streams at once: each the bits of the same step alone."""
+    alone = [_step(DiVELoss(D, backend=backend).to(x[0].device), x) for x in xs]
+    streams = [torch.cuda.Stream() for _ in xs]
+    fns = [DiVELoss(D, backend=backend, check_values=False).to(x[0].device) for x in xs]
+    outs = [None] * len(xs)
+    for i, (stream, x) in enumerate(zip(streams, xs)):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outs[i] = _step(fns[i], x)
+    torch.cuda.synchronize()
+    return all(torch.equal(g, w) for o, a in zip(outs, alone) for g, w in zip(o, a))
+
+
+def _wide_view(backend: str, device: str, D: int = 16) -> bool:
+    """B' x row stride past 2^31 elements: a bf16 view of row stride 2^30 over 8 GiB, a NaN
+    planted where a 32-bit offset would wrap; the contiguous copy's bits."""
+    B, stride, base = 3, 2**30, 2**31
+    try:
+        storage = torch.empty(base + (B - 1) * stride + D, dtype=torch.bfloat16, device=device)
+    except (RuntimeError, MemoryError):
+        print(f"{backend:6s} wide view: skipped (8 GiB not available)")
+        return True
+    storage[:D] = float("nan")
+    x = make_inputs(B, D, dtype=torch.bfloat16, device=device, seed=5)
+    view = storage.as_strided((B, D), (stride, 1), base)
+    view.copy_(x[0])
+    got = _step(DiVELoss(D, backend=backend, check_values=False).to(device), [view, *x[1:]])
+    want = _step(DiVELoss(D, backend=backend, check_values=False).to(device), x)
+    del storage, view
+    return all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def app(device: str, out: Path) -> bool:
+    """What the app runs, per GPU backend: its inputs (bf16 slices beside fp32 cache views,
+    plain, misaligned and expanded) against the float64 oracle with output hashes; the
+    finalisation twice on one workspace; on a GPU a CUDA-graph step, two streams and a view
+    past 2^31 elements (the dry run takes the last through the interpreter)."""
+    rows, ok = [], True
+    env = environment(device)
+    gpu = device == "cuda"
+    B, D = (4096, 512) if gpu else (9, 24)
+    for backend in GPU_BACKENDS:
+        if skipped(backend, device, rows, env):
+            ok &= device == "cpu"
+            continue
+        m = 0.1 * torch.randn(D, generator=torch.Generator().manual_seed(1)).to(device)
+        checks = {}
+        for case in ("plain", "misaligned", "expanded"):
+            x = app_inputs(B, D, device, case)
+            bad = failures(compare_with_oracle(backend, x, m))
+            loss_fn = DiVELoss(D, backend=backend).to(device)
+            rows.append({"backend": backend, "case": case, "B": B, "D": D,
+                         "hash": _digest(*_step(loss_fn, x), loss_fn.m),
+                         "status": "ok" if not bad else f"FAIL {bad}", **env})
+            checks[f"oracle {case}"] = not bad
+        x = app_inputs(B, D, device, "plain")
+        checks["finalisation twice"] = _twice_on_one_workspace(backend, x, m)
+        if gpu:
+            checks["cuda graph"] = _graph_replay(backend, x, D)
+            checks["two streams"] = _two_streams(
+                backend, [x, app_inputs(B // 2, D, device, "misaligned")], D)
+        checks["wide view"] = _wide_view(backend, device)
+        for name, passed in checks.items():
+            print(f"{backend:6s} {name}: {'ok' if passed else 'FAIL'}", flush=True)
+            ok &= passed
+        rows += [{"backend": backend, "case": name, "status": "ok" if passed else "FAIL", **env}
+                 for name, passed in checks.items() if not name.startswith("oracle")]
+    write_csv(rows, out / f"app_{slug(env['device'])}.csv")
     return ok
 
 
@@ -466,6 +607,7 @@ def main(argv=None) -> int:
     check = Check(args.budget)
     stages = {"kernels": (kernels, device, out),
               "accuracy": (accuracy, device, SHAPES["dry" if args.dry_run else "gpu"], out),
+              "app": (app, device, out),
               "op": (op_timings, device, out), "launches": (launches, device, out),
               "step": (step, device, out), "streams": (streams, device, out),
               "memory": (memory, device, out)}

@@ -1,8 +1,9 @@
 """Triton kernels for the DiVE regulariser (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
 Forward, two launches:
-- ``_dive_stats_kernel``: a fixed number of programs (``PARTS``: the partials, hence every
-  result, are the same on every GPU and at every batch size); part k owns the row tiles
+- ``_dive_stats_kernel``: ``num_parts`` programs, one full wave on the device (its SMs
+  times the kernel's blocks per SM for the launch configuration): the partials, hence
+  every result, are the same at every batch size on one kind of GPU; part k owns the row tiles
   k, k + K, k + 2K, ..., loaded by a loop Triton pipelines (``tl.range(num_stages=...)``:
   cp.async into a shared-memory ring). Per tile: the rows' squared norms, then u, v,
   merged elementwise into each row slot's running means by Welford's update, and the
@@ -24,6 +25,7 @@ ahead-of-time compile check enumerates it).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -41,18 +43,24 @@ from .dive_reference import INFO_SIZE, NUM_SCALARS, accumulation_dtype
 TILE_ELEMENTS = 2048
 ELEMENTS_PER_THREAD = 8
 MAX_DIM = 4096  # wider rows: the cuda backend (or the reference)
-# Parts of the statistics on a GPU: fixed (as the cuda backend's), 2 x the 132 SMs of an
-# H100/H200. The interpreter runs programs one after another: a few parts, the same code.
-PARTS = 264
+# The interpreter runs programs one after another: a few parts, the same code.
 INTERPRETED_PARTS = 5
 STAGES = 3  # tiles in flight per program (the loads' pipeline depth)
+# The statistics' sums over tiles in float64 for tiles of at most this many rows (D >= 256:
+# a row slot sees 1/8 or more of its part's rows, thousands at B' in millions). Wider
+# tiles (16-128 rows, D <= 128) keep float32: a slot sees 1/16-1/128 of them, and float64
+# took fp32 inputs to 164-168 registers on sm_90, one block an SM instead of two.
+SUMS64_MAX_ROWS = 8
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _tile(ptr, rows, cols, mask, stride_r, stride_c):
+def _tile(ptr, rows, cols, mask, stride_r, stride_c, WIDE: tl.constexpr = False):
     """A tile of a strided [B, D] input as float32 (zeros off the edge): rows [BLOCK_B] by
-    column indices [BLOCK_D] (2-D) or rows by [CHUNKS, 1, VEC] (3-D, see ``_columns``)."""
+    column indices [BLOCK_D] (2-D) or rows by [CHUNKS, 1, VEC] (3-D, see ``_columns``).
+    WIDE: offsets in 64 bits (some row's offset reaches 2^31; 32-bit products would wrap)."""
+    if WIDE:
+        rows = rows.to(tl.int64)
     if len(cols.shape) == 1:
         offsets = rows[:, None] * stride_r + cols[None, :] * stride_c
     else:
@@ -101,12 +109,23 @@ def _inverse_norm(sumsq, rmask, NORMALIZE: tl.constexpr, CHECK: tl.constexpr = T
     """1/|x| (1 without normalisation); 0 off the edge (those rows then vanish)."""
     if NORMALIZE:
         # Padding rows divide by 1, not 0; a real zero-norm row still gives inf (reported).
-        inv = 1.0 / tl.sqrt(tl.where(rmask, sumsq, 1.0))
+        # sqrt_rn, not tl.sqrt: that is sqrt.approx.ftz.f32, which flushes a subnormal squared
+        # norm (|x| < 1.1e-19) to 0, hence 1/0 and a NaN row that no count reports.
+        inv = 1.0 / tl.sqrt_rn(tl.where(rmask, sumsq, 1.0))
     else:
         inv = tl.full(sumsq.shape, 1.0, tl.float32)
     if CHECK:  # an overflowing squared norm gives NaN (not 1/inf = 0): a NaN row
         inv = tl.where(sumsq < float("inf"), inv, float("nan"))
     return tl.where(rmask, inv, 0.0)
+
+
+@triton.jit
+def _sums(x, SUMS64: tl.constexpr):
+    """A per-row term as the sums over tiles hold it: float64 with SUMS64, else float32."""
+    if SUMS64:
+        return x.to(tl.float64)
+    else:
+        return x
 
 
 @triton.jit
@@ -120,6 +139,7 @@ def _dive_stats_kernel(
     s_a0, s_a1, s_p0, s_p1, s_t0, s_t1, s_q0, s_q1,
     NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr,
     ROWS_IN_WARP: tl.constexpr, NUM_STAGES: tl.constexpr, NUM_SCAL: tl.constexpr,
+    WIDE: tl.constexpr = False, SUMS64: tl.constexpr = True,
 ):
     """Tiles of [CHUNKS, BLOCK_B, VEC]. ROWS_IN_WARP (a warp holds whole rows): every row
     sum is a warp's, taken per tile (no barrier). Otherwise rows span warps and row sums
@@ -136,18 +156,22 @@ def _dive_stats_kernel(
     my_tiles = tl.cdiv(tl.maximum(n_tiles - pid, 0), K)
     zero = tl.zeros([CHUNKS, BLOCK_B, VEC], dtype=tl.float32)
     zero_row = _rsum(zero, ROWS_IN_WARP)  # per-row values in the layout row sums come in
+    zero_row64 = _sums(zero_row, SUMS64)
     # Per row slot and column: running means (Welford), and across warps the PVL terms.
     # Per row slot: rows seen, sums of M2 and PVL terms and of |u|, |v|, and the
-    # non-finite and zero-norm row counts.
+    # non-finite and zero-norm row counts. SUMS64: the sums over tiles in float64 (a few
+    # adds a row): in float32 a slot's sum drifts once it holds thousands of rows (B' in
+    # millions), each new row's term below half an ulp of the sum. Counts are exact in
+    # float32.
     mean_u = zero
     mean_v = zero
-    pv = zero
-    m2u_rows = zero_row
-    m2v_rows = zero_row
-    pv_rows = zero_row
+    pv = _sums(zero, SUMS64)
+    m2u_rows = zero_row64
+    m2v_rows = zero_row64
+    pv_rows = zero_row64
     count = zero_row
-    norm_u = zero_row
-    norm_v = zero_row
+    norm_u = zero_row64
+    norm_v = zero_row64
     nf_a = zero_row
     nf_a0 = zero_row
     nf_t = zero_row
@@ -160,10 +184,10 @@ def _dive_stats_kernel(
         rows = (pid + j * K) * BLOCK_B + slots
         rmask = rows < B
         mask = rmask[None, :, None] & cmask
-        a = _tile(A, rows, cols, mask, s_a0, s_a1)
-        a0 = _tile(A0, rows, cols, mask, s_p0, s_p1)
-        t = _tile(T, rows, cols, mask, s_t0, s_t1)
-        t0 = _tile(T0, rows, cols, mask, s_q0, s_q1)
+        a = _tile(A, rows, cols, mask, s_a0, s_a1, WIDE)
+        a0 = _tile(A0, rows, cols, mask, s_p0, s_p1, WIDE)
+        t = _tile(T, rows, cols, mask, s_t0, s_t1, WIDE)
+        t0 = _tile(T0, rows, cols, mask, s_q0, s_q1, WIDE)
         if ROWS_IN_WARP:
             ss_a = _rsum(a * a)
             ss_a0 = _rsum(a0 * a0)
@@ -197,16 +221,16 @@ def _dive_stats_kernel(
         if ROWS_IN_WARP:
             nu = _rsum(u * u)
             nv = _rsum(v * v)
-            m2u_rows += _rsum(m2u)
-            m2v_rows += _rsum(m2v)
-            pv_rows += _rsum((u - v) * (u - v))
+            m2u_rows += _sums(_rsum(m2u), SUMS64)
+            m2v_rows += _sums(_rsum(m2v), SUMS64)
+            pv_rows += _sums(_rsum((u - v) * (u - v)), SUMS64)
         else:
             nu, nv, m2u_row, m2v_row = _rsum4(u * u, v * v, m2u, m2v, ROWS_IN_WARP)
-            m2u_rows += m2u_row
-            m2v_rows += m2v_row
-            pv += (u - v) * (u - v)
-        norm_u += tl.where(rmask, tl.sqrt(nu), 0.0)
-        norm_v += tl.where(rmask, tl.sqrt(nv), 0.0)
+            m2u_rows += _sums(m2u_row, SUMS64)
+            m2v_rows += _sums(m2v_row, SUMS64)
+            pv += _sums((u - v) * (u - v), SUMS64)
+        norm_u += _sums(tl.where(rmask, tl.sqrt_rn(nu), 0.0), SUMS64)
+        norm_v += _sums(tl.where(rmask, tl.sqrt_rn(nv), 0.0), SUMS64)
     if not ROWS_IN_WARP:
         pv_rows = _rsum(pv, ROWS_IN_WARP)
     # The row slots merged: the part's means (sum n_s mean_s / n), then the slots' squared
@@ -225,8 +249,8 @@ def _dive_stats_kernel(
     tl.store(out + D + cols2, part_v, mask=cols2 < D)
     scal = SCAL + pid * NUM_SCAL
     tl.store(scal + 0, n)
-    tl.store(scal + 1, tl.sum(m2u_rows, axis=0) + dev_u)
-    tl.store(scal + 2, tl.sum(m2v_rows, axis=0) + dev_v)
+    tl.store(scal + 1, tl.sum(m2u_rows, axis=0) + _sums(dev_u, SUMS64))
+    tl.store(scal + 2, tl.sum(m2v_rows, axis=0) + _sums(dev_v, SUMS64))
     tl.store(scal + 3, tl.sum(pv_rows, axis=0))
     tl.store(scal + 4, tl.sum(norm_u, axis=0))
     tl.store(scal + 5, tl.sum(norm_v, axis=0))
@@ -360,17 +384,17 @@ def _dive_backward_kernel(
     s_a0, s_a1, s_p0, s_p1, s_t0, s_t1, s_q0, s_q1,
     k_loss_avl, k_loss_pvl, k_avl, k_pvl,
     NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr,
-    ROWS_IN_WARP: tl.constexpr,
+    ROWS_IN_WARP: tl.constexpr, WIDE: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = _columns(CHUNKS, VEC)
     rmask = rows < B
     cmask = cols < D
     mask = rmask[None, :, None] & cmask
-    a = _tile(A, rows, cols, mask, s_a0, s_a1)
-    a0 = _tile(A0, rows, cols, mask, s_p0, s_p1)
-    t = _tile(T, rows, cols, mask, s_t0, s_t1)
-    t0 = _tile(T0, rows, cols, mask, s_q0, s_q1)
+    a = _tile(A, rows, cols, mask, s_a0, s_a1, WIDE)
+    a0 = _tile(A0, rows, cols, mask, s_p0, s_p1, WIDE)
+    t = _tile(T, rows, cols, mask, s_t0, s_t1, WIDE)
+    t0 = _tile(T0, rows, cols, mask, s_q0, s_q1, WIDE)
     # m at every row (L1 hits): loaded in the tiles' own layout, no conversion of the tiles.
     m = tl.load(M + cols + 0 * rows[None, :, None], mask=mask, other=0.0).to(tl.float32)
     g_loss = tl.load(G_LOSS).to(tl.float32)
@@ -399,7 +423,10 @@ def _dive_backward_kernel(
         dot_a, dot_t = _rsum2(ah * gu, th * gv, ROWS_IN_WARP)
         gu = (gu - ah * dot_a[None, :, None]) * inv_a
         gv = (gv - th * dot_t[None, :, None]) * inv_t
-    offs = rows[None, :, None] * D + cols
+    if WIDE:  # B x D reaches 2^31: 64-bit offsets (32-bit ones would store elsewhere)
+        offs = rows.to(tl.int64)[None, :, None] * D + cols
+    else:
+        offs = rows[None, :, None] * D + cols
     tl.store(GA + offs, gu.to(GA.dtype.element_ty), mask=mask)
     tl.store(GT + offs, gv.to(GT.dtype.element_ty), mask=mask)
 
@@ -452,9 +479,62 @@ def _strides(*xs):
     return [s for x in xs for s in x.stride()]
 
 
-def num_parts(device: torch.device) -> int:
-    """Programs of the statistics kernel: fixed on a GPU, whatever the batch."""
-    return PARTS if device.type == "cuda" else INTERPRETED_PARTS
+INT32_LIMIT = 2**31
+
+
+def _wide(B: int, D: int, strides) -> bool:
+    """Whether an element of the [B, D] views (``strides``: ``_strides``'s) may lie 2^31 or
+    more elements past its start: the kernels then take 64-bit offsets (32-bit products
+    would wrap, reading before the tensor and storing into others); the common case keeps
+    the cheaper 32-bit math. A bound (the largest strides), cheap on the call path."""
+    return ((B - 1) * max(map(abs, strides[0::2])) + (D - 1) * max(map(abs, strides[1::2]))
+            >= INT32_LIMIT)
+
+
+def _on_device(x: torch.Tensor):
+    """The inputs' device made current for a launch: Triton launches on the current device
+    and its current stream, which need not be the inputs' (``--device cuda:1`` with device
+    0 current: an illegal address, or with peer access a race with the stream that wrote
+    them). A no-op context (no driver call) unless another device is current."""
+    device = x.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# Blocks of the statistics kernel an SM holds at once, per launch configuration (rows of
+# up to block_d values, warps): the least that the ahead-of-time compile finds over dtypes,
+# normalisation, 64-bit offsets and sm_80/sm_90 (registers bind; `python -m
+# dive_fast.ops.aot`); tests/test_gpu_kernels.py holds every compiled configuration to it.
+STATS_BLOCKS_PER_SM = {(16, 8): 2, (32, 8): 2, (64, 8): 2, (128, 8): 2, (256, 8): 2,
+                       (512, 8): 1, (1024, 4): 4, (1024, 8): 3, (2048, 8): 2, (2048, 16): 1,
+                       (4096, 16): 1}
+
+
+def stats_parts(sm_count: int, blocks_per_sm: int) -> int:
+    """Parts of the statistics: one full wave, ``blocks_per_sm`` blocks on each of
+    ``sm_count`` SMs (a tail wave leaves SMs idle while its blocks run: 1.2-1.5x on the
+    statistics pass). As csrc/dive_cuda_plan.h's stats_parts."""
+    return max(1, sm_count) * min(max(1, blocks_per_sm), 32)
+
+
+def waves(parts: int, sm_count: int, blocks_per_sm: int) -> int:
+    """Waves of ``parts`` blocks on ``sm_count`` SMs holding ``blocks_per_sm`` each."""
+    return -(-parts // (max(1, sm_count) * max(1, blocks_per_sm)))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_parts(device: torch.device, cfg: LaunchConfig) -> int:
+    """Programs of the statistics kernel: on a GPU one full wave of the configuration, the
+    same for every batch on one kind of device (so is every result)."""
+    if device.type != "cuda":
+        return INTERPRETED_PARTS
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return stats_parts(_sm_count(index), STATS_BLOCKS_PER_SM[cfg.block_d, cfg.num_warps])
 
 
 def finalize_programs(D: int) -> int:
@@ -472,17 +552,19 @@ def triton_stats(img_ft, img_pre, txt_ft, txt_pre, normalize: bool):
     workspace (its ticket zeroed by the kernel) for ``triton_finalize``."""
     B, D = img_ft.shape
     cfg = _config(img_ft, img_pre)
-    parts = num_parts(img_ft.device)
+    parts = num_parts(img_ft.device, cfg)
     acc = accumulation_dtype(img_ft)
     means = torch.empty(parts, 2, D, dtype=acc, device=img_ft.device)
     scalars = torch.empty(parts, NUM_SCALARS, dtype=acc, device=img_ft.device)
     workspace = new_workspace(D, img_ft.device)
-    _dive_stats_kernel[(parts,)](
-        img_ft, img_pre, txt_ft, txt_pre, means, scalars, workspace, B, D,
-        *_strides(img_ft, img_pre, txt_ft, txt_pre),
-        NORMALIZE=normalize, BLOCK_B=cfg.block_b, CHUNKS=cfg.chunks, VEC=cfg.vec,
-        ROWS_IN_WARP=cfg.rows_in_warp, NUM_STAGES=STAGES, NUM_SCAL=NUM_SCALARS,
-        num_warps=cfg.num_warps)
+    strides = _strides(img_ft, img_pre, txt_ft, txt_pre)
+    with _on_device(img_ft):
+        _dive_stats_kernel[(parts,)](
+            img_ft, img_pre, txt_ft, txt_pre, means, scalars, workspace, B, D, *strides,
+            NORMALIZE=normalize, BLOCK_B=cfg.block_b, CHUNKS=cfg.chunks, VEC=cfg.vec,
+            ROWS_IN_WARP=cfg.rows_in_warp, NUM_STAGES=STAGES, NUM_SCAL=NUM_SCALARS,
+            WIDE=_wide(B, D, strides), SUMS64=cfg.block_b <= SUMS64_MAX_ROWS,
+            num_warps=cfg.num_warps)
     return means, scalars, workspace
 
 
@@ -491,19 +573,26 @@ def triton_finalize(means, scalars, workspace, m, m_out, b, momentum: float, lam
     """(loss, avl, pvl, m_new, b, info) from the partials in one launch; ``workspace``: the
     statistics' (None: partials from elsewhere, a zeroed one is made); ``b`` given: the
     batch mean to update m with (averaged over ranks), else the partials' own. ``m_out``,
-    when given, receives m_new too (it may be m itself)."""
+    when given, receives m_new too (it may be m itself). The kernel reads and writes m
+    contiguously: a strided ``m`` is read from a contiguous copy, a strided ``m_out``
+    written by a copy after the launch (rare: a module's buffer is contiguous)."""
     K, _, D = means.shape
     if workspace is None:
         workspace = new_workspace(D, means.device).zero_()
     new = functools.partial(torch.empty, dtype=means.dtype, device=means.device)
     loss, avl, pvl, info = new(()), new(()), new(()), new(INFO_SIZE)
-    m_new, b_out = torch.empty_like(m), new(D)
+    m_in = m if m.is_contiguous() else m.contiguous()
+    m_new, b_out = torch.empty_like(m_in), new(D)
+    strided_out = m_out is not None and not m_out.is_contiguous()
     fin = dict(FINALIZE)
-    _dive_finalize_kernel[(finalize_programs(D),)](
-        means, scalars, m, b_out if b is None else b, m_new,
-        m_new if m_out is None else m_out, b_out, loss, avl, pvl, info, workspace,
-        K, D, momentum, 1.0 - momentum, lam_avl, lam_pvl, HAS_B=b is not None,
-        HAS_M_OUT=m_out is not None, NUM_SCAL=NUM_SCALARS, **fin)
+    with _on_device(means):
+        _dive_finalize_kernel[(finalize_programs(D),)](
+            means, scalars, m_in, b_out if b is None else b, m_new,
+            m_new if m_out is None or strided_out else m_out, b_out, loss, avl, pvl, info,
+            workspace, K, D, momentum, 1.0 - momentum, lam_avl, lam_pvl, HAS_B=b is not None,
+            HAS_M_OUT=m_out is not None and not strided_out, NUM_SCAL=NUM_SCALARS, **fin)
+    if strided_out:
+        m_out.copy_(m_new)
     return loss, avl, pvl, m_new, b_out, info
 
 
@@ -531,9 +620,12 @@ def triton_backward(img_ft, img_pre, txt_ft, txt_pre, m, g_loss, g_avl, g_pvl, l
     cfg = _config(img_ft, img_pre)
     grad_img = torch.empty(B, D, dtype=img_ft.dtype, device=img_ft.device)
     grad_txt = torch.empty(B, D, dtype=txt_ft.dtype, device=txt_ft.device)
-    _dive_backward_kernel[(triton.cdiv(B, cfg.block_b),)](
-        img_ft, img_pre, txt_ft, txt_pre, m, gl, ga, gp, grad_img, grad_txt, B, D,
-        *_strides(img_ft, img_pre, txt_ft, txt_pre), k_la, k_lp, k_a, k_p,
-        NORMALIZE=normalize, BLOCK_B=cfg.block_b, CHUNKS=cfg.chunks, VEC=cfg.vec,
-        ROWS_IN_WARP=cfg.rows_in_warp, num_warps=cfg.num_warps)
+    strides = _strides(img_ft, img_pre, txt_ft, txt_pre)
+    m = m if m.is_contiguous() else m.contiguous()  # the kernel reads m contiguously
+    with _on_device(img_ft):
+        _dive_backward_kernel[(triton.cdiv(B, cfg.block_b),)](
+            img_ft, img_pre, txt_ft, txt_pre, m, gl, ga, gp, grad_img, grad_txt, B, D,
+            *strides, k_la, k_lp, k_a, k_p, NORMALIZE=normalize, BLOCK_B=cfg.block_b,
+            CHUNKS=cfg.chunks, VEC=cfg.vec, ROWS_IN_WARP=cfg.rows_in_warp,
+            WIDE=_wide(B, D, strides) or B * D >= INT32_LIMIT, num_warps=cfg.num_warps)
     return grad_img, grad_txt

@@ -202,3 +202,99 @@ def test_m_out_in_place_and_low_precision_m(emu):
     got = emu.forward(*x, buffer, buffer, True, 0.9, 1.0, 1.0, H100_SHARED)
     assert torch.equal(buffer, want[3]) and torch.equal(got[3], want[3])
     assert got[3].dtype == torch.bfloat16
+
+
+# Opt-in shared memory per block: a 99 KiB part (L4, L40S, RTX: sm_86/89), an A100, an
+# H100/H200, and a 64 KiB part (sm_75).
+SHARED_LIMITS = (101376, 166912, H100_SHARED, 65536)
+RESERVE = 4096  # kStaticSharedReserve: the kernels' static arrays
+
+
+@pytest.mark.parametrize("limit", SHARED_LIMITS)
+def test_stats_plan_fits_the_device_shared_memory(emu, limit):
+    """Every plan the launcher may choose fits the device's shared memory with the static
+    arrays' reserve, or says it does not fit (and the launcher refuses); on a 99 KiB part
+    every dim up to 6000 fits."""
+    for D, (ft, pre), aligned in itertools.product(
+            (8, 512, 1024, 2048, 4096, 6000, 6300, 8192), ((4, 4), (2, 2), (4, 2)),
+            (True, False)):
+        _, rows, stages, shared, fits = emu.stats_plan(D, ft, pre, aligned, limit)
+        assert not fits or shared + RESERVE <= limit, (D, ft, pre, aligned, shared)
+        assert rows >= 1 and stages >= 1
+        if D <= (6000 if limit >= 101376 else 3000):
+            assert fits, (D, ft, pre, aligned, limit)
+
+
+def test_stats_beyond_the_shared_memory_refused_clearly_and_fitting_dims_exact(emu):
+    """D = 8192 on a 99 KiB part needs 132 KiB: refused, naming the dim and the limit (the
+    launch would fail, or worse); D = 6000 fits one row a tile, exactly."""
+    x = make_inputs(3, 8192, seed=1)
+    with pytest.raises(RuntimeError, match="dim 8192 need .* shared memory .* allows 101376"):
+        emu.forward(*x, torch.zeros(8192), None, True, 0.99, 1.0, 1.0, 101376)
+    x = make_inputs(3, 6000, seed=2)
+    ours = emulated(emu, x, torch.zeros(6000), shared_limit=101376)
+    oracle = run_eager(x, torch.zeros(6000), torch.float64)
+    for q in ours:
+        assert relative_error(ours[q], oracle[q], 1e-3 if q.startswith("grad") else 0.0) < 1e-4
+    # A 64 KiB part: the fast kernel's one stage of D = 4096 float32 (64 KiB) does not fit;
+    # at D = 2048 one stage does, and gives an H100's bits.
+    with pytest.raises(RuntimeError, match="dim 4096 need"):
+        emu.forward(*make_inputs(3, 4096), torch.zeros(4096), None, True, 0.99, 1.0, 1.0, 65536)
+    x = make_inputs(9, 2048, seed=3)
+    small, large = (emulated(emu, x, torch.zeros(2048), shared_limit=s) for s in (65536,
+                                                                                  H100_SHARED))
+    assert all(torch.equal(small[q], large[q]) for q in small)
+
+
+def test_float64_m_accepted(emu):
+    """A float64 m (which the other backends accept): the float32 m's results, m_new and
+    m_out in float64."""
+    x = make_inputs(21, 40, seed=6)
+    m = 0.1 * torch.randn(40, generator=torch.Generator().manual_seed(3))
+    want = emu.forward(*x, m, None, True, 0.9, 10.0, 10.0, H100_SHARED)
+    m_out = torch.zeros(40, dtype=torch.float64)
+    got = emu.forward(*x, m.double(), m_out, True, 0.9, 10.0, 10.0, H100_SHARED)
+    assert all(torch.equal(g, w) for g, w in zip(got[:3], want[:3]))
+    assert got[3].dtype == torch.float64 and torch.equal(got[3], want[3].double())
+    assert torch.equal(m_out, want[3].double())
+    grads = emu.backward(*x, m.double(), torch.ones(()), None, None, 10.0, 10.0, 0.1, True)
+    want_grads = emu.backward(*x, m, torch.ones(()), None, None, 10.0, 10.0, 0.1, True)
+    assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
+
+
+@pytest.mark.parametrize("argument", ["m", "m_out", "gradient"])
+def test_tensors_on_another_device_refused_naming_the_argument(emu, argument):
+    """m, m_out and the upstream gradients on another device than the inputs (the meta
+    device stands in for another GPU): a clear error naming the argument, not a kernel
+    reading another device's address."""
+    x = make_inputs(5, 16)
+    other = lambda t: t.to("meta")  # noqa: E731
+    m, m_out, g = torch.zeros(16), torch.zeros(16), torch.ones(())
+    if argument == "gradient":
+        with pytest.raises(RuntimeError, match="gradient of the loss must be on the inputs'"):
+            emu.backward(*x, m, other(g), None, None, 1.0, 1.0, 0.4, True)
+        return
+    if argument == "m":
+        m = other(m)
+    else:
+        m_out = other(m_out)
+    with pytest.raises(RuntimeError, match=f"{argument} must be on the inputs' device"):
+        emu.forward(*x, m, m_out, True, 0.99, 1.0, 1.0, H100_SHARED)
+
+
+# Parts and waves by hand: (SMs, blocks per SM) -> parts; (parts, SMs, blocks per SM) ->
+# waves. A100 108 SMs, H100 SXM 132, H100 PCIe 114, H200 132, L40S 142.
+PARTS_BY_HAND = [(108, 2, 216), (132, 2, 264), (114, 2, 228), (142, 1, 142), (132, 3, 396),
+                 (114, 1, 114), (0, 2, 2), (132, 0, 132)]
+WAVES_BY_HAND = [(264, 108, 2, 2), (264, 108, 1, 3), (264, 114, 2, 2), (264, 132, 2, 1),
+                 (264, 142, 2, 1), (216, 108, 2, 1), (228, 114, 2, 1), (1, 132, 2, 1)]
+
+
+def test_parts_one_full_wave(emu):
+    """The CUDA plan's parts (one wave: SMs x blocks per SM) and waves against a table
+    written by hand; 264 parts took 2 waves on an A100 at 2 blocks an SM (3 at 1) and
+    left a 36-block tail on an H100 PCIe."""
+    for sms, blocks, parts in PARTS_BY_HAND:
+        assert emu.stats_parts(sms, blocks) == parts, (sms, blocks)
+    for parts, sms, blocks, waves in WAVES_BY_HAND:
+        assert emu.waves(parts, sms, blocks) == waves, (parts, sms, blocks)

@@ -169,16 +169,21 @@ def test_bytes_in_flight(rows):
     assert not short, "\n".join(short)
 
 
-def test_parts_do_not_depend_on_the_batch():
-    """The statistics' parts are a constant (the CUDA launcher's grid, the Triton
-    launcher's programs on a GPU), so every result is the same at every batch size and on
-    every GPU; under the interpreter the Triton launcher keeps its own constant."""
+def test_parts_do_not_depend_on_the_batch(monkeypatch):
+    """The statistics' parts are one wave of the device (the CUDA launcher's grid, the
+    Triton launcher's programs on a GPU), whatever the batch, so every result is the same
+    at every batch size on one kind of GPU; under the interpreter the Triton launcher keeps
+    its own constant."""
     import torch
 
     from dive_fast.ops import extension
     from dive_fast.ops import dive_triton
     from dive_fast.testing import make_inputs
-    assert dive_triton.num_parts(torch.device("cuda")) == dive_triton.PARTS
+    monkeypatch.setattr(dive_triton, "_sm_count", lambda index: 114)  # an H100 PCIe
+    for D in (16, 512, 1024, 4096):
+        cfg = dive_triton.launch_config(D)
+        blocks = dive_triton.STATS_BLOCKS_PER_SM[cfg.block_d, cfg.num_warps]
+        assert dive_triton.num_parts(torch.device("cuda", 0), cfg) == 114 * blocks
     if extension.load()[0]:
         ops = extension.ops()
         assert {int(ops.cuda_stats_plan(d, 4, 4, True, 232448)[7]) for d in (8, 512, 4096)} \
@@ -188,3 +193,35 @@ def test_parts_do_not_depend_on_the_batch():
             means, scalars, _ = dive_triton.triton_stats(*make_inputs(B, 24, seed=B), True)
             assert means.shape[0] == dive_triton.INTERPRETED_PARTS
             assert scalars[:, 0].sum().item() == B
+
+
+def test_statistics_take_one_wave_on_each_gpu(rows):
+    """Every compiled statistics configuration holds at least the blocks per SM the Triton
+    launcher counts, so its parts (SMs x those blocks) are one wave on an A100, an H100
+    SXM/PCIe and an H200 (the L40S column is reported: its 100 KB an SM may hold fewer)."""
+    from dive_fast.ops import dive_triton
+    stats = [r for r in rows if aot.KIND.get(r["kernel"]) == "stats" and not r["error"]]
+    assert stats
+    for r in stats:
+        if r["backend"] == "triton":
+            cfg = dict(kv.split("=") for kv in r["config"].split() if "=" in kv)
+            need = dive_triton.STATS_BLOCKS_PER_SM[int(cfg["CHUNKS"]) * int(cfg["VEC"]),
+                                                   int(cfg["warps"])]
+            assert int(r["blocks_per_sm"]) >= need, (_label(r), r["blocks_per_sm"], need)
+        for gpu in ("A100", "H100_SXM", "H100_PCIe", "H200"):
+            assert r[f"waves_{gpu}"] in ("", 1, "1"), (_label(r), gpu, r[f"waves_{gpu}"])
+
+
+def test_waves_column_by_hand():
+    """The kernel table's waves for rows written by hand: the D = 512 configuration at 166
+    registers (one block an SM) and a CUDA kernel at two, on each GPU of their arch."""
+    triton_row = {"backend": "triton", "kernel": "_dive_stats_kernel", "arch": "sm_90",
+                  "config": "D<=512 BLOCK_B=8 CHUNKS=2 VEC=256 rows_in_warp=1 warps=8",
+                  "registers": "166", "threads": "256", "shared_bytes": "65536", "error": ""}
+    cuda_row = {"backend": "cuda", "kernel": "dive_stats_kernel", "arch": "sm_80",
+                "config": "ft=fp32 pre=bf16 chunks=2 stages=3", "registers": "80",
+                "threads": "256", "shared_bytes": "75264", "error": ""}
+    aot.add_waves([triton_row, cuda_row])
+    assert [triton_row.get(f"waves_{g}") for g in ("H100_SXM", "H100_PCIe", "H200", "A100")] \
+        == [1, 1, 1, None]
+    assert [cuda_row.get(f"waves_{g}") for g in ("A100", "L40S", "H200")] == [1, 1, None]

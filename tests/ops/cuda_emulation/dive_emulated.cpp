@@ -49,6 +49,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       return dive_forward_cuda(a, a0, t, t0, mm, m_out, normalize, momentum, lam_avl, lam_pvl);
     });
   });
+  // The launch plan's choices, as the launchers make them (dive_cuda_plan.h).
+  m.def("stats_plan", [](int64_t D, int64_t ft, int64_t pre, bool aligned, int64_t limit) {
+    const auto p = dive_fast::stats_plan(D, int(ft), int(pre), aligned, limit);
+    return std::make_tuple(p.fast, p.rows_per_tile, p.stages, p.shared_bytes, p.fits);
+  });
+  m.def("stats_parts", &dive_fast::stats_parts);
+  m.def("waves", &dive_fast::waves);
   m.def("backward", [](const at::Tensor& a, const at::Tensor& a0, const at::Tensor& t,
                        const at::Tensor& t0, const at::Tensor& mm, std::optional<at::Tensor> g_loss,
                        std::optional<at::Tensor> g_avl, std::optional<at::Tensor> g_pvl,
