@@ -21,19 +21,24 @@ from . import validate
 from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
 from .progress import progress_bar
+from .protocol import chosen_templates, with_imagenet_root
 from .validate import KINDS, TaskSpec
 from ..world.tasks import TASKS
 
 
 @torch.no_grad()
-def zeroshot_head(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
-    """[classes, dim]: per class the normalised mean of its normalised prompt embeddings."""
-    rows = []
-    for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        emb = model.encode_text(tokens, normalize=True).float().mean(0)
-        rows.append(emb / emb.norm())
-    return torch.stack(rows)
+def zeroshot_head(model, tokenizer, classnames, templates, device="cpu",
+                  prompts_per_batch: int = 1024) -> torch.Tensor:
+    """[classes, dim]: per class the normalised mean of its normalised prompt embeddings,
+    batched over classes (ImageNet's 1000 x 80 prompts in ~80 forwards, not 1000)."""
+    rows, per = [], max(1, prompts_per_batch // len(templates))
+    for start in range(0, len(classnames), per):
+        names = classnames[start:start + per]
+        tokens = tokenizer([t.format(c) for c in names for t in templates]).to(device)
+        emb = model.encode_text(tokens, normalize=True).float()
+        emb = emb.view(len(names), len(templates), -1).mean(1)
+        rows.append(emb / emb.norm(dim=-1, keepdim=True))
+    return torch.cat(rows)
 
 
 @torch.no_grad()
@@ -108,6 +113,8 @@ def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | No
     saying why when some class has no trained row (then the zero-shot head serves)."""
     names = tuple(classnames)
     for trained, weight in heads.items():
+        if names == tuple(trained):  # by position: ImageNet's own list repeats two names
+            return weight, None
         rows = {c: i for i, c in enumerate(trained)}
         missing = [c for c in names if c not in rows]
         if not missing:
@@ -123,6 +130,27 @@ def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | No
     return None, None
 
 
+def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu"):
+    """(head [set's classes, dim], note): the trained head when it covers the set's classes,
+    else the zero-shot head. A subset of a larger class list (ImageNet-R's 200 of
+    ImageNet's 1000: ``head_classes``, ``projection``) is scored with the larger head's
+    rows ``projection``: projected logits, as WiSE-FT and FLYP score it. A zero-shot row
+    depends on the class name and templates alone, so those rows are the subset's names'
+    rows, each built once per templates in ``cache`` (ImageNet's shifts share them)."""
+    full, rows = getattr(dataset, "head_classes", None), getattr(dataset, "projection", None)
+    if full is not None and tuple(full) in heads:  # by position: two ImageNet names repeat
+        weight = heads[tuple(full)]
+        return weight[torch.tensor(rows, device=weight.device)], None
+    head, note = trained_head(heads, dataset.classnames)
+    if head is not None:
+        return head, note
+    built = cache.setdefault(tuple(dataset.templates), {})
+    todo = list(dict.fromkeys(c for c in dataset.classnames if c not in built))
+    if todo:
+        built.update(zip(todo, zeroshot_head(model, tokenizer, todo, dataset.templates, device)))
+    return torch.stack([built[c] for c in dataset.classnames]), note
+
+
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
              batch_size=256, workers=0, progress=True, heads=None) -> dict:
     """The report: accuracy per set grouped by kind, their means, and RSA (if pre_model).
@@ -132,12 +160,11 @@ def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None,
     model.eval()
     report = {k: {} for k in KINDS}
     skipped = 0
+    zeroshot_rows = {}  # {templates: {class name: row}}, shared by the sets
     for name, (kind, dataset) in eval_sets.items():
-        head, note = trained_head(heads or {}, dataset.classnames)
+        head, note = set_head(model, tokenizer, dataset, heads or {}, zeroshot_rows, device)
         if note:
             report.setdefault("notes", {})[name] = note
-        if head is None:
-            head = zeroshot_head(model, tokenizer, dataset.classnames, dataset.templates, device)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
         acc, seen, n_skipped = accuracy(model, head, loader, device, desc=name if progress else None)
         report[kind][name] = acc if seen else None
@@ -179,9 +206,13 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def task_sets(specs: list[TaskSpec], transform) -> dict:
-    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``)."""
-    return {t.name: (t.kind, ImageFolderTask(t.path, transform)) for t in specs}
+def task_sets(specs: list[TaskSpec], transform, templates=None) -> dict:
+    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``);
+    ``templates`` (--templates) serve the id and ood sets, which share the target's
+    classes; a zero-shot set keeps its own."""
+    return {t.name: (t.kind, ImageFolderTask(t.path, transform, preset=t.preset,
+                                             templates=None if t.kind == "zeroshot" else templates))
+            for t in specs}
 
 
 EXAMPLES = """\
@@ -210,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--task", action="append", default=[], metavar="KIND:NAME:PATH",
       help="an evaluation image folder, KIND id, ood or zeroshot; repeat for more (unset: "
            "the generated world's tasks)")
+    a("--imagenet-root", default=None, metavar="DIR",
+      help="add the paper's ImageNet sets found under DIR by their usual folder names "
+           "(docs/training.md)")
+    a("--templates", default=None, metavar="openai|simple|PATH",
+      help="prompt templates of the id and ood sets (unset: a folder's templates.txt, else "
+           "openai for ImageNet's classes, else three generic ones)")
     a("--n-per-task", type=int, default=500, help="world: test images per task")
     a("--world-seed", type=int, default=0, help="seed of the generated world")
     a("--batch-size", type=int, default=256, help="images per forward")
@@ -228,6 +265,10 @@ def check_args(args) -> list[TaskSpec]:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)
+    chosen_templates(args.templates)
+    if args.imagenet_root:
+        args.task = with_imagenet_root(args.task, args.imagenet_root)
+        args.imagenet_root = None  # now in --task
     tasks = validate.task_specs(args.task)
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
@@ -249,7 +290,7 @@ def run(args) -> dict:
         pre_model = load_clip(args.model, pretrained, args.device).model.eval()
         load_model_weights(bundle.model, args.checkpoint)
     tf = bundle.preprocess_val
-    sets = task_sets(tasks, tf) if tasks else \
+    sets = task_sets(tasks, tf, chosen_templates(args.templates)) if tasks else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
     if args.rsa_csv or args.rsa_shards:
         rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,

@@ -1,0 +1,280 @@
+"""The standard sets' protocol: which classes an image folder holds and how its folders map
+to labels, ImageNet's class names and prompt templates, and the ``--task`` presets.
+
+Sources (nothing here is typed by hand): ImageNet-1k's 1000 WordNet IDs in class order and
+the 200-class subsets of ImageNet-R and ImageNet-A with their indices are timm's
+(``timm/data/_info/``: imagenet_synsets.txt, imagenet_{r,a}_{synsets,indices}.txt); the
+class names and the prompt templates are open_clip's (``open_clip.zero_shot_metadata``:
+``IMAGENET_CLASSNAMES``, ``OPENAI_IMAGENET_TEMPLATES``, ``SIMPLE_IMAGENET_TEMPLATES``).
+timm is one of open_clip's own requirements.
+
+A subset (ImageNet-R, -A, or any folder of some ImageNet IDs) is scored over its own
+classes with projected logits, as WiSE-FT's and FLYP's code does: the 1000-way head
+restricted to the subset's ImageNet indices (``FolderClasses.projection``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import pkgutil
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WNID = re.compile(r"n\d{8}")
+TEMPLATE_SETS = ("openai", "simple")
+# --task NAME -> how its folder is read (any other NAME: the generic image folder)
+PRESETS = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet")
+# --imagenet-root DIR: each set's kind and its usual folder names under DIR, first found
+PRESET_FOLDERS = {
+    "imagenet": ("id", ("imagenet/val", "val")),
+    "imagenet-v2": ("ood", ("imagenetv2-matched-frequency-format-val", "imagenet-v2",
+                            "imagenetv2")),
+    "imagenet-r": ("ood", ("imagenet-r",)),
+    "imagenet-a": ("ood", ("imagenet-a",)),
+    "imagenet-sketch": ("ood", ("sketch", "imagenet-sketch")),
+    "objectnet": ("ood", ("objectnet-1.0/images", "objectnet/images", "objectnet")),
+}
+SUBSETS = {"imagenet-r": "imagenet_r", "imagenet-a": "imagenet_a"}
+
+
+def text_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (a byte-order mark dropped), stripped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "save it as UTF-8") from None
+    return [l.strip() for l in text.splitlines() if l.strip()]
+
+
+def check_templates(templates, source) -> None:
+    """Each prompt template must put the class name somewhere ('a photo of a {}.'):
+    without it every class gets the same prompt and the same zero-shot head."""
+    if not templates:
+        raise ValueError(f"{source}: no prompt templates")
+    for t in templates:
+        try:
+            ok = t.format("x") != t.format("y")
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{source}: prompt template {t!r} must contain {{}} once for the "
+                             "class name, e.g. 'a photo of a {}.'")
+
+
+def _timm_lines(name: str) -> list[str]:
+    """A list file of timm's ``data/_info`` folder, as lines."""
+    try:
+        raw = pkgutil.get_data("timm.data", f"_info/{name}")
+    except (ImportError, OSError) as exc:
+        raise RuntimeError(f"ImageNet's class list comes from timm (an open_clip requirement): "
+                           f"timm/data/_info/{name} cannot be read ({exc}); pip install "
+                           "'timm>=1.0'") from None
+    return [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """ImageNet-1k's 1000 WordNet IDs in class order (class i is folder ``wnids[i]``)."""
+    wnids = tuple(_timm_lines("imagenet_synsets.txt"))
+    if len(wnids) != 1000 or len(set(wnids)) != 1000:
+        raise RuntimeError(f"timm's imagenet_synsets.txt holds {len(wnids)} IDs, not 1000")
+    return wnids
+
+
+@functools.cache
+def imagenet_classnames() -> tuple[str, ...]:
+    """open_clip's 1000 ImageNet class names (CLIP's), in class order. Two pairs repeat
+    (classes 657/744 'missile', 836/837 'sunglasses'): the field's list, kept as it is."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    return tuple(IMAGENET_CLASSNAMES)
+
+
+@functools.cache
+def subset_indices(preset: str) -> tuple[int, ...]:
+    """ImageNet indices of a 200-class subset ('imagenet-r', 'imagenet-a'), ascending;
+    timm's index list is checked against its WordNet ID list."""
+    stem = SUBSETS[preset]
+    indices = tuple(int(i) for i in _timm_lines(f"{stem}_indices.txt"))
+    wnids = _timm_lines(f"{stem}_synsets.txt")
+    if [imagenet_wnids()[i] for i in indices] != wnids:
+        raise RuntimeError(f"timm's {stem} indices and synsets disagree")
+    return indices
+
+
+@functools.cache
+def template_set(choice: str) -> tuple[str, ...]:
+    """--templates: 'openai' (open_clip's 80, the paper's), 'simple' (open_clip's 7), or a
+    UTF-8 file of templates, one per line, each with {} for the class name."""
+    if choice in TEMPLATE_SETS:
+        from open_clip import zero_shot_metadata as z
+        fns = z.OPENAI_IMAGENET_TEMPLATES if choice == "openai" else z.SIMPLE_IMAGENET_TEMPLATES
+        return tuple(f("{}") for f in fns)  # open_clip's are functions of the class name
+    path = Path(choice)
+    if not path.is_file():
+        raise ValueError(f"--templates {choice}: expected openai, simple or a file of "
+                         "templates (one per line, with {} for the class name)")
+    found = tuple(text_lines(path))
+    check_templates(found, f"--templates {choice}")
+    return found
+
+
+def chosen_templates(choice: str | None) -> tuple[str, ...] | None:
+    """--templates as a tuple; None when unset (each folder's own: templates.txt, else
+    openai for ImageNet's classes, else the generic three)."""
+    return template_set(choice) if choice else None
+
+
+@dataclass(frozen=True)
+class FolderClasses:
+    """What an image folder's class folders mean.
+
+    ``label``: class folder name -> label; ``classnames``: the classes a sample is scored
+    over; ``head_classes`` and ``projection``: where set, the head is built over
+    ``head_classes`` and restricted to the rows ``projection`` (projected logits);
+    ``imagenet``: the classes are ImageNet's (openai templates by default)."""
+    label: dict
+    classnames: tuple
+    head_classes: tuple | None = None
+    projection: tuple | None = None
+    imagenet: bool = False
+
+
+def is_number(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+def folder_order(names: list[str]) -> list[str]:
+    """Class folders in label order: by value when all are numbers ('10' after '9', not
+    after '1'), else sorted by name."""
+    if names and all(is_number(n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _imagenet_subset(indices: list[int]) -> FolderClasses:
+    """ImageNet classes ``indices`` (ascending), scored over themselves."""
+    names = imagenet_classnames()
+    full = len(indices) == 1000
+    return FolderClasses(label={}, classnames=tuple(names[i] for i in indices),
+                         head_classes=None if full else names,
+                         projection=None if full else tuple(indices), imagenet=True)
+
+
+def _refuse_unknown(root, what: str, names: list[str], fix: str):
+    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    raise ValueError(f"{root}: {len(names)} class folder(s) {what} ({shown}); {fix}")
+
+
+def preset_classes(preset: str, root, names: list[str]) -> FolderClasses:
+    """The classes and labels of a standard set's folder (``PRESETS``)."""
+    wnids = imagenet_wnids()
+    index = {w: i for i, w in enumerate(wnids)}
+    if preset == "objectnet":
+        raise ValueError(
+            f"--task objectnet ({root}): ObjectNet's 113-class map to ImageNet is not shipped "
+            "by any package installed here (timm, open_clip), and dive_fast does not invent "
+            "it; evaluate ObjectNet as a generic set (another NAME, with a classnames.txt)")
+    if preset == "imagenet-v2":
+        bad = [n for n in names if not (is_number(n) and int(n) < 1000)]
+        if bad:
+            _refuse_unknown(root, "are not ImageNet-V2's numbers 0..999", bad,
+                            "ImageNet-V2's folders are named by class number")
+        classes = _imagenet_subset(list(range(1000)))
+        return _with_labels(classes, {n: int(n) for n in names}, root, preset)
+    allowed = subset_indices(preset) if preset in SUBSETS else tuple(range(1000))
+    allowed_ids = {wnids[i] for i in allowed}
+    bad = [n for n in names if n not in allowed_ids]
+    if bad:
+        _refuse_unknown(root, f"are not among {preset}'s {len(allowed)} WordNet IDs", bad,
+                        f"is this {preset}'s folder?")
+    classes = _imagenet_subset(list(allowed))
+    position = {i: k for k, i in enumerate(allowed)}
+    return _with_labels(classes, {n: position[index[n]] for n in names}, root, preset)
+
+
+def _with_labels(classes: FolderClasses, label: dict, root, preset: str) -> FolderClasses:
+    missing = len(classes.classnames) - len(label)
+    if missing:
+        log.warning("%s: %d of %s's %d classes have no folder with images; it is still scored "
+                    "over all %d", root, missing, preset, len(classes.classnames),
+                    len(classes.classnames))
+    return FolderClasses(label, classes.classnames, classes.head_classes, classes.projection,
+                         classes.imagenet)
+
+
+def folder_classes(root, names: list[str], names_file: Path | None = None,
+                   preset: str | None = None) -> FolderClasses:
+    """The classes of an image folder whose non-empty class folders are ``names``.
+
+    A preset NAME reads its standard layout. Otherwise, with ``names_file``
+    (classnames.txt), its names in label order (``folder_order``). Without one: folders
+    that are all ImageNet WordNet IDs get ImageNet's names (scored over the IDs present,
+    projected from the 1000-way head), ImageNet-V2's 1000 numbered folders ImageNet's
+    classes by number, and ordinary folder names themselves; WordNet IDs ImageNet lacks
+    and other numbered folders are refused, naming the file to add."""
+    if preset is not None:
+        if names_file is not None:
+            log.warning("%s: %s's class names are the standard ones; %s is not used", root,
+                        preset, names_file)
+        return preset_classes(preset, root, names)
+    order = folder_order(names)
+    label = {n: k for k, n in enumerate(order)}
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    numbered = bool(names) and all(is_number(n) for n in names)
+    v2 = numbered and sorted(int(n) for n in names) == list(range(1000))
+    is_imagenet = v2 or (bool(names) and all(n in index for n in names))
+    if names_file is not None:
+        given = tuple(text_lines(names_file))
+        if len(given) != len(names):
+            raise ValueError(f"{names_file} names {len(given)} classes but {root} has "
+                             f"{len(names)} class folders")
+        return FolderClasses(label, given, imagenet=is_imagenet)
+    add = (f"add {Path(root) / 'classnames.txt'} (one class name per line, in "
+           f"{'numeric' if numbered else 'sorted'} folder order)")
+    if any(WNID.fullmatch(n) for n in names):
+        unknown = [n for n in order if n not in index]
+        if unknown:
+            _refuse_unknown(root, "are not ImageNet-1k WordNet IDs", unknown, add)
+        classes = _imagenet_subset(sorted(index[n] for n in names))
+        return FolderClasses(label, classes.classnames, classes.head_classes,
+                             classes.projection, True)
+    if numbered:
+        if not v2:
+            _refuse_unknown(root, "are numbers, but not ImageNet-V2's 0..999", order,
+                            add + ", or use the preset --task ood:imagenet-v2:PATH")
+        return FolderClasses({n: int(n) for n in names}, imagenet_classnames(), imagenet=True)
+    return FolderClasses(label, tuple(n.replace("_", " ") for n in order))
+
+
+def with_imagenet_root(tasks: list[str], root) -> list[str]:
+    """``--task`` entries and, after them, --imagenet-root DIR's: one per set whose usual
+    folder is under DIR (``PRESET_FOLDERS``) and whose NAME --task does not already give;
+    each set not found is named in the log. ObjectNet is left out, saying why
+    (``preset_classes``)."""
+    taken = {spec.partition(":")[2].partition(":")[0].strip().lower() for spec in tasks}
+    tasks, root = list(tasks), Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--imagenet-root: folder not found: {root}")
+    absent, added = [], 0
+    for name, (kind, folders) in PRESET_FOLDERS.items():
+        found = next((root / f for f in folders if (root / f).is_dir()), None)
+        if name in taken:
+            continue
+        if found is None:
+            absent.append(f"{name} ({' or '.join(folders)})")
+        elif name == "objectnet":
+            log.warning("--imagenet-root: %s is left out: its 113-class map is not shipped by "
+                        "any installed package", found)
+        else:
+            tasks.append(f"{kind}:{name}:{found}")
+            added += 1
+    if not added:
+        raise ValueError(f"--imagenet-root {root}: none of the usual folders is there: "
+                         f"{'; '.join(absent)}")
+    if absent:
+        log.warning("--imagenet-root %s: not found, so not evaluated: %s", root, "; ".join(absent))
+    return tasks
