@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g("--task", action="append", default=[], metavar="KIND:NAME:PATH",
       help="an evaluation image folder; KIND is id, ood or zeroshot; repeat for more. NAME "
            "imagenet, imagenet-v2, imagenet-r, imagenet-a or imagenet-sketch reads the set by "
-           "its standard protocol (docs/training.md)")
+           "its standard protocol (docs/training.md); PATH@macro_f1 reports macro-F1 (WILDS's, "
+           "for iWildCam) instead of top-1")
     g("--imagenet-root", default=None, metavar="DIR",
       help="add the paper's sets found under DIR by their usual folder names (imagenet/val, "
            "imagenetv2-matched-frequency-format-val, imagenet-r, imagenet-a, sketch; "

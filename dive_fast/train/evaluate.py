@@ -22,7 +22,7 @@ from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
 from .progress import progress_bar
 from .protocol import chosen_templates, with_imagenet_root
-from .validate import KINDS, TaskSpec
+from .validate import KINDS, TASK_METRICS, TaskSpec
 from ..world.tasks import TASKS
 
 
@@ -41,19 +41,45 @@ def zeroshot_head(model, tokenizer, classnames, templates, device="cpu",
     return torch.cat(rows)
 
 
+METRICS = TASK_METRICS  # what a --task may report (PATH@METRIC)
+
+
 @torch.no_grad()
-def accuracy(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
-    """(top-1 accuracy, samples seen, samples skipped); streams, memory flat in set size."""
-    correct = seen = skipped = 0
+def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
+    """({top1, top5, macro_f1}, samples seen, samples skipped); streams, memory flat in set
+    size. top5 is None for a set of 5 classes or fewer (it would be 1 by construction);
+    macro_f1 is the mean F1 over the classes that occur in the labels (WILDS's, as
+    iWildCam is scored)."""
+    classes = head.shape[0]
+    k = min(5, classes)
+    top1 = top5 = seen = skipped = 0
+    true_pos, predicted, actual = (torch.zeros(classes, dtype=torch.long) for _ in range(3))
     for images, labels, n_skipped in progress_bar(loader, desc=desc, leave=False,
                                                   disable=desc is None):
         skipped += n_skipped
         if images is None:
             continue
         feats = model.encode_image(images.to(device), normalize=True).float()
-        correct += (feats @ head.T).argmax(1).eq(labels.to(device)).sum().item()
+        best = (feats @ head.T).topk(k, dim=1).indices.cpu()
+        hit = best.eq(labels[:, None])
+        top1 += int(hit[:, 0].sum())
+        top5 += int(hit.any(1).sum())
         seen += labels.numel()
-    return (correct / seen if seen else float("nan")), seen, skipped
+        true_pos += torch.bincount(labels[hit[:, 0]], minlength=classes)
+        predicted += torch.bincount(best[:, 0], minlength=classes)
+        actual += torch.bincount(labels, minlength=classes)
+    if not seen:
+        return {m: float("nan") for m in METRICS}, 0, skipped
+    present = actual > 0
+    f1 = 2 * true_pos[present] / (actual[present] + predicted[present])
+    return {"top1": top1 / seen, "top5": top5 / seen if classes > 5 else None,
+            "macro_f1": float(f1.double().mean())}, seen, skipped
+
+
+def accuracy(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
+    """(top-1 accuracy, samples seen, samples skipped) (``scores``)."""
+    found, seen, skipped = scores(model, head, loader, device, desc)
+    return found["top1"], seen, skipped
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +179,9 @@ def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu"):
 
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
              batch_size=256, workers=0, progress=True, heads=None) -> dict:
-    """The report: accuracy per set grouped by kind, their means, and RSA (if pre_model).
+    """The report: per set grouped by kind its metric (top-1 unless the set's ``metric``
+    says otherwise), their means, every set's top-1, top-5 and macro-F1 in "metrics", and
+    RSA (if pre_model).
 
     ``heads`` maps class-name tuples to trained classifier weights [classes, dim] (FT's
     linear head), used instead of the zero-shot head for sets with those classes."""
@@ -166,8 +194,11 @@ def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None,
         if note:
             report.setdefault("notes", {})[name] = note
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-        acc, seen, n_skipped = accuracy(model, head, loader, device, desc=name if progress else None)
-        report[kind][name] = acc if seen else None
+        found, seen, n_skipped = scores(model, head, loader, device,
+                                        desc=name if progress else None)
+        metric = getattr(dataset, "metric", "top1")  # the task's own (--task ...@macro_f1)
+        report[kind][name] = found[metric] if seen else None
+        report.setdefault("metrics", {})[name] = {**found, "reported": metric} if seen else None
         if not seen:
             report.setdefault("notes", {})[name] = f"no readable image ({n_skipped} unreadable)"
         skipped += n_skipped
@@ -203,6 +234,28 @@ def format_table(rows: dict[str, dict]) -> str:
         rs = r.get("rsa")
         vals += [_num(rs[k]) for k in ("image", "text", "joint")] if rs else ["–"] * 3
         lines.append("| " + " | ".join([method] + vals) + " |")
+    return "\n".join(lines) + topk_table(rows)
+
+
+def topk_table(rows: dict[str, dict]) -> str:
+    """Markdown after the main table: each set's top-1 / top-5 per method ('' when the rows
+    carry no per-set metrics); a set reported by another metric says so in its header."""
+    first = next(iter(rows.values()))
+    sets = [name for kind in KINDS for name in first[kind]]
+    per = {method: r.get("metrics") or {} for method, r in rows.items()}
+    if not any(per.values()):
+        return ""
+    reported = {name: next((m[name]["reported"] for m in per.values() if m.get(name)), "top1")
+                for name in sets}
+    head = ["method"] + [name if reported[name] == "top1" else
+                         f"{name} ({reported[name].replace('_', '-')}: main table)"
+                         for name in sets]
+    lines = ["", "", "Top-1 / top-5 (%; top-5 '–' for 5 classes or fewer):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, m in per.items():
+        vals = [f"{_pct(m[n]['top1'])} / {_pct(m[n]['top5'])}" if m.get(n) else "–"
+                for n in sets]
+        lines.append("| " + " | ".join([method] + vals) + " |")
     return "\n".join(lines)
 
 
@@ -210,9 +263,13 @@ def task_sets(specs: list[TaskSpec], transform, templates=None) -> dict:
     """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``);
     ``templates`` (--templates) serve the id and ood sets, which share the target's
     classes; a zero-shot set keeps its own."""
-    return {t.name: (t.kind, ImageFolderTask(t.path, transform, preset=t.preset,
-                                             templates=None if t.kind == "zeroshot" else templates))
-            for t in specs}
+    sets = {}
+    for t in specs:
+        folder = ImageFolderTask(t.path, transform, preset=t.preset,
+                                 templates=None if t.kind == "zeroshot" else templates)
+        folder.metric = t.metric  # what the report gives for it (``evaluate``)
+        sets[t.name] = (t.kind, folder)
+    return sets
 
 
 EXAMPLES = """\
@@ -240,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="a dive_fast.train checkpoint to evaluate (unset: the pre-trained model itself)")
     a("--task", action="append", default=[], metavar="KIND:NAME:PATH",
       help="an evaluation image folder, KIND id, ood or zeroshot; repeat for more (unset: "
-           "the generated world's tasks)")
+           "the generated world's tasks); PATH@macro_f1 reports macro-F1 (WILDS's) for it")
     a("--imagenet-root", default=None, metavar="DIR",
       help="add the paper's ImageNet sets found under DIR by their usual folder names "
            "(docs/training.md)")

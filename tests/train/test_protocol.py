@@ -181,3 +181,5 @@ def test_paper_sets_end_to_end_with_imagenet_root(micro_cache, tmp_path):
         assert set(row["id"]) == {"imagenet"}
         assert set(row["ood"]) == {"imagenet-r", "imagenet-v2"}
         assert all(0 <= v <= 1 for v in (*row["id"].values(), *row["ood"].values()))
+        assert 0 <= row["metrics"]["imagenet-r"]["top5"] <= 1  # R: 200 classes
+    assert "Top-1 / top-5" in (tmp_path / "run" / "table.md").read_text()
