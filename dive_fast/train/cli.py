@@ -162,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation").add_argument
     g("--task", action="append", default=[], metavar="KIND:NAME:PATH",
       help="an evaluation image folder; KIND is id, ood or zeroshot; repeat for more. NAME "
-           "imagenet, imagenet-v2, imagenet-r, imagenet-a or imagenet-sketch reads the set by "
-           "its standard protocol (docs/training.md); PATH@macro_f1 reports macro-F1 (WILDS's, "
-           "for iWildCam) instead of top-1")
+           "imagenet, imagenet-v2, imagenet-r, imagenet-a, imagenet-sketch or objectnet reads "
+           "the set by its standard protocol (docs/training.md); PATH@macro_f1 reports "
+           "macro-F1 (WILDS's, for iWildCam) instead of top-1")
     g("--imagenet-root", default=None, metavar="DIR",
       help="add the paper's sets found under DIR by their usual folder names (imagenet/val, "
-           "imagenetv2-matched-frequency-format-val, imagenet-r, imagenet-a, sketch; "
+           "imagenetv2-matched-frequency-format-val, imagenet-r, imagenet-a, sketch, "
+           "objectnet-1.0/images; "
            "docs/training.md), each read by its standard protocol")
     g("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
     g("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")

@@ -158,7 +158,7 @@ class ImageFolderTask(Dataset):
             raise ValueError(f"image folder {root} has no readable image files")
         self.classnames = classes.classnames
         self.head_classes, self.projection = classes.head_classes, classes.projection
-        self.imagenet = classes.imagenet
+        self.imagenet, self.crop_border = classes.imagenet, classes.crop_border
         twice = sorted({c for c in self.classnames if self.classnames.count(c) > 1})
         if twice and not classes.imagenet:  # ImageNet's own list repeats two: the field's
             raise ValueError(f"{root}: class name(s) {twice} given to more than one class "
@@ -190,7 +190,12 @@ class ImageFolderTask(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         img = _open_image(path)
-        return None if img is None else (self.transform(img), label)
+        if img is None:
+            return None
+        b = self.crop_border  # ObjectNet's frame
+        if b and img.width > 2 * b and img.height > 2 * b:
+            img = img.crop((b, b, img.width - b, img.height - b))
+        return self.transform(img), label
 
 
 def read_caption_rows(path: Path, img_key: str, caption_key: str, sep: str):

@@ -21,7 +21,7 @@ from . import validate
 from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
 from .progress import progress_bar
-from .protocol import chosen_templates, with_imagenet_root
+from .protocol import chosen_templates, projection_rows, with_imagenet_root
 from .validate import KINDS, TASK_METRICS, TaskSpec
 from ..world.tasks import TASKS
 
@@ -45,12 +45,16 @@ METRICS = TASK_METRICS  # what a --task may report (PATH@METRIC)
 
 
 @torch.no_grad()
-def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
+def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None,
+           owner: list[int] | None = None):
     """({top1, top5, macro_f1}, samples seen, samples skipped); streams, memory flat in set
     size. top5 is None for a set of 5 classes or fewer (it would be 1 by construction);
     macro_f1 is the mean F1 over the classes that occur in the labels (WILDS's, as
-    iWildCam is scored)."""
-    classes = head.shape[0]
+    iWildCam is scored). ``owner``: the class each head row scores, a class's logit the
+    largest of its rows' (ObjectNet's projection); None: row k is class k."""
+    classes = head.shape[0] if owner is None else max(owner) + 1
+    if owner is not None:
+        owner = torch.tensor(owner, device=head.device)
     k = min(5, classes)
     top1 = top5 = seen = skipped = 0
     true_pos, predicted, actual = (torch.zeros(classes, dtype=torch.long) for _ in range(3))
@@ -60,7 +64,11 @@ def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = N
         if images is None:
             continue
         feats = model.encode_image(images.to(device), normalize=True).float()
-        best = (feats @ head.T).topk(k, dim=1).indices.cpu()
+        logits = feats @ head.T
+        if owner is not None:
+            logits = logits.new_full((len(logits), classes), float("-inf")).scatter_reduce(
+                1, owner.expand(len(logits), -1), logits, "amax")
+        best = logits.topk(k, dim=1).indices.cpu()
         hit = best.eq(labels[:, None])
         top1 += int(hit[:, 0].sum())
         top5 += int(hit.any(1).sum())
@@ -157,24 +165,28 @@ def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | No
 
 
 def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu"):
-    """(head [set's classes, dim], note): the trained head when it covers the set's classes,
-    else the zero-shot head. A subset of a larger class list (ImageNet-R's 200 of
-    ImageNet's 1000: ``head_classes``, ``projection``) is scored with the larger head's
-    rows ``projection``: projected logits, as WiSE-FT and FLYP score it. A zero-shot row
-    depends on the class name and templates alone, so those rows are the subset's names'
-    rows, each built once per templates in ``cache`` (ImageNet's shifts share them)."""
-    full, rows = getattr(dataset, "head_classes", None), getattr(dataset, "projection", None)
+    """(head [rows, dim], note): the trained head when it covers the set's classes, else the
+    zero-shot head. A subset of a larger class list (ImageNet-R's 200 of ImageNet's 1000,
+    ObjectNet's 113: ``head_classes``, ``projection``) is scored with the larger head's
+    rows ``projection`` (``protocol.projection_rows``): projected logits, as WiSE-FT and
+    FLYP score it. A zero-shot row depends on its class name and the templates alone, so
+    each is built once per templates in ``cache`` (ImageNet's shifts share them)."""
+    full = getattr(dataset, "head_classes", None)
+    rows, owner = projection_rows(dataset.projection) if full is not None else (None, None)
     if full is not None and tuple(full) in heads:  # by position: two ImageNet names repeat
         weight = heads[tuple(full)]
         return weight[torch.tensor(rows, device=weight.device)], None
-    head, note = trained_head(heads, dataset.classnames)
-    if head is not None:
-        return head, note
+    note = None
+    if owner is None:  # one row per class: a trained head's rows by name
+        head, note = trained_head(heads, dataset.classnames)
+        if head is not None:
+            return head, note
+    names = dataset.classnames if full is None else [full[r] for r in rows]
     built = cache.setdefault(tuple(dataset.templates), {})
-    todo = list(dict.fromkeys(c for c in dataset.classnames if c not in built))
+    todo = list(dict.fromkeys(c for c in names if c not in built))
     if todo:
         built.update(zip(todo, zeroshot_head(model, tokenizer, todo, dataset.templates, device)))
-    return torch.stack([built[c] for c in dataset.classnames]), note
+    return torch.stack([built[c] for c in names]), note
 
 
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
@@ -194,8 +206,10 @@ def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None,
         if note:
             report.setdefault("notes", {})[name] = note
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        owner = projection_rows(dataset.projection)[1] \
+            if getattr(dataset, "head_classes", None) is not None else None
         found, seen, n_skipped = scores(model, head, loader, device,
-                                        desc=name if progress else None)
+                                        desc=name if progress else None, owner=owner)
         metric = getattr(dataset, "metric", "top1")  # the task's own (--task ...@macro_f1)
         report[kind][name] = found[metric] if seen else None
         report.setdefault("metrics", {})[name] = {**found, "reported": metric} if seen else None

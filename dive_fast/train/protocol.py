@@ -132,15 +132,27 @@ def chosen_templates(choice: str | None) -> tuple[str, ...] | None:
 class FolderClasses:
     """What an image folder's class folders mean.
 
-    ``label``: class folder name -> label; ``classnames``: the classes a sample is scored
-    over; ``head_classes`` and ``projection``: where set, the head is built over
-    ``head_classes`` and restricted to the rows ``projection`` (projected logits);
-    ``imagenet``: the classes are ImageNet's (openai templates by default)."""
+    ``label``: class folder name -> label (folders not in it are not read);
+    ``classnames``: the classes a sample is scored over; ``head_classes`` and
+    ``projection``: where set, the head is built over ``head_classes`` and class k scored
+    by its row ``projection[k]`` (projected logits), or, where that is a tuple of rows, by
+    the largest of their logits (ObjectNet's classes, each one or more of ImageNet's);
+    ``imagenet``: the classes are ImageNet's (openai templates by default);
+    ``crop_border``: pixels cut from each side of an image before its transform."""
     label: dict
     classnames: tuple
     head_classes: tuple | None = None
     projection: tuple | None = None
     imagenet: bool = False
+    crop_border: int = 0
+
+
+def projection_rows(projection) -> tuple[list[int], list[int] | None]:
+    """(head rows, the class each scores; None when each class is one row)."""
+    groups = [p if isinstance(p, tuple) else (p,) for p in projection]
+    rows = [r for g in groups for r in g]
+    owner = [k for k, g in enumerate(groups) for _ in g]
+    return rows, None if len(rows) == len(groups) else owner
 
 
 def is_number(name: str) -> bool:
@@ -174,10 +186,7 @@ def preset_classes(preset: str, root, names: list[str]) -> FolderClasses:
     wnids = imagenet_wnids()
     index = {w: i for i, w in enumerate(wnids)}
     if preset == "objectnet":
-        raise ValueError(
-            f"--task objectnet ({root}): ObjectNet's 113-class map to ImageNet is not shipped "
-            "by any package installed here (timm, open_clip), and dive_fast does not invent "
-            "it; evaluate ObjectNet as a generic set (another NAME, with a classnames.txt)")
+        return objectnet_classes(root, names)
     if preset == "imagenet-v2":
         bad = [n for n in names if not (is_number(n) and int(n) < 1000)]
         if bad:
@@ -204,6 +213,53 @@ def _with_labels(classes: FolderClasses, label: dict, root, preset: str) -> Fold
                     len(classes.classnames))
     return FolderClasses(label, classes.classnames, classes.head_classes, classes.projection,
                          classes.imagenet)
+
+
+OBJECTNET_MAPS = ("folder_to_objectnet_label.json", "objectnet_to_imagenet_1k.json",
+                  "pytorch_to_imagenet_2012_id.json", "imagenet_to_label_2012_v2")
+
+
+def objectnet_mappings(root) -> Path:
+    """The ``mappings`` folder of the ObjectNet release (objectnet-1.0/mappings), beside or
+    inside ``root`` (its images folder or the release's top)."""
+    root = Path(root)
+    for folder in (root / "mappings", root.parent / "mappings",
+                   root / "objectnet-1.0" / "mappings"):
+        if all((folder / f).is_file() for f in OBJECTNET_MAPS):
+            return folder
+    raise ValueError(
+        f"--task objectnet {root}: ObjectNet's class map is read from the release's own "
+        f"mappings folder ({', '.join(OBJECTNET_MAPS)}), which is not beside or inside "
+        f"{root}; no installed package ships it. Give the images folder of the unpacked "
+        "release (objectnet-1.0/images, with objectnet-1.0/mappings beside it)")
+
+
+def objectnet_classes(root, names: list[str]) -> FolderClasses:
+    """ObjectNet's 113 classes that ImageNet shares, from the release's mappings (read as
+    WiSE-FT and CLIP_benchmark read them): class k is the k-th of those folders in sorted
+    order, scored by the largest logit of its ImageNet classes; images lose a 2-pixel
+    border (the release's frame); the other 200 folders are not read."""
+    import json
+    maps = objectnet_mappings(root)
+    folder_map, to_imagenet, pytorch_map = (
+        json.loads((maps / name).read_text(encoding="utf-8")) for name in OBJECTNET_MAPS[:3])
+    folder_of = {label: folder for folder, label in folder_map.items()}
+    pytorch_of = {int(v): int(k) for k, v in pytorch_map.items()}  # 2012 ID -> class
+    lines = (maps / OBJECTNET_MAPS[3]).read_text(encoding="utf-8").splitlines()
+    index_of = {line.strip(): pytorch_of[i] for i, line in enumerate(lines) if line.strip()}
+    groups = {folder_of[label]: (label, tuple(sorted(index_of[n] for n in names_.split("; "))))
+              for label, names_ in to_imagenet.items()}
+    order = sorted(groups)
+    present = set(names)
+    missing = [f for f in order if f not in present]
+    if missing:
+        log.warning("%s: %d of ObjectNet's %d classes have no folder with images; it is still "
+                    "scored over all %d", root, len(missing), len(order), len(order))
+    return FolderClasses({f: k for k, f in enumerate(order) if f in present},
+                         tuple(groups[f][0].lower() for f in order),
+                         head_classes=imagenet_classnames(),
+                         projection=tuple(groups[f][1] for f in order), imagenet=True,
+                         crop_border=2)
 
 
 def folder_classes(root, names: list[str], names_file: Path | None = None,
@@ -253,8 +309,7 @@ def folder_classes(root, names: list[str], names_file: Path | None = None,
 def with_imagenet_root(tasks: list[str], root) -> list[str]:
     """``--task`` entries and, after them, --imagenet-root DIR's: one per set whose usual
     folder is under DIR (``PRESET_FOLDERS``) and whose NAME --task does not already give;
-    each set not found is named in the log. ObjectNet is left out, saying why
-    (``preset_classes``)."""
+    each set not found is named in the log."""
     taken = {spec.partition(":")[2].partition(":")[0].strip().lower() for spec in tasks}
     tasks, root = list(tasks), Path(root)
     if not root.is_dir():
@@ -266,9 +321,6 @@ def with_imagenet_root(tasks: list[str], root) -> list[str]:
             continue
         if found is None:
             absent.append(f"{name} ({' or '.join(folders)})")
-        elif name == "objectnet":
-            log.warning("--imagenet-root: %s is left out: its 113-class map is not shipped by "
-                        "any installed package", found)
         else:
             tasks.append(f"{kind}:{name}:{found}")
             added += 1

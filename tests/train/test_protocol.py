@@ -8,6 +8,8 @@ from PIL import Image
 from dive_fast.train import evaluate, protocol, validate
 from dive_fast.train.data import DEFAULT_TEMPLATES, ImageFolderTask
 
+PILToTensor = __import__("torchvision").transforms.PILToTensor
+
 # ImageNet-1k class order, by hand: index, WordNet ID, open_clip's name
 TENCH, GOLDFISH, SHARK = (0, "n01440764", "tench"), (1, "n01443537", "goldfish"), \
     (2, "n01484850", "great white shark")
@@ -95,8 +97,8 @@ class Stub(torch.nn.Module):
         super().__init__()
         self.feature = feature
 
-    def encode_image(self, images, normalize=True):
-        return self.feature.expand(len(images), -1)
+    def encode_image(self, images, normalize=True):  # no feature: the images are features
+        return images if self.feature is None else self.feature.expand(len(images), -1)
 
     def encode_text(self, prompts, normalize=True):
         return torch.nn.functional.one_hot(prompts, 1000).float()
@@ -149,16 +151,65 @@ def test_template_choices(tmp_path):
     assert len(ds.templates) == 7
 
 
-def test_imagenet_root_finds_the_usual_folders_and_refuses_objectnet(tmp_path):
+def objectnet_release(root):
+    """A miniature ObjectNet release: images/ (with a 2-pixel red frame, as the release has)
+    and mappings/ in the release's formats, by hand: ObjectNet's "Alarm clock" is ImageNet's
+    analog clock (409) and digital clock (530), "Banana" its banana (954); "Chair" is not
+    one of the 113 classes ImageNet shares."""
+    import json
+    for folder in ("alarm_clock", "banana", "chair"):
+        (root / "images" / folder).mkdir(parents=True)
+        img = Image.new("RGB", (6, 6), (255, 0, 0))
+        img.paste((0, 255, 0), (2, 2, 4, 4))
+        img.save(root / "images" / folder / "0.png")
+    maps = root / "mappings"
+    maps.mkdir()
+    (maps / "folder_to_objectnet_label.json").write_text(json.dumps(
+        {"alarm_clock": "Alarm clock", "banana": "Banana", "chair": "Chair"}))
+    (maps / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
+        {"Alarm clock": "analog clock; digital clock", "Banana": "banana"}))
+    (maps / "imagenet_to_label_2012_v2").write_text("analog clock\nbanana\ndigital clock\n")
+    (maps / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps(
+        {"409": 0, "954": 1, "530": 2}))
+    return root / "images"
+
+
+def test_objectnet_scores_each_class_by_its_best_imagenet_class(tmp_path):
+    images = objectnet_release(tmp_path / "objectnet-1.0")
+    ds = ImageFolderTask(images, PILToTensor(), templates=("{}",), preset="objectnet")
+    assert ds.classnames == ("alarm clock", "banana")
+    assert labels_by_folder(ds) == {"alarm_clock": 0, "banana": 1}  # chair is not read
+    assert ds.projection == ((409, 530), (954,))
+    img, _ = ds[0]
+    assert img.shape == (3, 2, 2) and (img[1] == 255).all()  # the red frame is cut
+    names = protocol.imagenet_classnames()
+    index = {n: i for i, n in enumerate(names)}
+    tokenizer = lambda prompts: torch.tensor([index[p] for p in prompts])
+    feature = torch.zeros(1000)
+    feature[TENCH[0]], feature[530], feature[954] = 1.0, 0.6, 0.5
+    model = Stub(feature)
+    head, _ = evaluate.set_head(model, tokenizer, ds, {}, {})
+    assert [int(r.argmax()) for r in head] == [409, 530, 954]
+    report = evaluate.evaluate(model, tokenizer, {"objectnet": ("ood", ds)}, progress=False)
+    assert report["ood"]["objectnet"] == 0.5  # both read as the alarm clock (digital: 0.6)
+    # a class's logit is its rows' largest: analog 0, digital .6 beat banana .5
+    logits = torch.tensor([[0., .6, .5]])
+    found, _, _ = evaluate.scores(Stub(None), torch.eye(3), [(logits, torch.tensor([0]), 0)],
+                                  owner=[0, 0, 1])
+    assert found["top1"] == 1.0
+    with pytest.raises(ValueError, match="mappings folder"):
+        ImageFolderTask(tree(tmp_path / "bare", ["banana"]), None, preset="objectnet")
+
+
+def test_imagenet_root_finds_the_usual_folders(tmp_path):
     tree(tmp_path / "imagenet" / "val", [GOLDFISH[1]])
     tree(tmp_path / "imagenet-r", [GOLDFISH[1]])
-    tree(tmp_path / "objectnet-1.0" / "images", ["alarm_clock"])
+    objectnet_release(tmp_path / "objectnet-1.0")
     tasks = protocol.with_imagenet_root(["ood:imagenet-r:/elsewhere"], tmp_path)
-    assert tasks == ["ood:imagenet-r:/elsewhere", f"id:imagenet:{tmp_path}/imagenet/val"]
+    assert tasks == ["ood:imagenet-r:/elsewhere", f"id:imagenet:{tmp_path}/imagenet/val",
+                     f"ood:objectnet:{tmp_path}/objectnet-1.0/images"]
     specs = validate.task_specs(tasks[1:])
-    assert specs[0].preset == "imagenet"
-    with pytest.raises(ValueError, match="113-class map"):
-        validate.task_specs([f"ood:objectnet:{tmp_path}/objectnet-1.0/images"])
+    assert [s.preset for s in specs] == ["imagenet", "objectnet"]
 
 
 def test_paper_sets_end_to_end_with_imagenet_root(micro_cache, tmp_path):
