@@ -159,8 +159,9 @@ class ImageFolderTask(Dataset):
         self.classnames = classes.classnames
         self.head_classes, self.projection = classes.head_classes, classes.projection
         self.imagenet, self.crop_border = classes.imagenet, classes.crop_border
+        # a repeated name is refused, but for the two of ImageNet's own list (the field's)
         twice = sorted({c for c in self.classnames if self.classnames.count(c) > 1})
-        if twice and not classes.imagenet:  # ImageNet's own list repeats two: the field's
+        if twice and not (classes.imagenet and set(twice) <= protocol.imagenet_repeats()):
             raise ValueError(f"{root}: class name(s) {twice} given to more than one class "
                              "(their zero-shot heads would be identical)")
         tmpl_file = root / "templates.txt"

@@ -6,11 +6,12 @@ the 200-class subsets of ImageNet-R and ImageNet-A with their indices are timm's
 (``timm/data/_info/``: imagenet_synsets.txt, imagenet_{r,a}_{synsets,indices}.txt); the
 class names and the prompt templates are open_clip's (``open_clip.zero_shot_metadata``:
 ``IMAGENET_CLASSNAMES``, ``OPENAI_IMAGENET_TEMPLATES``, ``SIMPLE_IMAGENET_TEMPLATES``).
-timm is one of open_clip's own requirements.
+timm is one of open_clip's own requirements. ObjectNet's map to ImageNet is shipped by no
+installed package: it is read from the release's own ``mappings`` folder.
 
-A subset (ImageNet-R, -A, or any folder of some ImageNet IDs) is scored over its own
-classes with projected logits, as WiSE-FT's and FLYP's code does: the 1000-way head
-restricted to the subset's ImageNet indices (``FolderClasses.projection``).
+A subset (ImageNet-R, -A, ObjectNet, or any folder of some ImageNet IDs) is scored over
+its own classes with projected logits, as WiSE-FT's and FLYP's code does: the 1000-way
+head restricted to the subset's ImageNet indices (``FolderClasses.projection``).
 """
 from __future__ import annotations
 
@@ -25,9 +26,8 @@ log = logging.getLogger(__name__)
 
 WNID = re.compile(r"n\d{8}")
 TEMPLATE_SETS = ("openai", "simple")
-# --task NAME -> how its folder is read (any other NAME: the generic image folder)
-PRESETS = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-a", "imagenet-sketch", "objectnet")
-# --imagenet-root DIR: each set's kind and its usual folder names under DIR, first found
+# --task NAME -> its kind under --imagenet-root DIR and its usual folder names there (first
+# found); a NAME not here is read as a generic image folder
 PRESET_FOLDERS = {
     "imagenet": ("id", ("imagenet/val", "val")),
     "imagenet-v2": ("ood", ("imagenetv2-matched-frequency-format-val", "imagenet-v2",
@@ -37,6 +37,7 @@ PRESET_FOLDERS = {
     "imagenet-sketch": ("ood", ("sketch", "imagenet-sketch")),
     "objectnet": ("ood", ("objectnet-1.0/images", "objectnet/images", "objectnet")),
 }
+PRESETS = tuple(PRESET_FOLDERS)
 SUBSETS = {"imagenet-r": "imagenet_r", "imagenet-a": "imagenet_a"}
 
 
@@ -91,6 +92,13 @@ def imagenet_classnames() -> tuple[str, ...]:
     (classes 657/744 'missile', 836/837 'sunglasses'): the field's list, kept as it is."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     return tuple(IMAGENET_CLASSNAMES)
+
+
+@functools.cache
+def imagenet_repeats() -> frozenset:
+    """The names open_clip's ImageNet list gives to two classes each."""
+    names = imagenet_classnames()
+    return frozenset(n for n in names if names.count(n) > 1)
 
 
 @functools.cache

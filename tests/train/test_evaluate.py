@@ -144,3 +144,11 @@ def test_a_task_reports_its_own_metric_and_every_set_its_top5(tmp_path):
     assert report["ood"]["iwildcam"] == pytest.approx(1 / 3)
     table = format_table({"m": report})
     assert "| 100.0 / 100.0 |" in table and "iwildcam (macro-f1: main table)" in table
+
+
+def test_a_trained_head_over_a_list_with_repeated_names_is_taken_by_position():
+    from dive_fast.train.evaluate import trained_head
+    weight = torch.arange(3.)[:, None]  # ImageNet's list repeats 'missile' and 'sunglasses'
+    head, note = trained_head({("missile", "tench", "missile"): weight},
+                              ("missile", "tench", "missile"))
+    assert head.flatten().tolist() == [0., 1., 2.] and note is None
