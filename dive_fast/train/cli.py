@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._argparse import DefaultsFormatter, run_checked
-from . import data, distributed, parallel, runlock, validate
+from . import data, distributed, parallel, protocol, runlock, validate
 from .data import csv_options, shards_fingerprint
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g("--reference-shards", default=None,
       help="reference pairs as webdataset tar shards: brace pattern, glob or '::'-separated "
            "list")
+    g("--templates", default=None, metavar="openai|simple|PATH",
+      help="prompt templates of the target and the id and ood sets: openai (open_clip's 80, "
+           "the paper's), simple (open_clip's 7) or a file, one per line with {} (unset: a "
+           "folder's templates.txt, else openai for ImageNet's classes, else three generic "
+           "ones)")
     data.add_csv_flags(g)
     g("--workers", type=int, default=1, help="data loader processes per rank")
     g("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -156,7 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation").add_argument
     g("--task", action="append", default=[], metavar="KIND:NAME:PATH",
-      help="an evaluation image folder; KIND is id, ood or zeroshot; repeat for more")
+      help="an evaluation image folder; KIND is id, ood or zeroshot; repeat for more. NAME "
+           "imagenet, imagenet-v2, imagenet-r, imagenet-a, imagenet-sketch or objectnet reads "
+           "the set by its standard protocol (docs/training.md); PATH@macro_f1 reports "
+           "macro-F1 (WILDS's, for iWildCam) instead of top-1")
+    g("--imagenet-root", default=None, metavar="DIR",
+      help="add the paper's sets found under DIR by their usual folder names (imagenet/val, "
+           "imagenetv2-matched-frequency-format-val, imagenet-r, imagenet-a, sketch, "
+           "objectnet-1.0/images; "
+           "docs/training.md), each read by its standard protocol")
     g("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
     g("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
     g("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
@@ -223,7 +236,8 @@ def target_size(args) -> int:
     """Samples in the target training set (an image folder's listing, or the world's)."""
     if args.train_folder:
         from .data import ImageFolderTask
-        return len(ImageFolderTask(args.train_folder, transform=None))
+        return len(ImageFolderTask(args.train_folder, transform=None,
+                                   templates=protocol.chosen_templates(args.templates)))
     return args.train_size
 
 
@@ -359,11 +373,16 @@ def check_model(args) -> None:
 
 def check_inputs(args, world_size: int = 1) -> None:
     """The files and folders a run reads and writes, before any expensive work."""
+    protocol.chosen_templates(args.templates)
+    if args.imagenet_root:
+        args.task = protocol.with_imagenet_root(args.task, args.imagenet_root)
+        args.imagenet_root = None  # now in --task (a checked run is not expanded twice)
     validate.task_specs(args.task)
     # What the data is, by content (a resume must see the same data, however it is spelled).
     args.data_ids = {"target": None, "reference": None}
     if args.train_folder:
-        folder = validate.image_folder(args.train_folder, "--train-folder")
+        folder = validate.image_folder(args.train_folder, "--train-folder",
+                                       templates=protocol.chosen_templates(args.templates))
         if len(folder.classnames) < 2 and METHODS[args.method].trains:
             raise ValueError(f"--train-folder {args.train_folder}: one class "
                              f"({folder.classnames[0]!r}); a classification task needs two or more")

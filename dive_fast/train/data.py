@@ -22,6 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..world.tasks import TASKS, Task, caption_pair, task_image
+from . import protocol
+from .protocol import check_templates, text_lines
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
@@ -51,31 +53,6 @@ def collate(batch):
     if isinstance(targets[0], int):
         targets = torch.tensor(targets)
     return images, targets, skipped
-
-
-def text_lines(path: Path) -> list[str]:
-    """The non-blank lines of a UTF-8 text file (a byte-order mark dropped), stripped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
-                         "save it as UTF-8") from None
-    return [l.strip() for l in text.splitlines() if l.strip()]
-
-
-def check_templates(templates, source) -> None:
-    """Each prompt template must put the class name somewhere ('a photo of a {}.'):
-    without it every class gets the same prompt and the same zero-shot head."""
-    if not templates:
-        raise ValueError(f"{source}: no prompt templates")
-    for t in templates:
-        try:
-            ok = t.format("x") != t.format("y")
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{source}: prompt template {t!r} must contain {{}} once for the "
-                             "class name, e.g. 'a photo of a {}.'")
 
 
 def is_regular_file(path) -> bool:
@@ -139,10 +116,16 @@ class WorldCaptions(Dataset):
 
 class ImageFolderTask(Dataset):
     """A labelled image folder: ROOT/<class folder>/<image>. Optional ROOT/classnames.txt
-    (one name per line, in sorted folder order) and ROOT/templates.txt (one per line, with
-    {}); otherwise folder names and the default templates."""
+    (one name per line, in folder order: sorted, or by number when every folder is one) and
+    ROOT/templates.txt (one per line, with {}). Without classnames.txt, ImageNet's WordNet
+    ID folders (and ImageNet-V2's numbers) get ImageNet's names and open_clip's 80 templates
+    (``protocol.folder_classes``); other folders their own names and three generic templates.
+    ``preset``: a standard set's NAME (``protocol.PRESETS``); ``templates``: overrides
+    templates.txt and the defaults. ``head_classes`` and ``projection`` (None unless the
+    folder is a subset of ImageNet's classes): score over the rows ``projection`` of the
+    head over ``head_classes``."""
 
-    def __init__(self, root, transform, templates=None):
+    def __init__(self, root, transform, templates=None, preset=None):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
@@ -164,25 +147,27 @@ class ImageFolderTask(Dataset):
         if special:
             log.warning("%s: %d image name(s) that are not regular files (e.g. %s) are skipped",
                         root, len(special), special[0])
-        self.samples = [(f, label) for label, d in enumerate(folders) for f in listed[d]
-                        if is_regular_file(f)]
+        names_file = root / "classnames.txt"
+        classes = protocol.folder_classes(root, [d.name for d in folders],
+                                          names_file if names_file.is_file() else None, preset)
+        by_name = {d.name: d for d in folders}
+        self.samples = [(f, classes.label[name])
+                        for name in protocol.folder_order(list(classes.label))
+                        for f in listed[by_name[name]] if is_regular_file(f)]
         if not self.samples:
             raise ValueError(f"image folder {root} has no readable image files")
-        names_file = root / "classnames.txt"
-        if names_file.is_file():
-            self.classnames = tuple(text_lines(names_file))
-            if len(self.classnames) != len(folders):
-                raise ValueError(f"{names_file} names {len(self.classnames)} classes but {root} "
-                                 f"has {len(folders)} class folders")
-        else:
-            self.classnames = tuple(d.name.replace("_", " ") for d in folders)
+        self.classnames = classes.classnames
+        self.head_classes, self.projection = classes.head_classes, classes.projection
+        self.imagenet, self.crop_border = classes.imagenet, classes.crop_border
+        # a repeated name is refused, but for the two of ImageNet's own list (the field's)
         twice = sorted({c for c in self.classnames if self.classnames.count(c) > 1})
-        if twice:
+        if twice and not (classes.imagenet and set(twice) <= protocol.imagenet_repeats()):
             raise ValueError(f"{root}: class name(s) {twice} given to more than one class "
                              "(their zero-shot heads would be identical)")
         tmpl_file = root / "templates.txt"
         self.templates = tuple(templates or (
-            text_lines(tmpl_file) if tmpl_file.is_file() else DEFAULT_TEMPLATES))
+            text_lines(tmpl_file) if tmpl_file.is_file() else
+            protocol.template_set("openai") if classes.imagenet else DEFAULT_TEMPLATES))
         check_templates(self.templates, "the templates given" if templates else tmpl_file)
         self.transform = transform
 
@@ -206,7 +191,12 @@ class ImageFolderTask(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         img = _open_image(path)
-        return None if img is None else (self.transform(img), label)
+        if img is None:
+            return None
+        b = self.crop_border  # ObjectNet's frame
+        if b and img.width > 2 * b and img.height > 2 * b:
+            img = img.crop((b, b, img.width - b, img.height - b))
+        return self.transform(img), label
 
 
 def read_caption_rows(path: Path, img_key: str, caption_key: str, sep: str):

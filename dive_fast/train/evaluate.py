@@ -21,34 +21,73 @@ from . import validate
 from .fileio import atomic_write_json
 from .models import load_clip, resolve_pretrained
 from .progress import progress_bar
-from .validate import KINDS, TaskSpec
+from .protocol import chosen_templates, projection_rows, with_imagenet_root
+from .validate import KINDS, TASK_METRICS, TaskSpec
 from ..world.tasks import TASKS
 
 
 @torch.no_grad()
-def zeroshot_head(model, tokenizer, classnames, templates, device="cpu") -> torch.Tensor:
-    """[classes, dim]: per class the normalised mean of its normalised prompt embeddings."""
-    rows = []
-    for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        emb = model.encode_text(tokens, normalize=True).float().mean(0)
-        rows.append(emb / emb.norm())
-    return torch.stack(rows)
+def zeroshot_head(model, tokenizer, classnames, templates, device="cpu",
+                  prompts_per_batch: int = 1024) -> torch.Tensor:
+    """[classes, dim]: per class the normalised mean of its normalised prompt embeddings,
+    batched over classes (ImageNet's 1000 x 80 prompts in ~80 forwards, not 1000)."""
+    rows, per = [], max(1, prompts_per_batch // len(templates))
+    for start in range(0, len(classnames), per):
+        names = classnames[start:start + per]
+        tokens = tokenizer([t.format(c) for c in names for t in templates]).to(device)
+        emb = model.encode_text(tokens, normalize=True).float()
+        emb = emb.view(len(names), len(templates), -1).mean(1)
+        rows.append(emb / emb.norm(dim=-1, keepdim=True))
+    return torch.cat(rows)
+
+
+METRICS = TASK_METRICS  # what a --task may report (PATH@METRIC)
 
 
 @torch.no_grad()
-def accuracy(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
-    """(top-1 accuracy, samples seen, samples skipped); streams, memory flat in set size."""
-    correct = seen = skipped = 0
+def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None,
+           owner: list[int] | None = None):
+    """({top1, top5, macro_f1}, samples seen, samples skipped); streams, memory flat in set
+    size. top5 is None for a set of 5 classes or fewer (it would be 1 by construction);
+    macro_f1 is the mean F1 over the classes that occur in the labels (WILDS's, as
+    iWildCam is scored). ``owner``: the class each head row scores, a class's logit the
+    largest of its rows' (ObjectNet's projection); None: row k is class k."""
+    classes = head.shape[0] if owner is None else max(owner) + 1
+    if owner is not None:
+        owner = torch.tensor(owner, device=head.device)
+    k = min(5, classes)
+    top1 = top5 = seen = skipped = 0
+    true_pos, predicted, actual = (torch.zeros(classes, dtype=torch.long) for _ in range(3))
     for images, labels, n_skipped in progress_bar(loader, desc=desc, leave=False,
                                                   disable=desc is None):
         skipped += n_skipped
         if images is None:
             continue
         feats = model.encode_image(images.to(device), normalize=True).float()
-        correct += (feats @ head.T).argmax(1).eq(labels.to(device)).sum().item()
+        logits = feats @ head.T
+        if owner is not None:
+            logits = logits.new_full((len(logits), classes), float("-inf")).scatter_reduce(
+                1, owner.expand(len(logits), -1), logits, "amax")
+        best = logits.topk(k, dim=1).indices.cpu()
+        hit = best.eq(labels[:, None])
+        top1 += int(hit[:, 0].sum())
+        top5 += int(hit.any(1).sum())
         seen += labels.numel()
-    return (correct / seen if seen else float("nan")), seen, skipped
+        true_pos += torch.bincount(labels[hit[:, 0]], minlength=classes)
+        predicted += torch.bincount(best[:, 0], minlength=classes)
+        actual += torch.bincount(labels, minlength=classes)
+    if not seen:
+        return {m: float("nan") for m in METRICS}, 0, skipped
+    present = actual > 0
+    f1 = 2 * true_pos[present] / (actual[present] + predicted[present])
+    return {"top1": top1 / seen, "top5": top5 / seen if classes > 5 else None,
+            "macro_f1": float(f1.double().mean())}, seen, skipped
+
+
+def accuracy(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
+    """(top-1 accuracy, samples seen, samples skipped) (``scores``)."""
+    found, seen, skipped = scores(model, head, loader, device, desc)
+    return found["top1"], seen, skipped
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +147,8 @@ def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | No
     saying why when some class has no trained row (then the zero-shot head serves)."""
     names = tuple(classnames)
     for trained, weight in heads.items():
+        if names == tuple(trained):  # by position: ImageNet's own list repeats two names
+            return weight, None
         rows = {c: i for i, c in enumerate(trained)}
         missing = [c for c in names if c not in rows]
         if not missing:
@@ -123,24 +164,55 @@ def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | No
     return None, None
 
 
+def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu"):
+    """(head [rows, dim], note): the trained head when it covers the set's classes, else the
+    zero-shot head. A subset of a larger class list (ImageNet-R's 200 of ImageNet's 1000,
+    ObjectNet's 113: ``head_classes``, ``projection``) is scored with the larger head's
+    rows ``projection`` (``protocol.projection_rows``): projected logits, as WiSE-FT and
+    FLYP score it. A zero-shot row depends on its class name and the templates alone, so
+    each is built once per templates in ``cache`` (ImageNet's shifts share them)."""
+    full = getattr(dataset, "head_classes", None)
+    rows, owner = projection_rows(dataset.projection) if full is not None else (None, None)
+    if full is not None and tuple(full) in heads:  # by position: two ImageNet names repeat
+        weight = heads[tuple(full)]
+        return weight[torch.tensor(rows, device=weight.device)], None
+    note = None
+    if owner is None:  # one row per class: a trained head's rows by name
+        head, note = trained_head(heads, dataset.classnames)
+        if head is not None:
+            return head, note
+    names = dataset.classnames if full is None else [full[r] for r in rows]
+    built = cache.setdefault(tuple(dataset.templates), {})
+    todo = list(dict.fromkeys(c for c in names if c not in built))
+    if todo:
+        built.update(zip(todo, zeroshot_head(model, tokenizer, todo, dataset.templates, device)))
+    return torch.stack([built[c] for c in names]), note
+
+
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
              batch_size=256, workers=0, progress=True, heads=None) -> dict:
-    """The report: accuracy per set grouped by kind, their means, and RSA (if pre_model).
+    """The report: per set grouped by kind its metric (top-1 unless the set's ``metric``
+    says otherwise), their means, every set's top-1, top-5 and macro-F1 in "metrics", and
+    RSA (if pre_model).
 
     ``heads`` maps class-name tuples to trained classifier weights [classes, dim] (FT's
     linear head), used instead of the zero-shot head for sets with those classes."""
     model.eval()
     report = {k: {} for k in KINDS}
     skipped = 0
+    zeroshot_rows = {}  # {templates: {class name: row}}, shared by the sets
     for name, (kind, dataset) in eval_sets.items():
-        head, note = trained_head(heads or {}, dataset.classnames)
+        head, note = set_head(model, tokenizer, dataset, heads or {}, zeroshot_rows, device)
         if note:
             report.setdefault("notes", {})[name] = note
-        if head is None:
-            head = zeroshot_head(model, tokenizer, dataset.classnames, dataset.templates, device)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-        acc, seen, n_skipped = accuracy(model, head, loader, device, desc=name if progress else None)
-        report[kind][name] = acc if seen else None
+        owner = projection_rows(dataset.projection)[1] \
+            if getattr(dataset, "head_classes", None) is not None else None
+        found, seen, n_skipped = scores(model, head, loader, device,
+                                        desc=name if progress else None, owner=owner)
+        metric = getattr(dataset, "metric", "top1")  # the task's own (--task ...@macro_f1)
+        report[kind][name] = found[metric] if seen else None
+        report.setdefault("metrics", {})[name] = {**found, "reported": metric} if seen else None
         if not seen:
             report.setdefault("notes", {})[name] = f"no readable image ({n_skipped} unreadable)"
         skipped += n_skipped
@@ -176,12 +248,42 @@ def format_table(rows: dict[str, dict]) -> str:
         rs = r.get("rsa")
         vals += [_num(rs[k]) for k in ("image", "text", "joint")] if rs else ["–"] * 3
         lines.append("| " + " | ".join([method] + vals) + " |")
+    return "\n".join(lines) + topk_table(rows)
+
+
+def topk_table(rows: dict[str, dict]) -> str:
+    """Markdown after the main table: each set's top-1 / top-5 per method ('' when the rows
+    carry no per-set metrics); a set reported by another metric says so in its header."""
+    first = next(iter(rows.values()))
+    sets = [name for kind in KINDS for name in first[kind]]
+    per = {method: r.get("metrics") or {} for method, r in rows.items()}
+    if not any(per.values()):
+        return ""
+    reported = {name: next((m[name]["reported"] for m in per.values() if m.get(name)), "top1")
+                for name in sets}
+    head = ["method"] + [name if reported[name] == "top1" else
+                         f"{name} ({reported[name].replace('_', '-')}: main table)"
+                         for name in sets]
+    lines = ["", "", "Top-1 / top-5 (%; top-5 '–' for 5 classes or fewer):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, m in per.items():
+        vals = [f"{_pct(m[n]['top1'])} / {_pct(m[n]['top5'])}" if m.get(n) else "–"
+                for n in sets]
+        lines.append("| " + " | ".join([method] + vals) + " |")
     return "\n".join(lines)
 
 
-def task_sets(specs: list[TaskSpec], transform) -> dict:
-    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``)."""
-    return {t.name: (t.kind, ImageFolderTask(t.path, transform)) for t in specs}
+def task_sets(specs: list[TaskSpec], transform, templates=None) -> dict:
+    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``);
+    ``templates`` (--templates) serve the id and ood sets, which share the target's
+    classes; a zero-shot set keeps its own."""
+    sets = {}
+    for t in specs:
+        folder = ImageFolderTask(t.path, transform, preset=t.preset,
+                                 templates=None if t.kind == "zeroshot" else templates)
+        folder.metric = t.metric  # what the report gives for it (``evaluate``)
+        sets[t.name] = (t.kind, folder)
+    return sets
 
 
 EXAMPLES = """\
@@ -209,7 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="a dive_fast.train checkpoint to evaluate (unset: the pre-trained model itself)")
     a("--task", action="append", default=[], metavar="KIND:NAME:PATH",
       help="an evaluation image folder, KIND id, ood or zeroshot; repeat for more (unset: "
-           "the generated world's tasks)")
+           "the generated world's tasks); PATH@macro_f1 reports macro-F1 (WILDS's) for it")
+    a("--imagenet-root", default=None, metavar="DIR",
+      help="add the paper's ImageNet sets found under DIR by their usual folder names "
+           "(docs/training.md)")
+    a("--templates", default=None, metavar="openai|simple|PATH",
+      help="prompt templates of the id and ood sets (unset: a folder's templates.txt, else "
+           "openai for ImageNet's classes, else three generic ones)")
     a("--n-per-task", type=int, default=500, help="world: test images per task")
     a("--world-seed", type=int, default=0, help="seed of the generated world")
     a("--batch-size", type=int, default=256, help="images per forward")
@@ -228,6 +336,10 @@ def check_args(args) -> list[TaskSpec]:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)
+    chosen_templates(args.templates)
+    if args.imagenet_root:
+        args.task = with_imagenet_root(args.task, args.imagenet_root)
+        args.imagenet_root = None  # now in --task
     tasks = validate.task_specs(args.task)
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
@@ -249,7 +361,7 @@ def run(args) -> dict:
         pre_model = load_clip(args.model, pretrained, args.device).model.eval()
         load_model_weights(bundle.model, args.checkpoint)
     tf = bundle.preprocess_val
-    sets = task_sets(tasks, tf) if tasks else \
+    sets = task_sets(tasks, tf, chosen_templates(args.templates)) if tasks else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
     if args.rsa_csv or args.rsa_shards:
         rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,

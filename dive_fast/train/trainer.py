@@ -28,6 +28,7 @@ from .evaluate import evaluate, format_table, task_sets, world_eval_sets, world_
 from .fileio import DiskFull, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .frozen import FrozenReference
 from .methods import METHODS, Batch, MethodConfig, make_method
+from .protocol import chosen_templates
 from .models import TINY_MODELS, compile_towers, frozen_copy, load_clip
 from .step import NonFiniteGuard, train_step
 
@@ -45,7 +46,8 @@ def data_sources(args) -> dict[str, str]:
 
 def target_data(args, bundle, train_tf):
     if args.train_folder:
-        return ImageFolderTask(args.train_folder, train_tf)
+        return ImageFolderTask(args.train_folder, train_tf,
+                               templates=chosen_templates(args.templates))
     return WorldTask("shapes", "train", args.train_size, train_tf, args.world_seed, bundle.image_size)
 
 
@@ -201,7 +203,8 @@ def eval_sets(args, bundle):
     else:
         rsa = None
     if args.task:
-        return task_sets(validate.task_specs(args.task, check_folders=False), tf), rsa
+        return task_sets(validate.task_specs(args.task, check_folders=False), tf,
+                         chosen_templates(args.templates)), rsa
     return world_eval_sets(tf, args.eval_per_task, args.world_seed, bundle.image_size), rsa
 
 

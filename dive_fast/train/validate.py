@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .protocol import PRESETS
+
 KINDS = ("id", "ood", "zeroshot")
 
 
@@ -65,10 +67,14 @@ def writable_folder(path, arg: str) -> Path:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One ``--task KIND:NAME:PATH``: an evaluation image folder."""
+    """One ``--task KIND:NAME:PATH``: an evaluation image folder; ``preset``: NAME when it
+    is a standard set's (``protocol.PRESETS``), read by that set's protocol; ``metric``:
+    what the report gives for it, from a ``PATH@METRIC`` suffix (``@macro_f1``: WILDS's)."""
     kind: str
     name: str
     path: str
+    preset: str | None = None
+    metric: str = "top1"
 
 
 def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True) -> list[TaskSpec]:
@@ -90,18 +96,36 @@ def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True
             raise ValueError(f"{arg}: two tasks are named {name!r}; names must be unique (each "
                              "names a column of the report)")
         seen.add(name)
+        path, metric = task_metric(path, f"{arg} {spec!r}")
+        preset = name.lower() if name.lower() in PRESETS else None
         if check_folders:
-            image_folder(path, f"{arg} {spec!r}")
-        out.append(TaskSpec(kind, name, path))
+            image_folder(path, f"{arg} {spec!r}", preset=preset)
+        out.append(TaskSpec(kind, name, path, preset, metric))
     return out
 
 
-def image_folder(path, arg: str):
+TASK_METRICS = ("top1", "top5", "macro_f1")  # evaluate.METRICS
+
+
+def task_metric(path: str, arg: str) -> tuple[str, str]:
+    """(PATH, METRIC) of ``PATH@METRIC``; a PATH with no such suffix, or one that exists as
+    written (an '@' in a folder's name), is top-1's."""
+    head, at, metric = path.rpartition("@")
+    if not at or Path(path).exists():
+        return path, "top1"
+    if metric not in TASK_METRICS:
+        raise ValueError(f"{arg}: unknown metric @{metric} (and no folder {path}); expected "
+                         f"one of {', '.join('@' + m for m in TASK_METRICS)}")
+    return head, metric
+
+
+def image_folder(path, arg: str, templates=None, preset=None):
     """Lists an image folder as ``data.ImageFolderTask`` does (class folders, images,
     classnames.txt, templates.txt) and opens its images until one reads, so that a bad
     folder fails now, not after training. Returns the listing."""
     from .data import ImageFolderTask
-    folder = _opens(arg, lambda: ImageFolderTask(path, transform=None))
+    folder = _opens(arg, lambda: ImageFolderTask(path, transform=None, templates=templates,
+                                                 preset=preset))
     _one_readable(arg, folder)
     return folder
 

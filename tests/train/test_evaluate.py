@@ -99,3 +99,56 @@ def test_trained_heads_replace_the_zeroshot_head_for_their_classes():
     assert report["id"]["id"] == 0.0 and report["zeroshot"]["z"] == 1.0
     assert report["id"]["nine"] == 0.0  # the trained rows, not the (perfect) zero-shot head
     assert report["notes"]["nine"] == "trained head (9 of its 10 classes, matched by name)"
+
+
+class Logits(torch.nn.Module):
+    """encode_image: the 'image' is its logits row (with an identity head)."""
+
+    def encode_image(self, x, normalize=True):
+        return x
+
+
+def test_top1_top5_and_macro_f1_by_hand():
+    from dive_fast.train.evaluate import scores
+    rows = torch.tensor([[6., 5, 4, 3, 2, 1],   # label 0: predicted 0
+                         [0., 5, 6, 4, 3, 2],   # label 1: predicted 2, 2nd best: top-5 hit
+                         [0., 0, 9, 0, 0, 0],   # label 2: predicted 2
+                         [9., 8, 1, 7, 6, 5]])  # label 2: predicted 0, 6th: top-5 miss
+    labels = torch.tensor([0, 1, 2, 2])
+    found, seen, skipped = scores(Logits(), torch.eye(6), [(rows, labels, 1)])
+    assert (seen, skipped) == (4, 1)
+    assert found["top1"] == 0.5 and found["top5"] == 0.75
+    # F1 over the classes in the labels: 0: 2*1/(1+2); 1: 0; 2: 2*1/(2+2)
+    assert found["macro_f1"] == pytest.approx((2 / 3 + 0 + 1 / 2) / 3)
+    few, _, _ = scores(Logits(), torch.eye(3), [(rows[:, :3], labels, 0)])
+    assert few["top5"] is None  # 3 classes: top-5 says nothing
+
+
+def test_a_task_reports_its_own_metric_and_every_set_its_top5(tmp_path):
+    from PIL import Image
+
+    from dive_fast.train import validate
+    from dive_fast.train.evaluate import task_sets
+    for c in ("c0", "c1"):
+        (tmp_path / "w" / c).mkdir(parents=True)
+        Image.new("RGB", (2, 2)).save(tmp_path / "w" / c / "0.png")
+    spec, = validate.task_specs([f"ood:iwildcam:{tmp_path / 'w'}@macro_f1"])
+    assert (spec.path, spec.metric) == (str(tmp_path / "w"), "macro_f1")
+    with pytest.raises(ValueError, match="unknown metric @f2"):
+        validate.task_specs([f"ood:iwildcam:{tmp_path / 'w'}@f2"])
+    sets = {"id": ("id", LabelSet(60, 10)), **task_sets([spec], lambda img: torch.zeros(3, 4, 4))}
+    report = evaluate(PerfectModel(10), Tokenizer(), sets, progress=False)
+    assert report["metrics"]["id"]["top5"] == 1.0 and report["metrics"]["id"]["top1"] == 1.0
+    # both images read as class 0 (c0): top-1 0.5; F1 of c0 2/3, of c1 0
+    assert report["metrics"]["iwildcam"]["top1"] == 0.5
+    assert report["ood"]["iwildcam"] == pytest.approx(1 / 3)
+    table = format_table({"m": report})
+    assert "| 100.0 / 100.0 |" in table and "iwildcam (macro-f1: main table)" in table
+
+
+def test_a_trained_head_over_a_list_with_repeated_names_is_taken_by_position():
+    from dive_fast.train.evaluate import trained_head
+    weight = torch.arange(3.)[:, None]  # ImageNet's list repeats 'missile' and 'sunglasses'
+    head, note = trained_head({("missile", "tench", "missile"): weight},
+                              ("missile", "tench", "missile"))
+    assert head.flatten().tolist() == [0., 1., 2.] and note is None
