@@ -21,10 +21,11 @@ from . import data, distributed, parallel, runlock, validate
 from .data import csv_options, shards_fingerprint
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
-from .checkpoint import CorruptCheckpoint
+from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .fileio import DiskFull
 from .runlock import FolderInUse
-from .trainer import PRECISIONS, ResumeMismatch, claim_out, run_owned
+from .run import PRECISIONS
+from .trainer import run_owned
 
 EXAMPLES = """\
 examples:
@@ -359,7 +360,7 @@ def check_model(args) -> None:
 
 def check_inputs(args, world_size: int = 1) -> None:
     """The files and folders a run reads and writes, before any expensive work."""
-    validate.task_specs(args.task)
+    validate.eval_folders(args.task)
     # What the data is, by content (a resume must see the same data, however it is spelled).
     args.data_ids = {"target": None, "reference": None}
     if args.train_folder:

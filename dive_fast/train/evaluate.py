@@ -19,9 +19,9 @@ from .data import (ImageFolderTask, WorldCaptions, WorldTask, add_csv_flags, col
                    csv_options, heldout_pairs)
 from . import validate
 from .fileio import atomic_write_json
-from .models import load_clip, resolve_pretrained
-from .progress import progress_bar
-from .validate import KINDS, TaskSpec
+from .models import find_pretrained, load_clip
+from .._progress import progress_bar
+from .validate import KINDS, EvalFolder
 from ..world.tasks import TASKS
 
 
@@ -179,9 +179,9 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def task_sets(specs: list[TaskSpec], transform) -> dict:
-    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``)."""
-    return {t.name: (t.kind, ImageFolderTask(t.path, transform)) for t in specs}
+def folder_eval_sets(folders: list[EvalFolder], transform) -> dict:
+    """{name: (kind, dataset)} of checked ``--task`` folders (``validate.eval_folders``)."""
+    return {f.name: (f.kind, ImageFolderTask(f.path, transform)) for f in folders}
 
 
 EXAMPLES = """\
@@ -223,12 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args) -> list[TaskSpec]:
-    """Every argument checked before a model loads; returns the parsed ``--task`` specs."""
+def check_args(args) -> list[EvalFolder]:
+    """Every argument checked before a model loads; returns the parsed ``--task`` folders."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)
-    tasks = validate.task_specs(args.task)
+    folders = validate.eval_folders(args.task)
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
                         3 if name == "rsa_size" else 1)
@@ -237,19 +237,19 @@ def check_args(args) -> list[TaskSpec]:
         raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the JSON file to write")
-    return tasks
+    return folders
 
 
 def run(args) -> dict:
-    tasks = validate.task_specs(args.task, check_folders=False)
-    pretrained = resolve_pretrained(args.model, args.pretrained, args.world_seed)
+    folders = validate.eval_folders(args.task, check_folders=False)
+    pretrained = find_pretrained(args.model, args.pretrained, args.world_seed)
     bundle = load_clip(args.model, pretrained, args.device)
     pre_model = None
     if args.checkpoint:
         pre_model = load_clip(args.model, pretrained, args.device).model.eval()
         load_model_weights(bundle.model, args.checkpoint)
     tf = bundle.preprocess_val
-    sets = task_sets(tasks, tf) if tasks else \
+    sets = folder_eval_sets(folders, tf) if folders else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
     if args.rsa_csv or args.rsa_shards:
         rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,

@@ -64,14 +64,16 @@ def writable_folder(path, arg: str) -> Path:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """One ``--task KIND:NAME:PATH``: an evaluation image folder."""
+class EvalFolder:
+    """One ``--task KIND:NAME:PATH``: an evaluation image folder (the flag keeps open_clip's
+    and the paper's word; in the code "task" is a labelled classification task)."""
     kind: str
     name: str
     path: str
 
 
-def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True) -> list[TaskSpec]:
+def eval_folders(specs: list[str], arg: str = "--task",
+                 check_folders: bool = True) -> list[EvalFolder]:
     """Parses ``--task`` entries: a known kind, a non-empty name used once (names key the
     report), and an image folder that lists as one (``image_folder``)."""
     out, seen = [], set()
@@ -92,7 +94,7 @@ def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True
         seen.add(name)
         if check_folders:
             image_folder(path, f"{arg} {spec!r}")
-        out.append(TaskSpec(kind, name, path))
+        out.append(EvalFolder(kind, name, path))
     return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..train.progress import progress_bar
+from .._progress import progress_bar
 from .tasks import DEFAULT_SEED, SPLITS, TASKS, caption_pair, task_image
 
 
