@@ -6,7 +6,7 @@
     python benchmarks/bench_memory.py --user-runs          # python -m dive_fast.train, ViT-B-32 at 224 px
 
 Every variant is the training app's own run (``common.user_run``: the run
-``dive_fast.train.run.build_run`` builds, stepped by its ``train_step``), each in a fresh
+``dive_fast.train.build.build_run`` builds, stepped by its ``train_step``), each in a fresh
 process:
 
   flyp-B       FLYP on the target batch B

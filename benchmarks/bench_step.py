@@ -9,7 +9,7 @@ compares with open_clip's own trainer.
         --variants "flyp-B+B'" dive-fast "flyp-B+B'-notrunc" dive-fast-notrunc
 
 Every variant is the run the training app builds (``common.user_run``: its argument checks,
-then ``dive_fast.train.run.build_run``: the method module, frozen copy and embedding cache,
+then ``dive_fast.train.build.build_run``: the method module, frozen copy and embedding cache,
 optimiser, schedule, the data stream, DDP-free here), stepped by its own step function
 (``step.train_step``: non-finite guard, schedule, logit-scale clamp included), each
 variant in its own process (so peak memory is its own), interleaved over rounds:

@@ -28,7 +28,7 @@ def one_run(args, co_schedule: bool, steps: int):
     """(losses of the first step, gradients of the first step, median step ms)."""
     from dive_fast.train import cli
     from dive_fast.train.models import load_clip
-    from dive_fast.train.run import build_run
+    from dive_fast.train.build import build_run
 
     torch.manual_seed(0)
     argv = ["--method", "dive", "--model", args.model, "--pretrained", "", "--batch-size",

@@ -155,13 +155,13 @@ class SyntheticCaptions(SyntheticTask):
 def user_run(argv: list[str], data: str = "world", image_size: int | None = None,
              data_size: int = 4096):
     """The run ``python -m dive_fast.train <argv>`` builds (the app's argument checks, then
-    ``dive_fast.train.run.build_run``), on random weights at ``image_size`` (None: the
+    ``dive_fast.train.build.build_run``), on random weights at ``image_size`` (None: the
     model's own) with ``data_size`` target samples, its method in training mode. ``data``:
     "world" (the app's own, rendered at the model's resolution) or "synthetic" (random
     images: model-bound timing without rendering). The frozen cache is in ``--out``/cache."""
     from dive_fast.train import cli
     from dive_fast.train.models import load_clip
-    from dive_fast.train.run import build_run
+    from dive_fast.train.build import build_run
 
     args = cli.parse([*argv, "--train-size", str(data_size)])
     cli.check_args(args)

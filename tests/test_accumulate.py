@@ -11,7 +11,7 @@ from dive_fast import accumulate, train
 from dive_fast.train import cli
 from dive_fast.train import step as train_step_module
 from dive_fast.train.models import load_clip, tiny_checkpoint
-from dive_fast.train.run import build_run
+from dive_fast.train.build import build_run
 
 from conftest import train_args
 

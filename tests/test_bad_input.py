@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import train_args
 from dive_fast import train
 from dive_fast.train import evaluate, validate
-from dive_fast.train import run as train_run
+from dive_fast.train import build as train_build
 from dive_fast.train.checkpoint import CorruptCheckpoint, atomic_save, load_checkpoint
 from dive_fast.train.fileio import atomic_write, atomic_write_json
 from dive_fast.world.export import write_captions
@@ -60,7 +60,7 @@ def not_loaded(monkeypatch):
     """Model loading fails the test: what is checked must be checked before it."""
     def too_late(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
-    monkeypatch.setattr(train_run, "load_clip", too_late)
+    monkeypatch.setattr(train_build, "load_clip", too_late)
     monkeypatch.setattr(evaluate, "load_clip", too_late)
 
 
@@ -364,7 +364,7 @@ def test_world_export_refuses_invalid_values(tmp_path, capsys, bad, message):
 def test_wrong_resume_path_and_mismatched_resume_fail_before_loading(micro_cache, tmp_path,
                                                                      monkeypatch):
     train.main(train_args(tmp_path / "a", "--method", "flyp", "--steps", "2"))
-    monkeypatch.setattr(train_run, "load_clip",
+    monkeypatch.setattr(train_build, "load_clip",
                         lambda *a, **k: pytest.fail("loaded the model first"))
     with pytest.raises(FileNotFoundError, match="--resume: checkpoint not found"):
         train.main(train_args(tmp_path / "b", "--resume", str(tmp_path / "none.pt")))

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import train_args
 from dive_fast import train
 from dive_fast.train import data
-from dive_fast.train import run as train_run
+from dive_fast.train import build as train_build
 from dive_fast.train.frozen import cache as frozen_cache
 from dive_fast.train.checkpoint import load_checkpoint
 from dive_fast.train.data import CsvCaptions, ImageFolderTask, shard_list
@@ -38,7 +38,7 @@ def folder(root, classes=("cat", "dog"), n=3, ext="png"):
 def not_loaded(monkeypatch):
     def too_late(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
-    monkeypatch.setattr(train_run, "load_clip", too_late)
+    monkeypatch.setattr(train_build, "load_clip", too_late)
     from dive_fast.train import evaluate
     monkeypatch.setattr(evaluate, "load_clip", too_late)
 

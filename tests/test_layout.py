@@ -150,6 +150,10 @@ def test_the_training_app_is_one_subpackage():
     assert top - {"__pycache__"} <= {"__init__", "_argparse", "_extension", "_progress",
                                      "accumulate", "backends", "info", "loss", "testing", "ops",
                                      "train", "world"}, top
+    # dive_fast.train's entry points, main() and run(), would be shadowed by a submodule of
+    # that name once anything imports it
+    app = {p.stem for p in (PACKAGE / "train").iterdir()}
+    assert not {"main", "run"} & app, app
     for path in PACKAGE.rglob("*.py"):
         if {"train", "world"} & set(path.relative_to(PACKAGE).parts) or path.name == "info.py":
             continue  # info reports open_clip's version when it is there

@@ -24,7 +24,7 @@ from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_che
 from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .fileio import DiskFull
 from .runlock import FolderInUse
-from .run import PRECISIONS
+from .build import PRECISIONS
 from .trainer import run_owned
 
 EXAMPLES = """\

@@ -14,7 +14,7 @@ from . import distributed, metrics_log, parallel
 from .checkpoint import atomic_save, checkpoint_state, prune
 from .evaluate import evaluate
 from .fileio import DiskFull
-from .run import Run, load_model
+from .build import Run, load_model
 from .._progress import progress_bar
 
 

@@ -136,7 +136,7 @@ def find_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> s
     """The weights to load: ``pretrained`` as given, or for a tiny config without it the
     cached pre-trained file, which must exist and be intact (this loader never trains: run
     ``python -m dive_fast.train.pretrain``, or let ``dive_fast.train`` build it with
-    ``run.ensure_pretrained``)."""
+    ``build.ensure_pretrained``)."""
     if pretrained is not None or name not in TINY_MODELS:
         return pretrained
     path = tiny_checkpoint(name, world_seed)

@@ -1,5 +1,5 @@
 """The run behind ``python -m dive_fast.train`` (its command line: ``cli.py``), start to end:
-claim --out, find what to resume, build the run (``run.build_run``), measure the zero-shot
+claim --out, find what to resume, build the run (``build.build_run``), measure the zero-shot
 row, train (``loop.train_loop``), evaluate and report.
 
 Writes to --out: config.json, metrics.jsonl, curves.png, checkpoints/ (atomic, with a
@@ -24,7 +24,7 @@ from .evaluate import evaluate, format_table
 from .fileio import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .loaders import data_sources, eval_sets
 from .loop import evaluate_during_training, train_loop
-from .run import Run, build_run, load_model
+from .build import Run, build_run, load_model
 
 log = logging.getLogger("dive_fast.train")
 
