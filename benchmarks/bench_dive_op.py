@@ -293,7 +293,7 @@ def plot(rows, path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dive_fast._argparse import DefaultsFormatter
+    from dive_fast._cli.arguments import DefaultsFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
@@ -340,7 +340,7 @@ def check_args(args) -> None:
 
 
 def main(argv=None):
-    from dive_fast._argparse import run_checked
+    from dive_fast._cli.arguments import run_checked
     parser = build_parser()
     return run_checked(parser, check_args, run, argv)
 

@@ -5,8 +5,9 @@
     python benchmarks/bench_memory.py --fit-budget         # the largest B within FLYP(128)'s activations
     python benchmarks/bench_memory.py --user-runs          # python -m dive_fast.train, ViT-B-32 at 224 px
 
-Every variant is the training app's own step (``common.user_step``: ``trainer.build_method``,
-``trainer.batches``, ``train_step``), each in a fresh process:
+Every variant is the training app's own run (``common.user_run``: the run
+``dive_fast.train.build.build_run`` builds, stepped by its ``train_step``), each in a fresh
+process:
 
   flyp-B       FLYP on the target batch B
   flyp-B+B'    FLYP on B + B' target rows (the compute DiVE's batch costs)
@@ -33,30 +34,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (environment, pyplot, result_path, synchronize, train_cli,  # noqa: E402
-                    user_step, write_csv)
+                    user_run, write_csv)
 
-from dive_fast._argparse import DefaultsFormatter  # noqa: E402
+from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
 VARIANTS = ("flyp-B", "flyp-B+B'", "dive", "dive-k2", "dive-k4", "dive-k8")
 ALL_VARIANTS = VARIANTS + tuple(v + "+ckpt" for v in VARIANTS)
 
 
 def variant_cli(variant: str, model: str, batch: int, amp: str, device: str,
-                ref_size: int, steps: int) -> list[str]:
-    """The command line a user would give ``dive_fast.train`` for this variant."""
+                ref_size: int, steps: int, out) -> list[str]:
+    """The command line a user would give ``dive_fast.train`` for this variant (``out``:
+    where its frozen cache goes)."""
     name, ckpt = variant.removesuffix("+ckpt"), variant.endswith("+ckpt")
     extra = (["--accum-freq", name.split("-k")[1]] if "-k" in name else []) + \
         (["--grad-checkpointing"] if ckpt else [])
     return train_cli("flyp" if name.startswith("flyp") else "dive", model,
                      2 * batch if name == "flyp-B+B'" else batch, batch, ref_size, amp, device,
-                     0, steps, "/tmp", *extra)
+                     0, steps, out, *extra)
 
 
-def saved_bytes(run, step_index: int) -> tuple[int, float]:
-    """(peak bytes saved for backward during one step, the step's loss)."""
+def saved_bytes(run, stream, step_index: int) -> tuple[int, float]:
+    """(peak bytes saved for backward during one step of ``stream``, the step's loss)."""
     from dive_fast.train.memory import SavedTensorMeter
     exclude = [run.method] + ([run.method.frozen.model] if run.method.frozen else [])
-    batch = next(run.stream).to(run.targs.device)
+    batch = next(stream).to(run.args.device)
     with SavedTensorMeter(exclude=exclude) as meter:
         values = run.step(batch, step_index, run.opt, run.sched, run.guard)
     return meter.peak, float(values["loss"])
@@ -69,23 +71,24 @@ def run_variant(args) -> dict:
 
     torch.manual_seed(0)
     cli = variant_cli(args.variant, args.model, args.batch, args.amp, args.device,
-                      args.ref_size, args.warmup + args.steps + 1)
-    run = user_step(cli, args.data, args.image_size, args.cache_dir, data_size=args.ref_size)
+                      args.ref_size, args.warmup + args.steps + 1, args.cache_dir)
+    run = user_run(cli, args.data, args.image_size, data_size=args.ref_size)
+    stream = run.batches()
     on_gpu = args.device.startswith("cuda")
     for i in range(args.warmup):
-        run.step(next(run.stream).to(args.device), i, run.opt, run.sched, run.guard)
+        run.step(next(stream).to(args.device), i, run.opt, run.sched, run.guard)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.warmup, args.warmup + args.steps):
-        batch = next(run.stream).to(args.device)
+        batch = next(stream).to(args.device)
         synchronize(args.device)
         t0 = time.perf_counter()
         run.step(batch, i, run.opt, run.sched, run.guard)
         synchronize(args.device)
         times.append(time.perf_counter() - t0)
     peak = peak_memory_mib(args.device)
-    saved, loss = saved_bytes(run, args.warmup + args.steps)
+    saved, loss = saved_bytes(run, stream, args.warmup + args.steps)
     name = args.variant.removesuffix("+ckpt")
     return {"variant": args.variant, "model": args.model, "image_size": run.bundle.image_size,
             "B": args.batch, "B_ref": args.batch, "accum_freq": int(name.split("-k")[1]) if "-k" in name else 1,
@@ -102,10 +105,11 @@ def fit_budget(args) -> list[dict]:
 
     def measure(variant, batch):
         torch.manual_seed(0)
-        cli = variant_cli(variant, args.model, batch, args.amp, args.device, 2 * batch, 2)
-        run = user_step(cli + ["--no-frozen-cache"], args.data, args.image_size,
-                        args.cache_dir, data_size=2 * batch)
-        return saved_bytes(run, 0)[0]
+        cli = variant_cli(variant, args.model, batch, args.amp, args.device, 2 * batch, 2,
+                          args.cache_dir)
+        run = user_run(cli + ["--no-frozen-cache"], args.data, args.image_size,
+                       data_size=2 * batch)
+        return saved_bytes(run, run.batches(), 0)[0]
 
     budget = measure("flyp-B", args.budget_batch)
     for variant in ("flyp-B", "dive", "dive-k8+ckpt"):

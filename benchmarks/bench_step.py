@@ -8,11 +8,11 @@ compares with open_clip's own trainer.
         --data synthetic --workers 0 --ref-size 64 \
         --variants "flyp-B+B'" dive-fast "flyp-B+B'-notrunc" dive-fast-notrunc
 
-Every variant runs the training app's own code: ``trainer.build_method`` builds the task
-module (frozen copy, embedding cache, DDP-free here), ``trainer.batches`` the data stream,
-``optim.build`` the optimiser and ``step.train_step`` each step (non-finite guard,
-schedule, logit-scale clamp included), each variant in its own process (so peak memory is
-its own), interleaved over rounds:
+Every variant is the run the training app builds (``common.user_run``: its argument checks,
+then ``dive_fast.train.build.build_run``: the method module, frozen copy and embedding cache,
+optimiser, schedule, the data stream, DDP-free here), stepped by its own step function
+(``step.train_step``: non-finite guard, schedule, logit-scale clamp included), each
+variant in its own process (so peak memory is its own), interleaved over rounds:
   flyp-B        FLYP at batch B
   flyp-B+B'     FLYP at batch B + B' (as many trainable samples as DiVE's step)
   replay-B+B'   FLYP on B target samples plus the contrastive loss on B' reference pairs
@@ -54,12 +54,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (environment, result_path, synchronize, train_cli, user_step,  # noqa: E402
+from common import (environment, result_path, synchronize, train_cli, user_run,  # noqa: E402
                     write_csv)
 
 from tables import step_table  # noqa: E402
 
-from dive_fast._argparse import DefaultsFormatter  # noqa: E402
+from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
 VARIANTS = ("open_clip_train", "flyp-B", "flyp-B+B'", "flyp-B+B'-notrunc", "replay-B+B'",
             "dive-naive", "dive-fast", "dive-fast-notrunc", "open_clip_train-compiled",
@@ -68,36 +68,6 @@ DEFAULT_VARIANTS = VARIANTS[:11]
 PHASES = ("data", "trainable_fwd", "frozen_fwd", "losses", "backward", "optimizer")
 # open_clip's profile: GFLOP per image-text pair forward (x3 for forward + backward).
 GFLOP_PER_PAIR = {"ViT-B-16": 41.0, "ViT-B-32": 14.8}
-
-
-class SyntheticTask(torch.utils.data.Dataset):
-    """Seeded random images with shape labels, at any resolution: model-bound timing of
-    big models without rendering images."""
-    classnames = tuple(f"shape {i}" for i in range(10))
-    templates = ("a photo of a {}.", "a {}.")
-
-    def __init__(self, n, size):
-        self.n, self.size = n, size
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return torch.randn(3, self.size, self.size, generator=g), i % 10
-
-
-class SyntheticCaptions(SyntheticTask):
-    """Random images with the world's reference captions, drawn once here: the loader then
-    does what it does with a user's pairs (tokenising), not the world's rendering."""
-
-    def __init__(self, n, size):
-        from dive_fast.world import caption_pair
-        super().__init__(n, size)
-        self.captions = [caption_pair("reference", i, size=1)[1] for i in range(n)]
-
-    def __getitem__(self, i):
-        return super().__getitem__(i)[0], self.captions[i]
 
 
 def naive_dive():
@@ -243,13 +213,13 @@ def run_variant(args) -> dict:
     if variant.startswith("open_clip_train"):
         return run_open_clip_train(args)
     on_gpu = device.startswith("cuda")
-    run = user_step(variant_cli(args, variant, Path(args.cache_dir)), args.data,
-                    args.image_size, args.cache_dir)
-    method, step_fn, stream, opt, sched, guard = (run.method, run.step, run.stream, run.opt,
+    run = user_run(variant_cli(args, variant, Path(args.cache_dir)), args.data,
+                   args.image_size)
+    method, step_fn, stream, opt, sched, guard = (run.method, run.step, run.batches(), run.opt,
                                                   run.sched, run.guard)
     if variant == "dive-naive":
         method = naive_dive()(
-            run.bundle.model, run.bundle.tokenizer, run.target.classnames, run.target.templates,
+            run.model, run.bundle.tokenizer, run.target.classnames, run.target.templates,
             device=device, config=method.config, frozen=method.frozen,
             amp_dtype=method.amp_dtype)
         step_fn = functools.partial(train_step, method, method)  # the same weights: run.opt

@@ -1,4 +1,6 @@
-"""Timing, environment and long-format CSV helpers shared by the benchmark scripts."""
+"""What the benchmark scripts share: timing, the environment, long-format CSV, and the
+training app's run as a user's command line builds it (``user_run``, with synthetic data
+for model-bound timing)."""
 from __future__ import annotations
 
 import csv
@@ -127,47 +129,64 @@ def pyplot():
 
 def train_cli(method: str, model: str, batch: int, ref_batch: int, ref_size: int, amp: str,
               device: str, workers: int, steps: int, out, *extra: str) -> list[str]:
-    """The command line a user would give ``dive_fast.train`` (random weights, no bars)."""
+    """The command line a user would give ``dive_fast.train`` (random weights, no bars, no
+    augmentation, one warm-up step: the timed steps run at the base lr)."""
     return ["--method", method, "--model", model, "--pretrained", "", "--batch-size", str(batch),
             "--ref-batch-size", str(ref_batch), "--ref-size", str(ref_size), "--amp", amp,
             "--device", device, "--workers", str(workers), "--steps", str(steps),
-            "--out", str(out), "--no-progress", *extra]
+            "--warmup", "1", "--no-augment", "--out", str(out), "--no-progress", *extra]
 
 
-def user_step(argv: list[str], data: str = "world", image_size: int | None = None,
-              cache_dir: str | os.PathLike = "/tmp", data_size: int = 4096):
-    """One training step as ``python -m dive_fast.train <argv>`` builds it, from the app's own
-    functions (argument checks, ``build_method``, ``batches``, ``optim.build``): a namespace
-    with targs, bundle, method, step (``step(batch, i, opt, sched, guard)``), stream (the
-    ``Batch``es), opt, sched, guard. ``data``: "world" (rendered at the model's resolution)
-    or "synthetic" (random images: model-bound timing without rendering)."""
-    from types import SimpleNamespace
+class SyntheticTask(torch.utils.data.Dataset):
+    """Seeded random images with shape labels, at any resolution: model-bound timing of
+    big models without rendering images."""
+    classnames = tuple(f"shape {i}" for i in range(10))
+    templates = ("a photo of a {}.", "a {}.")
 
-    from bench_step import SyntheticCaptions, SyntheticTask
-    from dive_fast.train import cli, optim, trainer
-    from dive_fast.train.data import WorldCaptions, WorldTask
+    def __init__(self, n, size):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(3, self.size, self.size, generator=g), i % 10
+
+
+class SyntheticCaptions(SyntheticTask):
+    """Random images with the world's reference captions, drawn once here: the loader then
+    does what it does with a user's pairs (tokenising), not the world's rendering."""
+
+    def __init__(self, n, size):
+        from dive_fast.world import caption_pair
+        super().__init__(n, size)
+        self.captions = [caption_pair("reference", i, size=1)[1] for i in range(n)]
+
+    def __getitem__(self, i):
+        return super().__getitem__(i)[0], self.captions[i]
+
+
+def user_run(argv: list[str], data: str = "world", image_size: int | None = None,
+             data_size: int = 4096):
+    """The run ``python -m dive_fast.train <argv>`` builds (the app's argument checks, then
+    ``dive_fast.train.build.build_run``), on random weights at ``image_size`` (None: the
+    model's own) with ``data_size`` target samples, its method in training mode. ``data``:
+    "world" (the app's own, rendered at the model's resolution) or "synthetic" (random
+    images: model-bound timing without rendering). The frozen cache is in ``--out``/cache."""
+    from dive_fast.train import cli
     from dive_fast.train.models import load_clip
-    from dive_fast.train.step import NonFiniteGuard
+    from dive_fast.train.build import build_run
 
-    targs = cli.parse(argv)
-    cli.check_args(targs)
-    bundle = load_clip(targs.model, None, targs.device, image_size=image_size,
-                       text_truncation=targs.text_truncation)
-    tf, size = bundle.preprocess_val, bundle.image_size
+    args = cli.parse([*argv, "--train-size", str(data_size)])
+    cli.check_args(args)
+    bundle = load_clip(args.model, None, args.device, image_size=image_size,
+                       text_truncation=args.text_truncation)
+    size, data_sets = bundle.image_size, {}
     if data == "synthetic":
-        target = SyntheticTask(data_size, size)
-        reference = (SyntheticCaptions(targs.ref_size, size), f"synthetic:{targs.ref_size}:{size}")
-    else:
-        target = WorldTask("shapes", "train", data_size, tf, size=size)
-        reference = (WorldCaptions("reference", targs.ref_size, tf, size=size),
-                     f"world:0:{targs.ref_size}:{size}")
-    method, step = trainer.build_method(targs, bundle, target.classnames, target.templates,
-                                      f"random:{targs.model}:{size}", targs.device, 0, 1,
-                                      Path(cache_dir), reference)
-    # A warm-up of one step: the timed steps run at the base lr.
-    opt, sched = optim.build(method.named_parameters(), targs.lr, targs.wd, targs.steps, 1)
-    stream = trainer.batches(targs, method, target, reference[0], bundle.tokenizer)
-    method.train()
-    return SimpleNamespace(targs=targs, bundle=bundle, method=method, step=step, stream=stream,
-                           opt=opt, sched=sched, guard=NonFiniteGuard(targs.device),
-                           target=target, reference=reference)
+        data_sets = {"target": SyntheticTask(data_size, size),
+                     "reference": (SyntheticCaptions(args.ref_size, size),
+                                   f"synthetic:{args.ref_size}:{size}")}
+    run = build_run(args, bundle=bundle, **data_sets)
+    run.method.train()
+    return run

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import train_args
 from dive_fast import train
-from dive_fast.train import evaluate, trainer
+from dive_fast.train import evaluate, validate
+from dive_fast.train import build as train_build
 from dive_fast.train.checkpoint import CorruptCheckpoint, atomic_save, load_checkpoint
 from dive_fast.train.fileio import atomic_write, atomic_write_json
 from dive_fast.world.export import write_captions
@@ -59,7 +60,7 @@ def not_loaded(monkeypatch):
     """Model loading fails the test: what is checked must be checked before it."""
     def too_late(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
-    monkeypatch.setattr(trainer, "load_clip", too_late)
+    monkeypatch.setattr(train_build, "load_clip", too_late)
     monkeypatch.setattr(evaluate, "load_clip", too_late)
 
 
@@ -185,7 +186,7 @@ def test_frozen_cache_is_rebuilt_when_the_reference_or_the_weights_change(micro_
 
 def test_cached_tiny_model_is_checked_against_its_digest(tmp_path, monkeypatch):
     from dive_fast.train import pretrain as pretrain_mod
-    from dive_fast.train.models import CACHE_ENV, resolve_pretrained, tiny_checkpoint, tiny_intact
+    from dive_fast.train.models import CACHE_ENV, find_pretrained, tiny_checkpoint, tiny_intact
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     path = tiny_checkpoint("dive-micro")
     pretrain_mod.pretrain("dive-micro", steps=2, batch_size=8, workers=0, progress=False,
@@ -196,7 +197,7 @@ def test_cached_tiny_model_is_checked_against_its_digest(tmp_path, monkeypatch):
     path.write_bytes(bytes(blob))
     assert not tiny_intact(path)
     with pytest.raises(RuntimeError, match="does not match the digest"):
-        resolve_pretrained("dive-micro", None)
+        find_pretrained("dive-micro", None)
     calls = []
     monkeypatch.setattr(pretrain_mod, "pretrain", lambda **kw: calls.append(kw) or kw["out"])
     pretrain_mod.ensure_pretrained_tiny("dive-micro")
@@ -363,7 +364,8 @@ def test_world_export_refuses_invalid_values(tmp_path, capsys, bad, message):
 def test_wrong_resume_path_and_mismatched_resume_fail_before_loading(micro_cache, tmp_path,
                                                                      monkeypatch):
     train.main(train_args(tmp_path / "a", "--method", "flyp", "--steps", "2"))
-    monkeypatch.setattr(trainer, "load_clip", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(train_build, "load_clip",
+                        lambda *a, **k: pytest.fail("loaded the model first"))
     with pytest.raises(FileNotFoundError, match="--resume: checkpoint not found"):
         train.main(train_args(tmp_path / "b", "--resume", str(tmp_path / "none.pt")))
     with pytest.raises(ValueError, match="cannot resume .* lr="):
@@ -390,9 +392,9 @@ def test_nan_in_a_report_is_written_as_null_with_the_reason(micro_cache, tmp_pat
     from dive_fast.train.models import load_clip
     broken = image_folder(tmp_path / "broken", broken=True)
     bundle = load_clip("dive-micro")
-    sets = evaluate.task_sets(trainer.validate.task_specs([f"id:broken:{broken}"],
-                                                         check_folders=False),
-                              bundle.preprocess_val)
+    sets = evaluate.folder_eval_sets(validate.eval_folders([f"id:broken:{broken}"],
+                                                           check_folders=False),
+                                     bundle.preprocess_val)
     report = evaluate_sets(bundle.model, bundle.tokenizer, sets, progress=False)
     atomic_write_json(tmp_path / "report.json", {"zero-shot": report})
 

@@ -15,7 +15,9 @@ from PIL import Image
 
 from conftest import train_args
 from dive_fast import train
-from dive_fast.train import data, frozen_cache, trainer
+from dive_fast.train import data
+from dive_fast.train import build as train_build
+from dive_fast.train.frozen import cache as frozen_cache
 from dive_fast.train.checkpoint import load_checkpoint
 from dive_fast.train.data import CsvCaptions, ImageFolderTask, shard_list
 from dive_fast.train.evaluate import trained_head
@@ -36,7 +38,7 @@ def folder(root, classes=("cat", "dog"), n=3, ext="png"):
 def not_loaded(monkeypatch):
     def too_late(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
-    monkeypatch.setattr(trainer, "load_clip", too_late)
+    monkeypatch.setattr(train_build, "load_clip", too_late)
     from dive_fast.train import evaluate
     monkeypatch.setattr(evaluate, "load_clip", too_late)
 
@@ -230,8 +232,8 @@ def _limited_run(argv, limit_bytes, cwd, after_checkpoints=0):
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         from dive_fast import train
-        from dive_fast.train import trainer
-        save, written = trainer.atomic_save, [0]
+        from dive_fast.train import loop
+        save, written = loop.atomic_save, [0]
 
         def limit():
             resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))
@@ -241,7 +243,7 @@ def _limited_run(argv, limit_bytes, cwd, after_checkpoints=0):
                 limit()
             written[0] += 1
             return save(*args)
-        trainer.atomic_save = save_then_fill
+        loop.atomic_save = save_then_fill
         if {after_checkpoints} == 0:
             limit()
         train.main({argv!r})

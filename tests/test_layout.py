@@ -1,5 +1,6 @@
 """How the package is put together: the kernel library needs torch alone, no module
-imports its way back to itself, and the frozen model sees what the trainable one sees."""
+imports its way back to itself, the world never imports the app, and the frozen model sees
+what the trainable one sees."""
 import ast
 import subprocess
 import sys
@@ -86,6 +87,10 @@ def test_no_import_cycles():
             visit(m, [m])
     assert not cycles, cycles
     assert "dive_fast.train.pretrain" not in graph["dive_fast.train.models"]  # a loader never trains
+    # The world is below the app: the app reads it, it never reaches up into the app.
+    upward = {m: sorted(t for t in graph[m] if t.startswith("dive_fast.train"))
+              for m in graph if m.startswith("dive_fast.world")}
+    assert not any(upward.values()), upward
 
 
 def test_frozen_embeddings_equal_the_trainable_ones_at_step_zero_under_bf16():
@@ -137,8 +142,12 @@ def test_the_training_app_is_one_subpackage():
     """The kernel library is the top of the package and ops/; the training app (open_clip,
     data formats) is dive_fast/train/, the generated world dive_fast/world/."""
     top = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
-    assert top - {"__pycache__"} <= {"__init__", "_argparse", "accumulate", "info", "loss",
+    assert top - {"__pycache__"} <= {"__init__", "_cli", "accumulate", "info", "loss",
                                      "testing", "ops", "train", "world"}, top
+    # dive_fast.train's entry points, main() and run(), would be shadowed by a submodule of
+    # that name once anything imports it
+    app = {p.stem for p in (PACKAGE / "train").iterdir()}
+    assert not {"main", "run"} & app, app
 
 
 def _third_party_imports(path: Path) -> dict[str, bool]:

@@ -19,33 +19,32 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, bench_step
-from common import environment, synchronize, write_csv  # noqa: E402
-from dive_fast._argparse import DefaultsFormatter  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
+from common import (SyntheticCaptions, SyntheticTask, environment, synchronize,  # noqa: E402
+                    write_csv)
+from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
 
 def one_run(args, co_schedule: bool, steps: int):
     """(losses of the first step, gradients of the first step, median step ms)."""
-    from bench_step import SyntheticCaptions, SyntheticTask
-    from dive_fast.train import cli, optim, trainer
+    from dive_fast.train import cli
     from dive_fast.train.models import load_clip
-    from dive_fast.train.step import NonFiniteGuard
+    from dive_fast.train.build import build_run
 
     torch.manual_seed(0)
     argv = ["--method", "dive", "--model", args.model, "--pretrained", "", "--batch-size",
            str(args.batch), "--amp", args.amp, "--device", args.device, "--workers", "0",
-           "--steps", str(steps), "--no-frozen-cache", "--no-progress", "--out", "/tmp"]
+           "--steps", str(steps), "--no-frozen-cache", "--no-progress", "--out", "/tmp",
+           "--lr", "0", "--wd", "0", "--warmup", "1"]  # lr 0: no drift
     argv += ["--co-schedule"] if co_schedule else ["--no-co-schedule"]
     targs = cli.parse(argv)
     bundle = load_clip(args.model, None, args.device)
     size = bundle.image_size
     target, refs = SyntheticTask(1024, size), SyntheticCaptions(1024, size)
-    method, step_fn = trainer.build_method(targs, bundle, target.classnames, target.templates,
-                                         "random", args.device, 0, 1, Path("/tmp"), (refs, None))
-    opt, sched = optim.build(method.named_parameters(), 0.0, 0.0, steps, 1)  # lr 0: no drift
-    stream = trainer.batches(targs, method, target, refs, bundle.tokenizer)
+    run = build_run(targs, bundle=bundle, target=target, reference=(refs, None))
+    method, step_fn, opt, sched, guard = run.method, run.step, run.opt, run.sched, run.guard
+    stream = run.batches()
     batches = [next(stream).to(args.device) for _ in range(steps)]
-    guard = NonFiniteGuard(args.device)
     method.train()
     values = step_fn(batches[0], 0, opt, sched, guard)
     first = {k: v.float().item() for k, v in values.items()}

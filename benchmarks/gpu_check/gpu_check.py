@@ -574,7 +574,7 @@ def memory(device: str, out: Path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dive_fast._argparse import DefaultsFormatter
+    from dive_fast._cli.arguments import DefaultsFormatter
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--dry-run", action="store_true",

@@ -1,19 +1,28 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename) with a digest of their
-payload, read without running code (weights_only) and checked against that digest, with
-clear errors for missing or corrupt files.
+"""Checkpoints, their format and the resume policy in one room.
 
-The digest (``payload_sha256``, beside ``state_dict`` in the saved dict, so open_clip
-still reads the file) covers every tensor's bytes, dtype and shape and every other value:
-a file damaged inside a tensor, which ``torch.load`` reads without complaint, is refused."""
+The format: written atomically (temporary file, fsync, rename) with a digest of their
+payload, read without running code (weights_only) and checked against that digest, with
+clear errors for missing or corrupt files. The digest (``payload_sha256``, beside
+``state_dict`` in the saved dict, so open_clip still reads the file) covers every tensor's
+bytes, dtype and shape and every other value: a file damaged inside a tensor, which
+``torch.load`` reads without complaint, is refused.
+
+The policy: what a checkpoint holds (``checkpoint_state``: weights, method state,
+optimiser, schedule, loss scale, random states and the settings a resume must share), which
+one ``--resume`` names (``find_resume``), the refusal of one written with other settings
+or data (``ResumeMismatch``), its restoring into a built run (``restore``), and a run's
+claim on its ``--out`` (``claim_out``: another run's folder only with ``--resume``)."""
 from __future__ import annotations
 
 import hashlib
 import pickle
+import random
 import zipfile
 from pathlib import Path
 
 import torch
 
+from . import parallel
 from .fileio import atomic_write
 
 DIGEST_KEY = "payload_sha256"
@@ -121,3 +130,93 @@ def prune(written: list[Path], keep: int) -> None:
     process made, and a folder deleted under the run is no error."""
     while len(written) > keep:
         written.pop(0).unlink(missing_ok=True)
+
+
+# --- the resume policy ------------------------------------------------------------------
+
+# Settings a resumed run must share with the checkpoint it resumes: everything that
+# changes the result (model and weights, method, optimiser and schedule, data, batches).
+RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", "world_size",
+               "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "momentum",
+               "precision", "augment", "data_ids", "world_parts", "train_size", "ref_size",
+               "world_seed", "seed", "fsdp")
+# What checkpoints written before data_ids (2026-12-05) recorded of their data, by path.
+OLD_DATA_KEYS = ("train_folder", "reference_csv", "reference_shards")
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint written with other settings or data than this run's."""
+
+
+def checkpoint_state(step, args, method, opt, sched, scaler=None) -> dict:
+    """What a resume needs; under FSDP a collective (every rank calls it) whose full,
+    unsharded state is rank 0's, so that the checkpoint loads anywhere."""
+    method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
+    if parallel.is_sharded(method.model):
+        model_state = parallel.full_model_state(method.model)
+        opt_state = parallel.full_optimizer_state(method, opt)
+    else:
+        model_state, opt_state = method.model.state_dict(), opt.state_dict()
+    return {"state_dict": model_state, "method_state": method_state,
+            "step": step, **{k: getattr(args, k) for k in RESUME_KEYS},
+            "optimizer": opt_state, "scheduler": sched.state_dict(),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+
+def claim_out(args, out: Path) -> None:
+    """A folder holding another run's checkpoints or metrics is refused unless resuming."""
+    if args.resume is not None:
+        return
+    held = sorted((out / "checkpoints").glob("step-*.pt"))
+    metrics = out / "metrics.jsonl"
+    if held or (metrics.is_file() and metrics.stat().st_size):
+        raise FileExistsError(
+            f"--out {out} already holds a run ({held[-1] if held else metrics}): pass "
+            "--resume auto to continue it, or give another --out")
+
+
+def find_resume(args) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume != "auto":
+        return Path(args.resume)
+    found = sorted((Path(args.out) / "checkpoints").glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def load_resume(args) -> dict | None:
+    """The checkpoint to resume (checked against its digest and this run's settings)."""
+    path = find_resume(args)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    keys = RESUME_KEYS if "data_ids" in ckpt else RESUME_KEYS + OLD_DATA_KEYS
+    for key in keys:
+        if key == "data_ids" and key in ckpt:
+            changed = [part for part, digest in ckpt[key].items()
+                       if args.data_ids.get(part) != digest]
+            if changed:
+                raise ResumeMismatch(f"cannot resume from {path}: the {' and '.join(changed)} "
+                                     "data differ from what it was trained on (other class "
+                                     "names, files, sizes or modification times)")
+        elif key in ckpt and ckpt[key] != getattr(args, key):
+            raise ResumeMismatch(f"cannot resume from {path}: it was written with {key}="
+                                 f"{ckpt[key]!r}, this run has {key}={getattr(args, key)!r}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def restore(ckpt, method, opt, sched, scaler=None) -> tuple[int, dict]:
+    """Loads a checkpoint into the run; returns its step and the RNG states to resume."""
+    if parallel.is_sharded(method.model):
+        parallel.load_full_state(method.model, ckpt["state_dict"], method, opt, ckpt["optimizer"])
+        method.load_state_dict(ckpt.get("method_state", {}), strict=False)
+    else:
+        state = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
+        method.load_state_dict({**state, **ckpt.get("method_state", {})})
+        opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt["step"]), ckpt["rng"]

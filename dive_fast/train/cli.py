@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .._argparse import DefaultsFormatter, run_checked
+from .._cli.arguments import DefaultsFormatter, run_checked
 from . import data, distributed, parallel, protocol, runlock, validate
 from .data import csv_options, shards_fingerprint
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
-from .checkpoint import CorruptCheckpoint
+from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .fileio import DiskFull
 from .runlock import FolderInUse
-from .trainer import PRECISIONS, ResumeMismatch, claim_out, run_owned
+from .build import PRECISIONS
+from .trainer import run_owned
 
 EXAMPLES = """\
 examples:
@@ -377,7 +378,7 @@ def check_inputs(args, world_size: int = 1) -> None:
     if args.imagenet_root:
         args.task = protocol.with_imagenet_root(args.task, args.imagenet_root)
         args.imagenet_root = None  # now in --task (a checked run is not expanded twice)
-    validate.task_specs(args.task)
+    validate.eval_folders(args.task)
     # What the data is, by content (a resume must see the same data, however it is spelled).
     args.data_ids = {"target": None, "reference": None}
     if args.train_folder:

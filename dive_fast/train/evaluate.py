@@ -19,10 +19,10 @@ from .data import (ImageFolderTask, WorldCaptions, WorldTask, add_csv_flags, col
                    csv_options, heldout_pairs)
 from . import validate
 from .fileio import atomic_write_json
-from .models import load_clip, resolve_pretrained
-from .progress import progress_bar
+from .models import find_pretrained, load_clip
 from .protocol import chosen_templates, projection_rows, with_imagenet_root
-from .validate import KINDS, TASK_METRICS, TaskSpec
+from .validate import KINDS, TASK_METRICS, EvalFolder
+from .._cli.progress import progress_bar
 from ..world.tasks import TASKS
 
 
@@ -273,8 +273,8 @@ def topk_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def task_sets(specs: list[TaskSpec], transform, templates=None) -> dict:
-    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.task_specs``);
+def folder_eval_sets(specs: list[EvalFolder], transform, templates=None) -> dict:
+    """{name: (kind, dataset)} of checked ``--task`` entries (``validate.eval_folders``);
     ``templates`` (--templates) serve the id and ood sets, which share the target's
     classes; a zero-shot set keeps its own."""
     sets = {}
@@ -297,7 +297,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .._argparse import DefaultsFormatter
+    from .._cli.arguments import DefaultsFormatter
     p = argparse.ArgumentParser(
         prog="python -m dive_fast.train.evaluate", epilog=EXAMPLES,
         formatter_class=DefaultsFormatter,
@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args) -> list[TaskSpec]:
-    """Every argument checked before a model loads; returns the parsed ``--task`` specs."""
+def check_args(args) -> list[EvalFolder]:
+    """Every argument checked before a model loads; returns the parsed ``--task`` folders."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)
@@ -340,7 +340,7 @@ def check_args(args) -> list[TaskSpec]:
     if args.imagenet_root:
         args.task = with_imagenet_root(args.task, args.imagenet_root)
         args.imagenet_root = None  # now in --task
-    tasks = validate.task_specs(args.task)
+    folders = validate.eval_folders(args.task)
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
                         3 if name == "rsa_size" else 1)
@@ -349,19 +349,19 @@ def check_args(args) -> list[TaskSpec]:
         raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the JSON file to write")
-    return tasks
+    return folders
 
 
 def run(args) -> dict:
-    tasks = validate.task_specs(args.task, check_folders=False)
-    pretrained = resolve_pretrained(args.model, args.pretrained, args.world_seed)
+    folders = validate.eval_folders(args.task, check_folders=False)
+    pretrained = find_pretrained(args.model, args.pretrained, args.world_seed)
     bundle = load_clip(args.model, pretrained, args.device)
     pre_model = None
     if args.checkpoint:
         pre_model = load_clip(args.model, pretrained, args.device).model.eval()
         load_model_weights(bundle.model, args.checkpoint)
     tf = bundle.preprocess_val
-    sets = task_sets(tasks, tf, chosen_templates(args.templates)) if tasks else \
+    sets = folder_eval_sets(folders, tf, chosen_templates(args.templates)) if folders else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
     if args.rsa_csv or args.rsa_shards:
         rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,
@@ -385,5 +385,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from .._argparse import run_checked
+    from .._cli.arguments import run_checked
     run_checked(build_parser(), check_args, run)

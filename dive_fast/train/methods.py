@@ -1,11 +1,13 @@
-"""Fine-tuning methods as task modules (open_clip's ``task`` shape).
+"""Fine-tuning methods, each a module that owns its model and losses: the shape of
+open_clip's ``task`` modules, called method modules here, where a task is a labelled
+classification task.
 
 Each method is an ``nn.Module`` that owns what its loss needs: the trainable CLIP, its
 class prompts, the contrastive loss, and where used the frozen reference embeddings,
 ``DiVELoss`` (with its EMA vector m) or FT's linear head. ``forward(batch, step)`` returns
 a dict of named losses whose sum is the objective; ``state_dict()`` holds all that a
 resume needs. Towers a method does not train are frozen in its constructor, so DDP,
-wrapping the whole task, sees only the parameters that learn.
+wrapping the whole method, sees only the parameters that learn.
 """
 from __future__ import annotations
 

@@ -132,10 +132,11 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return frozen
 
 
-def resolve_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> str | None:
+def find_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> str | None:
     """The weights to load: ``pretrained`` as given, or for a tiny config without it the
-    cached pre-trained file, which must exist (this loader never trains: run
-    ``python -m dive_fast.train.pretrain`` or let ``dive_fast.train`` build it)."""
+    cached pre-trained file, which must exist and be intact (this loader never trains: run
+    ``python -m dive_fast.train.pretrain``, or let ``dive_fast.train`` build it with
+    ``build.ensure_pretrained``)."""
     if pretrained is not None or name not in TINY_MODELS:
         return pretrained
     path = tiny_checkpoint(name, world_seed)

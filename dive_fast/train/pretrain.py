@@ -25,7 +25,7 @@ from .data import WorldCaptions, collate
 from .evaluate import evaluate, format_table, world_eval_sets
 from .fileio import atomic_write, atomic_write_text
 from .models import load_clip, tiny_checkpoint, tiny_intact
-from .progress import progress_bar
+from .._cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
 # Steps that keep the default pre-training within ~10 minutes on 2 CPU cores (dive-wide,
@@ -90,7 +90,7 @@ def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kw
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .._argparse import DefaultsFormatter
+    from .._cli.arguments import DefaultsFormatter
     p = argparse.ArgumentParser(
         prog="python -m dive_fast.train.pretrain", formatter_class=DefaultsFormatter,
         description="Pre-train a tiny CLIP contrastively on the generated world and cache it "
@@ -146,5 +146,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .._argparse import run_checked
+    from .._cli.arguments import run_checked
     run_checked(build_parser(), check_args, run)

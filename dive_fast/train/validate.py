@@ -66,8 +66,9 @@ def writable_folder(path, arg: str) -> Path:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """One ``--task KIND:NAME:PATH``: an evaluation image folder; ``preset``: NAME when it
+class EvalFolder:
+    """One ``--task KIND:NAME:PATH``: an evaluation image folder (the flag keeps open_clip's
+    and the paper's word; in the code "task" is a labelled classification task); ``preset``: NAME when it
     is a standard set's (``protocol.PRESETS``), read by that set's protocol; ``metric``:
     what the report gives for it, from a ``PATH@METRIC`` suffix (``@macro_f1``: WILDS's)."""
     kind: str
@@ -77,7 +78,8 @@ class TaskSpec:
     metric: str = "top1"
 
 
-def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True) -> list[TaskSpec]:
+def eval_folders(specs: list[str], arg: str = "--task",
+                 check_folders: bool = True) -> list[EvalFolder]:
     """Parses ``--task`` entries: a known kind, a non-empty name used once (names key the
     report), and an image folder that lists as one (``image_folder``)."""
     out, seen = [], set()
@@ -100,7 +102,7 @@ def task_specs(specs: list[str], arg: str = "--task", check_folders: bool = True
         preset = name.lower() if name.lower() in PRESETS else None
         if check_folders:
             image_folder(path, f"{arg} {spec!r}", preset=preset)
-        out.append(TaskSpec(kind, name, path, preset, metric))
+        out.append(EvalFolder(kind, name, path, preset, metric))
     return out
 
 

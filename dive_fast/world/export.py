@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..train.progress import progress_bar
+from .._cli.progress import progress_bar
 from .tasks import DEFAULT_SEED, SPLITS, TASKS, caption_pair, task_image
 
 
@@ -91,7 +91,7 @@ def check_output(out: Path, size: int, images: int, formats) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .._argparse import DefaultsFormatter
+    from .._cli.arguments import DefaultsFormatter
     p = argparse.ArgumentParser(
         prog="python -m dive_fast.world", formatter_class=DefaultsFormatter,
         description="Write the generated world to disk in the formats real data comes in: "

@@ -8,11 +8,10 @@ import torch
 from open_clip.transformer import PatchDropout
 
 from dive_fast import accumulate, train
-from dive_fast.train import cli, trainer
-from dive_fast.train import optim
+from dive_fast.train import cli
 from dive_fast.train import step as train_step_module
 from dive_fast.train.models import load_clip, tiny_checkpoint
-from dive_fast.train.step import NonFiniteGuard
+from dive_fast.train.build import build_run
 
 from conftest import train_args
 
@@ -26,27 +25,27 @@ def one_step(tmp_path, method, *extra, patch_dropout=0.0, seed=0):
     """(step values, gradients, state after the step) of one training step of ``method`` on
     the pre-trained dive-micro, built as ``dive_fast.train`` builds it."""
     out = tmp_path / f"{method}-{len(list(tmp_path.iterdir()))}"
-    args = cli.build_parser().parse_args(train_args(out, "--method", method, *extra))
+    # --no-augment: the target images as the evaluation transform gives them, the same in
+    # every call whatever the global random state
+    args = cli.build_parser().parse_args(train_args(out, "--method", method, "--no-augment",
+                                                    *extra))
     cli.check_args(args)
     pretrained = str(tiny_checkpoint("dive-micro"))
     bundle = load_clip("dive-micro", pretrained, "cpu")
     if patch_dropout:
         bundle.model.visual.patch_dropout = PatchDropout(patch_dropout)
-    target = trainer.target_data(args, bundle, bundle.preprocess_val)
-    reference = trainer.reference_data(args, bundle, 0, 1)
-    method_, step = trainer.build_method(args, bundle, target.classnames, target.templates,
-                                       pretrained, "cpu", 0, 1, out, reference)
+    run = build_run(args, bundle=bundle)
+    method_ = run.method
     # Mid-training weights: at the pre-trained ones the difference vectors f - f0 are zero
     # up to the rounding of one batch shape against another, and DiVE normalises them.
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in method_.model.parameters():
             p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
-    opt, sched = optim.build(method_.named_parameters(), args.lr, args.wd, args.steps, 1)
-    batch = next(trainer.batches(args, method_, target, reference[0], bundle.tokenizer))
+    batch = next(run.batches())
     method_.train()
     torch.manual_seed(seed)
-    values = step(batch, args.lp_steps, opt, sched, NonFiniteGuard("cpu"))
+    values = run.step(batch, args.lp_steps, run.opt, run.sched, run.guard)
     grads = {n: p.grad.clone() for n, p in method_.named_parameters() if p.grad is not None}
     state = {k: v.clone() for k, v in method_.state_dict().items()}
     return values, grads, state

@@ -237,7 +237,7 @@ def test_progress_bars_redraw_rarely_into_a_log_file():
 
     from tqdm import tqdm
 
-    from dive_fast.train.progress import progress_bar
+    from dive_fast._cli.progress import progress_bar
 
     def redraws(make_bar):
         log = io.StringIO()

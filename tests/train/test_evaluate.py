@@ -128,15 +128,15 @@ def test_a_task_reports_its_own_metric_and_every_set_its_top5(tmp_path):
     from PIL import Image
 
     from dive_fast.train import validate
-    from dive_fast.train.evaluate import task_sets
+    from dive_fast.train.evaluate import folder_eval_sets
     for c in ("c0", "c1"):
         (tmp_path / "w" / c).mkdir(parents=True)
         Image.new("RGB", (2, 2)).save(tmp_path / "w" / c / "0.png")
-    spec, = validate.task_specs([f"ood:iwildcam:{tmp_path / 'w'}@macro_f1"])
+    spec, = validate.eval_folders([f"ood:iwildcam:{tmp_path / 'w'}@macro_f1"])
     assert (spec.path, spec.metric) == (str(tmp_path / "w"), "macro_f1")
     with pytest.raises(ValueError, match="unknown metric @f2"):
-        validate.task_specs([f"ood:iwildcam:{tmp_path / 'w'}@f2"])
-    sets = {"id": ("id", LabelSet(60, 10)), **task_sets([spec], lambda img: torch.zeros(3, 4, 4))}
+        validate.eval_folders([f"ood:iwildcam:{tmp_path / 'w'}@f2"])
+    sets = {"id": ("id", LabelSet(60, 10)), **folder_eval_sets([spec], lambda img: torch.zeros(3, 4, 4))}
     report = evaluate(PerfectModel(10), Tokenizer(), sets, progress=False)
     assert report["metrics"]["id"]["top5"] == 1.0 and report["metrics"]["id"]["top1"] == 1.0
     # both images read as class 0 (c0): top-1 0.5; F1 of c0 2/3, of c1 0

@@ -208,7 +208,7 @@ def test_imagenet_root_finds_the_usual_folders(tmp_path):
     tasks = protocol.with_imagenet_root(["ood:imagenet-r:/elsewhere"], tmp_path)
     assert tasks == ["ood:imagenet-r:/elsewhere", f"id:imagenet:{tmp_path}/imagenet/val",
                      f"ood:objectnet:{tmp_path}/objectnet-1.0/images"]
-    specs = validate.task_specs(tasks[1:])
+    specs = validate.eval_folders(tasks[1:])
     assert [s.preset for s in specs] == ["imagenet", "objectnet"]
 
 

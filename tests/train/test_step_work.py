@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 from bench_step import build_parser, step_flops, variant_cli  # noqa: E402
-from common import user_step  # noqa: E402
+from common import user_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,11 @@ def flops(tmp_path_factory):
                                       "--ref-size", "32", "--data", "synthetic"])
 
     def count(variant):
-        run = user_step(variant_cli(args, variant, tmp / variant), "synthetic", None, tmp)
+        run = user_run(variant_cli(args, variant, tmp / variant), "synthetic", None)
+        stream = run.batches()
 
         def one_step(i):
-            batch = next(run.stream)
+            batch = next(stream)
             run.step(batch, i, run.opt, run.sched, run.guard)
             return 0.0, 0.0, batch.samples
         return step_flops(one_step, 0)[0] / 1e9

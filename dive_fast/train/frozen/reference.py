@@ -1,7 +1,8 @@
 """The frozen pre-trained model's normalised reference embeddings f0(x), g0(t): looked up in
-the embedding cache, or computed, on GPUs on a side stream that overlaps the trainable
-forward. Same numerics as the trainable model (its weights' dtype, the run's autocast),
-so identical weights give u = v = 0 up to the rounding of one batch shape against another."""
+the embedding cache (``cache.py``), or computed, on GPUs on a side stream that overlaps the
+trainable forward. Same numerics as the trainable model (its weights' dtype, the run's
+autocast), so identical weights give u = v = 0 up to the rounding of one batch shape
+against another."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
-from . import frozen_cache
+from .cache import lookup
 
 Pending = Callable[[], tuple[Tensor, Tensor | None]]
 
@@ -46,7 +47,7 @@ class FrozenReference:
         waits for them. Launch before the trainable forward so that the two overlap."""
         if self.cache is not None and batch.ref_index is not None:
             with record_function("dive_fast.frozen_forward"):  # a cache look-up
-                img, txt = frozen_cache.lookup(self.cache, batch.ref_index, self.device)
+                img, txt = lookup(self.cache, batch.ref_index, self.device)
             return lambda: (img, txt if text else None)
         images, tokens = batch.ref_images, batch.ref_tokens if text else None
         stream = self.side_stream
