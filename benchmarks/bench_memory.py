@@ -2,8 +2,8 @@
 
     python benchmarks/bench_memory.py                      # dive-tiny (world, 32 px), B = B' = 128
     python benchmarks/bench_memory.py --model ViT-B-32 --image-size 64 --batch 16 --data synthetic
-    python benchmarks/bench_memory.py --fit-budget         # the largest B within FLYP(128)'s activations
-    python benchmarks/bench_memory.py --user-runs          # python -m dive_fast.train, ViT-B-32 at 224 px
+    python benchmarks/bench_memory.py --fit-budget    # the largest B in FLYP(128)'s activations
+    python benchmarks/bench_memory.py --user-runs     # python -m dive_fast.train, ViT-B-32, 224 px
 
 Every variant is the training app's own run (``common.user_run``: the run
 ``dive_fast.train.build.build_run`` builds, stepped by its ``train_step``), each in a fresh
@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (environment, pyplot, result_path, synchronize, train_cli,  # noqa: E402
-                    user_run, write_csv)
+from common import environment, pyplot, result_path, synchronize, train_cli, user_run, write_csv  # noqa: E402
 
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
@@ -67,6 +66,7 @@ def saved_bytes(run, stream, step_index: int) -> tuple[int, float]:
 def run_variant(args) -> dict:
     """One variant in this (fresh) process."""
     import torch
+
     from dive_fast.train.memory import peak_memory_mib
 
     torch.manual_seed(0)
@@ -91,7 +91,8 @@ def run_variant(args) -> dict:
     saved, loss = saved_bytes(run, stream, args.warmup + args.steps)
     name = args.variant.removesuffix("+ckpt")
     return {"variant": args.variant, "model": args.model, "image_size": run.bundle.image_size,
-            "B": args.batch, "B_ref": args.batch, "accum_freq": int(name.split("-k")[1]) if "-k" in name else 1,
+            "B": args.batch, "B_ref": args.batch,
+            "accum_freq": int(name.split("-k")[1]) if "-k" in name else 1,
             "grad_checkpointing": args.variant.endswith("+ckpt"),
             "saved_for_backward_MiB": saved / 2**20, "peak_mem_MiB": peak,
             "peak_mem_kind": "cuda max allocated" if on_gpu else "process max RSS",
@@ -154,7 +155,8 @@ def user_runs(args) -> list[dict]:
             rows.append({"run": label, "command": "python -m dive_fast.train " + " ".join(cli[:-2]),
                          "peak_rss_MiB": peak, "step1_loss": first["loss"],
                          "wall_s": time.time() - t0})
-            print(f"  {label:22s} peak {peak:8.0f} MiB  step-1 loss {first['loss']:.6f}", flush=True)
+            print(f"  {label:22s} peak {peak:8.0f} MiB  step-1 loss {first['loss']:.6f}",
+                  flush=True)
     return rows
 
 
@@ -173,7 +175,8 @@ def summarize(rows: list[dict]) -> str:
             if name not in v:
                 continue
             r = v[name]
-            act = f"{r['saved_for_backward_MiB'] / flyp['saved_for_backward_MiB']:.2f}x" if flyp else ""
+            act = (f"{r['saved_for_backward_MiB'] / flyp['saved_for_backward_MiB']:.2f}x"
+                   if flyp else "")
             t = f"{r['step_ms'] / dive['step_ms']:.2f}x" if dive else ""
             lines.append(f"| {name} | {r['saved_for_backward_MiB']:.1f} | {act} | "
                          f"{r['peak_mem_MiB']:.0f} | {r['step_ms']:.0f} | {t} |")

@@ -3,7 +3,8 @@ compares with open_clip's own trainer.
 
     python benchmarks/bench_step.py                         # dive-tiny on this CPU
     python benchmarks/bench_step.py --model ViT-S-32 --batch 16 --data synthetic --steps 4
-    python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16 --data synthetic
+    python benchmarks/bench_step.py --device cuda --model ViT-B-16 --batch 256 --amp bf16 \
+        --data synthetic
     python benchmarks/bench_step.py --flops-only --model ViT-B-16 --batch 32 --steps 2 \
         --data synthetic --workers 0 --ref-size 64 \
         --variants "flyp-B+B'" dive-fast "flyp-B+B'-notrunc" dive-fast-notrunc
@@ -33,8 +34,8 @@ variant in its own process (so peak memory is its own), interleaved over rounds:
                 up until two steps in a row compile nothing; compile_s is what the
                 warm-up steps took beyond a steady step (open_clip_train: its first step's)
 ``--flops-only`` counts each variant's FLOPs instead, the mean over ``--steps`` steps (any
-device, no timing: the work a GPU run will do, counted on a CPU). Otherwise reports samples/s, FLOPs, peak
-memory and a per-step breakdown (data; and from a short profiled
+device, no timing: the work a GPU run will do, counted on a CPU). Otherwise reports
+samples/s, FLOPs, peak memory and a per-step breakdown (data; and from a short profiled
 run after the timed steps: trainable forward, frozen forward, losses, backward,
 optimiser), as long-format CSV.
 """
@@ -54,9 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (environment, result_path, synchronize, train_cli, user_run,  # noqa: E402
-                    write_csv)
-
+from common import environment, result_path, synchronize, train_cli, user_run, write_csv  # noqa: E402
 from tables import step_table  # noqa: E402
 
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
@@ -333,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=12, help="steps timed per variant and round")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
-    p.add_argument("--rounds", type=int, default=2, help="variants run this many times, interleaved")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="variants run this many times, interleaved")
     p.add_argument("--flops-only", action="store_true",
                    help="count the FLOPs of --steps steps per variant (eager, any device; "
                         "their mean), time nothing")
@@ -380,7 +380,8 @@ def main(argv=None):
                           f"{row['samples_per_step']} samples", flush=True)
                     continue
                 print(f"round {rnd} {variant:12s} step {row['step_ms']:8.1f} ms  "
-                      f"{row['samples_per_s']:7.1f} samples/s  peak {row['peak_mem_MiB']:7.0f} MiB  "
+                      f"{row['samples_per_s']:7.1f} samples/s  "
+                      f"peak {row['peak_mem_MiB']:7.0f} MiB  "
                       + " ".join(f"{ph}={row[ph + '_ms']:.1f}" for ph in PHASES
                                  if ph + "_ms" in row), flush=True)
     if rows and not args.flops_only:

@@ -175,8 +175,8 @@ def user_run(argv: list[str], data: str = "world", image_size: int | None = None
     "world" (the app's own, rendered at the model's resolution) or "synthetic" (random
     images: model-bound timing without rendering). The frozen cache is in ``--out``/cache."""
     from dive_fast.train import cli
-    from dive_fast.train.models import load_clip
     from dive_fast.train.build import build_run
+    from dive_fast.train.models import load_clip
 
     args = cli.parse([*argv, "--train-size", str(data_size)])
     cli.check_args(args)

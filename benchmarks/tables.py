@@ -25,7 +25,8 @@ def op_table(rows, mode: str = "fwd+bwd") -> str:
            + " | ".join(f"{i} ms (x floor)" for i in impls) + " |",
            ("|---" if by_dtype else "") + "|---|---|---|" + "---|" * len(impls)]
     for dtype, B, D in shapes:
-        sel = {r["impl"]: r for r in rows if (r["dtype"], int(r["B"]), int(r["D"])) == (dtype, B, D)}
+        sel = {r["impl"]: r for r in rows
+               if (r["dtype"], int(r["B"]), int(r["D"])) == (dtype, B, D)}
         floor = float(next(iter(sel.values()))["floor_ms"])
         cells = [f"{float(sel[i]['median_ms']):.2f} ({float(sel[i]['ratio_to_floor']):.2f}x)"
                  if i in sel else "–" for i in impls]

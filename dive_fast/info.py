@@ -67,7 +67,8 @@ def versions() -> dict[str, str]:
     except Exception as exc:
         out["open_clip"] = f"unavailable ({exc})"
     out["dive_fast._C"] = extension_status()
-    out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
+    out["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                     else platform.processor() or platform.machine())
     out["TRITON_INTERPRET"] = str(backends.triton_interpreted())
     return out
 

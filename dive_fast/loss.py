@@ -16,8 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from .ops import backends
-from .ops.checks import (TRANSFORMS_REFUSED, check_dim, check_m_out_overlap, check_not_meta,
-                         check_options, check_tensors, checked_config, raise_on_bad_values)
+from .ops.checks import (
+    TRANSFORMS_REFUSED,
+    check_dim,
+    check_m_out_overlap,
+    check_not_meta,
+    check_options,
+    check_tensors,
+    checked_config,
+    raise_on_bad_values,
+)
 from .ops.dive import ALL, LOSS, LOSS_INFO, DiVEConfig, DiVEFunction, DiVEOutput
 
 # Validated configurations by call key (see the module docstring); a bounded memo.

@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
-from common import (SyntheticCaptions, SyntheticTask, environment, synchronize,  # noqa: E402
-                    write_csv)
+from common import SyntheticCaptions, SyntheticTask, environment, synchronize, write_csv  # noqa: E402
+
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
 
 def one_run(args, co_schedule: bool, steps: int):
     """(losses of the first step, gradients of the first step, median step ms)."""
     from dive_fast.train import cli
-    from dive_fast.train.models import load_clip
     from dive_fast.train.build import build_run
+    from dive_fast.train.models import load_clip
 
     torch.manual_seed(0)
     argv = ["--method", "dive", "--model", args.model, "--pretrained", "", "--batch-size",

@@ -44,8 +44,7 @@ from common import device_name, environment, write_csv  # noqa: E402
 from dive_fast import DiVELoss, info  # noqa: E402
 from dive_fast.ops import backends  # noqa: E402
 from dive_fast.ops.dive import kernels as kernel_table  # noqa: E402
-from dive_fast.testing import (LaunchCounter, compare_with_oracle, failures,  # noqa: E402
-                               make_inputs)
+from dive_fast.testing import LaunchCounter, compare_with_oracle, failures, make_inputs  # noqa: E402
 
 GPU_BACKENDS = ("triton", "cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -567,7 +566,8 @@ def memory(device: str, out: Path) -> bool:
                   "--ref-size", "2048"]
     else:
         runs = [("8", ["flyp-B", "dive", "dive-k2+ckpt"])]
-        common = ["--model", "dive-micro", "--data", "synthetic", "--steps", "1", "--ref-size", "32"]
+        common = ["--model", "dive-micro", "--data", "synthetic", "--steps", "1",
+                  "--ref-size", "32"]
     for batch, variants in runs:
         bench_memory.main(["--device", device, *common, "--batch", batch, "--variants", *variants,
                            "--out", str(out / f"memory_B{batch}_{name}.csv")])

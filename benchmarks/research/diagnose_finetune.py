@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from dive_fast import train
+from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 from dive_fast.train import methods
 from dive_fast.world import tasks
-from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "diagnosis.json"
 

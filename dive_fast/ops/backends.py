@@ -113,5 +113,6 @@ def select(device_type: str, dtype: torch.dtype, dim: int, requested: str | None
     if key not in _warned:
         _warned.add(key)
         warnings.warn("dive_fast: using the torch backend for "
-                      f"{device_type} {dtype} inputs ({'; '.join(reasons)})", RuntimeWarning, stacklevel=3)
+                      f"{device_type} {dtype} inputs ({'; '.join(reasons)})", RuntimeWarning,
+                      stacklevel=3)
     return "torch"

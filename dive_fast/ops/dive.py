@@ -24,8 +24,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import extension
-from .dive_reference import (INFO_SIZE, accumulation_dtype, batch_mean, reference_backward,
-                             reference_finalize, reference_forward, reference_stats_op)
+from .dive_reference import (
+    INFO_SIZE,
+    accumulation_dtype,
+    batch_mean,
+    reference_backward,
+    reference_finalize,
+    reference_forward,
+    reference_stats_op,
+)
 
 __all__ = ["ALL", "INFO_SIZE", "LOSS", "LOSS_INFO", "DiVEConfig", "DiVEFunction", "DiVEOutput",
            "Kernels", "dive_backward", "dive_forward", "kernels"]
