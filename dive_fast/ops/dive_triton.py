@@ -505,7 +505,7 @@ def _on_device(x: torch.Tensor):
 # Blocks of the statistics kernel an SM holds at once, per launch configuration (rows of
 # up to block_d values, warps): the least that the ahead-of-time compile finds over dtypes,
 # normalisation, 64-bit offsets and sm_80/sm_90 (registers bind; `python -m
-# dive_fast.ops.aot`); tests/test_gpu_kernels.py holds every compiled configuration to it.
+# tools.aot`); tests/ops/test_gpu_kernels.py holds every compiled configuration to it.
 STATS_BLOCKS_PER_SM = {(16, 8): 2, (32, 8): 2, (64, 8): 2, (128, 8): 2, (256, 8): 2,
                        (512, 8): 1, (1024, 4): 4, (1024, 8): 3, (2048, 8): 2, (2048, 16): 1,
                        (4096, 16): 1}
