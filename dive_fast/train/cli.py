@@ -18,13 +18,13 @@ import torch
 
 from .._cli.arguments import DefaultsFormatter, run_checked
 from . import data, distributed, parallel, protocol, runlock, validate
+from .build import PRECISIONS
+from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
+from .fileio import DiskFull
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
-from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
-from .fileio import DiskFull
 from .runlock import FolderInUse
-from .build import PRECISIONS
 from .trainer import run_owned
 
 EXAMPLES = """\
@@ -409,7 +409,8 @@ def check_inputs(args, world_size: int = 1) -> None:
     claim_out(args, Path(args.out))
     if args.pretrained is None and args.model in TINY_MODELS and \
             not tiny_checkpoint(args.model, args.world_seed).is_file():  # pre-training will write
-        validate.writable_folder(cache_dir(), f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
+        validate.writable_folder(cache_dir(),
+                                 f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
 
 
 def parse(argv=None) -> argparse.Namespace:

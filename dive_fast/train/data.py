@@ -37,7 +37,8 @@ def warn_unreadable(what, exc) -> None:
     _warned[0] += 1
     n = _warned[0]
     if n <= 10 or n % 100 == 0:
-        more = " (from now on every 100th is logged)" if n == 10 else f" ({n} so far)" if n > 10 else ""
+        more = (" (from now on every 100th is logged)" if n == 10
+                else f" ({n} so far)" if n > 10 else "")
         log.warning("skipping unreadable %s: %s%s", what, exc, more)
 
 
@@ -71,7 +72,8 @@ def _open_image(source, name=None) -> Image.Image | None:
     try:
         with Image.open(source) as img:
             return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # missing, truncated, not an image
+    # missing, truncated, not an image
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         warn_unreadable(f"image {name or source}", exc)
         return None
 

@@ -7,7 +7,6 @@ import os
 import torch
 import torch.distributed as dist
 
-
 COLLECTIVE_MINUTES = 120
 _owned = []  # the process group this module created (and so destroys at shutdown)
 

@@ -14,16 +14,23 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_model_weights
-from .data import (ImageFolderTask, WorldCaptions, WorldTask, add_csv_flags, collate,
-                   csv_options, heldout_pairs)
+from .._cli.progress import progress_bar
+from ..world.tasks import TASKS
 from . import validate
+from .checkpoint import load_model_weights
+from .data import (
+    ImageFolderTask,
+    WorldCaptions,
+    WorldTask,
+    add_csv_flags,
+    collate,
+    csv_options,
+    heldout_pairs,
+)
 from .fileio import atomic_write_json
 from .models import find_pretrained, load_clip
 from .protocol import chosen_templates, projection_rows, with_imagenet_root
 from .validate import KINDS, TASK_METRICS, EvalFolder
-from .._cli.progress import progress_bar
-from ..world.tasks import TASKS
 
 
 @torch.no_grad()
@@ -367,7 +374,8 @@ def run(args) -> dict:
         rsa_set = heldout_pairs(tf, args.rsa_csv, args.rsa_shards, args.rsa_size,
                                 csv_options(args))
     else:
-        rsa_set = world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size) if not args.task else None
+        rsa_set = (world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size)
+                   if not args.task else None)
     report = evaluate(bundle.model, bundle.tokenizer, sets, pre_model=pre_model, rsa_set=rsa_set,
                       device=args.device, batch_size=args.batch_size, workers=args.workers)
     label = "fine-tuned" if args.checkpoint else "zero-shot"

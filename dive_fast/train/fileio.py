@@ -117,7 +117,8 @@ def finite_json(obj, where: str = "", found: list | None = None):
             found.append(f"{where}: {obj}")
         return None
     if isinstance(obj, dict):
-        return {k: finite_json(v, f"{where}.{k}" if where else str(k), found) for k, v in obj.items()}
+        return {k: finite_json(v, f"{where}.{k}" if where else str(k), found)
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [finite_json(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
     return obj

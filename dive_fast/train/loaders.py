@@ -10,8 +10,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import validate
-from .data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
-                   WorldCaptions, WorldTask, csv_options, heldout_pairs, train_collate)
+from .data import (
+    CsvCaptions,
+    ImageFolderTask,
+    Readable,
+    ResumableSampler,
+    ShardedCaptions,
+    WorldCaptions,
+    WorldTask,
+    csv_options,
+    heldout_pairs,
+    train_collate,
+)
 from .evaluate import folder_eval_sets, world_eval_sets, world_rsa_set
 from .methods import Batch
 from .protocol import chosen_templates

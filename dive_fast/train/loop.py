@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
+from .._cli.progress import progress_bar
 from . import distributed, metrics_log, parallel
+from .build import Run, load_model
 from .checkpoint import atomic_save, checkpoint_state, prune
 from .evaluate import evaluate
 from .fileio import DiskFull
-from .build import Run, load_model
-from .._cli.progress import progress_bar
 
 
 def evaluate_during_training(run: Run, sets) -> dict | None:

@@ -19,9 +19,9 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from ..loss import DiVELoss
 from .evaluate import zeroshot_head
 from .frozen import FrozenReference
-from ..loss import DiVELoss
 
 
 @dataclass

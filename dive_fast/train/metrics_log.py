@@ -57,7 +57,8 @@ class MetricsSink:
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and value == value:
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value,
+                                           row["step"])
             self.writer.flush()
 
     def close(self) -> None:
@@ -90,7 +91,13 @@ def _plot(rows, out) -> None:
     for k in keys:
         axes[0].plot([r["step"] for r in rows], [r.get(k) if r.get(k) is not None else nan
                                                    for r in rows], label=k)
-    axes[0].set_yscale("log"); axes[0].set_xlabel("step"); axes[0].legend(); axes[0].set_title("losses")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    axes[0].set_title("losses")
     axes[1].plot([r["step"] for r in rows], [r.get("samples_per_s", nan) for r in rows])
-    axes[1].set_xlabel("step"); axes[1].set_title("samples/s")
-    fig.tight_layout(); fig.savefig(out, dpi=110); plt.close(fig)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("samples/s")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -13,10 +13,10 @@ import open_clip
 import torch
 from torch import nn
 
+from ..world.tasks import PRETRAIN_STREAM_VERSION
 from . import text, validate
 from .fileio import file_digest
 from .parallel import residual_blocks
-from ..world.tasks import PRETRAIN_STREAM_VERSION
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -148,6 +148,6 @@ def find_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> s
     if not path.is_file():
         raise FileNotFoundError(
             f"no pre-trained {name} (world seed {world_seed}) in {cache_dir()}: run "
-            f"`python -m dive_fast.train.pretrain --model {name} --seed {world_seed}` first, or pass "
-            "--pretrained PATH ('' for random weights)")
+            f"`python -m dive_fast.train.pretrain --model {name} --seed {world_seed}` first, "
+            "or pass --pretrained PATH ('' for random weights)")
     return str(path)

@@ -30,7 +30,8 @@ def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
             continue
         exempt = p.ndim < 2 or "positional_embedding" in name
         groups.setdefault((isinstance(p, DTensor), exempt), []).append(p)
-    kinds = [(False, False), (False, True)] + [k for k in ((True, False), (True, True)) if k in groups]
+    kinds = [(False, False), (False, True)] + [k for k in ((True, False), (True, True))
+                                               if k in groups]
     return [{"params": groups.get(k, []), "weight_decay": 0.0 if k[1] else weight_decay}
             for k in kinds]
 

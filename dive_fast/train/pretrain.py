@@ -20,12 +20,12 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save
 from torch.utils.data import DataLoader
 
+from .._cli.progress import progress_bar
 from . import optim
 from .data import WorldCaptions, collate
 from .evaluate import evaluate, format_table, world_eval_sets
 from .fileio import atomic_write, atomic_write_text
 from .models import load_clip, tiny_checkpoint, tiny_intact
-from .._cli.progress import progress_bar
 
 log = logging.getLogger(__name__)
 # Steps that keep the default pre-training within ~10 minutes on 2 CPU cores (dive-wide,

@@ -48,7 +48,7 @@ def text_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
                          "save it as UTF-8") from None
-    return [l.strip() for l in text.splitlines() if l.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def check_templates(templates, source) -> None:

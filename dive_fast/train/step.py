@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.profiler import record_function
 
-from . import parallel
 from ..accumulate import micro_batched_backward
+from . import parallel
 from .optim import clamp_logit_scale
 from .parallel import GradientSync
 

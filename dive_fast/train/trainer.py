@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from . import distributed, metrics_log, parallel
+from .build import Run, build_run, load_model
 from .checkpoint import claim_out, load_resume
 from .evaluate import evaluate, format_table
 from .fileio import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .loaders import data_sources, eval_sets
 from .loop import evaluate_during_training, train_loop
-from .build import Run, build_run, load_model
 
 log = logging.getLogger("dive_fast.train")
 

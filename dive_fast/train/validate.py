@@ -68,9 +68,10 @@ def writable_folder(path, arg: str) -> Path:
 @dataclass(frozen=True)
 class EvalFolder:
     """One ``--task KIND:NAME:PATH``: an evaluation image folder (the flag keeps open_clip's
-    and the paper's word; in the code "task" is a labelled classification task); ``preset``: NAME when it
-    is a standard set's (``protocol.PRESETS``), read by that set's protocol; ``metric``:
-    what the report gives for it, from a ``PATH@METRIC`` suffix (``@macro_f1``: WILDS's)."""
+    and the paper's word; in the code "task" is a labelled classification task).
+    ``preset``: NAME when it is a standard set's (``protocol.PRESETS``), read by that set's
+    protocol; ``metric``: what the report gives for it, from a ``PATH@METRIC`` suffix
+    (``@macro_f1``: WILDS's)."""
     kind: str
     name: str
     path: str
@@ -89,7 +90,8 @@ def eval_folders(specs: list[str], arg: str = "--task",
         if not sep or not path:
             raise ValueError(f"{arg} wants KIND:NAME:PATH, got {spec!r}")
         if kind not in KINDS:
-            raise ValueError(f"{arg} {spec!r}: KIND must be one of {', '.join(KINDS)}, got {kind!r}")
+            raise ValueError(f"{arg} {spec!r}: KIND must be one of {', '.join(KINDS)}, "
+                             f"got {kind!r}")
         name = name.strip()
         if not name:
             raise ValueError(f"{arg} {spec!r}: NAME is empty (it names the task's column "

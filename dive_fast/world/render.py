@@ -121,7 +121,8 @@ def render(scene: dict, size: int = 32) -> np.ndarray:
             img[outline] = colour * 0.55
             continue
         if style == "textured":
-            texture = 0.55 + 0.45 * np.sin((gx * rng.uniform(8, 16) + gy * rng.uniform(-8, 8)) / radius * 0.3)
+            texture = 0.55 + 0.45 * np.sin(
+                (gx * rng.uniform(8, 16) + gy * rng.uniform(-8, 8)) / radius * 0.3)
             img[mask] = colour * texture[mask][:, None]
         else:  # photo / noisy: flat colour with a soft light from the top left
             shade = 1.0 - 0.25 * np.clip((x + y) / 2.0, -1, 1)

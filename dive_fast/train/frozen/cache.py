@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..fileio import atomic_write, atomic_write_text, file_digest
 from ..._cli.progress import progress_bar
+from ..fileio import atomic_write, atomic_write_text, file_digest
 
 
 class EmbeddingCache:
