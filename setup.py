@@ -49,7 +49,7 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "dive_fast" / "__init__
 # without it logs why and writes no plot).
 TRAIN = ["open_clip_torch>=3.0", "numpy", "pillow", "tqdm", "webdataset", "braceexpand",
          "safetensors", "pandas", "tensorboard", "matplotlib"]
-TEST = ["pytest>=7.3", "pytest-benchmark", "scipy"]
+TEST = ["pytest>=7.3", "pytest-benchmark", "scipy", "ruff"]
 
 
 def cuda_toolkit_root():
