@@ -1,3 +1,5 @@
+"""The suite's environment (Triton's interpreter, two threads) and its shared fixtures; the
+shared helpers are in tests/helpers/."""
 import os
 
 # Triton kernels run on CPU tensors through the interpreter; must be set before import.
@@ -6,19 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dive_fast.ops import backends  # noqa: E402
-
 torch.set_num_threads(2)
-
-
-def backend_params(names=("torch", "cpu", "triton")):
-    """One pytest param per backend; a backend that cannot run here is skipped with why."""
-    params = []
-    for name in names:
-        why = backends.unavailable_reason(name, "cpu")
-        marks = [pytest.mark.skip(reason=f"{name}: {why}")] if why else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +29,12 @@ def micro_cache(tmp_path_factory):
         os.environ[CACHE_ENV] = old
 
 
-def train_args(out, *extra):
-    """A few seconds of training on the world with the micro model."""
-    return ["--model", "dive-micro", "--out", str(out), "--steps", "4", "--batch-size", "8",
-            "--train-size", "32", "--ref-size", "32", "--eval-per-task", "10", "--workers", "0",
-            "--no-progress", "--wise-ft", "", "--checkpoint-every", "2", "--log-every", "1",
-            "--lr", "1e-3", *extra]
+@pytest.fixture
+def not_loaded(monkeypatch):
+    """Model loading fails the test: what is checked must be checked before it."""
+    from dive_fast.train import build, evaluate
+
+    def too_late(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was found")
+    monkeypatch.setattr(build, "load_clip", too_late)
+    monkeypatch.setattr(evaluate, "load_clip", too_late)

@@ -1,6 +1,7 @@
 """``--accum-freq K``: the step of a batch computed in K micro-batches is the full-batch step
 (every gradient, the logit scale's counted once, one update of DiVE's m), the random state
-is replayed between the two forwards, and gradient checkpointing changes no result."""
+is replayed between the two forwards, and gradient checkpointing changes no result;
+``micro_batched_backward`` names a bad argument."""
 import contextlib
 
 import pytest
@@ -13,7 +14,7 @@ from dive_fast.train import step as train_step_module
 from dive_fast.train.models import load_clip, tiny_checkpoint
 from dive_fast.train.build import build_run
 
-from conftest import train_args
+from helpers.runs import train_args
 
 METHODS = ("flyp", "flyp+replay", "snd-like", "dive", "ft", "lp-ft")
 # The attention key bias has an exactly-zero gradient (softmax is shift-invariant): float
@@ -235,3 +236,31 @@ def test_micro_batches_refuse_an_encoder_that_mixes_rows():
     assert not torch.allclose(tower[0].weight.grad, whole, rtol=0.05)  # what it guards
     tower.eval()
     torch.testing.assert_close(run(4), run(1))
+
+
+@pytest.mark.parametrize("k,message", [
+    (0, "k must be a positive integer, got 0"), (-1, "k must be a positive integer, got -1"),
+    (2.0, "k must be a positive integer, got 2.0"),
+])
+def test_micro_batched_backward_checks_its_arguments(k, message):
+    from dive_fast import micro_batched_backward
+    x = torch.randn(4, 3)
+    with pytest.raises((ValueError, TypeError), match=message):
+        micro_batched_backward(lambda xs: [xs[0]], [x], lambda fs: fs[0].sum(), k)
+
+
+def test_micro_batched_backward_names_bad_inputs_and_encoders():
+    from dive_fast import micro_batched_backward
+    lin = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"inputs: an empty batch \(0 rows"):
+        micro_batched_backward(lambda xs: [lin(xs[0])], [torch.randn(0, 3)],
+                               lambda fs: fs[0].sum(), 1)
+    with pytest.raises(ValueError, match="inputs must be a non-empty list of tensors"):
+        micro_batched_backward(lambda xs: [lin(xs[0])], [], lambda fs: fs[0].sum(), 1)
+    with pytest.raises(ValueError,
+                       match=r"inputs: an empty batch \(0 rows; rows per tensor: \[4, 0\]"):
+        micro_batched_backward(lambda xs: [lin(xs[0])], [torch.randn(4, 3), torch.randn(0, 3)],
+                               lambda fs: fs[0].sum(), 2)
+    with pytest.raises(TypeError,
+                       match=r"encode must return a list or tuple of tensors, got Tensor"):
+        micro_batched_backward(lambda xs: lin(xs[0]), [torch.randn(4, 3)], lambda fs: fs.sum(), 2)

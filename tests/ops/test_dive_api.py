@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers.backends import backend_params
 from dive_fast import DiVELoss, dive_loss
 from dive_fast.ops import backends
 from dive_fast.ops import extension

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers.backends import backend_params
 from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import make_inputs
 

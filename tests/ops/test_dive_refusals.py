@@ -1,4 +1,4 @@
-"""The API refuses what it cannot do (issue 21): each case ends in one sentence naming the
+"""The API refuses what it cannot do: each case ends in one sentence naming the
 argument, before anything is written, instead of a wrong result or an internal error."""
 import os
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers.backends import backend_params
 from dive_fast import DiVELoss, dive_loss
 from dive_fast.ops import backends
 from dive_fast.testing import HostSyncCounter, LaunchCounter, make_inputs

@@ -1,7 +1,7 @@
 """Every GPU kernel configuration compiles for sm_80 and sm_90, without a GPU, and none
 spills (``tools.aot``: Triton through ``triton.compile`` for a named target,
 CUDA through nvcc --resource-usage); the committed benchmarks/results/gpu_kernels.csv is
-what this code compiles to. The machine code (SASS) holds to the design of issue 19:
+what this code compiles to. The machine code (SASS) holds to the design (docs/design.md):
 statistics tile loops that load with cp.async and at most two barriers a tile, backward
 loads and stores of 8 or 16 bytes, a finalisation whose loops over parts hold no barrier,
 division or call, exactly one acquire-release integer ticket and no floating-point

@@ -4,7 +4,7 @@ and no other PyTorch op that launches a kernel (counted under the interpreter by
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers.backends import backend_params
 from dive_fast import DiVELoss, dive_loss
 from dive_fast.testing import LaunchCounter, make_inputs
 

@@ -1,15 +1,18 @@
-"""The command line as open_clip users type it, and the data it is allowed to use."""
+"""The command line as open_clip users type it, and the data it is allowed to use; every
+argument checked, with a message naming it, before a model loads or anything is written."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import train_args
+from helpers.images import image_folder
+from helpers.runs import train_args
 from helpers.kill import run_killed_at_step
 from dive_fast import train
 from dive_fast.train import cli, evaluate
 from dive_fast.train.checkpoint import load_checkpoint
+from dive_fast.world.export import write_captions
 
 
 def _rows(out):
@@ -250,3 +253,136 @@ def test_progress_bars_redraw_rarely_into_a_log_file():
 
     assert redraws(progress_bar) <= 2  # the first draw and the last
     assert redraws(tqdm) > 2
+
+
+def test_duplicate_and_empty_task_names_are_refused(tmp_path, not_loaded):
+    folder = image_folder(tmp_path / "t")
+    twice = ["--task", f"id:a:{folder}", "--task", f"ood:a:{folder}"]
+    with pytest.raises(ValueError, match="two tasks are named 'a'"):
+        train.main(train_args(tmp_path / "out", *twice))
+    with pytest.raises(ValueError, match="two tasks are named 'a'"):
+        evaluate.main(twice)
+    with pytest.raises(ValueError, match="NAME is empty"):
+        train.main(train_args(tmp_path / "out", "--task", f"id::{folder}"))
+    with pytest.raises(ValueError, match="KIND must be one of"):
+        evaluate.main(["--task", f"test:a:{folder}"])
+    with pytest.raises(FileNotFoundError, match="--task 'id:a:.*image folder not found"):
+        train.main(train_args(tmp_path / "out", "--task", f"id:a:{tmp_path / 'none'}"))
+
+
+def test_wise_ft_is_parsed_before_anything_runs(tmp_path, not_loaded):
+    with pytest.raises(ValueError, match="--wise-ft wants comma-separated numbers, got 'abc'"):
+        train.main(train_args(tmp_path, "--wise-ft", "abc"))
+    with pytest.raises(ValueError, match="--wise-ft must be a finite number, got nan"):
+        train.main(train_args(tmp_path, "--wise-ft", "0.5,nan"))
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine_is_named(tmp_path, not_loaded):
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        train.main(train_args(tmp_path, "--device", "cuda"))
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        evaluate.main(["--device", "cuda"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--checkpoint-every", "0"], "--checkpoint-every must be a finite number >= 1, got 0"),
+    (["--steps", "-5"], "--steps must be a finite number >= 0, got -5"),
+    (["--ref-batch-size", "0"], "--ref-batch-size must be .* >= 1, got 0"),
+    (["--lam", "-1"], "--lam must be a finite number >= 0, got -1"),
+    (["--lam", "nan"], "--lam must be a finite number >= 0, got nan"),
+    (["--momentum", "1.5"], "--momentum must be .* <= 1, got 1.5"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lp-steps", "9"], "--lp-steps must be .* <= 4, got 9"),
+    (["--keep", "0"], "--keep must be .* >= 1, got 0"),
+    (["--device", "gpu"], "--device wants a torch device"),
+])
+def test_invalid_values_are_refused_before_any_work(tmp_path, not_loaded, bad, message):
+    with pytest.raises(ValueError, match=message):
+        train.main(train_args(tmp_path, *bad))
+
+
+def test_unwritable_cache_and_out_fail_before_pretraining(tmp_path, monkeypatch):
+    from dive_fast.train import pretrain
+    from dive_fast.train.models import CACHE_ENV
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "cache"))  # cannot be a folder
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pre-trained first"))
+    with pytest.raises(PermissionError, match=r"the model cache \(\$DIVE_FAST_CACHE.*cannot write"):
+        train.main(train_args(tmp_path / "out"))
+    with pytest.raises(ValueError, match="--out .*file is a file, not a folder"):
+        train.main(train_args(tmp_path / "file"))
+
+
+def _bad(tmp_path):
+    """(arguments, the message they must give) for cases checked before any model loads."""
+    imgs = image_folder(tmp_path / "imgs")
+    missing_csv = tmp_path / "missing.csv"
+    missing_csv.write_text("filepath\ttitle\n"
+                           + "".join(f"nowhere/{i}.png\tcap\n" for i in range(4)))
+    two_rows = tmp_path / "two.csv"
+    two_rows.write_text("filepath\ttitle\n" + "".join(
+        f"{imgs / 'cat' / f'{i}.png'}\tcap {i}\n" for i in range(2)))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "0.tar").write_bytes(b"")
+    one = image_folder(tmp_path / "one", classes=("only",))
+    metrics_dir = tmp_path / "m"
+    (metrics_dir / "metrics.jsonl").mkdir(parents=True)
+    ckpt_file = tmp_path / "c"
+    ckpt_file.mkdir()
+    (ckpt_file / "checkpoints").write_text("")
+    world_refs = write_captions(tmp_path / "w", "reference", 4, 0, 16, 100, formats=("wds",))
+    cuda_runs = torch.cuda.is_available()  # then the cuda backend is no bad input
+    return [
+        *([] if cuda_runs else [(["--dive-backend", "cuda"],
+                                 r"--dive-backend cuda: this DiVE backend cannot run here")]),
+        (["--dive-backend", "nope"], r"unknown backend 'nope'"),
+        (["--device", "meta"], r"--device meta: dive_fast trains on cpu or cuda devices"),
+        (["--device", "mps"], r"--device mps: dive_fast trains on cpu or cuda devices"),
+        (["--out", ""], r"--out is empty"),
+        (["--out", str(metrics_dir)], r"metrics.jsonl is a folder"),
+        (["--out", str(ckpt_file)], r"checkpoints is a file"),
+        (["--reference-csv", str(missing_csv), "--use-world", "target,eval"],
+         r"--reference-csv: none of the first 4 images reads"),
+        (["--rsa-csv", str(two_rows), "--use-world", "target,reference,eval"],
+         r"--rsa-csv: .* has 2 pair\(s\) with a caption; at least 3 are needed"),
+        (["--reference-shards", f"{tmp_path}/empty/*.tar", "--use-world", "target,eval"],
+         r"--reference-shards: every webdataset shard is empty"),
+        (["--reference-shards", f"{world_refs}/shards/*.tar", "--workers", "2",
+          "--use-world", "target,eval"], r"1 shard\(s\) for 1 rank\(s\) x 2 loader worker\(s\)"),
+        (["--train-folder", str(one), "--use-world", "reference,eval"], r"one class \('only'\)"),
+        (["--seed", str(2 ** 70)], r"--seed must be between 0 and 2\*\*32 - 1"),
+        (["--warmup", "9"], r"--warmup 9 is longer than the run's 4 steps"),
+        (["--lam", "1e39"], r"--lam 1e\+39 overflows float32"),
+        (["--eval-per-task", "0"], r"--eval-per-task must be a finite number >= 1"),
+        (["--model", "ViT-B-32", "--pretrained", "nosuchtag"],
+         r"--pretrained nosuchtag: open_clip has no such tag for ViT-B-32 \(its tags: openai"),
+        (["--task", f"id:a:{imgs}", "--task", f"ood:a :{imgs}"], r"two tasks are named 'a'"),
+        (["--reference-shards", "http://127.0.0.1:9/{0000..0003}.tar", "--use-world",
+          "target,eval"], r"--reference-shards: cannot reach http://127.0.0.1:9/0000.tar"),
+    ]
+
+
+def test_every_late_case_fails_before_the_model_loads(micro_cache, tmp_path, not_loaded):
+    for extra, message in _bad(tmp_path):
+        out = tmp_path / "out"
+        argv = train_args(out, *extra)
+        if "--out" in extra:  # the case's own --out
+            argv = [a for i, a in enumerate(argv) if not (a == "--out" or argv[i - 1] == "--out")]
+            argv += ["--out", extra[extra.index("--out") + 1]]
+        with pytest.raises((ValueError, OSError), match=message):
+            train.main(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend can run here")
+def test_the_backend_variable_is_named(micro_cache, tmp_path, not_loaded, monkeypatch):
+    monkeypatch.setenv("DIVE_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"\$DIVE_FAST_BACKEND cuda: this DiVE backend cannot"):
+        train.main(train_args(tmp_path / "out"))
+
+
+def test_steps_zero_is_evaluation_only(micro_cache, tmp_path):
+    report = train.main(train_args(tmp_path / "out", "--method", "flyp", "--steps", "0"))
+    assert list(report) == ["zero-shot"]

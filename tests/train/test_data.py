@@ -1,14 +1,28 @@
-"""Loaders read what dive_fast.world writes, in each format, and skip corrupt files."""
+"""Loaders read what dive_fast.world writes, in each format, and skip corrupt files; user
+data that is unreadable, mis-encoded or oddly spelled (CSV quoting, BOMs, empty captions,
+FIFOs, hidden folders, shard patterns) ends the run in one sentence or is read as meant."""
+import io
+import logging
+import os
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from dive_fast.train.data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler, ShardedCaptions,
-                            collate, shard_list, shard_pairs, train_collate)
+from helpers.images import image_folder
+from helpers.runs import train_args
+from dive_fast import train
+from dive_fast.train import data, evaluate
+from dive_fast.train.data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler,
+                                  ShardedCaptions, collate, shard_list, shard_pairs, train_collate)
 from dive_fast.world import TASKS, caption_pair, task_image
+from dive_fast.world.export import write_captions
 
 TO_TENSOR = __import__("torchvision").transforms.PILToTensor()
 
@@ -163,3 +177,164 @@ def test_truncated_shard_is_skipped_and_counted(shard_dir, tmp_path):
     ds = ShardedCaptions([str(cut), shard_dir[1]], TO_TENSOR, shuffle_buffer=1)
     items = [x for _, x in zip(range(12), ds)]
     assert sum(x[3] for x in items) >= 1 and all(x[1] for x in items)  # counted, never a crash
+
+
+@contextmanager
+def deadline(seconds):
+    """Fails the test, rather than hanging the suite, if the block runs past ``seconds``."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def fresh_warning_count(monkeypatch):
+    """Unreadable-sample warnings are rate-limited per process: count from zero here."""
+    monkeypatch.setattr(data, "_warned", [0])
+
+
+def test_all_unreadable_training_folder_stops_with_the_paths(micro_cache, tmp_path, caplog,
+                                                           fresh_warning_count):
+    """The checks find one readable image (the folder passes); the run then meets 64
+    unreadable samples in a row and stops."""
+    folder = image_folder(tmp_path / "train", n=40, broken=True)
+    Image.new("RGB", (16, 16)).save(folder / "cat" / "0.png")
+    caplog.set_level(logging.WARNING, logger="dive_fast.train.data")
+    start = time.perf_counter()
+    with deadline(60), pytest.raises(RuntimeError, match=r"64 consecutive unreadable .*train/"):
+        train.main(train_args(tmp_path / "out", "--method", "flyp", "--train-folder", str(folder),
+                              "--use-world", "eval"))
+    assert time.perf_counter() - start < 60
+    warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    # the first 10 logged, then every 100th (some hundreds of probes before 64 in a row)
+    assert 0 < len(warnings) <= 20
+
+
+@pytest.mark.parametrize("source", ["csv --no-frozen-cache", "csv --frozen-cache", "shards"])
+def test_all_unreadable_reference_pairs_stop(micro_cache, tmp_path, source, caplog,
+                                            fresh_warning_count):
+    root = write_captions(tmp_path, "reference", 80, 0, 16, 20)
+    images = sorted((root / "images").iterdir())
+    for f in [*images[1:], *(root / "shards").iterdir()]:  # the checks find the first
+        f.write_bytes(b"truncated")
+    caplog.set_level(logging.WARNING, logger="dive_fast.train.data")
+    refs, expected = {
+        "csv --no-frozen-cache": (["--reference-csv", str(root / "captions.csv"),
+                                   "--no-frozen-cache"], "64 consecutive unreadable .*images/"),
+        "csv --frozen-cache": (["--reference-csv", str(root / "captions.csv")],
+                               "64 consecutive unreadable .*images/"),
+        "shards": (["--reference-shards", str(root / "shards" / "*.tar")],
+                   r"no readable pairs in webdataset shards .*\(\d+ unreadable\)")}[source]
+    with deadline(60), pytest.raises(RuntimeError, match=expected):
+        train.main(train_args(tmp_path / "out", "--method", "dive", *refs,
+                              "--use-world", "target,eval"))
+    assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) <= 11
+
+
+@pytest.mark.parametrize("template", ["a photo", "a {0} {1}", "a {name}"])
+def test_templates_must_name_the_class(tmp_path, not_loaded, template):
+    folder = image_folder(tmp_path / "t")
+    (folder / "templates.txt").write_text(f"a photo of a {{}}.\n{template}\n")
+    with pytest.raises(ValueError, match=r"templates.txt: prompt template .* must contain \{\}"):
+        train.main(train_args(tmp_path / "out", "--task", f"id:t:{folder}"))
+    with pytest.raises(ValueError, match=r"--train-folder: .*must contain \{\}"):
+        train.main(train_args(tmp_path / "out", "--train-folder", str(folder)))
+
+
+def test_class_names_given_twice_are_refused(tmp_path, not_loaded):
+    folder = image_folder(tmp_path / "t")
+    (folder / "classnames.txt").write_text("animal\nanimal\n")
+    with pytest.raises(ValueError, match=r"class name\(s\) \['animal'\] given to more than one"):
+        evaluate.main(["--task", f"id:t:{folder}"])
+
+
+def test_a_latin1_csv_is_named(tmp_path, not_loaded):
+    bad = tmp_path / "captions.csv"
+    bad.write_bytes("filepath\ttitle\nimages/0000000.jpg\tun caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="--reference-csv: caption CSV .* is not UTF-8"):
+        train.main(train_args(tmp_path / "out", "--reference-csv", str(bad)))
+    folder = image_folder(tmp_path / "t")
+    (folder / "classnames.txt").write_bytes("caf\xe9\nth\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="classnames.txt is not UTF-8"):
+        train.main(train_args(tmp_path / "out", "--train-folder", str(folder)))
+
+
+def test_an_unclosed_quote_is_refused_with_its_line_and_closed_quotes_are_kept(tmp_path):
+    root = write_captions(tmp_path / "w", "reference", 8, 0, 16, 100, formats=("csv",))
+    rows = (root / "captions.csv").read_text().splitlines()
+    paths = [r.split("\t")[0] for r in rows[1:]]
+    unclosed = '"Unclosed quote: a red circle'
+    comma = tmp_path / "comma.csv"
+    comma.write_text("filepath,title\n" + "".join(
+        f"{root / p},{unclosed if i == 2 else f'caption {i}'}\n" for i, p in enumerate(paths)))
+    with pytest.raises(ValueError, match=r"comma.csv:4: a double quote opened on this line is "
+                                         r"not closed before line 9"):
+        CsvCaptions(comma, None, sep=",")
+    tab = tmp_path / "tab.csv"  # open_clip's format: no quoting, quotes are caption text
+    quoted = ['say "hi" %d' % i for i in range(8)]
+    tab.write_text("filepath\ttitle\n" + "".join(
+        f"{root / p}\t{unclosed if i == 2 else quoted[i]}\n" for i, p in enumerate(paths)))
+    pairs = CsvCaptions(tab, None)
+    assert len(pairs) == 8
+    assert pairs.rows[2][1] == '"Unclosed quote: a red circle'
+    assert pairs.rows[3][1] == 'say "hi" 3'
+
+
+def test_empty_captions_are_dropped_and_counted_and_a_bom_is_stripped(tmp_path):
+    root = image_folder(tmp_path / "img", classes=("a",), n=3)
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("\ufefffilepath\ttitle\n" + "".join(
+        f"{root / 'a' / f'{i}.png'}\t{'' if i == 1 else 'x' * 200_000}\n" for i in range(3)))
+    pairs = CsvCaptions(csv_path, None)  # a 200k-character caption is read, not an error
+    assert len(pairs) == 2 and pairs.empty_captions == 1
+    names = tmp_path / "f"
+    image_folder(names)
+    (names / "classnames.txt").write_text("\ufeffkitten\npuppy\n", encoding="utf-8")
+    assert ImageFolderTask(names, None).classnames == ("kitten", "puppy")
+
+
+def test_fifos_named_like_images_are_skipped_not_opened(micro_cache, tmp_path):
+    root = image_folder(tmp_path / "f", n=4)
+    os.mkfifo(root / "cat" / "9.png")  # opening it would block forever
+    listing = ImageFolderTask(root, None)
+    assert len(listing) == 8 and all(p.name != "9.png" for p, _ in listing.samples)
+    assert data._open_image(root / "cat" / "9.png") is None
+
+
+def test_hidden_and_empty_folders_are_never_classes_and_gif_tif_are_read(tmp_path):
+    root = image_folder(tmp_path / "f")
+    image_folder(root, classes=("bird",), n=2, ext="gif")
+    image_folder(root, classes=("fish",), n=2, ext="tif")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "x.png")
+    (root / "empty").mkdir()
+    listing = ImageFolderTask(root, lambda im: im)
+    assert listing.classnames == ("bird", "cat", "dog", "fish")
+    assert listing[0][0].size == (16, 16)  # a gif's first frame
+
+
+def test_shard_patterns_as_webdataset_writes_and_reads_them(tmp_path):
+    import webdataset as wds
+    shards = tmp_path / "d1"
+    shards.mkdir()
+    for name in ("a", "b", "c,d"):
+        with wds.TarWriter(str(shards / f"{name}.tar")) as w:
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(buf, "webp")
+            w.write({"__key__": f"{name}.x", "webp": buf.getvalue(), "txt": "a caption"})
+    assert shard_list(f"{shards}/{{a,b}}.tar") == [f"{shards}/a.tar", f"{shards}/b.tar"]
+    assert shard_list(f"{shards}/c,d.tar") == [f"{shards}/c,d.tar"]  # a comma in a name
+    assert shard_list(f"{tmp_path}/d*/a.tar") == [f"{shards}/a.tar"]  # a glob in a folder
+    counter = [0]
+    pairs = list(data.shard_pairs(f"{shards}/a.tar", lambda im: im, counter))
+    assert len(pairs) == 1 and counter == [0]  # a dotted key and a .webp image are read
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "0.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="every webdataset shard is empty"):
+        shard_list(f"{tmp_path}/e/*.tar")

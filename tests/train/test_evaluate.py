@@ -1,4 +1,6 @@
-"""Evaluation: 100% for a perfect model, chance for a random one; RSA's invariances."""
+"""Evaluation: 100% for a perfect model, chance for a random one; RSA's invariances; trained
+heads for part of a set's classes; strict JSON reports; the command's argument checks."""
+import json
 import re
 import math
 
@@ -6,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dive_fast.train.evaluate import evaluate, format_table, rsa, spearman, zeroshot_head
+from helpers.images import image_folder
+from dive_fast.train import validate
+from dive_fast.train.evaluate import (evaluate, folder_eval_sets, format_table, rsa, spearman,
+                                      trained_head, zeroshot_head)
+from dive_fast.train.evaluate import main as evaluate_main
+from dive_fast.train.fileio import atomic_write_json
 
 
 class LabelSet(torch.utils.data.Dataset):
@@ -128,7 +135,6 @@ def test_a_task_reports_its_own_metric_and_every_set_its_top5(tmp_path):
     from PIL import Image
 
     from dive_fast.train import validate
-    from dive_fast.train.evaluate import folder_eval_sets
     for c in ("c0", "c1"):
         (tmp_path / "w" / c).mkdir(parents=True)
         Image.new("RGB", (2, 2)).save(tmp_path / "w" / c / "0.png")
@@ -147,8 +153,58 @@ def test_a_task_reports_its_own_metric_and_every_set_its_top5(tmp_path):
 
 
 def test_a_trained_head_over_a_list_with_repeated_names_is_taken_by_position():
-    from dive_fast.train.evaluate import trained_head
     weight = torch.arange(3.)[:, None]  # ImageNet's list repeats 'missile' and 'sunglasses'
     head, note = trained_head({("missile", "tench", "missile"): weight},
                               ("missile", "tench", "missile"))
     assert head.flatten().tolist() == [0., 1., 2.] and note is None
+
+
+def test_format_table_takes_any_task_name():
+    row = {"id": {"": 0.5}, "ood": {}, "ood_mean": None, "zeroshot": {}, "zeroshot_mean": None}
+    assert "| 50.0 |" in format_table({"m": row})
+
+
+def test_nan_in_a_report_is_written_as_null_with_the_reason(micro_cache, tmp_path):
+    """A task whose images all fail to read is refused before the run (test_cli.py); one
+    whose images break during the run is null in the report, with the reason."""
+    from dive_fast.train.models import load_clip
+    broken = image_folder(tmp_path / "broken", broken=True)
+    bundle = load_clip("dive-micro")
+    sets = folder_eval_sets(validate.eval_folders([f"id:broken:{broken}"], check_folders=False),
+                            bundle.preprocess_val)
+    report = evaluate(bundle.model, bundle.tokenizer, sets, progress=False)
+    atomic_write_json(tmp_path / "report.json", {"zero-shot": report})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert report["zero-shot"]["id"]["broken"] is None
+    assert report["zero-shot"]["notes"]["broken"] == "no readable image (6 unreadable)"
+    atomic_write_json(tmp_path / "r.json", {"a": {"rsa": float("nan")}, "b": [1.0, float("inf")]})
+    strict = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert strict == {"a": {"rsa": None}, "b": [1.0, None],
+                      "non_finite": ["a.rsa: nan", "b[1]: inf"]}
+
+
+def test_evaluate_checks_its_arguments_first(tmp_path, not_loaded):
+    with pytest.raises(FileNotFoundError, match="--checkpoint: checkpoint not found"):
+        evaluate_main(["--checkpoint", str(tmp_path / "none.pt")])
+    with pytest.raises(ValueError, match="--n-per-task must be .* >= 1, got 0"):
+        evaluate_main(["--n-per-task", "0"])
+
+
+def test_a_test_set_with_some_training_classes_uses_the_trained_head_rows():
+    head = torch.arange(12.0).view(4, 3)
+    rows, note = trained_head({("a", "b", "c", "d"): head}, ["c", "a"])
+    assert torch.equal(rows, head[[2, 0]]) and "2 of its 4 classes" in note
+    rows, note = trained_head({("a", "b", "c", "d"): head}, ["c", "z"])
+    assert rows is None and "['z'] are not among" in note
+    assert trained_head({("a", "b"): head}, ["a", "b"])[1] is None
+    assert trained_head({("a", "b"): head}, ["n01", "n02"]) == \
+        (None, "zero-shot head: no class of this set is among the trained head's")
+    assert trained_head({}, ["a"]) == (None, None)  # no trained head: nothing to say
+
+
+def test_evaluate_refuses_a_folder_as_its_report_file(tmp_path, not_loaded):
+    with pytest.raises(ValueError, match=r"--out .* is a folder; give the JSON file to write"):
+        evaluate_main(["--out", str(tmp_path)])

@@ -1,4 +1,5 @@
-"""Models and checkpoints: loading by name and path, round trips, clear errors."""
+"""Models and checkpoints: loading by name and path, round trips, clear errors (another
+model's weights named, a damaged cached tiny model pre-trained again, pre-training's checks)."""
 import json
 
 import pytest
@@ -78,3 +79,42 @@ def test_clear_errors(tmp_path):
     atomic_save({"state_dict": {"nope": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(RuntimeError, match="does not fit this model"):
         load_model_weights(load_clip("dive-micro").model, tmp_path / "other.pt")
+
+
+def test_cached_tiny_model_is_checked_against_its_digest(tmp_path, monkeypatch):
+    from dive_fast.train import pretrain as pretrain_mod
+    from dive_fast.train.models import CACHE_ENV, find_pretrained, tiny_checkpoint, tiny_intact
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    path = tiny_checkpoint("dive-micro")
+    pretrain_mod.pretrain("dive-micro", steps=2, batch_size=8, workers=0, progress=False,
+                          eval_per_task=0, out=path)
+    assert tiny_intact(path)
+    blob = bytearray(path.read_bytes())
+    blob[-300:-50] = bytes(250)
+    path.write_bytes(bytes(blob))
+    assert not tiny_intact(path)
+    with pytest.raises(RuntimeError, match="does not match the digest"):
+        find_pretrained("dive-micro", None)
+    calls = []
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda **kw: calls.append(kw) or kw["out"])
+    pretrain_mod.ensure_pretrained_tiny("dive-micro")
+    assert len(calls) == 1  # pre-trained again, not reused
+
+
+def test_another_models_weights_are_named(tmp_path):
+    from dive_fast.train.models import load_clip
+    from safetensors.torch import save_file
+    other = load_clip("dive-tiny").model.state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "tiny.safetensors")
+    with pytest.raises(RuntimeError, match="into 'dive-micro': they do not fit this model"):
+        load_clip("dive-micro", str(tmp_path / "tiny.safetensors"))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--steps", "0"], "--steps must be a finite number >= 1, got 0"),
+    (["--model", "ViT-B-32"], "--model ViT-B-32: pre-training on the world is meant for the tiny"),
+])
+def test_pretrain_refuses_what_cannot_make_sense(bad, message):
+    from dive_fast.train import pretrain
+    with pytest.raises(ValueError, match=message):
+        pretrain.main(bad)

@@ -213,7 +213,7 @@ def test_imagenet_root_finds_the_usual_folders(tmp_path):
 
 
 def test_paper_sets_end_to_end_with_imagenet_root(micro_cache, tmp_path):
-    from conftest import train_args
+    from helpers.runs import train_args
 
     from dive_fast import train
     pair = [GOLDFISH[1], SHARK[1]]

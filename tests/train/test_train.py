@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_args
+from helpers.runs import train_args
 from helpers.kill import run_killed_at_step
 from dive_fast import train
 from dive_fast.train import methods
@@ -131,3 +131,11 @@ def test_train_step_skips_a_nonfinite_update_on_the_device():
     assert guard.read() == (1, 1)
     assert not torch.equal(toy.model.weight, before["model.weight"])
     assert int(opt.state[toy.model.weight]["step"]) == 2  # the skipped step is not counted
+
+
+def test_a_plot_failure_never_fails_a_finished_run(micro_cache, tmp_path, monkeypatch, caplog):
+    from dive_fast.train import metrics_log
+    monkeypatch.setattr(metrics_log, "_plot", lambda *a: 1 / 0)
+    report = train.main(train_args(tmp_path, "--method", "flyp", "--steps", "2"))
+    assert "flyp" in report and (tmp_path / "report.json").is_file()
+    assert any("could not plot" in r.getMessage() for r in caplog.records)

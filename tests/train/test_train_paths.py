@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import train_args
+from helpers.runs import train_args
 from dive_fast import train
 from dive_fast.train.checkpoint import load_checkpoint
 

@@ -1,4 +1,4 @@
-"""The Triton launchers' GPU-path guarantees that the CPU can show (issue 27): each launch
+"""The Triton launchers' GPU-path guarantees that the CPU can show: each launch
 runs under the inputs' device; 64-bit offsets where a view's B' x row stride reaches 2^31
 (a large stride over a small allocation, under the interpreter); strided m and m_out; no
 flushing square root in the compiled kernels (PTX for sm_90, no GPU needed); statistics
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from dive_fast.ops import dive_triton  # noqa: E402
 
+# The checkout: the child process imports its tools/ (not installed).
+ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ("_dive_stats_kernel", "_dive_finalize_kernel", "_dive_backward_kernel")
 
 
@@ -134,7 +137,7 @@ def test_no_flushing_square_root_in_the_kernels():
     (a row with |x| < 1.1e-19) to zero: a NaN row no count reports (the interpreter's exact
     sqrt hides it). The statistics and backward kernels, compiled to PTX for sm_90 in a
     process without the interpreter, must hold no approximate square root."""
-    code = ("from dive_fast.ops import aot\n"
+    code = ("from tools import aot\n"
             "for k in ('_dive_stats_kernel', '_dive_backward_kernel'):\n"
             "    for D in (512, 1024):\n"
             "        ptx = aot.triton_ptx(k, D)\n"
@@ -142,7 +145,7 @@ def test_no_flushing_square_root_in_the_kernels():
             "        assert 'sqrt.approx' not in ptx, (k, D)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+                          env=env, cwd=ROOT, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
