@@ -83,7 +83,7 @@ def _launcher_blocks_per_sm(row: dict, resident: int) -> int:
     launch configuration; CUDA's occupancy query, i.e. what fits (``resident``)."""
     if row["backend"] != "triton":
         return resident
-    from .dive_triton import STATS_BLOCKS_PER_SM
+    from dive_fast.ops.dive_triton import STATS_BLOCKS_PER_SM
     cfg = dict(kv.split("=") for kv in row["config"].split() if "=" in kv)
     return STATS_BLOCKS_PER_SM[int(cfg["CHUNKS"]) * int(cfg["VEC"]), int(cfg["warps"])]
 
@@ -92,7 +92,7 @@ def add_waves(rows: list[dict]) -> list[dict]:
     """Each statistics row's waves on each GPU of its architecture: the launcher's parts
     (SMs x its blocks per SM) over what the GPU holds at once (the kernel's registers,
     threads and shared memory against the GPU's)."""
-    from .dive_triton import stats_parts, waves
+    from dive_fast.ops.dive_triton import stats_parts, waves
     for row in rows:
         if KIND.get(row["kernel"]) != "stats" or row.get("error") or not row.get("registers"):
             continue
@@ -219,7 +219,7 @@ def triton_ptx(kernel: str, D: int, arch: int = 90, normalize: bool = True,
                dtype: str = "fp32") -> str:
     """The PTX of one statistics or backward configuration (what the launcher would choose
     for rows of D values of ``dtype``), compiled without a GPU."""
-    from .dive_triton import launch_config
+    from dive_fast.ops.dive_triton import launch_config
     cfg = launch_config(D, ELEMENT_BYTES[dtype])
     job = dict(kernel=kernel, D=D, ft=dtype, pre=dtype, normalize=normalize,
                num_warps=cfg.num_warps, block_b=cfg.block_b, chunks=cfg.chunks, vec=cfg.vec,
