@@ -15,7 +15,8 @@ Knobs (environment variables; none needs a visible GPU):
                          compile fails; 1: a failed compile fails the install; 0: skip it.
   DIVE_FAST_BUILD_CUDA   1: build the CUDA kernels (fail if no toolkit), 0: CPU only,
                          unset: build them when a CUDA toolkit is found.
-  TORCH_CUDA_ARCH_LIST   target architectures, default "8.0;9.0+PTX" (A100, H100/H200, and PTX that newer GPUs compile).
+  TORCH_CUDA_ARCH_LIST   target architectures, default "8.0;9.0+PTX" (A100, H100/H200, and
+                         PTX that newer GPUs compile).
   CUDA_HOME              the toolkit root; found from nvcc on PATH when unset.
   DIVE_FAST_CPU_ARCH     -march for the C++ kernels. Unset: the compiler's portable default,
                          with the hot loops also built for x86-64-v3 (AVX2, FMA) and chosen

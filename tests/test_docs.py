@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+        ROOT / "benchmarks" / "README.md"]
 # Commands a user runs that this test cannot run here: installs, the test suite itself,
 # the GPU check, shell built-ins. Anything else must match a rule below.
 NOT_RUN = ("pip", "git", "cd", "bash", "python -m pytest", "nvidia-smi")
@@ -38,7 +39,8 @@ def commands():
             for part in line.split("&&"):
                 argv = shlex.split(part, comments=True)
                 if argv:
-                    yield pytest.param(argv, id=f"{param.id}:{argv[0]} {argv[1] if len(argv) > 1 else ''}")
+                    second = argv[1] if len(argv) > 1 else ""
+                    yield pytest.param(argv, id=f"{param.id}:{argv[0]} {second}")
 
 
 def _script_parser(path: Path) -> argparse.ArgumentParser | None:
@@ -133,7 +135,8 @@ def test_every_option_has_help():
     for parser in _parsers():
         for action in parser._actions:
             if action.dest != "help":
-                assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
+                assert action.help, \
+                    f"{parser.prog}: {action.option_strings or action.dest} has no help"
 
 
 def test_argument_errors_are_one_line_not_a_traceback(tmp_path):

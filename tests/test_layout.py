@@ -65,8 +65,9 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_import_cycles():
-    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in PACKAGE.rglob("*.py")}
+    def name(p):
+        return ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)
+    files = {name(p).removesuffix(".__init__"): p for p in PACKAGE.rglob("*.py")}
     graph = {m: {t for t in _imports(p) if t in files and t != m} for m, p in files.items()}
     # a package's __init__ importing its own submodules is not a cycle through the package
     for m in graph:
@@ -86,7 +87,8 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, cycles
-    assert "dive_fast.train.pretrain" not in graph["dive_fast.train.models"]  # a loader never trains
+    # a loader never trains
+    assert "dive_fast.train.pretrain" not in graph["dive_fast.train.models"]
     # The world is below the app: the app reads it, it never reaches up into the app.
     upward = {m: sorted(t for t in graph[m] if t.startswith("dive_fast.train"))
               for m in graph if m.startswith("dive_fast.world")}
@@ -129,8 +131,10 @@ def test_frozen_embeddings_equal_the_trainable_ones_at_step_zero_under_bf16():
 
 def test_importing_the_library_imports_no_training_app_module():
     """``import dive_fast`` (the kernel library) loads neither the training app nor the world."""
-    code = ("import sys, dive_fast; from dive_fast import DiVELoss, dive_loss, micro_batched_backward;"
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('dive_fast', 'open_clip')))))")
+    code = ("import sys, dive_fast\n"
+            "from dive_fast import DiVELoss, dive_loss, micro_batched_backward\n"
+            "mods = [m for m in sys.modules if m.startswith(('dive_fast', 'open_clip'))]\n"
+            "print(' '.join(sorted(mods)))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.split()
     assert "dive_fast.ops.dive" in loaded  # the check sees what was imported

@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _commands():
     text = (ROOT / "README.md").read_text()
     block = text.split("```", 2)[1]
-    return [l.strip() for l in block.splitlines()[1:] if l.strip() and not l.startswith("#")]
+    return [line.strip() for line in block.splitlines()[1:]
+            if line.strip() and not line.startswith("#")]
 
 
 def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
@@ -15,11 +16,11 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
     assert train_cmd.endswith("python -m dive_fast.train")
     assert "pytest" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert test_cmd in [l.strip() for l in ci]
+    assert test_cmd in [line.strip() for line in ci]
 
 
 def test_ci_runs_the_gpu_check_dry_run_after_the_tests():
-    ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     test_cmd = _commands()[1]
     assert "bash benchmarks/gpu_check/gpu_check.sh --dry-run" in ci
     assert ci.index("bash benchmarks/gpu_check/gpu_check.sh --dry-run") > ci.index(test_cmd)

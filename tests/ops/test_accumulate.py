@@ -6,15 +6,14 @@ import contextlib
 
 import pytest
 import torch
+from helpers.runs import train_args
 from open_clip.transformer import PatchDropout
 
 from dive_fast import accumulate, train
 from dive_fast.train import cli
 from dive_fast.train import step as train_step_module
-from dive_fast.train.models import load_clip, tiny_checkpoint
 from dive_fast.train.build import build_run
-
-from helpers.runs import train_args
+from dive_fast.train.models import load_clip, tiny_checkpoint
 
 METHODS = ("flyp", "flyp+replay", "snd-like", "dive", "ft", "lp-ft")
 # The attention key bias has an exactly-zero gradient (softmax is shift-invariant): float
@@ -168,8 +167,9 @@ def test_micro_batched_backward_for_diveloss_users():
 
     def setup():
         torch.manual_seed(0)
-        towers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(),
-                                                          torch.nn.Linear(32, 16)) for _ in range(2)])
+        towers = torch.nn.ModuleList([
+            torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+            for _ in range(2)])
         return towers, DiVELoss(16, lam=10.0)
 
     g = torch.Generator().manual_seed(1)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dive_fast.ops.dive_reference import finalize
-from dive_fast.ops.dive_reference import reference_stats
+from dive_fast.ops.dive_reference import finalize, reference_stats
 from dive_fast.testing import ERROR_FLOOR, make_inputs, relative_error, run_eager
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,8 +3,8 @@ import itertools
 
 import pytest
 import torch
-
 from helpers.backends import backend_params
+
 from dive_fast import DiVELoss, dive_loss
 from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import compare_with_oracle, failures, make_inputs

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
-
 from helpers.backends import backend_params
+
 from dive_fast import DiVELoss, dive_loss
-from dive_fast.ops import backends
-from dive_fast.ops import extension
+from dive_fast.ops import backends, extension
 from dive_fast.ops.dive import dive_backward, dive_forward
 from dive_fast.testing import HostSyncCounter, make_inputs
 

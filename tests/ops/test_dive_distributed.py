@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.backends import backend_params
+
 from dive_fast.ops.dive_reference import dive_loss_float64
 from dive_fast.testing import make_inputs
 

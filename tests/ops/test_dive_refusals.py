@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers.backends import backend_params
+
 from dive_fast import DiVELoss, dive_loss
 from dive_fast.ops import backends
 from dive_fast.testing import HostSyncCounter, LaunchCounter, make_inputs

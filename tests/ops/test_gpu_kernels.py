@@ -176,8 +176,7 @@ def test_parts_do_not_depend_on_the_batch(monkeypatch):
     its own constant."""
     import torch
 
-    from dive_fast.ops import extension
-    from dive_fast.ops import dive_triton
+    from dive_fast.ops import dive_triton, extension
     from dive_fast.testing import make_inputs
     monkeypatch.setattr(dive_triton, "_sm_count", lambda index: 114)  # an H100 PCIe
     for D in (16, 512, 1024, 4096):

@@ -3,8 +3,8 @@ and no other PyTorch op that launches a kernel (counted under the interpreter by
 ``LaunchCounter``: Triton launches, plus every aten op through a TorchDispatchMode)."""
 import pytest
 import torch
-
 from helpers.backends import backend_params
+
 from dive_fast import DiVELoss, dive_loss
 from dive_fast.testing import LaunchCounter, make_inputs
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
-
 from helpers.full_disk import limited_run
 from helpers.runs import train_args
+
 from dive_fast import train
 from dive_fast.train import build as train_build
 from dive_fast.train import evaluate
@@ -159,7 +159,7 @@ def test_a_resumed_run_logs_each_step_once_and_a_cut_line_breaks_nothing(micro_c
     metrics_log.plot_curves(metrics, tmp_path / "curves.png")  # no exception
     assert (tmp_path / "curves.png").is_file()
     train.main(args + ["--resume", "auto"])
-    rows = [json.loads(l) for l in metrics.read_text().splitlines()]  # every line whole
+    rows = [json.loads(text) for text in metrics.read_text().splitlines()]  # every line whole
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.images import image_folder
-from helpers.runs import train_args
 from helpers.kill import run_killed_at_step
+from helpers.runs import train_args
+
 from dive_fast import train
 from dive_fast.train import cli, evaluate
 from dive_fast.train.checkpoint import load_checkpoint
@@ -119,7 +119,8 @@ def test_csv_keys_and_separator(micro_cache, tmp_path):
                           "--csv-separator", ",", "--csv-img-key", "image",
                           "--csv-caption-key", "caption", "--use-world", "target,eval,rsa"))
     assert "reference " + str(tmp_path / "pairs.csv") in (out / "table.md").read_text()
-    with pytest.raises(ValueError, match=r"--reference-csv: .*lacks column\(s\) \['filepath', 'title'\]"):
+    with pytest.raises(ValueError,
+                       match=r"--reference-csv: .*lacks column\(s\) \['filepath', 'title'\]"):
         train.main(train_args(tmp_path / "x", "--reference-csv", str(tmp_path / "pairs.csv"),
                               "--use-world", "target,eval"))
 

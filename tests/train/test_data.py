@@ -12,15 +12,24 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers.images import image_folder
+from helpers.runs import train_args
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from helpers.images import image_folder
-from helpers.runs import train_args
 from dive_fast import train
 from dive_fast.train import data, evaluate
-from dive_fast.train.data import (CsvCaptions, ImageFolderTask, Readable, ResumableSampler,
-                                  ShardedCaptions, collate, shard_list, shard_pairs, train_collate)
+from dive_fast.train.data import (
+    CsvCaptions,
+    ImageFolderTask,
+    Readable,
+    ResumableSampler,
+    ShardedCaptions,
+    collate,
+    shard_list,
+    shard_pairs,
+    train_collate,
+)
 from dive_fast.world import TASKS, caption_pair, task_image
 from dive_fast.world.export import write_captions
 
@@ -157,7 +166,8 @@ def test_shards_split_by_rank_and_worker_each_pair_once_per_epoch(shard_dir):
     assert len(shard_dir) == 8
     seen = []
     for rank in range(2):
-        ds = ShardedCaptions(shard_dir, TO_TENSOR, seed=3, shuffle_buffer=4, rank=rank, world_size=2)
+        ds = ShardedCaptions(shard_dir, TO_TENSOR, seed=3, shuffle_buffer=4, rank=rank,
+                             world_size=2)
         batches = iter(DataLoader(ds, batch_size=5, num_workers=2, collate_fn=train_collate))
         for _ in range(4):  # 20 pairs: this rank's share of an epoch
             _, texts, index, skipped, _ = next(batches)

@@ -1,17 +1,24 @@
 """Evaluation: 100% for a perfect model, chance for a random one; RSA's invariances; trained
 heads for part of a set's classes; strict JSON reports; the command's argument checks."""
 import json
-import re
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers.images import image_folder
+
 from dive_fast.train import validate
-from dive_fast.train.evaluate import (evaluate, folder_eval_sets, format_table, rsa, spearman,
-                                      trained_head, zeroshot_head)
+from dive_fast.train.evaluate import (
+    evaluate,
+    folder_eval_sets,
+    format_table,
+    rsa,
+    spearman,
+    trained_head,
+    zeroshot_head,
+)
 from dive_fast.train.evaluate import main as evaluate_main
 from dive_fast.train.fileio import atomic_write_json
 
@@ -142,7 +149,8 @@ def test_a_task_reports_its_own_metric_and_every_set_its_top5(tmp_path):
     assert (spec.path, spec.metric) == (str(tmp_path / "w"), "macro_f1")
     with pytest.raises(ValueError, match="unknown metric @f2"):
         validate.eval_folders([f"ood:iwildcam:{tmp_path / 'w'}@f2"])
-    sets = {"id": ("id", LabelSet(60, 10)), **folder_eval_sets([spec], lambda img: torch.zeros(3, 4, 4))}
+    sets = {"id": ("id", LabelSet(60, 10)),
+            **folder_eval_sets([spec], lambda img: torch.zeros(3, 4, 4))}
     report = evaluate(PerfectModel(10), Tokenizer(), sets, progress=False)
     assert report["metrics"]["id"]["top5"] == 1.0 and report["metrics"]["id"]["top1"] == 1.0
     # both images read as class 0 (c0): top-1 0.5; F1 of c0 2/3, of c1 0

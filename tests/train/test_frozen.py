@@ -6,17 +6,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers.full_disk import limited_run
 from helpers.runs import train_args
+
 from dive_fast import train
 from dive_fast.train.frozen import cache as frozen_cache
 from dive_fast.world.export import write_captions
 
 
 def test_frozen_cache_is_rebuilt_when_the_reference_or_the_weights_change(micro_cache, tmp_path):
-    from dive_fast.train.models import load_clip, tiny_checkpoint
     from safetensors.torch import save_file
+
+    from dive_fast.train.models import load_clip, tiny_checkpoint
     root = write_captions(tmp_path / "ref", "reference", 24, 0, 16, 100, formats=("csv",))
     csv = root / "captions.csv"
     weights = tmp_path / "weights.safetensors"

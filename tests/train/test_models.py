@@ -102,8 +102,9 @@ def test_cached_tiny_model_is_checked_against_its_digest(tmp_path, monkeypatch):
 
 
 def test_another_models_weights_are_named(tmp_path):
-    from dive_fast.train.models import load_clip
     from safetensors.torch import save_file
+
+    from dive_fast.train.models import load_clip
     other = load_clip("dive-tiny").model.state_dict()
     save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "tiny.safetensors")
     with pytest.raises(RuntimeError, match="into 'dive-micro': they do not fit this model"):

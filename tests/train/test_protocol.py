@@ -109,7 +109,8 @@ def test_r_image_is_scored_only_among_r_classes(tmp_path):
                         templates=("{}",), preset="imagenet-r")
     names = protocol.imagenet_classnames()
     index = {n: i for i, n in enumerate(names)}
-    tokenizer = lambda prompts: torch.tensor([index[p] for p in prompts])
+    def tokenizer(prompts):
+        return torch.tensor([index[p] for p in prompts])
     feature = torch.zeros(1000)
     feature[TENCH[0]], feature[GOLDFISH[0]] = 1.0, 0.5  # tench (not in R) is best of 1000
     model = Stub(feature)
@@ -184,7 +185,8 @@ def test_objectnet_scores_each_class_by_its_best_imagenet_class(tmp_path):
     assert img.shape == (3, 2, 2) and (img[1] == 255).all()  # the red frame is cut
     names = protocol.imagenet_classnames()
     index = {n: i for i, n in enumerate(names)}
-    tokenizer = lambda prompts: torch.tensor([index[p] for p in prompts])
+    def tokenizer(prompts):
+        return torch.tensor([index[p] for p in prompts])
     feature = torch.zeros(1000)
     feature[TENCH[0]], feature[530], feature[954] = 1.0, 0.6, 0.5
     model = Stub(feature)

@@ -56,7 +56,8 @@ def test_trimmed_batches_equal_open_clips_padded_forward(name):
 def test_custom_text_clip_is_truncated_exactly():
     """A CustomTextCLIP (TextTransformer tower) with a causal mask and argmax pooling."""
     torch.manual_seed(0)
-    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+    cfg = dict(embed_dim=32,
+               vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
                text_cfg=dict(context_length=32, width=32, heads=2, layers=2))
     model = CustomTextCLIP(**cfg).eval()
     tokenizer = text.install(model, open_clip.get_tokenizer("ViT-B-32", context_length=32))

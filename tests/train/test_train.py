@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from helpers.runs import train_args
 from helpers.kill import run_killed_at_step
+from helpers.runs import train_args
+
 from dive_fast import train
 from dive_fast.train import methods
 from dive_fast.train.checkpoint import load_checkpoint
@@ -25,7 +25,7 @@ def test_every_method_trains_and_reports(micro_cache, tmp_path, method):
     assert set(report) == {"zero-shot", method, f"{method} wise-ft 0.5"}
     assert 0.0 <= report[method]["id"]["shapes"] <= 1.0
     assert set(report[method]["rsa"]) == {"image", "text", "joint"}
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in rows)
     assert (out / "curves.png").is_file()
@@ -58,7 +58,7 @@ def test_frozen_cache_gives_the_loss_of_the_frozen_model(micro_cache, tmp_path):
     cached = train.main(train_args(tmp_path / "a", "--method", "dive", "--steps", "3"))
     fresh = train.main(train_args(tmp_path / "b", "--method", "dive", "--steps", "3",
                                   "--no-frozen-cache"))
-    rows = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("a", "b")]
     for ra, rb in zip(*rows):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
@@ -83,7 +83,8 @@ def test_nonfinite_step_is_skipped_on_device_and_stops_at_the_log_step(micro_cac
         train.main(train_args(tmp_path / "late", "--method", "flyp", "--log-every", "4",
                               "--checkpoint-every", "8"))
     train.main(train_args(tmp_path / "skip", "--method", "flyp", "--on-nonfinite", "skip"))
-    rows = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "skip" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1]
     assert np.isfinite(rows[-1]["loss"])
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.runs import train_args
+
 from dive_fast import train
 from dive_fast.train.checkpoint import load_checkpoint
 
@@ -54,7 +54,8 @@ def user_args(out, world, method, refs, batch=8, steps=3):
     ref = world / "reference"
     rsa = world / "rsa-heldout"
     if refs == "csv":
-        args += ["--reference-csv", str(ref / "captions.csv"), "--rsa-csv", str(rsa / "captions.csv")]
+        args += ["--reference-csv", str(ref / "captions.csv"),
+                 "--rsa-csv", str(rsa / "captions.csv")]
     elif refs == "shards":
         args += ["--reference-shards", str(ref / "shards" / "*.tar"),
                  "--rsa-shards", str(rsa / "shards" / "rsa-heldout-{000000..000002}.tar")]
@@ -88,7 +89,7 @@ def check_user_report(out, method):
     assert set(row["zeroshot"]) == {"colour"}
     assert set(row["rsa"]) == {"image", "text", "joint"}  # from the held-out pairs
     assert row["skipped_train_samples"] == 0
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
@@ -194,7 +195,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(ddp_runs, layout, d
     if method == "dive":
         torch.testing.assert_close(state2["dive.m"], state1["dive.m"], rtol=1e-4, atol=1e-6)
         assert state1["dive.m"].abs().sum() > 0
-    rows = [[json.loads(l) for l in (ddp_runs[data, method, n][0] / "metrics.jsonl").read_text().splitlines()]
+    rows = [[json.loads(line) for line in
+             (ddp_runs[data, method, n][0] / "metrics.jsonl").read_text().splitlines()]
             for n in ("one", layout)]
     for r1, r2 in zip(*rows):  # the contrastive loss gathers features: the global loss
         for k in ("clip", "replay"):
@@ -222,6 +224,7 @@ def test_two_nodes_of_one_process_equal_one_process(ddp_runs, tmp_path):
     """The documented multi-node command, as two nodes of one process each on this machine
     (c10d rendezvous on localhost, gloo): the same update as one process on the global batch."""
     import socket
+
     from dive_fast.train.models import load_clip, tiny_checkpoint
     out_one, args_one = ddp_runs["world", "flyp", "one"]
     args = list(args_one)
@@ -237,7 +240,8 @@ def test_two_nodes_of_one_process_equal_one_process(ddp_runs, tmp_path):
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for _ in range(2)]
     outputs = [node.communicate(timeout=600) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert all(node.returncode == 0 for node in nodes), \
+        outputs[0][1][-3000:] + outputs[1][1][-3000:]
     pre = load_clip("dive-micro", str(tiny_checkpoint("dive-micro"))).model.state_dict()
     one, two = final(out_one), final(tmp_path / "nodes")
     keys = [k for k in pre if pre[k].is_floating_point() and not k.endswith("in_proj_bias")

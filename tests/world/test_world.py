@@ -40,7 +40,8 @@ def test_colour_and_position_recoverable_from_pixels(index):
     nearest = min(COLOURS, key=lambda c: np.abs(np.asarray(COLOURS[c]) - mean).sum())
     assert nearest == scene["colour"]
     ys, xs = np.nonzero(mask)
-    quadrant = ("top" if ys.mean() < 16 else "bottom") + " " + ("left" if xs.mean() < 16 else "right")
+    quadrant = (("top" if ys.mean() < 16 else "bottom") + " "
+                + ("left" if xs.mean() < 16 else "right"))
     assert quadrant == scene["position"]
     assert scene["position"] in POSITIONS
 
