@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, measure, pyplot, result_path, synchronize, write_csv  # noqa: E402
+from common import environment, measure, pyplot, result_path, write_csv  # noqa: E402
 
 from dive_fast import dive_loss  # noqa: E402
 from dive_fast.ops import backends  # noqa: E402
@@ -200,29 +200,6 @@ def copy_of(nbytes: int, device: str, dtype):
     return lambda: dst.copy_(src)
 
 
-def interleaved(fn, copy, device, repeats, min_time_s, warmup=2):
-    """``measure`` of ``fn`` with a timed ``copy`` after each call: the op's median and
-    percentiles, and ``copy_best_ms``, the fastest copy (the best bandwidth this machine
-    reached beside the op, not a median of a separate run that a busy moment can slow)."""
-    for _ in range(warmup):
-        fn()
-        copy()
-    synchronize(device)
-    times, copies = [], []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time_s:
-        for call, out in ((fn, times), (copy, copies)):
-            t0 = time.perf_counter()
-            call()
-            synchronize(device)
-            out.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
-            "repeats": len(times), "copy_best_ms": min(copies),
-            "copy_median_ms": statistics.median(copies)}
-
-
 def set_floors(rows: list[dict]) -> None:
     """Each shape and mode's floor: the best copy of its bytes seen beside any of its
     implementations' calls; every implementation's ratio is to that one floor."""
@@ -258,7 +235,10 @@ def time_modes(fn, inputs, m, device, repeats, min_time_s):
     out = {}
     for mode, call in modes.items():
         copy = copy_of(FLOOR_VALUES[mode] * B * D * a.element_size(), device, a.dtype)
-        out[mode] = interleaved(call, copy, device, repeats, min_time_s)
+        stats = measure(call, device, repeats, min_time_s=min_time_s, beside=copy)
+        stats["copy_best_ms"] = stats.pop("beside_best_ms")
+        stats["copy_median_ms"] = stats.pop("beside_median_ms")
+        out[mode] = stats
     if device.startswith("cuda"):
         for mode, ms in kernel_device_ms(modes).items():
             out[mode]["device_ms"] = ms

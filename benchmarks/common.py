@@ -77,30 +77,32 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn, device: str, repeats: int = 10, warmup: int = 2, min_time_s: float = 0.0):
-    """Median, 20th and 80th percentile of wall time in ms over ``repeats`` calls."""
+def measure(fn, device: str, repeats: int = 10, warmup: int = 2, min_time_s: float = 0.0,
+            beside=None):
+    """Median, 20th and 80th percentile of wall time in ms over ``repeats`` calls. With
+    ``beside`` (a yardstick, e.g. a copy of the same bytes), that call is timed after each
+    of ``fn``'s too: ``beside_best_ms`` and ``beside_median_ms``, measured in the same
+    moments as ``fn``, so a busy spell of a shared machine slows both."""
+    calls = [fn] if beside is None else [fn, beside]
     for _ in range(warmup):
-        fn()
+        for call in calls:
+            call()
     synchronize(device)
-    times = []
+    times = [[] for _ in calls]
     start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
-            "repeats": len(times)}
-
-
-def copy_bandwidth(device: str, nbytes: int = 256 << 20, repeats: int = 10) -> float:
-    """Bytes/s moved (read + write) by a large device copy: the memory floor's yardstick."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), device, repeats)["median_ms"] / 1e3
-    return 2 * nbytes / t
+    while len(times[0]) < repeats or time.perf_counter() - start < min_time_s:
+        for call, out in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            out.append((time.perf_counter() - t0) * 1e3)
+    own = sorted(times[0])
+    q = statistics.quantiles(own, n=5) if len(own) > 1 else [own[0]] * 4
+    out = {"median_ms": statistics.median(own), "p20_ms": q[0], "p80_ms": q[3],
+           "repeats": len(own)}
+    if beside is not None:
+        out.update(beside_best_ms=min(times[1]), beside_median_ms=statistics.median(times[1]))
+    return out
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:

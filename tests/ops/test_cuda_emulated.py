@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.parts import uneven_parts
 
-from dive_fast.ops.dive_reference import finalize, reference_stats
+from dive_fast.ops.dive_reference import finalize
 from dive_fast.testing import ERROR_FLOOR, make_inputs, relative_error, run_eager
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,26 +132,11 @@ def test_parts_fixed_whatever_the_batch(emu):
         assert workspace.view(torch.int32)[0].item() == 0  # the ticket, zeroed for the finalisation
 
 
-def _uneven_parts(K=37, D=300, spread=1.0):
-    g = torch.Generator().manual_seed(9)
-    sizes = [1 + (5 * k) % 9 for k in range(K)]
-    c = torch.randn(D, generator=g, dtype=torch.float64)
-    parts = []
-    for rows in sizes:
-        pre = [torch.randn(rows, D, generator=g, dtype=torch.float64) for _ in range(2)]
-        ft = [p + c + spread * torch.randn(rows, D, generator=g, dtype=torch.float64) for p in pre]
-        parts.append(reference_stats(ft[0].float(), pre[0].float(), ft[1].float(),
-                                     pre[1].float(), False))
-    means, scalars = (torch.cat(z) for z in zip(*parts))
-    m = (c + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64)).float()
-    return means, scalars, m
-
-
 @pytest.mark.parametrize("spread", [1.0, 1e-4], ids=["spread", "nearly-equal"])
 def test_finalisation_of_many_uneven_parts(emu, spread):
     """37 parts of 1 to 9 rows, D = 300 (10 blocks of columns, the last one partial), no
     workspace (a zeroed ticket made here): against the float64 finalisation."""
-    means, scalars, m = _uneven_parts(spread=spread)
+    means, scalars, m = uneven_parts(spread=spread)
     loss, avl, pvl, m_new, b, info = emu.finalize(means, scalars, None, m, None, None, 0.99,
                                                   1000.0, 1000.0, [])
     avl64, pvl64, m64, b64, info64 = finalize(means.double(), scalars.double(), m.double(), 0.99)
@@ -163,13 +149,13 @@ def test_finalisation_of_many_uneven_parts(emu, spread):
 def test_every_arrival_order_gives_the_same_bits(emu):
     """The last block to take the ticket sums the partials in block order: any order of
     arrival, the same bits (every order of 4 blocks; reversed and shuffled orders of 10)."""
-    means, scalars, m = _uneven_parts(K=11, D=100)  # 4 blocks of 32 columns
+    means, scalars, m = uneven_parts(K=11, D=100)  # 4 blocks of 32 columns
     orders = [list(p) for p in itertools.permutations(range(4))]
     results = [emu.finalize(means, scalars, None, m, None, None, 0.9, 10.0, 3.0, o) for o in orders]
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             assert torch.equal(got, want)
-    means, scalars, m = _uneven_parts(K=11, D=300)  # 10 blocks
+    means, scalars, m = uneven_parts(K=11, D=300)  # 10 blocks
     g = torch.Generator().manual_seed(0)
     orders = [[], list(range(9, -1, -1))]
     orders += [torch.randperm(10, generator=g).tolist() for _ in range(4)]

@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 from helpers.backends import backend_params
+from helpers.parts import uneven_parts
 
 from dive_fast import DiVELoss, dive_loss
 from dive_fast.ops.dive_reference import dive_loss_float64
@@ -113,25 +114,6 @@ def test_nearly_equal_difference_vectors(backend):
     assert abs(naive.double() - exact) / exact > 10 * rows["avl"]
 
 
-def _uneven_parts(K=37, D=300, spread=1.0):
-    """K parts of 1 to 9 rows (reference statistics in float32) about a common centre c,
-    their spread about it ``spread``; and an m near c."""
-    from dive_fast.ops.dive_reference import reference_stats
-    g = torch.Generator().manual_seed(9)
-    sizes = [1 + (5 * k) % 9 for k in range(K)]
-    c = torch.randn(D, generator=g, dtype=torch.float64)
-    parts = []
-    for rows in sizes:
-        pre = [torch.randn(rows, D, generator=g, dtype=torch.float64) for _ in range(2)]
-        ft = [p + c + spread * torch.randn(rows, D, generator=g, dtype=torch.float64)
-              for p in pre]
-        parts.append(reference_stats(ft[0].float(), pre[0].float(), ft[1].float(),
-                                     pre[1].float(), False))
-    means, scalars = (torch.cat(x) for x in zip(*parts))
-    m = (c + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64)).float()
-    return means, scalars, m
-
-
 def _assert_finalised(out, means, scalars, m, momentum=0.99, lam_avl=1000.0, lam_pvl=1000.0):
     from dive_fast.ops.dive_reference import finalize
     loss, avl, pvl, m_new, b, info = out
@@ -151,7 +133,7 @@ def test_finalisation_merges_many_uneven_parts(backend, spread):
     parts. With spread 1e-4 the parts' means nearly coincide, where AVL is tiny against
     |b|^2 and a cancelling form would lose it."""
     from dive_fast.ops.dive import kernels
-    means, scalars, m = _uneven_parts(spread=spread)
+    means, scalars, m = uneven_parts(spread=spread)
     _assert_finalised(kernels(backend).finalize(means, scalars, None, m, None, None, 0.99,
                                                 1000.0, 1000.0), means, scalars, m)
 
@@ -167,7 +149,7 @@ def test_triton_ticket_any_arrival_order(backend, monkeypatch):
     from dive_fast.ops.dive import kernels
     from dive_fast.ops.dive_triton import triton_stats
     finalize = kernels(backend).finalize
-    means, scalars, m = _uneven_parts(K=11, D=100)  # 4 programs of 32 columns
+    means, scalars, m = uneven_parts(K=11, D=100)  # 4 programs of 32 columns
     builder = interpreter.interpreter_builder
     set_grid_idx = builder.set_grid_idx
     results = []
