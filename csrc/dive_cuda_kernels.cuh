@@ -4,8 +4,10 @@
 // tests/ops/cuda_emulation/dive_emulated.cpp), which the tests run without a GPU.
 //
 // Forward, two launches:
-// - dive_stats_kernel: kParts blocks, whatever the batch and the GPU (the partials, and so
-//   every result, are bitwise the same on every GPU); part k owns the row tiles k, k + K,
+// - dive_stats_kernel: K blocks, one full wave of the device (its SMs times the kernel's
+//   blocks per SM: stats_parts in dive_cuda_plan.h), whatever the batch (the partials, and so
+//   every result, are bitwise the same at every batch size and on every GPU of one kind;
+//   kParts = 264 is the reference device's K); part k owns the row tiles k, k + K,
 //   k + 2K, ... Each thread stages its own 16-byte chunks of the four inputs in shared
 //   memory with cp.async, `stages` tiles deep, so the pipeline needs no barrier (a thread
 //   reads only what it copied). Per row: the squared norms (one butterfly within the
