@@ -499,7 +499,7 @@ def op_timings(device: str, out: Path) -> bool:
                 "1024", "--repeats", "50", "--min-time", "0.3"]
     else:
         args = ["--dtypes", "float32", "--batches", "64", "--dims", "32", "--repeats", "3",
-                "--min-time", "0", "--copy-mib", "16"]
+                "--min-time", "0"]
     bench_dive_op.main(["--device", device, *args, "--out", str(out / f"dive_op_{name}.csv")])
 
 
@@ -606,7 +606,7 @@ def main(argv=None) -> int:
                             else "benchmarks/results/local"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check on {device_name(device)}{' (dry run)' if args.dry_run else ''} -> {out}")
-    info.main()
+    info.main([])
     check = Check(args.budget)
     stages = {"kernels": (kernels, device, out),
               "accuracy": (accuracy, device, SHAPES["dry" if args.dry_run else "gpu"], out),
