@@ -46,7 +46,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Destroys the group this module created, once every rank is done with it (a rank that
+    tears down while a peer still talks to it keeps gloo's threads alive)."""
     if _owned and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
         _owned.clear()
 
