@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import Path
 
 from .fileio import atomic_write_text, finite_json
@@ -47,7 +48,7 @@ def start_wandb(args, out):
     import wandb
     id_file = Path(out) / WANDB_ID
     run_id = id_file.read_text().strip() if args.resume is not None and id_file.is_file() \
-        else wandb.util.generate_id()
+        else secrets.token_hex(4)  # wandb's id alphabet: lower-case letters and digits
     atomic_write_text(id_file, run_id + "\n")
     (Path(out) / "wandb").mkdir(exist_ok=True)
     return wandb.init(project=args.wandb_project_name, notes=args.wandb_notes or None,

@@ -49,7 +49,7 @@ REFUSED = {
                     "--gather-with-grad without --local-loss)",
     "--force-context-length": "the context is the model's (--text-truncation runs each "
                               "batch at its longest caption)",
-    "--force-quick-gelu": "give a model name with -quickgelu (e.g. ViT-B-16-quickgelu)",
+    "--force-quick-gelu": "give a model name ending -quickgelu, such as ViT-B-16-quickgelu",
     "--force-patch-dropout": "patch dropout is the model config's",
     "--force-custom-text": "the model config decides the text tower",
     "--torchscript": "use --torchcompile",
