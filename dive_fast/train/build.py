@@ -23,6 +23,7 @@ from .frozen import FrozenReference, make_frozen_side
 from .loaders import batches, reference_data, target_data
 from .methods import METHODS, Method, MethodConfig, make_method
 from .models import TINY_MODELS, ClipBundle, compile_towers, load_clip
+from .open_clip_flags import adamw_settings
 from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
@@ -145,7 +146,7 @@ def build_run(args, rank: int = 0, world: int = 1, *, resume: dict | None = None
     if method.trains and args.steps > 0:
         run.opt, run.sched = optim.build(method.named_parameters(), args.lr, args.wd,
                                          args.steps, args.warmup,
-                                         betas=(args.beta1, args.beta2), eps=args.eps)
+                                         *adamw_settings(args))
         if resume is not None:
             run.start_step, run.rng = restore(resume, method, run.opt, run.sched, scaler)
             log.info("resumed from %s at step %d", resume["path"], run.start_step)

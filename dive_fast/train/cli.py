@@ -24,7 +24,7 @@ from .data import csv_options, shards_fingerprint
 from .fileio import DiskFull
 from .methods import METHODS
 from .models import CACHE_ENV, HF_HUB, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
-from .open_clip_flags import REFUSED_VALUES, RefuseValues, adam_defaults, add_refusals
+from .open_clip_flags import REFUSED_VALUES, RefuseValues, adamw_settings, add_refusals
 from .runlock import FolderInUse
 from .trainer import run_owned
 
@@ -424,10 +424,9 @@ def default_workers() -> int:
 
 
 def resolve_optimiser(args) -> None:
-    """AdamW's betas and epsilon that were not given: open_clip_train's for the model."""
-    for name, value in adam_defaults(args.model).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    """AdamW's betas and epsilon that were not given: open_clip_train's for the model (set
+    here so that config.json and checkpoints record them)."""
+    (args.beta1, args.beta2), args.eps = adamw_settings(args)
 
 
 def check_model_options(args) -> None:

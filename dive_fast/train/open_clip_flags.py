@@ -128,3 +128,11 @@ def adam_defaults(model: str) -> dict:
     if "vit" in model.lower():
         return {"beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
     return {"beta1": 0.9, "beta2": 0.999, "eps": 1.0e-8}
+
+
+def adamw_settings(args) -> tuple[tuple[float, float], float]:
+    """(betas, eps) of ``args``, open_clip_train's defaults for the model where unset (also
+    for arguments built without ``cli.check_args``, as the GPU check's)."""
+    given = {name: getattr(args, name, None) for name in ("beta1", "beta2", "eps")}
+    chosen = {**adam_defaults(args.model), **{k: v for k, v in given.items() if v is not None}}
+    return (chosen["beta1"], chosen["beta2"]), chosen["eps"]

@@ -88,6 +88,25 @@ def test_adam_defaults_are_open_clips(model):
                                                     ("beta1", "beta2", "eps")}
 
 
+@pytest.mark.parametrize("cpus, local_ranks, workers", [(32, 1, 8), (16, 8, 2), (6, 4, 1),
+                                                      (2, 4, 0)])
+def test_workers_default_to_the_cpus_per_local_rank(monkeypatch, cpus, local_ranks, workers):
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(cpus)),
+                        raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert cli.default_workers() == workers
+
+
+def test_pretraining_keeps_the_exemptions_its_cached_weights_were_made_with():
+    """Fine-tuning decays position embeddings as open_clip_train does; the tiny models'
+    pre-training keeps its rule, so the cached weights stay what they were."""
+    from dive_fast.train import optim
+    model = load_clip("dive-micro").model
+    pos = model.positional_embedding
+    assert not optim.no_decay("positional_embedding", pos)
+    assert optim.no_decay_before_2026_12("positional_embedding", pos)
+
+
 def built(tmp_path, *extra, model="dive-micro"):
     args = cli.parse(train_args(tmp_path / "run", "--model", model, *extra))
     cli.check_args(args)
