@@ -34,14 +34,14 @@ examples:
   # with DiVE, print ID / OOD / zero-shot / RSA before and after
   python -m dive_fast.train
 
-  # ViT-B-16 on your own data, one GPU (folder layout and CSV format: docs/training.md)
+  # ViT-B-16 on your own data, one GPU (folder layout and CSV format: docs/training.md);
+  # a step of --accum-freq x --batch-size, as in open_clip: 2 x 256 = the paper's 512
   python -m dive_fast.train --model ViT-B-16 --pretrained openai \\
       --train-folder /data/imagenet/train --reference-csv /data/cc3m/train.csv \\
       --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch \\
       --rsa-csv /data/cc3m/heldout.csv --epochs 10 --batch-size 256 --accum-freq 2 \\
       --lr 1e-5 --warmup 500 --out runs/vitb16-dive
 
-  # (a step of --accum-freq x --batch-size, 2 x 256 = the paper's 512, as in open_clip)
   # the same on 8 GPUs (--batch-size is per GPU: 8 x 64 = the paper's 512)
   torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-B-16 --pretrained openai \\
       --train-folder /data/imagenet/train --reference-shards '/data/cc3m/{00000..00331}.tar' \\
