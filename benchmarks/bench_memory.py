@@ -12,7 +12,7 @@ process:
   flyp-B       FLYP on the target batch B
   flyp-B+B'    FLYP on B + B' target rows (the compute DiVE's batch costs)
   dive         DiVE, full batch (B target rows, B' reference pairs, frozen cache)
-  dive-kK      the same step in K micro-batches (``--accum-freq K``)
+  dive-kK      the same step in K micro-batches (``--batch-size B/K --accum-freq K``)
   ...+ckpt     with ``--grad-checkpointing``
 
 Measured per variant: the bytes autograd saves for backward at their peak during a step
@@ -46,11 +46,12 @@ def variant_cli(variant: str, model: str, batch: int, amp: str, device: str,
     """The command line a user would give ``dive_fast.train`` for this variant (``out``:
     where its frozen cache goes)."""
     name, ckpt = variant.removesuffix("+ckpt"), variant.endswith("+ckpt")
-    extra = (["--accum-freq", name.split("-k")[1]] if "-k" in name else []) + \
+    k = int(name.split("-k")[1]) if "-k" in name else 1  # a step of B in k micro-batches of B/k
+    extra = (["--accum-freq", str(k)] if k > 1 else []) + \
         (["--grad-checkpointing"] if ckpt else [])
     return train_cli("flyp" if name.startswith("flyp") else "dive", model,
-                     2 * batch if name == "flyp-B+B'" else batch, batch, ref_size, amp, device,
-                     0, steps, out, *extra)
+                     2 * batch if name == "flyp-B+B'" else batch // k, batch // k, ref_size, amp,
+                     device, 0, steps, out, *extra)
 
 
 def saved_bytes(run, stream, step_index: int) -> tuple[int, float]:
@@ -140,7 +141,8 @@ def user_runs(args) -> list[dict]:
             "--train-size", "64", "--ref-size", "64", "--eval-per-task", "8", "--rsa-size", "16",
             "--wise-ft", "", "--no-progress", "--device", args.device]
     runs = {"flyp (B)": ["--method", "flyp"], "dive (full batch)": ["--method", "dive"],
-            "dive --accum-freq 4": ["--method", "dive", "--accum-freq", "4"]}
+            "dive --accum-freq 4": ["--method", "dive", "--batch-size",
+                                    str(args.user_batch // 4), "--accum-freq", "4"]}
     with tempfile.TemporaryDirectory() as tmp:
         for label, extra in runs.items():
             out = Path(tmp) / label.replace(" ", "_")

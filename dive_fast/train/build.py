@@ -23,6 +23,7 @@ from .frozen import FrozenReference, make_frozen_side
 from .loaders import batches, reference_data, target_data
 from .methods import METHODS, Method, MethodConfig, make_method
 from .models import TINY_MODELS, ClipBundle, compile_towers, load_clip
+from .open_clip_flags import adamw_settings
 from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
@@ -52,8 +53,22 @@ def ensure_pretrained(args) -> str | None:
 
 
 def load_model(args, pretrained, device):
-    """The run's model as ``load_clip`` builds it (the same text truncation everywhere)."""
-    return load_clip(args.model, pretrained, device, text_truncation=args.text_truncation)
+    """The run's model as ``load_clip`` builds it (the same text truncation and image size
+    everywhere)."""
+    return load_clip(args.model, pretrained, device, text_truncation=args.text_truncation,
+                     image_size=getattr(args, "force_image_size", None))
+
+
+def lock_towers(args, model) -> None:
+    """--lock-image and --lock-text through open_clip's own ``lock_image_tower`` and
+    ``lock_text_tower``, after the method chose what trains and before DDP or FSDP wraps
+    it (as open_clip_train locks them before DDP)."""
+    if args.lock_image:
+        model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
+                               freeze_bn_stats=args.lock_image_freeze_bn_stats)
+    if args.lock_text:
+        model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers,
+                              freeze_layer_norm=args.lock_text_freeze_layer_norm)
 
 
 @dataclass
@@ -118,7 +133,8 @@ def build_run(args, rank: int = 0, world: int = 1, *, resume: dict | None = None
     method = make_method(args.method, bundle.model, bundle.tokenizer, target.classnames,
                          target.templates, device=device, config=MethodConfig.from_args(args),
                          frozen=frozen, amp_dtype=amp_dtype, seed=args.seed, rank=rank,
-                         world_size=world)
+                         world_size=world, siglip=args.siglip)
+    lock_towers(args, method.model)
     forward, sync = for_ranks(args, method, world)
     # fp16 needs loss scaling (bf16 and fp32 do not): open_clip's --precision amp.
     scaler = torch.amp.GradScaler(torch.device(device).type) \
@@ -129,7 +145,8 @@ def build_run(args, rank: int = 0, world: int = 1, *, resume: dict | None = None
               NonFiniteGuard(device), rank=rank, world=world)
     if method.trains and args.steps > 0:
         run.opt, run.sched = optim.build(method.named_parameters(), args.lr, args.wd,
-                                         args.steps, args.warmup)
+                                         args.steps, args.warmup,
+                                         *adamw_settings(args))
         if resume is not None:
             run.start_step, run.rng = restore(resume, method, run.opt, run.sched, scaler)
             log.info("resumed from %s at step %d", resume["path"], run.start_step)

@@ -137,9 +137,11 @@ def prune(written: list[Path], keep: int) -> None:
 # Settings a resumed run must share with the checkpoint it resumes: everything that
 # changes the result (model and weights, method, optimiser and schedule, data, batches).
 RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", "world_size",
-               "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "momentum",
+               "lr", "wd", "steps", "warmup", "grad_clip", "lp_steps", "lam", "ema_momentum",
                "precision", "augment", "data_ids", "world_parts", "train_size", "ref_size",
-               "world_seed", "seed", "fsdp")
+               "world_seed", "seed", "fsdp", "accum_freq", "beta1", "beta2", "eps",
+               "lock_image", "lock_image_unlocked_groups", "lock_text",
+               "lock_text_unlocked_layers", "force_image_size", "siglip")
 # What checkpoints written before data_ids (2026-12-05) recorded of their data, by path.
 OLD_DATA_KEYS = ("train_folder", "reference_csv", "reference_shards")
 
@@ -191,6 +193,10 @@ def load_resume(args) -> dict | None:
     if path is None:
         return None
     ckpt = load_checkpoint(path)
+    if not (isinstance(ckpt, dict) and "step" in ckpt and "rng" in ckpt):
+        raise ResumeMismatch(f"--resume {path}: it holds no dive_fast run state (step, "
+                             "optimiser, random state; open_clip's weights?): to start from "
+                             f"its weights, use --pretrained {path}")
     keys = RESUME_KEYS if "data_ids" in ckpt else RESUME_KEYS + OLD_DATA_KEYS
     for key in keys:
         if key == "data_ids" and key in ckpt:

@@ -1,9 +1,9 @@
 """`python -m dive_fast.train`: the command line, and the checks that run before any model loads.
 
-Flags that exist in open_clip's trainer (``python -m open_clip_train.main``) keep its names
-where the meaning is the same (``--epochs``, ``--precision``, ``--torchcompile``,
-``--grad-clip-norm``, ``--resume latest``, ``--csv-*``, ``--log-every-n-steps``,
-``--report-to``, ``--zeroshot-frequency``); docs/training.md maps the two.
+A flag with the name of one of open_clip's trainer (``python -m open_clip_train.main``)
+means what it means there (``--epochs``, ``--precision``, ``--accum-freq``, ``--opt``,
+``--lock-image``, ``--resume latest``, ``--report-to`` ...); its other options are refused
+with what to write instead (``open_clip_flags``); docs/training.md maps all of them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
 from .fileio import DiskFull
 from .methods import METHODS
-from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
+from .models import CACHE_ENV, HF_HUB, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
+from .open_clip_flags import REFUSED_VALUES, RefuseValues, adamw_settings, add_refusals
 from .runlock import FolderInUse
 from .trainer import run_owned
 
@@ -33,12 +34,13 @@ examples:
   # with DiVE, print ID / OOD / zero-shot / RSA before and after
   python -m dive_fast.train
 
-  # ViT-B-16 on your own data, one GPU (folder layout and CSV format: docs/training.md)
+  # ViT-B-16 on your own data, one GPU (folder layout and CSV format: docs/training.md);
+  # a step of --accum-freq x --batch-size, as in open_clip: 2 x 256 = the paper's 512
   python -m dive_fast.train --model ViT-B-16 --pretrained openai \\
       --train-folder /data/imagenet/train --reference-csv /data/cc3m/train.csv \\
       --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch \\
-      --rsa-csv /data/cc3m/heldout.csv --epochs 10 --batch-size 512 --lr 1e-5 \\
-      --warmup 500 --out runs/vitb16-dive
+      --rsa-csv /data/cc3m/heldout.csv --epochs 10 --batch-size 256 --accum-freq 2 \\
+      --lr 1e-5 --warmup 500 --out runs/vitb16-dive
 
   # the same on 8 GPUs (--batch-size is per GPU: 8 x 64 = the paper's 512)
   torchrun --nproc_per_node 8 -m dive_fast.train --model ViT-B-16 --pretrained openai \\
@@ -47,6 +49,7 @@ examples:
       --warmup 500 --out runs/vitb16-dive-8gpu
 """
 
+CAST_PRECISIONS = tuple(REFUSED_VALUES["--precision"])  # open_clip's that cast the weights
 AMP_ALIASES = {"auto": "auto", "bf16": "amp_bf16", "fp32": "fp32"}  # the old --amp values
 
 
@@ -76,13 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
     g("--device", default=None,
       help="torch device (unset: cuda when a GPU is visible, else cpu); under torchrun each "
            "rank takes cuda:LOCAL_RANK")
-    g("--precision", choices=list(PRECISIONS), default="auto",
+    g("--precision", choices=list(PRECISIONS) + list(CAST_PRECISIONS), default="auto",
+      action=RefuseValues,
       help="autocast: amp_bf16 (bf16), amp (fp16 with loss scaling) or fp32; auto: amp_bf16 "
-           "on GPUs, fp32 on CPUs")
+           "on GPUs, fp32 on CPUs; open_clip's bf16, fp16, pure_bf16 and pure_fp16 (weights "
+           "cast) are refused")
+    g("--tf32", action=argparse.BooleanOptionalAction, default=True,
+      help="CUDA: allow TF32 matmuls and convolutions (open_clip_train turns them on for "
+           "every CUDA run)")
     g("--amp", choices=list(AMP_ALIASES), action=_AmpAlias, dest="precision",
       default=argparse.SUPPRESS, help="older spelling of --precision (bf16 = amp_bf16)")
     g("--compile", "--torchcompile", dest="compile", action="store_true",
       help="torch.compile the towers")
+    g("--force-image-size", type=int, nargs="+", default=None, metavar="SIZE",
+      help="another input resolution than the model config's: H (square) or H W, the "
+           "position embedding resized (open_clip's)")
+    g("--lock-image", action="store_true",
+      help="freeze the image tower (open_clip's model.lock_image_tower)")
+    g("--lock-image-unlocked-groups", type=int, default=0,
+      help="--lock-image: leave the last N layer groups of the image tower trainable")
+    g("--lock-image-freeze-bn-stats", action="store_true",
+      help="--lock-image: freeze the batch-norm statistics of the locked layers")
+    g("--lock-text", action="store_true",
+      help="freeze the text tower (open_clip's model.lock_text_tower)")
+    g("--lock-text-unlocked-layers", type=int, default=0,
+      help="--lock-text: leave the last N layers of the text tower trainable")
+    g("--lock-text-freeze-layer-norm", action="store_true",
+      help="--lock-text: freeze the layer norms of the locked layers too (CLIP's own text "
+           "tower requires it)")
+    g("--siglip", action="store_true",
+      help="train with open_clip's SigLipLoss (sigmoid, with the model's logit bias); "
+           "models with a logit bias (the SigLIP ones) always do")
     g("--text-truncation", action=argparse.BooleanOptionalAction, default=True,
       help="run the text tower on each batch's longest caption instead of the full context "
            "(exact for causal towers that pool at the end token, e.g. every CLIP ViT)")
@@ -102,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
            "folder's templates.txt, else openai for ImageNet's classes, else three generic "
            "ones)")
     data.add_csv_flags(g)
-    g("--workers", type=int, default=1, help="data loader processes per rank")
+    g("--workers", type=int, default=None,
+      help="data loader processes per rank (unset: the CPUs this process may use, divided "
+           "among the ranks of its node, at most 8)")
     g("--augment", action=argparse.BooleanOptionalAction, default=True,
       help="on the world's target images: FLYP's RandomResizedCrop (scale 0.9-1); real "
            "folders use the model's own training transform")
@@ -121,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
            "CLIP loss on the reference pairs), snd-like, zeroshot (evaluate only); ablations: "
            "dive-avl, dive-pvl (one loss each), dive with --ema-momentum 0")
     g("--lam", type=float, default=1000.0, help="DiVE / SnD weight lambda")
-    g("--ema-momentum", "--momentum", dest="momentum", type=float, default=0.99,
-      help="momentum alpha of DiVE's moving average vector m (not an optimiser momentum)")
+    g("--ema-momentum", type=float, default=0.99,
+      help="momentum alpha of DiVE's moving average vector m (open_clip's --momentum, an "
+           "optimiser's, is refused)")
     g("--dive-backend", default=None,
       help="force a DiVELoss backend: torch, cpu, triton or cuda (python -m dive_fast.info "
            "lists them)")
@@ -138,22 +168,36 @@ def build_parser() -> argparse.ArgumentParser:
       help="optimiser steps (unset: from --epochs, else 300, the miniature's)")
     g("--epochs", type=float, default=None,
       help="passes over the target training set; sets --steps (as open_clip's --epochs)")
-    g("--batch-size", type=int, default=128, help="target batch B per rank")
-    g("--ref-batch-size", type=int, default=None, help="reference batch B' per rank (unset: B)")
+    g("--batch-size", type=int, default=128,
+      help="target batch per rank and micro-batch (a step: --accum-freq of them)")
+    g("--ref-batch-size", type=int, default=None,
+      help="reference batch per rank and micro-batch (unset: --batch-size)")
+    g("--opt", choices=["adamw"], default="adamw",
+      help="the optimiser: AdamW (open_clip's timm optimisers are not offered)")
     g("--lr", type=float, default=1e-4,
       help="AdamW peak learning rate (the miniature's; the paper's ViT-B-16: 1e-5)")
-    g("--wd", type=float, default=0.1, help="AdamW weight decay")
+    g("--beta1", type=float, default=None, help="AdamW beta1 (unset: 0.9, open_clip's)")
+    g("--beta2", type=float, default=None,
+      help="AdamW beta2 (unset: open_clip's, 0.98 for a ViT, else 0.999)")
+    g("--eps", type=float, default=None,
+      help="AdamW epsilon (unset: open_clip's, 1e-6 for a ViT, else 1e-8)")
+    g("--wd", type=float, default=0.1,
+      help="AdamW weight decay, except on gains, biases, the logit scale and bias and "
+           "tensors below 2-D (open_clip's exemptions)")
     g("--warmup", type=int, default=None,
       help="linear warm-up steps before the cosine decay (unset: min(500, steps/10))")
+    g("--lr-scheduler", choices=["cosine", "const", "const-cooldown"], default="cosine",
+      action=RefuseValues, help="cosine (open_clip's const schedules are refused)")
     g("--grad-clip-norm", "--grad-clip", dest="grad_clip", type=float, default=0.0,
       help="clip the global gradient norm to this (0: off)")
     g("--seed", type=int, default=0, help="seed of sampling, augmentation and dropout")
 
     g = p.add_argument_group("memory and scale").add_argument
     g("--accum-freq", type=int, default=1,
-      help="compute each step in K micro-batches: the same update as the whole batch (the "
-           "contrastive loss and DiVE see every row, unlike open_clip's --accum-freq) in "
-           "about 1/K of the activation memory")
+      help="a step of K x --batch-size, computed in K micro-batches of --batch-size (as "
+           "open_clip's: every micro-batch's features cached, each recomputed with "
+           "gradient), the update of the whole K x batch in about 1/K of the activation "
+           "memory")
     g("--grad-checkpointing", action="store_true",
       help="recompute the towers' residual blocks in the backward")
     g("--fsdp", action="store_true",
@@ -193,12 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
       help="a checkpoint path, or 'latest' (also 'auto'): the newest in --out/checkpoints")
     g("--log-every-n-steps", "--log-every", dest="log_every", type=int, default=10,
       help="steps between metric rows (the host's only reads of device values)")
-    g("--report-to", choices=["", "tensorboard"], default="",
-      help="also write the metrics as TensorBoard event files in --out/tensorboard")
+    g("--report-to", default="", metavar="wandb,tensorboard",
+      help="also send the metrics to: tensorboard (event files in --out/tensorboard), wandb "
+           "(files in --out/wandb; the run id is kept for --resume; $WANDB_MODE=offline "
+           "works), both comma-separated, or all")
+    g("--wandb-project-name", default="dive-fast", help="wandb: the project")
+    g("--wandb-notes", default="", help="wandb: the run's notes")
+    g("--debug", action="store_true", help="log at DEBUG level")
+    g("--gather-with-grad", action="store_true",
+      help="always on here: the contrastive loss gathers features over the ranks with "
+           "gradient (open_clip's --gather-with-grad without --local-loss)")
     g("--on-nonfinite", choices=["stop", "skip"], default="stop",
       help="a step with non-finite loss or gradients is skipped on the device; stop also "
            "ends the run at the next log step, naming it")
     g("--no-progress", action="store_true", help="no progress bars")
+    add_refusals(p)
     return p
 
 
@@ -227,7 +280,9 @@ def flag_tables(parser: argparse.ArgumentParser | None = None) -> str:
 RANGES = {"steps": (0,), "batch_size": (1,), "ref_batch_size": (1,), "checkpoint_every": (1,),
           "log_every": (1,), "accum_freq": (1,), "rsa_size": (3,), "train_size": (1,),
           "ref_size": (1,), "eval_per_task": (1,), "keep": (1,), "workers": (0,),
-          "warmup": (0,), "grad_clip": (0,), "lam": (0,), "momentum": (0, 1), "wd": (0,),
+          "warmup": (0,), "grad_clip": (0,), "lam": (0,), "ema_momentum": (0, 1), "wd": (0,),
+          "beta1": (0, 1, "below"), "beta2": (0, 1, "below"), "eps": (0, None, "above"),
+          "lock_image_unlocked_groups": (0,), "lock_text_unlocked_layers": (0,),
           "lr": (0, None, "above"), "epochs": (0, None, "above"), "eval_every": (0,),
           "zeroshot_frequency": (0,)}
 DEFAULT_STEPS = 300
@@ -243,11 +298,13 @@ def target_size(args) -> int:
 
 
 def resolve_schedule(args, world_size: int = 1) -> None:
-    """--epochs to --steps (one epoch: the target set once over all ranks' batches), the
+    """--epochs to --steps (one epoch: the target set once over all ranks' steps of
+    --accum-freq x --batch-size), the
     warm-up and LP-FT defaults, and --zeroshot-frequency to --eval-every."""
     steps_per_epoch = None
     if args.epochs is not None or args.zeroshot_frequency:
-        steps_per_epoch = max(1, math.ceil(target_size(args) / (args.batch_size * world_size)))
+        step_batch = args.batch_size * args.accum_freq * world_size
+        steps_per_epoch = max(1, math.ceil(target_size(args) / step_batch))
     if args.epochs is not None:
         if args.steps is not None:
             raise ValueError(f"give one of --steps ({args.steps}) and --epochs ({args.epochs:g})")
@@ -303,9 +360,9 @@ def check_args(args, world_size: int = 1) -> None:
     """Every argument and input checked before any expensive work (model loading,
     pre-training, caches, evaluation); each failure names the argument."""
     for name, (low, *rest) in RANGES.items():
-        high = rest[0] if rest and rest[0] != "above" else None
+        high = rest[0] if rest and rest[0] not in ("above", "below") else None
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name), low, high,
-                        above="above" in rest)
+                        above="above" in rest, below="below" in rest)
     for name in ("seed", "world_seed"):
         validate.seed(f"--{name.replace('_', '-')}", getattr(args, name))
     validate.float32_number("--lam", args.lam)
@@ -314,17 +371,17 @@ def check_args(args, world_size: int = 1) -> None:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)
+    if args.workers is None:
+        args.workers = default_workers()
     check_backend(args)
     check_model(args)
+    check_model_options(args)
+    resolve_optimiser(args)
     check_inputs(args, world_size)
     resolve_world_parts(args)
     resolve_schedule(args, world_size)
     if args.steps and args.warmup > args.steps:
         raise ValueError(f"--warmup {args.warmup} is longer than the run's {args.steps} steps")
-    smallest = min(args.batch_size, args.ref_batch_size or args.batch_size)
-    if args.accum_freq > smallest:
-        raise ValueError(f"--accum-freq {args.accum_freq}: each micro-batch needs a row of the "
-                         f"target and reference batches (at most {smallest})")
     if args.reference_csv and args.reference_shards:
         raise ValueError("give one of --reference-csv and --reference-shards, not both")
     try:
@@ -333,12 +390,73 @@ def check_args(args, world_size: int = 1) -> None:
         raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
     for alpha in args.wise_ft_alphas:
         validate.number("--wise-ft", alpha)
-    if args.report_to == "tensorboard":
+    args.report_to = ",".join(reporters(args.report_to))
+
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to: its package
+
+
+def reporters(report_to: str) -> list[str]:
+    """--report-to as open_clip reads it (comma-separated, or all), each one's package
+    installed."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if "all" in names:
+        names = list(REPORTERS)
+    unknown = [n for n in names if n not in REPORTERS]
+    if unknown:
+        raise ValueError(f"--report-to {report_to}: unknown {', '.join(unknown)}; expected "
+                         "tensorboard, wandb, both comma-separated, or all")
+    for name in names:
         try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
+            __import__(REPORTERS[name])
         except ImportError:
-            raise ValueError("--report-to tensorboard: the tensorboard package is not "
-                             "installed (pip install tensorboard)") from None
+            raise ValueError(f"--report-to {name}: the {name} package is not installed "
+                             f"(pip install {name})") from None
+    return sorted(set(names), key=names.index)
+
+
+def default_workers() -> int:
+    """Loader processes per rank: the CPUs this process may use, shared by the ranks of its
+    node, at most 8 (open_clip's default is a fixed 4)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, (cpus or 1) // max(1, local_ranks)))
+
+
+def resolve_optimiser(args) -> None:
+    """AdamW's betas and epsilon that were not given: open_clip_train's for the model (set
+    here so that config.json and checkpoints record them)."""
+    (args.beta1, args.beta2), args.eps = adamw_settings(args)
+
+
+def check_model_options(args) -> None:
+    """--force-image-size's shape, --siglip on a model that has a logit bias, and the tower
+    locks' companions (checked from the model config, before it loads)."""
+    import open_clip
+    size = args.force_image_size
+    if size is not None:
+        if len(size) > 2 or min(size) < 1:
+            raise ValueError(f"--force-image-size wants H or H W (positive), got "
+                             f"{' '.join(map(str, size))}")
+        args.force_image_size = size[0] if len(size) == 1 else list(size)
+    config = open_clip.get_model_config(args.model) \
+        if not args.model.startswith(HF_HUB) else None
+    if args.siglip and config is not None and config.get("init_logit_bias") is None:
+        raise ValueError(f"--siglip: {args.model} has no logit bias (open_clip gives SigLIP "
+                         "models one, e.g. ViT-B-16-SigLIP; those train with SigLipLoss "
+                         "without the flag)")
+    for flag, lock in (("--lock-image-unlocked-groups", "lock_image"),
+                       ("--lock-image-freeze-bn-stats", "lock_image"),
+                       ("--lock-text-unlocked-layers", "lock_text"),
+                       ("--lock-text-freeze-layer-norm", "lock_text")):
+        if getattr(args, flag[2:].replace("-", "_")) and not getattr(args, lock):
+            raise ValueError(f"{flag} applies to a locked tower: add "
+                             f"--{lock.replace('_', '-')}")
+    text_cfg = (config or {}).get("text_cfg", {})
+    if args.lock_text and not args.lock_text_freeze_layer_norm and config is not None \
+            and not text_cfg.get("hf_model_name"):
+        raise ValueError(f"--lock-text: {args.model}'s own text tower locks its layer norms "
+                         "with it (open_clip asserts so): add --lock-text-freeze-layer-norm")
 
 
 def check_backend(args) -> None:
@@ -358,7 +476,7 @@ def check_model(args) -> None:
     """A model open_clip knows and, for an open_clip tag, a tag it has for that model (a
     wrong tag would otherwise surface as a download or loading error after other work)."""
     import open_clip
-    if args.model.startswith("hf-hub:"):  # a model card on the Hugging Face hub: open_clip's
+    if args.model.startswith(HF_HUB):  # a model card on the Hugging Face hub: open_clip's
         return
     if args.model not in open_clip.list_models():
         raise ValueError(f"--model {args.model}: unknown to open_clip (e.g. ViT-B-16, "
@@ -413,6 +531,14 @@ def check_inputs(args, world_size: int = 1) -> None:
                                  f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
 
 
+def set_tf32(enabled: bool, device: str) -> None:
+    """On CUDA, TF32 matmuls and convolutions as --tf32 says (open_clip_train turns on
+    ``torch.backends.cuda.matmul.allow_tf32`` for every CUDA run; cuDNN's is on by default)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def parse(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
@@ -423,6 +549,9 @@ def run(args, checked: bool = False) -> dict:
         check_args(args, distributed.world_size_from_env())
     rank, world, device = distributed.init_from_env(args.device)
     args.device, args.world_size = device, world
+    set_tf32(args.tf32, device)
+    if args.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
     try:
         with runlock.hold(args.out, enabled=distributed.is_main()):  # this run owns --out
             report = run_owned(args, rank, world, device)

@@ -118,14 +118,16 @@ def batch_stream(targets, references):
 
 def batches(args, method, target_ds, ref_ds, tokenizer, start_step=0, rank=0, world=1):
     """The run's ``Batch`` stream from ``start_step`` on (loaders for targets and, where the
-    method uses them, reference pairs)."""
+    method uses them, reference pairs), each ``Batch`` one step: --accum-freq x the batch
+    sizes."""
     pin = method.device.type == "cuda"
-    targets = loader(target_ds, args.batch_size, args.seed, start_step, rank, world,
+    k = args.accum_freq  # a step holds K micro-batches of --batch-size (open_clip's meaning)
+    targets = loader(target_ds, k * args.batch_size, args.seed, start_step, rank, world,
                      args.workers, pin)
     references = None
     if method.uses_reference:
         if isinstance(ref_ds, ShardedCaptions):  # a resumed stream starts a fresh epoch
             ref_ds.start_epoch = start_step
-        references = loader(ref_ds, args.ref_batch_size or args.batch_size, args.seed + 1,
+        references = loader(ref_ds, k * (args.ref_batch_size or args.batch_size), args.seed + 1,
                             start_step, rank, world, args.workers, pin, tokenizer)
     return batch_stream(targets, references)

@@ -49,8 +49,10 @@ def train_loop(run: Run, evaluator=None) -> int:
     start_step, device, out = run.start_step, method.device, Path(args.out)
     stream = run.batches()
     main_proc = distributed.is_main()
-    metrics = metrics_log.MetricsSink(out, start_step,
-                                      tensorboard=args.report_to == "tensorboard") \
+    reporters = args.report_to.split(",")
+    metrics = metrics_log.MetricsSink(
+        out, start_step, tensorboard="tensorboard" in reporters,
+        wandb=metrics_log.start_wandb(args, out) if "wandb" in reporters else None) \
         if main_proc else None
     ckpt_dir = out / "checkpoints"
     # The checkpoints pruning may delete: this run's, from the step it resumed at down (the
@@ -60,15 +62,18 @@ def train_loop(run: Run, evaluator=None) -> int:
     last_ckpt = written[-1] if written else None
     bar = progress_bar(range(start_step, args.steps), initial=start_step, total=args.steps,
                        desc=args.method, disable=args.no_progress or not main_proc)
-    t_last, n_samples, skipped = time.perf_counter(), 0, 0
+    t_last, n_samples, n_steps, data_time, skipped = time.perf_counter(), 0, 0, 0.0, 0
     method.train()
     if run.rng is not None:  # a resumed run continues the random streams where they stopped
         torch.set_rng_state(run.rng["torch"])
         random.setstate(run.rng["python"])
     for step in bar:
+        t_wait = time.perf_counter()
         batch = next(stream).to(device)
+        data_time += time.perf_counter() - t_wait  # waiting for the loader (open_clip's)
         values = run.step(batch, step, opt, sched, guard)
         n_samples += batch.samples
+        n_steps += 1
         skipped += batch.skipped
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
@@ -88,11 +93,13 @@ def train_loop(run: Run, evaluator=None) -> int:
                 row.pop("skipped", None)
                 row = {"step": done, **row, "lr": sched.get_last_lr()[0],
                        "samples_per_s": n_samples * run.world / (now - t_last),
+                       "samples_per_s_per_gpu": n_samples / (now - t_last),
+                       "data_time": data_time / n_steps,
                        "skipped_samples": skipped, "skipped_steps": skipped_steps}
-                t_last, n_samples = now, 0
                 metrics.write(row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "samples_per_s")},
                                 refresh=False)
+                t_last, n_samples, n_steps, data_time = now, 0, 0, 0.0
         if evaluator is not None and done % args.eval_every == 0 and done < args.steps:
             result = evaluator()  # the last step's evaluation is the final report's
             if main_proc:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -50,7 +50,7 @@ class Batch:
 @dataclass
 class MethodConfig:
     lam: float = 1000.0  # DiVE / SnD weight
-    momentum: float = 0.99  # DiVE's EMA momentum
+    ema_momentum: float = 0.99  # DiVE's moving average momentum
     dive_backend: str | None = None
     lp_steps: int = 0  # LP-FT: linear-probe steps
 
@@ -76,7 +76,7 @@ class Method(nn.Module):
 
     def __init__(self, model, tokenizer, classnames, templates, *, device, config=None,
                  frozen: FrozenReference | None = None, amp_dtype=None, seed=0, rank=0,
-                 world_size=1):
+                 world_size=1, siglip: bool = False):
         super().__init__()
         self.model, self.tokenizer, self.config = model, tokenizer, config or MethodConfig()
         self.classnames, self.templates = tuple(classnames), tuple(templates)
@@ -84,8 +84,12 @@ class Method(nn.Module):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.frozen = frozen  # a plain object: the frozen weights are not this module's state
         self.embed_dim = embed_dim(model)
-        self.clip_loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
-                                  rank=rank, world_size=world_size)
+        # A model with a logit bias (SigLIP's) trains with open_clip's sigmoid loss, never
+        # with the softmax one; --siglip asks for it, and is refused for a model without one.
+        self.siglip = siglip or getattr(model, "logit_bias", None) is not None
+        self.clip_loss = SigLipLoss(rank=rank, world_size=world_size) if self.siglip else \
+            ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank,
+                     world_size=world_size)
         prompts = [t.format(c) for c in self.classnames for t in self.templates]
         self.prompt_tokens = tokenizer(prompts).view(len(self.classnames), len(self.templates),
                                                      -1).to(self.device)
@@ -154,8 +158,13 @@ class Method(nn.Module):
         return imgs, txts
 
     def clip(self, img: Tensor, txt: Tensor) -> Tensor:
-        return self.clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
-                              self.model.logit_scale.exp())
+        """The contrastive loss of the model's kind (CLIP's softmax, SigLIP's sigmoid with
+        its bias) on L2-normalised features."""
+        scale = self.model.logit_scale.exp()
+        img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+        if self.siglip:
+            return self.clip_loss(img, txt, scale, self.model.logit_bias)
+        return self.clip_loss(img, txt, scale)
 
 
 class ZeroShot(Method):
@@ -207,7 +216,7 @@ class DiVE(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         c = self.config
-        self.dive = DiVELoss(self.embed_dim, lam=c.lam, momentum=c.momentum, avl=self.avl,
+        self.dive = DiVELoss(self.embed_dim, lam=c.lam, momentum=c.ema_momentum, avl=self.avl,
                              pvl=self.pvl, backend=c.dive_backend, check_values=False
                              ).to(self.device)
 

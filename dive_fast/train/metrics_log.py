@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import Path
 
 from .fileio import atomic_write_text, finite_json
@@ -37,16 +38,35 @@ def cut_back(path, step: int) -> None:
     atomic_write_text(path, "".join(row_line(r) for r in rows))
 
 
+WANDB_ID = "wandb-id.txt"  # in --out: the wandb run a --resume continues
+
+
+def start_wandb(args, out):
+    """A wandb run for --report-to wandb, its files in ``out/wandb``: the id recorded in
+    ``out`` when it started is reused by a resumed run (so its rows continue the same wandb
+    run), a new one otherwise. ``$WANDB_MODE=offline`` writes it for a later ``wandb sync``."""
+    import wandb
+    id_file = Path(out) / WANDB_ID
+    run_id = id_file.read_text().strip() if args.resume is not None and id_file.is_file() \
+        else secrets.token_hex(4)  # wandb's id alphabet: lower-case letters and digits
+    atomic_write_text(id_file, run_id + "\n")
+    (Path(out) / "wandb").mkdir(exist_ok=True)
+    return wandb.init(project=args.wandb_project_name, notes=args.wandb_notes or None,
+                      dir=str(out), id=run_id, resume="allow", name=Path(out).name,
+                      config={k: v for k, v in vars(args).items() if k != "data_ids"})
+
+
 class MetricsSink:
     """Where the loop's rows go: ``metrics.jsonl`` (cut back to ``start_step`` first, so a
-    resumed run logs no step twice) and, with ``tensorboard``, event files in
-    ``out/tensorboard`` (each number under its name, at its step)."""
+    resumed run logs no step twice), with ``tensorboard`` event files in
+    ``out/tensorboard`` (each number under its name, at its step), and a ``wandb`` run's
+    log (``start_wandb``)."""
 
-    def __init__(self, out, start_step: int, tensorboard: bool = False):
+    def __init__(self, out, start_step: int, tensorboard: bool = False, wandb=None):
         path = Path(out) / "metrics.jsonl"
         cut_back(path, start_step)
         self.file = open(path, "a", encoding="utf-8")
-        self.writer = None
+        self.writer, self.wandb = None, wandb
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1)
@@ -54,17 +74,21 @@ class MetricsSink:
     def write(self, row: dict) -> None:
         self.file.write(row_line(row))
         self.file.flush()
+        numbers = {key if "/" in key else f"train/{key}": value for key, value in row.items()
+                   if key != "step" and isinstance(value, (int, float)) and value == value}
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and value == value:
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value,
-                                           row["step"])
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, row["step"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def plot_curves(metrics_path, out) -> None:
@@ -84,7 +108,8 @@ def _plot(rows, out) -> None:
     rows = [r for r in rows if "loss" in r]  # not the evaluation rows (eval/...)
     if not rows:
         return
-    skip = ("step", "lr", "samples_per_s", "skipped_samples", "skipped_steps", "grad_norm")
+    skip = ("step", "lr", "samples_per_s", "samples_per_s_per_gpu", "data_time",
+            "skipped_samples", "skipped_steps", "grad_norm")
     keys = [k for k in rows[0] if k not in skip]
     nan = float("nan")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

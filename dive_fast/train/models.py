@@ -21,6 +21,7 @@ from .parallel import residual_blocks
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 CACHE_ENV = "DIVE_FAST_CACHE"
+HF_HUB = "hf-hub:"  # open_clip's prefix of a model on the Hugging Face hub
 open_clip.add_model_config(CONFIG_DIR)
 
 
@@ -74,18 +75,22 @@ def is_weights_path(pretrained: str | None) -> bool:
 
 
 def load_clip(name: str, pretrained: str | None = None, device="cpu",
-              image_size: int | None = None, text_truncation: bool = True) -> ClipBundle:
+              image_size: int | list[int] | None = None,
+              text_truncation: bool = True) -> ClipBundle:
     """An open_clip model with its transforms and tokenizer.
 
     ``pretrained``: an open_clip tag (e.g. "openai", downloads weights), a local checkpoint
     path (.safetensors, or a torch file loaded with weights_only=True: no code runs), or
     None for random weights. A checkpoint written by dive_fast.train also loads here.
-    ``image_size``: another input resolution than the config's (the benchmarks' small runs).
+    ``name``: also ``hf-hub:org/repo``, whose config and weights open_clip fetches from the
+    Hugging Face hub (``pretrained`` is then ignored, as open_clip ignores it).
+    ``image_size``: another input resolution than the config's (--force-image-size, the
+    benchmarks' small runs): H, or [H, W].
     ``text_truncation``: the tokenizer trims each batch to its longest caption and the text
     tower runs on that length (exact; ``text.py``), where the tower allows it.
     """
     known = open_clip.list_models()
-    if name not in known:
+    if name not in known and not name.startswith(HF_HUB):  # hub names: open_clip resolves them
         raise ValueError(f"unknown model {name!r}; open_clip knows e.g. "
                          f"{', '.join(TINY_MODELS + ('ViT-B-16', 'ViT-B-32'))} "
                          f"({len(known)} in all, see open_clip.list_models())")

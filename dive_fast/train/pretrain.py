@@ -49,7 +49,8 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
                         persistent_workers=workers > 0)
     # Plain (foreach) AdamW, not train_step's fused one: the cached weights and the
     # README's tables come from this exact arithmetic.
-    opt, sched = optim.build(model.named_parameters(), lr, 0.1, steps, warmup, fused=False)
+    opt, sched = optim.build(model.named_parameters(), lr, 0.1, steps, warmup, fused=False,
+                             exempt=optim.no_decay_before_2026_12)
     loss_fn = ClipLoss()
     start = time.time()
     bar = progress_bar(loader, total=steps, desc=f"pretrain {name}", disable=not progress)

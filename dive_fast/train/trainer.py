@@ -29,7 +29,25 @@ from .loop import evaluate_during_training, train_loop
 log = logging.getLogger("dive_fast.train")
 
 
+LOG_FILE = "out.log"  # in --out, as open_clip_train's logs/NAME/out.log
+
+
 def run_owned(args, rank, world, device) -> dict:
+    """The run, on rank 0 also logged to --out/out.log (appended to by a resumed run)."""
+    if not distributed.is_main():
+        return _run_owned(args, rank, world, device)
+    handler = logging.FileHandler(Path(args.out) / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        return _run_owned(args, rank, world, device)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _run_owned(args, rank, world, device) -> dict:
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     out = Path(args.out)
@@ -45,6 +63,7 @@ def run_owned(args, rank, world, device) -> dict:
     if main_proc:
         atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
     report, pre_state, sets, rsa_set = {}, None, None, None
+    log.info("python -m dive_fast.train %s", json.dumps(vars(args), default=str))
 
     def as_loaded(bundle):
         """The model before the method takes it: its weights (for WiSE-FT), the evaluation

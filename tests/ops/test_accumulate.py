@@ -1,7 +1,8 @@
-"""``--accum-freq K``: the step of a batch computed in K micro-batches is the full-batch step
-(every gradient, the logit scale's counted once, one update of DiVE's m), the random state
-is replayed between the two forwards, and gradient checkpointing changes no result;
-``micro_batched_backward`` names a bad argument."""
+"""``--accum-freq K``: a step of K x --batch-size rows (open_clip's meaning), computed in K
+micro-batches, is the step of the whole K x batch (every gradient, the logit scale's counted
+once, one update of DiVE's m), the random state is replayed between the two forwards, and
+gradient checkpointing changes no result; ``micro_batched_backward`` names a bad
+argument."""
 import contextlib
 
 import pytest
@@ -51,6 +52,11 @@ def one_step(tmp_path, method, *extra, patch_dropout=0.0, seed=0):
     return values, grads, state
 
 
+def in_micro_batches(k: int, batch: int = 8) -> tuple[str, ...]:
+    """The flags of train_args' step of ``batch`` rows computed in ``k`` micro-batches."""
+    return ("--batch-size", str(batch // k), "--accum-freq", str(k))
+
+
 def assert_same(a: dict, b: dict, rtol=1e-4, skip=()):
     assert a.keys() == b.keys()
     for k in a:
@@ -66,7 +72,7 @@ def test_micro_batched_step_equals_the_full_batch_step(micro_cache, tmp_path, me
     full_values, full_grads, full_state = one_step(tmp_path, method)
     assert full_grads, "the step must train something"
     for k in (2, 4):
-        values, grads, state = one_step(tmp_path, method, "--accum-freq", str(k))
+        values, grads, state = one_step(tmp_path, method, *in_micro_batches(k))
         assert_same(grads, full_grads)  # the logit scale's among them: counted once
         assert_same(state, full_state, skip=ZERO_GRAD)  # weights, DiVE's m (one update)
         torch.testing.assert_close(values["loss"], full_values["loss"], rtol=1e-5, atol=1e-6)
@@ -77,7 +83,7 @@ def test_micro_batched_step_equals_the_full_batch_step(micro_cache, tmp_path, me
 def test_streamed_frozen_embeddings_in_micro_batches(micro_cache, tmp_path):
     """Without the embedding cache the frozen model runs in the same micro-batches."""
     _, full_grads, full_state = one_step(tmp_path, "dive", "--no-frozen-cache")
-    _, grads, state = one_step(tmp_path, "dive", "--no-frozen-cache", "--accum-freq", "4")
+    _, grads, state = one_step(tmp_path, "dive", "--no-frozen-cache", *in_micro_batches(4))
     assert_same(grads, full_grads)
     assert_same(state, full_state, skip=ZERO_GRAD)
 
@@ -99,16 +105,16 @@ def test_random_state_is_replayed_between_the_two_forwards(micro_cache, tmp_path
         sum(losses.values()).backward()
         return losses
 
-    _, grads, state = one_step(tmp_path, "dive", "--accum-freq", "2", patch_dropout=0.5)
+    _, grads, state = one_step(tmp_path, "dive", *in_micro_batches(2), patch_dropout=0.5)
     with monkeypatch.context() as m:
         m.setattr(train_step_module, "forward_backward", reference_step)
-        _, ref_grads, ref_state = one_step(tmp_path, "dive", "--accum-freq", "2",
+        _, ref_grads, ref_state = one_step(tmp_path, "dive", *in_micro_batches(2),
                                            patch_dropout=0.5)
     assert_same(grads, ref_grads)
     assert_same(state, ref_state, skip=ZERO_GRAD)
     # The test can fail: without the replay the second forward draws other masks.
     monkeypatch.setattr(accumulate, "replayed", lambda *a: contextlib.nullcontext())
-    _, unreplayed, _ = one_step(tmp_path, "dive", "--accum-freq", "2", patch_dropout=0.5)
+    _, unreplayed, _ = one_step(tmp_path, "dive", *in_micro_batches(2), patch_dropout=0.5)
     with pytest.raises(AssertionError):
         assert_same(unreplayed, ref_grads)
     assert methods.DiVE.avl  # (the method under test is full DiVE)
@@ -117,15 +123,26 @@ def test_random_state_is_replayed_between_the_two_forwards(micro_cache, tmp_path
 @pytest.mark.parametrize("k", [1, 4])
 def test_gradient_checkpointing_changes_no_result(micro_cache, tmp_path, k):
     _, full_grads, full_state = one_step(tmp_path, "dive")
-    _, grads, state = one_step(tmp_path, "dive", "--grad-checkpointing", "--accum-freq", str(k))
+    _, grads, state = one_step(tmp_path, "dive", "--grad-checkpointing", *in_micro_batches(k))
     assert_same(grads, full_grads)
     assert_same(state, full_state, skip=ZERO_GRAD)
 
 
-def test_accum_freq_larger_than_a_batch_is_refused(micro_cache, tmp_path):
-    with pytest.raises(ValueError, match="--accum-freq 9"):
-        train.main(train_args(tmp_path / "x", "--accum-freq", "9"))
-    with pytest.raises(ValueError, match="--accum-freq"):
+def test_accum_freq_multiplies_the_batch_as_in_open_clip(micro_cache, tmp_path):
+    """A step holds --accum-freq x --batch-size target rows and as many reference pairs (per
+    rank), an epoch counts such steps, and the update is that whole batch's."""
+    args = cli.parse(train_args(tmp_path / "a", "--batch-size", "3", "--accum-freq", "4"))
+    cli.check_args(args)
+    run = build_run(args)
+    batch = next(run.batches())
+    assert (len(batch.images), len(batch.ref_images)) == (12, 12)
+    parsed = cli.parse(["--epochs", "1", "--batch-size", "4", "--accum-freq", "2",
+                        "--train-size", "32", "--out", str(tmp_path / "b")])
+    cli.check_args(parsed)
+    assert parsed.steps == 4  # 32 samples in steps of 2 x 4
+    # Micro-batches as large as a whole step: no longer refused.
+    cli.check_args(cli.parse(train_args(tmp_path / "c", "--accum-freq", "9")))
+    with pytest.raises(ValueError, match="--accum-freq must be a finite number >= 1, got 0"):
         train.main(train_args(tmp_path / "y", "--accum-freq", "0"))
 
 
@@ -144,7 +161,7 @@ def test_training_with_augmentation_equals_the_full_batch_run(micro_cache, tmp_p
     random state, which the micro-batched step must leave as one forward would)."""
     train.main(train_args(tmp_path / "full", "--method", "dive", "--steps", "3"))
     train.main(train_args(tmp_path / "k2", "--method", "dive", "--steps", "3",
-                          "--accum-freq", "2"))
+                          *in_micro_batches(2)))
     assert_same_run(_final(tmp_path / "k2"), _final(tmp_path / "full"))
 
 

@@ -10,7 +10,7 @@ from helpers.kill import run_killed_at_step
 from helpers.runs import train_args
 
 from dive_fast import train
-from dive_fast.train import cli, evaluate
+from dive_fast.train import cli, evaluate, open_clip_flags
 from dive_fast.train.checkpoint import load_checkpoint
 from dive_fast.world.export import write_captions
 
@@ -54,20 +54,38 @@ def test_precision_as_open_clip_names_it(micro_cache, tmp_path, precision):
         assert all(r["loss_scale"] > 0 for r in rows)
 
 
-def test_the_old_amp_flag_is_an_alias_and_bf16_is_not_offered(tmp_path, capsys):
+@pytest.mark.parametrize("precision, instead", [("bf16", "use amp_bf16"),
+                                               ("pure_bf16", "use amp_bf16"),
+                                               ("fp16", "use amp "), ("pure_fp16", "use amp ")])
+def test_open_clips_weight_casting_precisions_are_refused_by_name(capsys, precision, instead):
+    """open_clip's bf16 / fp16 cast the weights; here autocast (amp_bf16, amp) is offered."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse(["--precision", precision])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --precision: {precision} is open_clip" in err
+    assert instead in err
+
+
+def test_the_old_amp_flag_is_an_alias():
     assert cli.parse(["--amp", "bf16"]).precision == "amp_bf16"
     assert cli.parse(["--amp", "fp32"]).precision == "fp32"
-    with pytest.raises(SystemExit):  # open_clip's bf16 casts the weights; autocast is amp_bf16
-        cli.parse(["--precision", "bf16"])
-    assert "invalid choice: 'bf16'" in capsys.readouterr().err
 
 
 def test_open_clip_spellings_reach_the_same_settings():
     parsed = cli.parse(["--grad-clip-norm", "1.0", "--torchcompile", "--resume", "latest",
                         "--log-every-n-steps", "3", "--ema-momentum", "0.9"])
-    assert (parsed.grad_clip, parsed.compile, parsed.log_every, parsed.momentum) == \
+    assert (parsed.grad_clip, parsed.compile, parsed.log_every, parsed.ema_momentum) == \
         (1.0, True, 3, 0.9)
-    assert cli.parse(["--momentum", "0.5"]).momentum == 0.5  # the older name
+
+
+def test_momentum_is_not_the_ema_momentum(capsys):
+    """open_clip's --momentum is an optimiser's: refused, naming DiVE's --ema-momentum."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse(["--momentum", "0.5"])
+    assert exit_.value.code == 2
+    assert "argument --momentum: open_clip_train's --momentum is not offered here" in \
+        capsys.readouterr().err
+    assert "--ema-momentum" in open_clip_flags.refusal("--momentum")
 
 
 def test_resume_latest_with_clipping_ends_where_an_unbroken_run_ends(micro_cache, tmp_path,
@@ -293,7 +311,16 @@ def test_cuda_on_a_cpu_machine_is_named(tmp_path, not_loaded):
     (["--ref-batch-size", "0"], "--ref-batch-size must be .* >= 1, got 0"),
     (["--lam", "-1"], "--lam must be a finite number >= 0, got -1"),
     (["--lam", "nan"], "--lam must be a finite number >= 0, got nan"),
-    (["--momentum", "1.5"], "--momentum must be .* <= 1, got 1.5"),
+    (["--ema-momentum", "1.5"], "--ema-momentum must be .* <= 1, got 1.5"),
+    (["--beta2", "1"], "--beta2 must be .* < 1, got 1.0"),
+    (["--eps", "0"], "--eps must be a finite number > 0, got 0.0"),
+    (["--force-image-size", "32", "32", "32"], "--force-image-size wants H or H W"),
+    (["--lock-text-unlocked-layers", "1"], "--lock-text-unlocked-layers applies to a locked "
+                                           "tower: add --lock-text"),
+    (["--lock-text"], "--lock-text: dive-micro's own text tower .* add "
+                      "--lock-text-freeze-layer-norm"),
+    (["--siglip"], "--siglip: dive-micro has no logit bias"),
+    (["--report-to", "wandb,csv"], "--report-to wandb,csv: unknown csv"),
     (["--lr", "0"], "--lr must be a finite number > 0, got 0"),
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["--lp-steps", "9"], "--lp-steps must be .* <= 4, got 9"),

@@ -27,8 +27,11 @@ LAYOUTS = {"two-accum2": ("flyp", "flyp+replay", "snd-like", "dive"),
            # steps of either sign, so other kernels (compiled ones) make a three-step DiVE
            # comparison chaotic; DiVE compiled is compared mid-training in test_accumulate.
            "two-compile": ("flyp",), "two-fsdp-compile": ("flyp",)}
-LAYOUT_ARGS = {"two": [], "two-accum2": ["--accum-freq", "2"], "two-fsdp": ["--fsdp"],
-               "two-fsdp-accum2-ckpt": ["--fsdp", "--accum-freq", "2", "--grad-checkpointing"],
+# (--accum-freq 2 with half the per-rank batch: the same step of 4 rows a rank)
+LAYOUT_ARGS = {"two": [], "two-accum2": ["--batch-size", "2", "--accum-freq", "2"],
+               "two-fsdp": ["--fsdp"],
+               "two-fsdp-accum2-ckpt": ["--fsdp", "--batch-size", "2", "--accum-freq", "2",
+                                        "--grad-checkpointing"],
                "two-compile": ["--compile"], "two-fsdp-compile": ["--fsdp", "--compile"]}
 
 
@@ -99,7 +102,7 @@ def test_user_data_trains_on_one_and_two_processes(micro_cache, world, tmp_path,
     for method in USER_METHODS:
         train.main(user_args(tmp_path / "one" / method, world, method, refs))
         check_user_report(tmp_path / "one" / method, method)
-    sharded = user_args(tmp_path / "two" / "dive-sharded", world, "dive", refs, batch=4) + \
+    sharded = user_args(tmp_path / "two" / "dive-sharded", world, "dive", refs, batch=2) + \
         ["--fsdp", "--accum-freq", "2", "--grad-checkpointing"]
     torchrun([user_args(tmp_path / "two" / m, world, m, refs, batch=4) for m in USER_METHODS] +
              [sharded], tmp_path)
