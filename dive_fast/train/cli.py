@@ -18,14 +18,16 @@ import torch
 
 from .._cli.arguments import DefaultsFormatter, run_checked
 from . import data, distributed, parallel, protocol, runlock, validate
-from .build import PRECISIONS
 from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
+from .evaluate import SUMMARY_METRICS
 from .fileio import DiskFull
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
+from .precision import PRECISIONS
 from .runlock import FolderInUse
 from .trainer import run_owned
+from .wise_ft import parse_alphas
 
 EXAMPLES = """\
 examples:
@@ -181,7 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     g("--zeroshot-frequency", type=float, default=None,
       help="open_clip's spelling, in epochs: --eval-every that many epochs' steps")
     g("--wise-ft", default="0.5",
-      help="comma-separated WiSE-FT mixing weights to evaluate, '' for none")
+      help="WiSE-FT mixing weights to evaluate: comma-separated (0.5,0.75) or a grid "
+           "START:STOP:STEP (0:1:0.1); '' for none")
+    g("--keep-best", default=None, choices=list(SUMMARY_METRICS), metavar="METRIC",
+      help="keep best.safetensors in --out: the weights whose METRIC was the highest at the "
+           "--eval-every evaluations and the final one (best.json says which step); METRIC: "
+           "id_mean, ood_mean, zeroshot_mean (each kind's mean of its sets' reported "
+           "metrics) or id_top1, ood_top1, zeroshot_top1 (their mean top-1)")
 
     g = p.add_argument_group("output").add_argument
     g("--out", default="runs/miniature",
@@ -327,12 +335,11 @@ def check_args(args, world_size: int = 1) -> None:
                          f"target and reference batches (at most {smallest})")
     if args.reference_csv and args.reference_shards:
         raise ValueError("give one of --reference-csv and --reference-shards, not both")
-    try:
-        args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
-    except ValueError:
-        raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
-    for alpha in args.wise_ft_alphas:
-        validate.number("--wise-ft", alpha)
+    args.wise_ft_alphas = parse_alphas(args.wise_ft)
+    if args.keep_best and not (args.eval_every and METHODS[args.method].trains):
+        raise ValueError(f"--keep-best {args.keep_best}: needs evaluations during training to "
+                         "choose among: --eval-every N (or --zeroshot-frequency) and a method "
+                         "that trains")
     if args.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
