@@ -26,6 +26,7 @@ from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
 from .precision import PRECISIONS
 from .runlock import FolderInUse
+from .suite import with_suite
 from .trainer import run_owned
 from .wise_ft import parse_alphas
 
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
            "imagenetv2-matched-frequency-format-val, imagenet-r, imagenet-a, sketch, "
            "objectnet-1.0/images; "
            "docs/training.md), each read by its standard protocol")
+    g("--zeroshot-suite", nargs=2, default=None, metavar=("SUITE", "DIR"),
+      help="add the paper's ten zero-shot sets found under DIR by their usual folder names "
+           "(SUITE: paper; docs/training.md: each set's layout), naming those absent")
     g("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
     g("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
     g("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
@@ -385,6 +389,9 @@ def check_inputs(args, world_size: int = 1) -> None:
     if args.imagenet_root:
         args.task = protocol.with_imagenet_root(args.task, args.imagenet_root)
         args.imagenet_root = None  # now in --task (a checked run is not expanded twice)
+    if args.zeroshot_suite:
+        args.task = with_suite(args.task, *args.zeroshot_suite)
+        args.zeroshot_suite = None  # now in --task
     validate.eval_folders(args.task)
     # What the data is, by content (a resume must see the same data, however it is spelled).
     args.data_ids = {"target": None, "reference": None}

@@ -20,7 +20,6 @@ from ..world.tasks import TASKS
 from . import validate
 from .checkpoint import load_model_weights
 from .data import (
-    ImageFolderTask,
     WorldCaptions,
     WorldTask,
     add_csv_flags,
@@ -32,6 +31,7 @@ from .fileio import append_rows, atomic_write_json
 from .models import find_pretrained, load_clip
 from .precision import PRECISIONS, autocast_dtype
 from .protocol import chosen_templates, projection_rows, with_imagenet_root
+from .suite import eval_dataset, with_suite
 from .validate import KINDS, TASK_METRICS, EvalFolder
 from .weights import FINAL, model_state, save_weights
 from .wise_ft import WeightMix, parse_alphas, plot_id_ood
@@ -387,8 +387,8 @@ def folder_eval_sets(specs: list[EvalFolder], transform, templates=None) -> dict
     classes; a zero-shot set keeps its own."""
     sets = {}
     for t in specs:
-        folder = ImageFolderTask(t.path, transform, preset=t.preset,
-                                 templates=None if t.kind == "zeroshot" else templates)
+        folder = eval_dataset(t.path, transform, t.preset,
+                              None if t.kind == "zeroshot" else templates)
         folder.metric = t.metric  # what the report gives for it (``evaluate``)
         sets[t.name] = (t.kind, folder)
     return sets
@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--imagenet-root", default=None, metavar="DIR",
       help="add the paper's ImageNet sets found under DIR by their usual folder names "
            "(docs/training.md)")
+    a("--zeroshot-suite", nargs=2, default=None, metavar=("SUITE", "DIR"),
+      help="add the paper's ten zero-shot sets found under DIR by their usual folder names "
+           "(SUITE: paper; docs/training.md: each set's layout), naming those absent")
     a("--templates", default=None, metavar="openai|simple|PATH",
       help="prompt templates of the id and ood sets (unset: a folder's templates.txt, else "
            "openai for ImageNet's classes, else three generic ones)")
@@ -466,6 +469,9 @@ def check_args(args) -> list[EvalFolder]:
     if args.imagenet_root:
         args.task = with_imagenet_root(args.task, args.imagenet_root)
         args.imagenet_root = None  # now in --task
+    if args.zeroshot_suite:
+        args.task = with_suite(args.task, *args.zeroshot_suite)
+        args.zeroshot_suite = None  # now in --task
     folders = validate.eval_folders(args.task)
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
