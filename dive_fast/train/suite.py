@@ -9,7 +9,9 @@ the optional extra ``suite`` (``pip install 'dive_fast[suite]'``, or ``pip insta
 clip_benchmark``: only its data files are read). Labels follow CLIP_benchmark's reading of
 each layout: Caltech101 and EuroSAT by sorted class folder (all images: neither has an
 official test split), Oxford Pets and Flowers102 by the release's own test split and class
-numbers. The other sets of the paper are refused by name, saying the layout they need."""
+numbers; Food101, DTD and FGVC-Aircraft by their test split, with the class names their own
+files give (as CLIP_benchmark takes them from torchvision). SUN397, StanfordCars and UCF101
+are refused by name, saying the layout they need."""
 from __future__ import annotations
 
 import functools
@@ -30,6 +32,14 @@ READ = {
     "flowers102": ("flowers", "flowers-102/jpg/image_00001.jpg ... with imagelabels.mat and "
                    "setid.mat beside jpg/ (torchvision's; its test split)",
                    ("flowers-102", "flowers102")),
+    "food101": ("food101", "food-101/images/<class>/<id>.jpg with meta/test.json "
+                "(torchvision's; its test split)", ("food-101", "food101")),
+    "dtd": ("dtd", "dtd/images/<class>/*.jpg with labels/test1.txt (torchvision's; test "
+            "split 1)", ("dtd",)),
+    "fgvc-aircraft": ("fgvc_aircraft", "fgvc-aircraft-2013b/data/images/<id>.jpg with "
+                      "data/variants.txt and data/images_variant_test.txt (torchvision's; "
+                      "its test split, the 100 variants)",
+                      ("fgvc-aircraft-2013b", "fgvc-aircraft")),
     "oxford-pets": ("pets", "oxford-iiit-pet/images/*.jpg with annotations/test.txt "
                     "(torchvision's; its test split)", ("oxford-iiit-pet", "oxford-pets")),
     "eurosat": ("eurosat", "eurosat/2750/<class>/*.jpg (torchvision's; the 10 class folders)",
@@ -38,10 +48,8 @@ READ = {
 # The paper's other sets: their layout, refused until it is read (a plain class-folder
 # reading would mix their train and test images or take the wrong names).
 NOT_READ = {
-    "food101": "food-101/images/<class>/*.jpg with meta/test.txt and meta/classes.txt",
-    "sun397": "SUN397/<letter>/<class>/*.jpg with a Partitions/Testing_01.txt split",
-    "dtd": "dtd/images/<class>/*.jpg with labels/test1.txt",
-    "fgvc-aircraft": "fgvc-aircraft-2013b/data/images/*.jpg with data/images_variant_test.txt",
+    "sun397": "SUN397/<letter>/<class>/*.jpg with ClassName.txt (CLIP_benchmark reads all "
+              "of its images, torchvision's SUN397)",
     "stanford-cars": "stanford_cars/cars_test/*.jpg with devkit/cars_meta.mat and "
                      "cars_test_annos_withlabels.mat",
     "ucf101": "UCF-101-midframes/<class>/*.jpg (CoOp's middle frames; CLIP_benchmark has no "
@@ -71,12 +79,15 @@ def clip_benchmark_data(file: str) -> dict:
                            "'dive_fast[suite]' (or pip install --no-deps clip_benchmark)") from None
 
 
-def names_and_templates(key: str) -> tuple[tuple, tuple]:
-    names = tuple(clip_benchmark_data("en_classnames.json")[key])
+def templates_of(key: str) -> tuple:
     listed = clip_benchmark_data("en_zeroshot_classification_templates.json")[key]
     templates = tuple(t.replace("{c}", "{}") for t in listed)  # its templates say {c}
     check_templates(templates, f"clip_benchmark's {key} templates")
-    return names, templates
+    return templates
+
+
+def names_and_templates(key: str) -> tuple[tuple, tuple]:
+    return tuple(clip_benchmark_data("en_classnames.json")[key]), templates_of(key)
 
 
 def _refuse(name: str, root: Path, what: str):
@@ -133,6 +144,50 @@ def _flowers(root: Path) -> list:
     return [(root / "jpg" / f"image_{int(i):05d}.jpg", int(labels[int(i) - 1]) - 1) for i in test]
 
 
+def _split_lines(name: str, file: Path) -> list[str]:
+    if not file.is_file():
+        _refuse(name, file.parents[1], f"no {file}")
+    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
+
+
+def _food101(root: Path) -> tuple[list, tuple]:
+    """torchvision's Food101: classes the sorted keys of meta/test.json; names with spaces
+    for underscores (CLIP_benchmark's)."""
+    split = root / "meta" / "test.json"
+    if not split.is_file():
+        _refuse("food101", root, f"no {split}")
+    listed = json.loads(split.read_text())
+    classes = sorted(listed)
+    samples = [(root / "images" / f"{rel}.jpg", k) for k, c in enumerate(classes)
+               for rel in listed[c]]
+    return samples, tuple(c.replace("_", " ") for c in classes)
+
+
+def _dtd(root: Path) -> tuple[list, tuple]:
+    """torchvision's DTD: classes the sorted class folders named in labels/test1.txt."""
+    files = [line.split("/") for line in _split_lines("dtd", root / "labels" / "test1.txt")]
+    classes = sorted({c for c, _ in files})
+    index = {c: k for k, c in enumerate(classes)}
+    return [(root / "images" / c / f, index[c]) for c, f in files], tuple(classes)
+
+
+def _aircraft(root: Path) -> tuple[list, tuple]:
+    """torchvision's FGVCAircraft (variants): classes in data/variants.txt's order."""
+    data = root / "data"
+    classes = _split_lines("fgvc-aircraft", data / "variants.txt")
+    index = {c: k for k, c in enumerate(classes)}
+    samples = []
+    for line in _split_lines("fgvc-aircraft", data / "images_variant_test.txt"):
+        image, variant = line.split(" ", 1)
+        if variant not in index:
+            _refuse("fgvc-aircraft", root, f"variant {variant!r} is not in variants.txt")
+        samples.append((data / "images" / f"{image}.jpg", index[variant]))
+    return samples, tuple(classes)
+
+
+FILE_NAMED = {"food101": _food101, "dtd": _dtd, "fgvc-aircraft": _aircraft}  # names: files'
+
+
 class SuiteSet(ImageFolderTask):
     """One set of the suite: its samples from the release's layout, CLIP_benchmark's names
     and templates (``templates`` overrides them); reads as an ``ImageFolderTask``."""
@@ -146,7 +201,11 @@ class SuiteSet(ImageFolderTask):
                              "with a classnames.txt")
         if not root.is_dir():
             raise FileNotFoundError(f"{key}: folder not found: {root}")
-        self.classnames, default = names_and_templates(READ[key][0])
+        if key in FILE_NAMED:
+            samples, self.classnames = FILE_NAMED[key](root)
+            default = templates_of(READ[key][0])
+        else:
+            self.classnames, default = names_and_templates(READ[key][0])
         if key == "caltech101":
             samples = _by_class_folder(key, root, "101_ObjectCategories",
                                        len(self.classnames))
@@ -154,7 +213,7 @@ class SuiteSet(ImageFolderTask):
             samples = _by_class_folder(key, root, "2750", len(self.classnames))
         elif key == "oxford-pets":
             samples = _pets(root)
-        else:
+        elif key == "flowers102":
             samples = _flowers(root)
         bad = sorted({label for _, label in samples if not 0 <= label < len(self.classnames)})
         if bad:

@@ -101,11 +101,52 @@ def test_flowers102_by_its_test_split_and_label_files(tmp_path):
         str(root / "jpg" / "image_00005.jpg"): "hard-leaved pocket orchid"}
 
 
+def test_food101_by_its_test_split_with_its_own_class_names(tmp_path):
+    root = tmp_path / "food-101"
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "test.json").write_text(
+        '{"waffles": ["waffles/7"], "apple_pie": ["apple_pie/12", "apple_pie/3"], '
+        '"baby_back_ribs": ["baby_back_ribs/5"]}')
+    ds = SuiteSet("food101", root, None)
+    assert _named(ds) == {str(root / "images" / "apple_pie" / "12.jpg"): "apple pie",
+                          str(root / "images" / "apple_pie" / "3.jpg"): "apple pie",
+                          str(root / "images" / "baby_back_ribs" / "5.jpg"): "baby back ribs",
+                          str(root / "images" / "waffles" / "7.jpg"): "waffles"}
+    assert "a photo of {}, a type of food." in ds.templates
+
+
+def test_dtd_by_its_first_test_split(tmp_path):
+    root = tmp_path / "dtd"
+    (root / "labels").mkdir(parents=True)
+    (root / "labels" / "test1.txt").write_text(
+        "zigzagged/zigzagged_0010.jpg\nbanded/banded_0004.jpg\nlined/lined_0001.jpg\n")
+    assert _named(SuiteSet("dtd", root, None)) == {
+        str(root / "images" / "banded" / "banded_0004.jpg"): "banded",
+        str(root / "images" / "lined" / "lined_0001.jpg"): "lined",
+        str(root / "images" / "zigzagged" / "zigzagged_0010.jpg"): "zigzagged"}
+
+
+def test_fgvc_aircraft_by_variant_in_the_variants_files_order(tmp_path):
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    data.mkdir(parents=True)
+    (data / "variants.txt").write_text("707-320\nA300B4\nCessna 172\n")
+    (data / "images_variant_test.txt").write_text(
+        "1514522 Cessna 172\n0056978 707-320\n0062781 A300B4\n")
+    ds = SuiteSet("fgvc-aircraft", tmp_path / "fgvc-aircraft-2013b", None)
+    assert ds.samples == [(data / "images" / "1514522.jpg", 2),
+                          (data / "images" / "0056978.jpg", 0),
+                          (data / "images" / "0062781.jpg", 1)]
+    assert ds.classnames == ("707-320", "A300B4", "Cessna 172")
+    (data / "images_variant_test.txt").write_text("1514522 Cessna 182\n")
+    with pytest.raises(ValueError, match=r"variant 'Cessna 182' is not in variants.txt"):
+        SuiteSet("fgvc-aircraft", tmp_path / "fgvc-aircraft-2013b", None)
+
+
 def test_the_sets_not_read_are_refused_by_name_with_their_layout(tmp_path):
-    with pytest.raises(ValueError, match=r"--task 'zeroshot:food101:.*': food101's layout "
-                                         r"\(food-101/images/<class>/\*.jpg with meta/test.txt "
-                                         r".*\) is not read yet"):
-        validate.eval_folders([f"zeroshot:food101:{tmp_path}"])
+    with pytest.raises(ValueError, match=r"--task 'zeroshot:sun397:.*': sun397's layout "
+                                         r"\(SUN397/<letter>/<class>/\*.jpg with "
+                                         r"ClassName.txt .*\) is not read yet"):
+        validate.eval_folders([f"zeroshot:sun397:{tmp_path}"])
     with pytest.raises(ValueError, match=r"stanford-cars's layout"):
         SuiteSet("cars", tmp_path, None)
 
@@ -116,7 +157,9 @@ def test_the_paper_suite_adds_the_sets_present_and_names_the_others(tmp_path, ca
     with caplog.at_level(logging.WARNING):
         tasks = with_suite(given, "paper", tmp_path)
     assert tasks == given + [f"zeroshot:eurosat:{tmp_path / 'eurosat'}"]
-    assert "caltech101; flowers102; food101 (layout not read yet)" in caplog.text
+    assert ("caltech101; flowers102; food101; sun397 (layout not read yet); dtd; "
+            "fgvc-aircraft; stanford-cars (layout not read yet); oxford-pets; ucf101 (layout "
+            "not read yet)") in caplog.text
     args = evaluate.build_parser().parse_args(["--zeroshot-suite", "paper", str(tmp_path)])
     evaluate.check_args(args)
     assert args.task == [f"zeroshot:eurosat:{tmp_path / 'eurosat'}"]
