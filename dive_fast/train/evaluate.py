@@ -114,15 +114,16 @@ def score_variants(model, variants: list, loader, device="cpu", desc: str | None
     ``variants``: (set_weights or None, head) pairs; ``set_weights()`` puts that variant's
     weights into ``model`` (a WiSE-FT mix) before its forward."""
     tallies = [Tally(head.shape[0], owner, head.device) for _, head in variants]
-    skipped = 0
+    skipped, applied = 0, None
     for images, labels, n_skipped in progress_bar(loader, desc=desc, leave=False,
                                                   disable=desc is None):
         skipped += n_skipped
         if images is None:
             continue
         for (set_weights, head), tally in zip(variants, tallies):
-            if set_weights is not None:
+            if set_weights is not None and set_weights is not applied:  # one variant: once
                 set_weights()
+                applied = set_weights
             tally.add(logits(model, head, images, device, amp_dtype).float(), labels)
     return [t.result() for t in tallies], tallies[0].seen, skipped
 
@@ -168,14 +169,15 @@ def rsa(pre: torch.Tensor, ft: torch.Tensor) -> float:
 def embed_pairs(model, tokenizer, loader, device="cpu", amp_dtype=None, weight_setters=(None,)):
     """[(image embeddings, text embeddings)] of the pairs, one per weight setter (None: the
     model as it is), in one pass over ``loader``."""
-    found = [([], []) for _ in weight_setters]
+    found, applied = [([], []) for _ in weight_setters], None
     for images, texts, _ in loader:
         if images is None:
             continue
         tokens = tokenizer(texts).to(device)
         for set_weights, (imgs, txts) in zip(weight_setters, found):
-            if set_weights is not None:
+            if set_weights is not None and set_weights is not applied:  # one variant: once
                 set_weights()
+                applied = set_weights
             with autocast(device, amp_dtype):
                 imgs.append(model.encode_image(images.to(device), normalize=True).float().cpu())
                 txts.append(model.encode_text(tokens, normalize=True).float().cpu())
@@ -559,7 +561,7 @@ def wise_ft_sweep(args, bundle, sets, common) -> dict:
     ones, each set read once for all; rows appended to --results, the plot beside it,
     each mix written to --save-weights."""
     model, alphas = bundle.model, args.wise_ft_alphas
-    mix = WeightMix(model, model_state(common["pre_model"]), model_state(model))
+    mix = WeightMix(model, common["pre_model"].state_dict(), model_state(model))
     if args.save_weights:
         for alpha in alphas:
             mix.set(alpha)

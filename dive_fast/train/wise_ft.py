@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from . import validate
+
 log = logging.getLogger(__name__)
 
 
@@ -30,8 +32,8 @@ def parse_alphas(text: str, flag: str = "--wise-ft") -> list[float]:
             alphas = [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
         raise ValueError(expected) from None
-    if not all(math.isfinite(a) for a in alphas):
-        raise ValueError(expected)
+    for alpha in alphas:
+        validate.number(flag, alpha)  # a finite number
     return list(dict.fromkeys(alphas))
 
 
