@@ -75,10 +75,19 @@ def plot_id_ood(rows: list[dict], path) -> bool:
         log.warning("no ID-vs-OOD plot: matplotlib is not installed (pip install matplotlib)")
         return False
     fig, ax = plt.subplots(figsize=(5, 4))
-    x, y, alphas = zip(*sorted(points, key=lambda p: p[2]))
-    ax.plot([100 * v for v in x], [100 * v for v in y], "o-")
+    points.sort(key=lambda p: p[2])
+    x, y, _ = zip(*points)
+    ax.plot([100 * v for v in x], [100 * v for v in y], "o-", label="mixes")
+    ends = [points[0], points[-1]]  # the line a mix above it beats: effective robustness
+    ax.plot([100 * e[0] for e in ends], [100 * e[1] for e in ends], "--", color="grey",
+            label=f"alpha {ends[0][2]:g} to {ends[1][2]:g}")
+    labels: dict = {}  # mixes at one point share a label ("0.5, 1")
     for xi, yi, a in points:
-        ax.annotate(f"{a:g}", (100 * xi, 100 * yi), textcoords="offset points", xytext=(4, 4))
+        labels.setdefault((xi, yi), []).append(f"{a:g}")
+    for (xi, yi), names in labels.items():
+        ax.annotate(", ".join(names), (100 * xi, 100 * yi), textcoords="offset points",
+                    xytext=(4, 4))
+    ax.legend(loc="best", fontsize="small")
     ax.set_xlabel("ID accuracy (%, mean)")
     ax.set_ylabel("OOD accuracy (%, mean)")
     ax.set_title("WiSE-FT: alpha 0 zero-shot, 1 fine-tuned")
