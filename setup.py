@@ -51,6 +51,10 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "dive_fast" / "__init__
 TRAIN = ["open_clip_torch>=3.0", "numpy", "pillow", "tqdm", "webdataset", "braceexpand",
          "safetensors", "pandas", "tensorboard", "matplotlib"]
 TEST = ["pytest>=7.3", "pytest-benchmark", "scipy", "ruff"]
+# The paper's zero-shot suite (--zeroshot-suite paper, --task zeroshot:flowers102:PATH): class
+# names and templates from clip_benchmark's data files (its builder is never imported, so
+# `pip install --no-deps clip_benchmark` is enough); scipy reads Flowers102's label files.
+SUITE = ["clip_benchmark>=1.6", "scipy"]
 
 
 def cuda_toolkit_root():
@@ -171,7 +175,8 @@ setup(
     package_data={"dive_fast.train": ["model_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"train": TRAIN, "test": TRAIN + TEST, "triton": ["triton"]},
+    extras_require={"train": TRAIN, "test": TRAIN + TEST, "suite": TRAIN + SUITE,
+                    "triton": ["triton"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
     zip_safe=False,

@@ -24,23 +24,10 @@ from .loaders import batches, reference_data, target_data
 from .methods import METHODS, Method, MethodConfig, make_method
 from .models import TINY_MODELS, ClipBundle, compile_towers, load_clip
 from .open_clip_flags import adamw_settings
+from .precision import autocast_dtype
 from .step import NonFiniteGuard, train_step
 
 log = logging.getLogger("dive_fast.train")
-
-PRECISIONS = {  # --precision (open_clip's names) -> the autocast dtype (None: float32)
-    "auto": "auto", "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16,
-    "amp": torch.float16, "amp_fp16": torch.float16, "fp32": None}
-# open_clip's "bf16" (and "pure_bf16") cast the weights themselves: not offered under that name.
-
-
-def autocast_dtype(precision: str, device: str):
-    """--precision as an autocast dtype (None: float32); auto is bf16 on GPUs only."""
-    dtype = PRECISIONS[precision]
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else None
-    return dtype
-
 
 def ensure_pretrained(args) -> str | None:
     """The weights the run loads: ``--pretrained`` as given, or for a tiny config without it

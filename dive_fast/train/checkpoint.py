@@ -114,8 +114,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def load_model_weights(model: torch.nn.Module, path) -> dict:
-    """Load the model part of a dive_fast.train checkpoint (or a bare state dict)."""
-    ckpt = load_checkpoint(path)
+    """Load the model part of a dive_fast.train checkpoint (or a bare state dict, or a
+    weights-only .safetensors: final.safetensors, best.safetensors)."""
+    if str(path).endswith(".safetensors"):
+        from .weights import load_weights
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        ckpt = load_weights(path)
+    else:
+        ckpt = load_checkpoint(path)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
     try:
         model.load_state_dict(state)

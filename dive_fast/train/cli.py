@@ -18,15 +18,18 @@ import torch
 
 from .._cli.arguments import DefaultsFormatter, run_checked
 from . import data, distributed, parallel, protocol, runlock, validate
-from .build import PRECISIONS
 from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
+from .evaluate import SUMMARY_METRICS
 from .fileio import DiskFull
 from .methods import METHODS
 from .models import CACHE_ENV, HF_HUB, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
 from .open_clip_flags import REFUSED_VALUES, RefuseValues, adamw_settings, add_refusals
+from .precision import PRECISIONS
 from .runlock import FolderInUse
+from .suite import with_suite
 from .trainer import run_owned
+from .wise_ft import parse_alphas
 
 EXAMPLES = """\
 examples:
@@ -215,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
            "imagenetv2-matched-frequency-format-val, imagenet-r, imagenet-a, sketch, "
            "objectnet-1.0/images; "
            "docs/training.md), each read by its standard protocol")
+    g("--zeroshot-suite", nargs=2, default=None, metavar=("SUITE", "DIR"),
+      help="add the paper's ten zero-shot sets found under DIR by their usual folder names "
+           "(SUITE: paper; docs/training.md: each set's layout), naming those absent")
     g("--rsa-csv", default=None, help="held-out pairs (open_clip CSV) for RSA")
     g("--rsa-shards", default=None, help="held-out pairs (webdataset shards) for RSA")
     g("--rsa-size", type=int, default=256, help="held-out pairs used for RSA")
@@ -225,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     g("--zeroshot-frequency", type=float, default=None,
       help="open_clip's spelling, in epochs: --eval-every that many epochs' steps")
     g("--wise-ft", default="0.5",
-      help="comma-separated WiSE-FT mixing weights to evaluate, '' for none")
+      help="WiSE-FT mixing weights to evaluate: comma-separated (0.5,0.75) or a grid "
+           "START:STOP:STEP (0:1:0.1); '' for none")
+    g("--keep-best", default=None, choices=list(SUMMARY_METRICS), metavar="METRIC",
+      help="keep best.safetensors in --out: the weights whose METRIC was the highest at the "
+           "--eval-every evaluations and the final one (best.json says which step); METRIC: "
+           "id_mean, ood_mean, zeroshot_mean (each kind's mean of its sets' reported "
+           "metrics) or id_top1, ood_top1, zeroshot_top1 (their mean top-1)")
 
     g = p.add_argument_group("output").add_argument
     g("--out", default="runs/miniature",
@@ -384,12 +396,11 @@ def check_args(args, world_size: int = 1) -> None:
         raise ValueError(f"--warmup {args.warmup} is longer than the run's {args.steps} steps")
     if args.reference_csv and args.reference_shards:
         raise ValueError("give one of --reference-csv and --reference-shards, not both")
-    try:
-        args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
-    except ValueError:
-        raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
-    for alpha in args.wise_ft_alphas:
-        validate.number("--wise-ft", alpha)
+    args.wise_ft_alphas = parse_alphas(args.wise_ft)
+    if args.keep_best and not (args.eval_every and METHODS[args.method].trains):
+        raise ValueError(f"--keep-best {args.keep_best}: needs evaluations during training to "
+                         "choose among: --eval-every N (or --zeroshot-frequency) and a method "
+                         "that trains")
     args.report_to = ",".join(reporters(args.report_to))
 
 
@@ -496,6 +507,9 @@ def check_inputs(args, world_size: int = 1) -> None:
     if args.imagenet_root:
         args.task = protocol.with_imagenet_root(args.task, args.imagenet_root)
         args.imagenet_root = None  # now in --task (a checked run is not expanded twice)
+    if args.zeroshot_suite:
+        args.task = with_suite(args.task, *args.zeroshot_suite)
+        args.zeroshot_suite = None  # now in --task
     validate.eval_folders(args.task)
     # What the data is, by content (a resume must see the same data, however it is spelled).
     args.data_ids = {"target": None, "reference": None}

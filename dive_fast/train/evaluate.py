@@ -3,6 +3,7 @@ accuracy; RSA between the pre-trained and the fine-tuned embedding geometry.
 
     python -m dive_fast.train.evaluate                                  # pre-trained tiny model
     python -m dive_fast.train.evaluate --checkpoint runs/x/checkpoints/step-00000300.pt
+    python -m dive_fast.train.evaluate --checkpoint runs/x --wise-ft 0:1:0.1   # WiSE-FT sweep
     python -m dive_fast.train.evaluate --model ViT-B-16 --pretrained openai \\
         --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch
 """
@@ -19,7 +20,6 @@ from ..world.tasks import TASKS
 from . import validate
 from .checkpoint import load_model_weights
 from .data import (
-    ImageFolderTask,
     WorldCaptions,
     WorldTask,
     add_csv_flags,
@@ -27,68 +27,113 @@ from .data import (
     csv_options,
     heldout_pairs,
 )
-from .fileio import atomic_write_json
+from .fileio import append_rows, atomic_write_json
 from .models import find_pretrained, load_clip
+from .precision import PRECISIONS, autocast_dtype
 from .protocol import chosen_templates, projection_rows, with_imagenet_root
+from .suite import eval_dataset, with_suite
 from .validate import KINDS, TASK_METRICS, EvalFolder
+from .weights import FINAL, model_state, save_weights
+from .wise_ft import WeightMix, parse_alphas, plot_id_ood
+
+PROMPTS_PER_BATCH = 1024  # text forwards of ~1024 prompts: ImageNet's 1000 x 80 in ~80
+
+
+def autocast(device, dtype):
+    """The run's autocast (``dtype`` None: float32), around every forward of an evaluation,
+    as open_clip's zero-shot evaluation runs under its --precision."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.no_grad()
 def zeroshot_head(model, tokenizer, classnames, templates, device="cpu",
-                  prompts_per_batch: int = 1024) -> torch.Tensor:
-    """[classes, dim]: per class the normalised mean of its normalised prompt embeddings,
-    batched over classes (ImageNet's 1000 x 80 prompts in ~80 forwards, not 1000)."""
-    rows, per = [], max(1, prompts_per_batch // len(templates))
-    for start in range(0, len(classnames), per):
-        names = classnames[start:start + per]
-        tokens = tokenizer([t.format(c) for c in names for t in templates]).to(device)
-        emb = model.encode_text(tokens, normalize=True).float()
-        emb = emb.view(len(names), len(templates), -1).mean(1)
-        rows.append(emb / emb.norm(dim=-1, keepdim=True))
-    return torch.cat(rows)
+                  amp_dtype=None) -> torch.Tensor:
+    """[classes, dim] float32: per class the normalised mean of its normalised prompt
+    embeddings, built by open_clip's ``build_zero_shot_classifier`` under the run's
+    autocast, batched over classes."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    with autocast(device, amp_dtype):
+        weights = build_zero_shot_classifier(
+            model, tokenizer, list(classnames), list(templates),
+            num_classes_per_batch=max(1, PROMPTS_PER_BATCH // len(templates)), device=device)
+    return weights.T.float()
 
 
 METRICS = TASK_METRICS  # what a --task may report (PATH@METRIC)
 
 
+class Tally:
+    """One set's top-1, top-5 and macro-F1 counts, batch by batch. ``owner``: the class each
+    head row scores, a class's logit the largest of its rows' (ObjectNet's projection);
+    None: row k is class k."""
+
+    def __init__(self, rows: int, owner: list[int] | None = None, device="cpu"):
+        self.classes = rows if owner is None else max(owner) + 1
+        self.owner = None if owner is None else torch.tensor(owner, device=device)
+        self.top1 = self.top5 = self.seen = 0
+        self.true_pos, self.predicted, self.actual = (
+            torch.zeros(self.classes, dtype=torch.long) for _ in range(3))
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.owner is not None:
+            logits = logits.new_full((len(logits), self.classes), float("-inf")).scatter_reduce(
+                1, self.owner.expand(len(logits), -1), logits, "amax")
+        best = logits.topk(min(5, self.classes), dim=1).indices.cpu()
+        hit = best.eq(labels[:, None])
+        self.top1 += int(hit[:, 0].sum())
+        self.top5 += int(hit.any(1).sum())
+        self.seen += labels.numel()
+        self.true_pos += torch.bincount(labels[hit[:, 0]], minlength=self.classes)
+        self.predicted += torch.bincount(best[:, 0], minlength=self.classes)
+        self.actual += torch.bincount(labels, minlength=self.classes)
+
+    def result(self) -> dict:
+        """top5 is None for 5 classes or fewer (it would be 1 by construction); macro_f1 is
+        the mean F1 over the classes that occur in the labels (WILDS's, as iWildCam is
+        scored)."""
+        if not self.seen:
+            return {m: float("nan") for m in METRICS}
+        present = self.actual > 0
+        f1 = 2 * self.true_pos[present] / (self.actual[present] + self.predicted[present])
+        return {"top1": self.top1 / self.seen,
+                "top5": self.top5 / self.seen if self.classes > 5 else None,
+                "macro_f1": float(f1.double().mean())}
+
+
+def logits(model, head: torch.Tensor, images, device="cpu", amp_dtype=None) -> torch.Tensor:
+    """Image features against a head's rows, under the run's autocast (open_clip's way)."""
+    with autocast(device, amp_dtype):
+        return model.encode_image(images.to(device), normalize=True) @ head.T
+
+
 @torch.no_grad()
-def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None,
-           owner: list[int] | None = None):
-    """({top1, top5, macro_f1}, samples seen, samples skipped); streams, memory flat in set
-    size. top5 is None for a set of 5 classes or fewer (it would be 1 by construction);
-    macro_f1 is the mean F1 over the classes that occur in the labels (WILDS's, as
-    iWildCam is scored). ``owner``: the class each head row scores, a class's logit the
-    largest of its rows' (ObjectNet's projection); None: row k is class k."""
-    classes = head.shape[0] if owner is None else max(owner) + 1
-    if owner is not None:
-        owner = torch.tensor(owner, device=head.device)
-    k = min(5, classes)
-    top1 = top5 = seen = skipped = 0
-    true_pos, predicted, actual = (torch.zeros(classes, dtype=torch.long) for _ in range(3))
+def score_variants(model, variants: list, loader, device="cpu", desc: str | None = None,
+                   owner: list[int] | None = None, amp_dtype=None):
+    """([{top1, top5, macro_f1} per variant], samples seen, samples skipped) in one pass over
+    ``loader`` (each image read once for all of them); streams, memory flat in set size.
+    ``variants``: (set_weights or None, head) pairs; ``set_weights()`` puts that variant's
+    weights into ``model`` (a WiSE-FT mix) before its forward."""
+    tallies = [Tally(head.shape[0], owner, head.device) for _, head in variants]
+    skipped, applied = 0, None
     for images, labels, n_skipped in progress_bar(loader, desc=desc, leave=False,
                                                   disable=desc is None):
         skipped += n_skipped
         if images is None:
             continue
-        feats = model.encode_image(images.to(device), normalize=True).float()
-        logits = feats @ head.T
-        if owner is not None:
-            logits = logits.new_full((len(logits), classes), float("-inf")).scatter_reduce(
-                1, owner.expand(len(logits), -1), logits, "amax")
-        best = logits.topk(k, dim=1).indices.cpu()
-        hit = best.eq(labels[:, None])
-        top1 += int(hit[:, 0].sum())
-        top5 += int(hit.any(1).sum())
-        seen += labels.numel()
-        true_pos += torch.bincount(labels[hit[:, 0]], minlength=classes)
-        predicted += torch.bincount(best[:, 0], minlength=classes)
-        actual += torch.bincount(labels, minlength=classes)
-    if not seen:
-        return {m: float("nan") for m in METRICS}, 0, skipped
-    present = actual > 0
-    f1 = 2 * true_pos[present] / (actual[present] + predicted[present])
-    return {"top1": top1 / seen, "top5": top5 / seen if classes > 5 else None,
-            "macro_f1": float(f1.double().mean())}, seen, skipped
+        for (set_weights, head), tally in zip(variants, tallies):
+            if set_weights is not None and set_weights is not applied:  # one variant: once
+                set_weights()
+                applied = set_weights
+            tally.add(logits(model, head, images, device, amp_dtype).float(), labels)
+    return [t.result() for t in tallies], tallies[0].seen, skipped
+
+
+def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None,
+           owner: list[int] | None = None, amp_dtype=None):
+    """({top1, top5, macro_f1}, samples seen, samples skipped) of one model and head."""
+    (found,), seen, skipped = score_variants(model, [(None, head)], loader, device, desc,
+                                             owner, amp_dtype)
+    return found, seen, skipped
 
 
 def accuracy(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None):
@@ -121,21 +166,34 @@ def rsa(pre: torch.Tensor, ft: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def embed_pairs(model, tokenizer, loader, device="cpu"):
-    imgs, txts = [], []
+def embed_pairs(model, tokenizer, loader, device="cpu", amp_dtype=None, weight_setters=(None,)):
+    """[(image embeddings, text embeddings)] of the pairs, one per weight setter (None: the
+    model as it is), in one pass over ``loader``."""
+    found, applied = [([], []) for _ in weight_setters], None
     for images, texts, _ in loader:
         if images is None:
             continue
-        imgs.append(model.encode_image(images.to(device), normalize=True).float().cpu())
-        txts.append(model.encode_text(tokenizer(texts).to(device), normalize=True).float().cpu())
-    return torch.cat(imgs), torch.cat(txts)
+        tokens = tokenizer(texts).to(device)
+        for set_weights, (imgs, txts) in zip(weight_setters, found):
+            if set_weights is not None and set_weights is not applied:  # one variant: once
+                set_weights()
+                applied = set_weights
+            with autocast(device, amp_dtype):
+                imgs.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+                txts.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return [(torch.cat(imgs), torch.cat(txts)) for imgs, txts in found]
 
 
-def rsa_report(pre_model, model, tokenizer, loader, device="cpu") -> dict:
-    pi, pt = embed_pairs(pre_model, tokenizer, loader, device)
-    fi, ft = embed_pairs(model, tokenizer, loader, device)
-    return {"image": rsa(pi, fi), "text": rsa(pt, ft),
-            "joint": rsa(torch.cat((pi, pt)), torch.cat((fi, ft)))}
+def rsa_of(pre: tuple, ft: tuple) -> dict:
+    (pi, pt), (fi, ft_) = pre, ft
+    return {"image": rsa(pi, fi), "text": rsa(pt, ft_),
+            "joint": rsa(torch.cat((pi, pt)), torch.cat((fi, ft_)))}
+
+
+def rsa_report(pre_model, model, tokenizer, loader, device="cpu", amp_dtype=None) -> dict:
+    (pre,) = embed_pairs(pre_model, tokenizer, loader, device, amp_dtype)
+    (ft,) = embed_pairs(model, tokenizer, loader, device, amp_dtype)
+    return rsa_of(pre, ft)
 
 
 def world_eval_sets(transform, n_per_task=500, seed=0, size=32):
@@ -171,7 +229,8 @@ def trained_head(heads: dict, classnames) -> tuple[torch.Tensor | None, str | No
     return None, None
 
 
-def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu"):
+def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu",
+             amp_dtype=None):
     """(head [rows, dim], note): the trained head when it covers the set's classes, else the
     zero-shot head. A subset of a larger class list (ImageNet-R's 200 of ImageNet's 1000,
     ObjectNet's 113: ``head_classes``, ``projection``) is scored with the larger head's
@@ -192,45 +251,89 @@ def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu"):
     built = cache.setdefault(tuple(dataset.templates), {})
     todo = list(dict.fromkeys(c for c in names if c not in built))
     if todo:
-        built.update(zip(todo, zeroshot_head(model, tokenizer, todo, dataset.templates, device)))
+        built.update(zip(todo, zeroshot_head(model, tokenizer, todo, dataset.templates, device,
+                                             amp_dtype)))
     return torch.stack([built[c] for c in names]), note
 
 
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
-             batch_size=256, workers=0, progress=True, heads=None) -> dict:
+             batch_size=256, workers=0, progress=True, heads=None, amp_dtype=None) -> dict:
     """The report: per set grouped by kind its metric (top-1 unless the set's ``metric``
     says otherwise), their means, every set's top-1, top-5 and macro-F1 in "metrics", and
-    RSA (if pre_model).
+    RSA (if pre_model). Forwards run under ``amp_dtype``'s autocast (None: float32).
 
     ``heads`` maps class-name tuples to trained classifier weights [classes, dim] (FT's
     linear head), used instead of the zero-shot head for sets with those classes."""
+    (report,) = evaluate_variants(model, tokenizer, eval_sets, [(None, heads)],
+                                  pre_model=pre_model, rsa_set=rsa_set, device=device,
+                                  batch_size=batch_size, workers=workers, progress=progress,
+                                  amp_dtype=amp_dtype)
+    return report
+
+
+def evaluate_variants(model, tokenizer, eval_sets: dict, variants: list, *, pre_model=None,
+                      rsa_set=None, device="cpu", batch_size=256, workers=0, progress=True,
+                      amp_dtype=None) -> list[dict]:
+    """``evaluate``'s report for each of ``variants``, (set_weights or None, heads or None)
+    pairs, reading each set once for all: ``set_weights()`` puts a variant's weights
+    (a WiSE-FT mix) into ``model`` before each of its forwards."""
     model.eval()
-    report = {k: {} for k in KINDS}
+    reports = [{k: {} for k in KINDS} for _ in variants]
+    caches = [{} for _ in variants]  # per variant {templates: {class name: zero-shot row}}
     skipped = 0
-    zeroshot_rows = {}  # {templates: {class name: row}}, shared by the sets
     for name, (kind, dataset) in eval_sets.items():
-        head, note = set_head(model, tokenizer, dataset, heads or {}, zeroshot_rows, device)
-        if note:
-            report.setdefault("notes", {})[name] = note
+        scored = []
+        for (set_weights, heads), cache, report in zip(variants, caches, reports):
+            if set_weights is not None:
+                set_weights()
+            head, note = set_head(model, tokenizer, dataset, heads or {}, cache, device,
+                                  amp_dtype)
+            scored.append((set_weights, head))
+            if note:
+                report.setdefault("notes", {})[name] = note
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
         owner = projection_rows(dataset.projection)[1] \
             if getattr(dataset, "head_classes", None) is not None else None
-        found, seen, n_skipped = scores(model, head, loader, device,
-                                        desc=name if progress else None, owner=owner)
+        found_all, seen, n_skipped = score_variants(
+            model, scored, loader, device, desc=name if progress else None, owner=owner,
+            amp_dtype=amp_dtype)
         metric = getattr(dataset, "metric", "top1")  # the task's own (--task ...@macro_f1)
-        report[kind][name] = found[metric] if seen else None
-        report.setdefault("metrics", {})[name] = {**found, "reported": metric} if seen else None
-        if not seen:
-            report.setdefault("notes", {})[name] = f"no readable image ({n_skipped} unreadable)"
+        for found, report in zip(found_all, reports):
+            report[kind][name] = found[metric] if seen else None
+            report.setdefault("metrics", {})[name] = \
+                {**found, "reported": metric} if seen else None
+            if not seen:
+                report.setdefault("notes", {})[name] = \
+                    f"no readable image ({n_skipped} unreadable)"
         skipped += n_skipped
-    for kind in KINDS:
-        vals = [v for v in report[kind].values() if v is not None]
-        report[f"{kind}_mean"] = sum(vals) / len(vals) if vals else None
+    for report in reports:
+        for kind in KINDS:
+            vals = [v for v in report[kind].values() if v is not None]
+            report[f"{kind}_mean"] = sum(vals) / len(vals) if vals else None
+        report["skipped_images"] = skipped
     if pre_model is not None and rsa_set is not None:
         loader = DataLoader(rsa_set, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-        report["rsa"] = rsa_report(pre_model, model, tokenizer, loader, device)
-    report["skipped_images"] = skipped
-    return report
+        (pre,) = embed_pairs(pre_model, tokenizer, loader, device, amp_dtype)
+        embedded = embed_pairs(model, tokenizer, loader, device, amp_dtype,
+                               [set_weights for set_weights, _ in variants])
+        for report, ft in zip(reports, embedded):
+            report["rsa"] = rsa_of(pre, ft)
+    return reports
+
+
+# --keep-best METRIC: a kind's mean of its sets' reported metrics (top-1 unless a --task
+# says @macro_f1), or a kind's mean top-1
+SUMMARY_METRICS = tuple(f"{kind}_{stat}" for kind in KINDS for stat in ("mean", "top1"))
+
+
+def summary_value(report: dict, metric: str) -> float | None:
+    """``SUMMARY_METRICS`` of a report; None when no set of that kind has a value."""
+    kind, _, stat = metric.rpartition("_")
+    if stat == "mean":
+        return report[metric]
+    found = [m["top1"] for name in report[kind]
+             if (m := report.get("metrics", {}).get(name)) is not None]
+    return sum(found) / len(found) if found else None
 
 
 def _pct(x):
@@ -286,8 +389,8 @@ def folder_eval_sets(specs: list[EvalFolder], transform, templates=None) -> dict
     classes; a zero-shot set keeps its own."""
     sets = {}
     for t in specs:
-        folder = ImageFolderTask(t.path, transform, preset=t.preset,
-                                 templates=None if t.kind == "zeroshot" else templates)
+        folder = eval_dataset(t.path, transform, t.preset,
+                              None if t.kind == "zeroshot" else templates)
         folder.metric = t.metric  # what the report gives for it (``evaluate``)
         sets[t.name] = (t.kind, folder)
     return sets
@@ -300,6 +403,9 @@ examples:
       --checkpoint runs/miniature/checkpoints/step-00000300.pt
   python -m dive_fast.train.evaluate --model ViT-B-16 --pretrained openai \\
       --task id:imagenet:/data/imagenet/val --task ood:sketch:/data/imagenet-sketch
+  python -m dive_fast.train.evaluate --model ViT-B-16 --pretrained openai \\
+      --checkpoint runs/vitb16-dive --imagenet-root /data --wise-ft 0:1:0.1 \\
+      --save-weights runs/vitb16-dive/wise-ft     # every mix, one reading of the data
 """
 
 
@@ -314,14 +420,32 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default="dive-tiny", help="open_clip model name or a dive_fast tiny config")
     a("--pretrained", default=None,
       help="open_clip tag or checkpoint path (unset with a tiny config: its cached weights)")
-    a("--checkpoint", default=None,
-      help="a dive_fast.train checkpoint to evaluate (unset: the pre-trained model itself)")
+    a("--checkpoint", default=None, metavar="RUN_OR_FILE",
+      help="what to evaluate: a dive_fast.train checkpoint (.pt), a weights file "
+           "(.safetensors) or a run folder (its final.safetensors, else its newest "
+           "checkpoint); unset: the pre-trained model itself")
+    a("--wise-ft", default=None, metavar="ALPHAS",
+      help="with --checkpoint: evaluate the WiSE-FT mixes (1 - a) pre-trained + a "
+           "fine-tuned for each a, comma-separated (0.5,1) or START:STOP:STEP (0:1:0.1), "
+           "every set read once for all; rows appended to --results, ID-vs-OOD plot beside it")
+    a("--results", default=None, metavar="FILE",
+      help="--wise-ft: the JSONL file its rows are appended to (unset: wise_ft.jsonl in the "
+           "run folder); the plot is FILE with .png")
+    a("--save-weights", default=None, metavar="DIR",
+      help="--wise-ft: also write each mix as DIR/wise-ft-ALPHA.safetensors (open_clip "
+           "loads them with pretrained=FILE)")
+    a("--precision", choices=list(PRECISIONS), default="auto",
+      help="autocast of the forwards, as the run's (open_clip's names; auto: amp_bf16 on "
+           "GPUs, fp32 on CPUs)")
     a("--task", action="append", default=[], metavar="KIND:NAME:PATH",
       help="an evaluation image folder, KIND id, ood or zeroshot; repeat for more (unset: "
            "the generated world's tasks); PATH@macro_f1 reports macro-F1 (WILDS's) for it")
     a("--imagenet-root", default=None, metavar="DIR",
       help="add the paper's ImageNet sets found under DIR by their usual folder names "
            "(docs/training.md)")
+    a("--zeroshot-suite", nargs=2, default=None, metavar=("SUITE", "DIR"),
+      help="add the paper's ten zero-shot sets found under DIR by their usual folder names "
+           "(SUITE: paper; docs/training.md: each set's layout), naming those absent")
     a("--templates", default=None, metavar="openai|simple|PATH",
       help="prompt templates of the id and ood sets (unset: a folder's templates.txt, else "
            "openai for ImageNet's classes, else three generic ones)")
@@ -347,16 +471,58 @@ def check_args(args) -> list[EvalFolder]:
     if args.imagenet_root:
         args.task = with_imagenet_root(args.task, args.imagenet_root)
         args.imagenet_root = None  # now in --task
+    if args.zeroshot_suite:
+        args.task = with_suite(args.task, *args.zeroshot_suite)
+        args.zeroshot_suite = None  # now in --task
     folders = validate.eval_folders(args.task)
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
                         3 if name == "rsa_size" else 1)
     validate.rsa_pairs(args)
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
+    if args.checkpoint:
+        args.checkpoint = str(checkpoint_file(args.checkpoint))
+    args.wise_ft_alphas = parse_alphas(args.wise_ft) if args.wise_ft is not None else None
+    if args.wise_ft is not None and not args.checkpoint:
+        raise ValueError("--wise-ft mixes the pre-trained weights with --checkpoint's: give "
+                         "--checkpoint RUN_OR_FILE")
+    if args.wise_ft is not None and not args.wise_ft_alphas:
+        raise ValueError("--wise-ft: no mixing weight given (e.g. 0:1:0.1)")
+    for flag in ("results", "save_weights"):
+        if getattr(args, flag) and args.wise_ft is None:
+            raise ValueError(f"--{flag.replace('_', '-')} belongs to --wise-ft, which is unset")
+    if args.wise_ft is not None:
+        args.results = args.results or str(run_folder(args.checkpoint) / "wise_ft.jsonl")
+        if Path(args.results).is_dir():
+            raise ValueError(f"--results {args.results} is a folder; give the JSONL file to "
+                             "append to")
+        validate.writable_folder(Path(args.results).parent, "--results")
+        if args.save_weights:
+            validate.writable_folder(args.save_weights, "--save-weights")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the JSON file to write")
     return folders
+
+
+def checkpoint_file(given) -> Path:
+    """--checkpoint RUN_OR_FILE as the file to load: a run folder's final.safetensors, else
+    its newest checkpoint."""
+    path = Path(given)
+    if path.is_dir():
+        found = [path / FINAL] if (path / FINAL).is_file() else \
+            sorted((path / "checkpoints").glob("step-*.pt"))[-1:]
+        if not found:
+            raise FileNotFoundError(f"--checkpoint {given}: a run folder without {FINAL} or "
+                                    "checkpoints/step-*.pt; give the run's --out or a file")
+        return found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: checkpoint not found: {given}")
+    return path
+
+
+def run_folder(checkpoint) -> Path:
+    """The run a checkpoint file belongs to (the folder above checkpoints/)."""
+    folder = Path(checkpoint).parent
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def run(args) -> dict:
@@ -376,13 +542,40 @@ def run(args) -> dict:
     else:
         rsa_set = (world_rsa_set(tf, seed=args.world_seed, size=bundle.image_size)
                    if not args.task else None)
-    report = evaluate(bundle.model, bundle.tokenizer, sets, pre_model=pre_model, rsa_set=rsa_set,
-                      device=args.device, batch_size=args.batch_size, workers=args.workers)
-    label = "fine-tuned" if args.checkpoint else "zero-shot"
-    print(format_table({label: report}))
+    common = dict(pre_model=pre_model, rsa_set=rsa_set, device=args.device,
+                  batch_size=args.batch_size, workers=args.workers,
+                  amp_dtype=autocast_dtype(args.precision, args.device))
+    if args.wise_ft_alphas:
+        rows = wise_ft_sweep(args, bundle, sets, common)
+    else:
+        label = "fine-tuned" if args.checkpoint else "zero-shot"
+        rows = {label: evaluate(bundle.model, bundle.tokenizer, sets, **common)}
+    print(format_table(rows))
     if args.out:
-        atomic_write_json(args.out, report)
-    return report
+        atomic_write_json(args.out, rows if args.wise_ft_alphas else next(iter(rows.values())))
+    return rows if args.wise_ft_alphas else next(iter(rows.values()))
+
+
+def wise_ft_sweep(args, bundle, sets, common) -> dict:
+    """{'wise-ft ALPHA': report} of every mix of --checkpoint's weights with the pre-trained
+    ones, each set read once for all; rows appended to --results, the plot beside it,
+    each mix written to --save-weights."""
+    model, alphas = bundle.model, args.wise_ft_alphas
+    mix = WeightMix(model, common["pre_model"].state_dict(), model_state(model))
+    if args.save_weights:
+        for alpha in alphas:
+            mix.set(alpha)
+            save_weights(model.state_dict(), Path(args.save_weights) /
+                         f"wise-ft-{alpha:g}.safetensors")
+    reports = evaluate_variants(model, bundle.tokenizer, sets,
+                                [(mix.setter(alpha), None) for alpha in alphas], **common)
+    rows = [{"checkpoint": args.checkpoint, "model": args.model, "alpha": alpha, **report}
+            for alpha, report in zip(alphas, reports)]
+    append_rows(args.results, rows)
+    if plot_id_ood(rows, Path(args.results).with_suffix(".png")):
+        print(f"ID-vs-OOD plot: {Path(args.results).with_suffix('.png')}")
+    print(f"{len(rows)} rows appended to {args.results}")
+    return {f"wise-ft {alpha:g}": report for alpha, report in zip(alphas, reports)}
 
 
 def main(argv=None) -> dict:

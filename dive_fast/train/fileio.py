@@ -132,3 +132,15 @@ def atomic_write_json(path, obj: dict) -> Path:
     if found:
         clean["non_finite"] = found
     return atomic_write_text(path, json.dumps(clean, indent=2, allow_nan=False))
+
+
+def append_rows(path, rows: list[dict]) -> Path:
+    """Appends ``rows`` to a JSONL file as JSON lines (non-finite numbers as null), synced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    return path

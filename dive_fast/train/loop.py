@@ -14,13 +14,16 @@ from .._cli.progress import progress_bar
 from . import distributed, metrics_log, parallel
 from .build import Run, load_model
 from .checkpoint import atomic_save, checkpoint_state, prune
-from .evaluate import evaluate
+from .evaluate import evaluate, summary_value
 from .fileio import DiskFull
+from .precision import autocast_dtype
 
 
-def evaluate_during_training(run: Run, sets) -> dict | None:
+def evaluate_during_training(run: Run, sets, keep_best=None, step: int = 0) -> dict | None:
     """Rank 0's evaluation of the model being trained (its trained heads too), flattened for
-    the metrics log; every rank calls it (a sharded model is gathered first)."""
+    the metrics log; every rank calls it (a sharded model is gathered first). ``keep_best``
+    (``weights.KeepBest``, rank 0's) keeps the weights when --keep-best's metric is the best
+    so far."""
     args, method = run.args, run.method
     model = method.model
     if parallel.is_sharded(model):
@@ -31,7 +34,10 @@ def evaluate_during_training(run: Run, sets) -> dict | None:
     result = None
     if distributed.is_main():
         report = evaluate(model, run.bundle.tokenizer, sets, heads=method.eval_heads(),
-                          device=args.device, workers=args.workers, progress=False)
+                          device=args.device, workers=args.workers, progress=False,
+                          amp_dtype=autocast_dtype(args.precision, args.device))
+        if keep_best is not None:
+            keep_best.offer(step, summary_value(report, args.keep_best), model.state_dict())
         result = {f"eval/{name}": value for kind in ("id", "ood", "zeroshot")
                   for name, value in report[kind].items()}
         result.update({f"eval/{kind}_mean": report[f"{kind}_mean"]
@@ -43,7 +49,7 @@ def evaluate_during_training(run: Run, sets) -> dict | None:
 
 def train_loop(run: Run, evaluator=None) -> int:
     """Runs steps ``run.start_step`` .. ``--steps``; returns the unreadable samples skipped
-    (all ranks). ``evaluator()`` (every rank calls it; rank 0's result is logged) runs
+    (all ranks). ``evaluator(step=)`` (every rank calls it; rank 0's result is logged) runs
     every ``--eval-every`` steps."""
     args, method, opt, sched, guard = run.args, run.method, run.opt, run.sched, run.guard
     start_step, device, out = run.start_step, method.device, Path(args.out)
@@ -101,7 +107,7 @@ def train_loop(run: Run, evaluator=None) -> int:
                                 refresh=False)
                 t_last, n_samples, n_steps, data_time = now, 0, 0, 0.0
         if evaluator is not None and done % args.eval_every == 0 and done < args.steps:
-            result = evaluator()  # the last step's evaluation is the final report's
+            result = evaluator(step=done)  # the last step's evaluation is the final report's
             if main_proc:
                 metrics.write({"step": done, **result})
         if (done % args.checkpoint_every == 0 or done == args.steps) and \

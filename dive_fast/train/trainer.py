@@ -4,9 +4,10 @@ row, train (``loop.train_loop``), evaluate and report.
 
 Writes to --out: config.json, metrics.jsonl, curves.png, checkpoints/ (atomic, with a
 digest, the newest --keep kept), report.json and table.md (zero-shot row, fine-tuned row,
-WiSE-FT rows). A run owns its --out (a lock while it runs; another run's folder only with
---resume: ``checkpoint.claim_out``), and checks every argument and input before any
-expensive work (``cli.check_args``).
+WiSE-FT rows), final.safetensors (the model's weights alone, as open_clip loads them) and,
+with --keep-best, best.safetensors and best.json. A run owns its --out (a lock while it
+runs; another run's folder only with --resume: ``checkpoint.claim_out``), and checks every
+argument and input before any expensive work (``cli.check_args``).
 """
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ import torch
 from . import distributed, metrics_log, parallel
 from .build import Run, build_run, load_model
 from .checkpoint import claim_out, load_resume
-from .evaluate import evaluate, format_table
+from .evaluate import evaluate, evaluate_variants, format_table, summary_value
 from .fileio import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .loaders import data_sources, eval_sets
 from .loop import evaluate_during_training, train_loop
+from .precision import autocast_dtype
+from .weights import FINAL, KeepBest, model_state, save_weights
+from .wise_ft import WeightMix
 
 log = logging.getLogger("dive_fast.train")
 
@@ -64,6 +68,9 @@ def _run_owned(args, rank, world, device) -> dict:
         atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
     report, pre_state, sets, rsa_set = {}, None, None, None
     log.info("python -m dive_fast.train %s", json.dumps(vars(args), default=str))
+    amp_dtype = autocast_dtype(args.precision, device)
+    keep_best = KeepBest(out, args.keep_best, resume is not None) \
+        if args.keep_best and main_proc else None
 
     def as_loaded(bundle):
         """The model before the method takes it: its weights (for WiSE-FT), the evaluation
@@ -73,12 +80,13 @@ def _run_owned(args, rank, world, device) -> dict:
         sets, rsa_set = eval_sets(args, bundle)
         if main_proc:
             report["zero-shot"] = evaluate(bundle.model, bundle.tokenizer, sets, device=device,
-                                           workers=args.workers, progress=not args.no_progress)
+                                           workers=args.workers, progress=not args.no_progress,
+                                           amp_dtype=amp_dtype)
 
     run = build_run(args, rank, world, resume=resume, before_method=as_loaded)
     skipped = 0
     if run.opt is not None:  # a method that trains, for --steps > 0
-        evaluator = functools.partial(evaluate_during_training, run, sets) \
+        evaluator = functools.partial(evaluate_during_training, run, sets, keep_best) \
             if args.eval_every else None
         skipped = train_loop(run, evaluator)
     model = run.model
@@ -88,36 +96,38 @@ def _run_owned(args, rank, world, device) -> dict:
             model = load_model(args, run.pretrained, device).model
             model.load_state_dict(state)
     if main_proc:
-        final_report(run, model, pre_state, sets, rsa_set, skipped, report)
+        final_report(run, model, pre_state, sets, rsa_set, skipped, report, keep_best)
     return report
 
 
-def wise_ft(model, pre_state, ft_state, alpha):
-    model.load_state_dict({k: (1 - alpha) * pre_state[k] + alpha * v
-                           if v.is_floating_point() else v for k, v in ft_state.items()})
-
-
-def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report: dict) -> None:
+def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report: dict,
+                 keep_best: KeepBest | None = None) -> None:
     """Rank 0: the fine-tuned and WiSE-FT rows added to ``report`` (which holds the
-    zero-shot row), then table.md, report.json and curves.png written and the table
-    printed."""
+    zero-shot row) in one pass over each set, final.safetensors (and best.safetensors)
+    written, then table.md, report.json and curves.png, and the table printed."""
     args, method, device, out = run.args, run.method, run.args.device, Path(run.args.out)
-    pre_model = load_model(args, run.pretrained, device).model.eval()
-    ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ft_state = model_state(model)
     if method.trains and args.steps == 0:
         log.info("--steps 0: evaluation only; the table has the zero-shot row alone")
     if method.trains and args.steps > 0:
-        common = dict(pre_model=pre_model, rsa_set=rsa_set, device=device,
-                      workers=args.workers, progress=not args.no_progress)
-        tokenizer = run.bundle.tokenizer
-        report[args.method] = evaluate(model, tokenizer, sets, heads=method.eval_heads(),
-                                       **common)
+        pre_model = load_model(args, run.pretrained, device).model.eval()
+        mix = WeightMix(model, pre_state, ft_state)
+        rows = {args.method: (1.0, method.eval_heads())}
+        rows.update({f"{args.method} wise-ft {alpha:g}": (alpha, method.eval_heads(alpha))
+                     for alpha in args.wise_ft_alphas})
+        found = evaluate_variants(
+            model, run.bundle.tokenizer, sets,
+            [(mix.setter(alpha) if len(rows) > 1 else None, heads)
+             for alpha, heads in rows.values()],
+            pre_model=pre_model, rsa_set=rsa_set, device=device, workers=args.workers,
+            progress=not args.no_progress, amp_dtype=autocast_dtype(args.precision, device))
+        report.update(zip(rows, found))
         report[args.method]["skipped_train_samples"] = skipped
-        for alpha in args.wise_ft_alphas:
-            wise_ft(model, pre_state, ft_state, alpha)
-            report[f"{args.method} wise-ft {alpha:g}"] = evaluate(
-                model, tokenizer, sets, heads=method.eval_heads(alpha), **common)
         model.load_state_dict(ft_state)
+        if keep_best is not None:
+            keep_best.offer(args.steps, summary_value(report[args.method], args.keep_best),
+                            ft_state)
+    save_weights(ft_state, out / FINAL)
     table = format_table(report)
     if rsa_set is None:
         table += "\n\nRSA: no held-out pairs given (--rsa-csv or --rsa-shards)."

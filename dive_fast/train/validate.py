@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .protocol import PRESETS
+from .suite import suite_name
 
 KINDS = ("id", "ood", "zeroshot")
 
@@ -101,7 +102,7 @@ def eval_folders(specs: list[str], arg: str = "--task",
                              "names a column of the report)")
         seen.add(name)
         path, metric = task_metric(path, f"{arg} {spec!r}")
-        preset = name.lower() if name.lower() in PRESETS else None
+        preset = name.lower() if name.lower() in PRESETS else suite_name(name)
         if check_folders:
             image_folder(path, f"{arg} {spec!r}", preset=preset)
         out.append(EvalFolder(kind, name, path, preset, metric))
@@ -127,9 +128,8 @@ def image_folder(path, arg: str, templates=None, preset=None):
     """Lists an image folder as ``data.ImageFolderTask`` does (class folders, images,
     classnames.txt, templates.txt) and opens its images until one reads, so that a bad
     folder fails now, not after training. Returns the listing."""
-    from .data import ImageFolderTask
-    folder = _opens(arg, lambda: ImageFolderTask(path, transform=None, templates=templates,
-                                                 preset=preset))
+    from .suite import eval_dataset
+    folder = _opens(arg, lambda: eval_dataset(path, None, preset, templates))
     _one_readable(arg, folder)
     return folder
 

@@ -290,7 +290,8 @@ def test_duplicate_and_empty_task_names_are_refused(tmp_path, not_loaded):
 
 
 def test_wise_ft_is_parsed_before_anything_runs(tmp_path, not_loaded):
-    with pytest.raises(ValueError, match="--wise-ft wants comma-separated numbers, got 'abc'"):
+    with pytest.raises(ValueError, match=r"--wise-ft wants comma-separated numbers .* or "
+                                         r"START:STOP:STEP .*, got 'abc'"):
         train.main(train_args(tmp_path, "--wise-ft", "abc"))
     with pytest.raises(ValueError, match="--wise-ft must be a finite number, got nan"):
         train.main(train_args(tmp_path, "--wise-ft", "0.5,nan"))

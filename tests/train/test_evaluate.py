@@ -216,3 +216,42 @@ def test_a_test_set_with_some_training_classes_uses_the_trained_head_rows():
 def test_evaluate_refuses_a_folder_as_its_report_file(tmp_path, not_loaded):
     with pytest.raises(ValueError, match=r"--out .* is a folder; give the JSON file to write"):
         evaluate_main(["--out", str(tmp_path)])
+
+
+def test_bf16_autocast_scores_as_fp32_within_bf16s_own_error(micro_cache):
+    """Under the run's autocast (bf16 here, on the CPU) the logits stay within twice the
+    error of the same model computed wholly in bf16 (PyTorch's own error in that dtype);
+    every image whose fp32 margin exceeds twice that error gets the same class, and the
+    reported top-1 moves by at most the share of the others."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from dive_fast.train.data import collate
+    from dive_fast.train.evaluate import logits, world_eval_sets
+    from dive_fast.train.models import find_pretrained, load_clip
+    bundle = load_clip("dive-micro", find_pretrained("dive-micro", None))
+    model, tok = bundle.model.eval(), bundle.tokenizer
+    sets = world_eval_sets(bundle.preprocess_val, 100, 0, bundle.image_size)
+    bf16 = torch.bfloat16
+    for name in ("shapes", "colour"):
+        ds = sets[name][1]
+        images, labels, _ = next(iter(DataLoader(ds, batch_size=len(ds), collate_fn=collate)))
+        with torch.no_grad():
+            fp32 = logits(model, zeroshot_head(model, tok, ds.classnames, ds.templates), images)
+            amp = logits(model, zeroshot_head(model, tok, ds.classnames, ds.templates,
+                                              amp_dtype=bf16), images, amp_dtype=bf16)
+            whole = copy.deepcopy(model).to(bf16)
+            own = logits(whole, zeroshot_head(whole, tok, ds.classnames, ds.templates).to(bf16),
+                         images.to(bf16))
+        assert amp.dtype == bf16  # the autocast ran
+        err = (amp.float() - fp32).abs().max()
+        assert 0 < err <= 2 * (own.float() - fp32).abs().max()
+        top2 = fp32.topk(2).values
+        sure = top2[:, 0] - top2[:, 1] > 2 * err
+        assert torch.equal(amp.argmax(1)[sure], fp32.argmax(1)[sure])
+        reports = [evaluate(model, tok, {name: sets[name]}, progress=False, amp_dtype=dtype)
+                   for dtype in (None, bf16)]
+        kind = sets[name][0]
+        moved = abs(reports[0][kind][name] - reports[1][kind][name])
+        assert moved <= (~sure).float().mean() + 1e-9
