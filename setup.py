@@ -50,7 +50,7 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "dive_fast" / "__init__
 # without it logs why and writes no plot).
 TRAIN = ["open_clip_torch>=3.0", "numpy", "pillow", "tqdm", "webdataset", "braceexpand",
          "safetensors", "pandas", "tensorboard", "matplotlib"]
-TEST = ["pytest>=7.3", "pytest-benchmark", "scipy", "ruff"]
+TEST = ["pytest>=7.3", "pytest-benchmark", "scipy", "ruff", "wandb"]
 # The paper's zero-shot suite (--zeroshot-suite paper, --task zeroshot:flowers102:PATH): class
 # names and templates from clip_benchmark's data files (its builder is never imported, so
 # `pip install --no-deps clip_benchmark` is enough); scipy reads Flowers102's label files.
@@ -175,7 +175,7 @@ setup(
     package_data={"dive_fast.train": ["model_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"train": TRAIN, "test": TRAIN + TEST, "suite": TRAIN + SUITE,
+    extras_require={"train": TRAIN, "test": TRAIN + TEST + SUITE, "suite": TRAIN + SUITE,
                     "triton": ["triton"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
