@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from torch.profiler import record_function
 
 from ..memory import module_bytes
@@ -59,6 +60,10 @@ class FrozenReference:
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             img = encode(self.model.encode_image, images)
             txt = encode(self.model.encode_text, tokens)
+        if isinstance(self.model, FSDPModule):
+            # FSDP2 keeps its root's gathered weights for the backward a trainable model runs
+            # next; a frozen tower runs none, so it goes back to its shards at once.
+            self.model.reshard()
         norm = lambda x: None if x is None else F.normalize(x.float(), dim=-1)  # noqa: E731
         return norm(img), norm(txt)
 
