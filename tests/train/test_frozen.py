@@ -178,3 +178,14 @@ def test_under_fsdp_each_of_two_ranks_holds_half_the_frozen_tower(tmp_path):
             # half, up to FSDP's padding of uneven rows and the replicated logit scale
             assert f["whole_bytes"] / 2 <= f["sharded_bytes"] <= f["whole_bytes"] / 2 + 4096, f
         assert found["amp_bf16"]["whole_bytes"] < found["fp32"]["whole_bytes"]
+
+
+def test_building_the_cache_leaves_the_run_s_random_stream_alone(micro_cache, tmp_path):
+    """A run that builds the cache (and releases the tower) takes its first step on the
+    batch a run without the cache takes (its augmentation drawn from the global stream with
+    --workers 0), to the same loss: at identical weights DiVE adds nothing."""
+    def first_step(out, *extra):
+        train.main(train_args(out, "--method", "dive", "--steps", "1", "--augment", *extra))
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        return row["loss"], row["clip"]
+    assert first_step(tmp_path / "cached") == first_step(tmp_path / "live", "--no-frozen-cache")
