@@ -18,7 +18,8 @@ process:
 Measured per variant: the bytes autograd saves for backward at their peak during a step
 (``dive_fast.train.memory.SavedTensorMeter``: exact, the same on any device; parameters left
 out), the peak memory (GPU: max allocated; CPU: the process's max RSS, which includes
-weights, optimiser state, data and the Python heap), and the median step time.
+weights, optimiser state, data and the Python heap), the frozen tower's weights on the device
+per rank (0 once the embedding cache answers every reference pair) and the median step time.
 Writes long-format CSV rows (with the device and versions), a markdown table and a PNG.
 """
 from __future__ import annotations

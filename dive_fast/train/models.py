@@ -3,7 +3,6 @@ project's own tiny configs, whose pre-trained weights ``dive_fast.train.pretrain
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -155,6 +154,10 @@ def store_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     Norms, embeddings and everything added outside a matmul keep their dtype (autocast runs
     norms in float32 and casts no embedding look-up), and so do nn.MultiheadAttention's
     packed input projections (``ATTENTION_WEIGHTS``)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"store_for_autocast: dtype {dtype}, expected an autocast dtype "
+                         "(torch.bfloat16 or torch.float16)")
+
     def cast(module, name):
         p = getattr(module, name, None)
         if isinstance(p, torch.Tensor) and p.is_floating_point():
@@ -164,19 +167,15 @@ def store_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     # (``get_cast_dtype``): pinned to what it was, so the residual stream keeps its dtype.
     for module in model.modules():
         if callable(getattr(module, "get_cast_dtype", None)):
-            module.get_cast_dtype = functools.partial(_same, module.get_cast_dtype())
+            module.get_cast_dtype = lambda pinned=module.get_cast_dtype(): pinned
     for module in model.modules():
-        if isinstance(module, MATMUL_MODULES):
-            cast(module, "weight"), cast(module, "bias")
+        names = ("weight", "bias") if isinstance(module, MATMUL_MODULES) else ()
         packed = () if isinstance(module, nn.MultiheadAttention) else ATTENTION_WEIGHTS
-        for name in packed + PROJECTIONS:
-            if isinstance(getattr(module, name, None), nn.Parameter):
-                cast(module, name)
+        names += tuple(n for n in packed + PROJECTIONS
+                       if isinstance(getattr(module, n, None), nn.Parameter))
+        for name in names:
+            cast(module, name)
     return model
-
-
-def _same(value):
-    return value
 
 
 def find_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> str | None:

@@ -122,6 +122,8 @@ def test_a_frozen_tower_stored_in_the_autocast_dtype_embeds_bit_identically(dtyp
                    for n in cast)
     fp32 = sum(p.numel() * 4 for n, p in whole.named_parameters() if n in cast)
     assert module_bytes(whole) - module_bytes(stored) == fp32 // 2  # those weights: half
+    with pytest.raises(ValueError, match="float64, expected an autocast dtype"):
+        models.store_for_autocast(stored, torch.float64)
 
 
 def test_the_frozen_tower_is_released_once_the_cache_serves(micro_cache, tmp_path, monkeypatch):
