@@ -18,13 +18,15 @@ process:
 Measured per variant: the bytes autograd saves for backward at their peak during a step
 (``dive_fast.train.memory.SavedTensorMeter``: exact, the same on any device; parameters left
 out), the peak memory (GPU: max allocated; CPU: the process's max RSS, which includes
-weights, optimiser state, data and the Python heap), and the median step time.
+weights, optimiser state, data and the Python heap), the frozen tower's weights on the device
+per rank (0 once the embedding cache answers every reference pair) and the median step time.
 Writes long-format CSV rows (with the device and versions), a markdown table and a PNG.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,12 @@ from common import environment, pyplot, result_path, synchronize, train_cli, use
 
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
+ACCUM4 = ["--accum-freq", "4"]  # with --batch-size B/4: a step of B, as open_clip counts it
+USER_RUNS = {  # --user-runs: label -> the method's flags
+    "flyp (B)": ["--method", "flyp"],
+    "dive (full batch, live)": ["--method", "dive", "--no-frozen-cache"],
+    "dive --accum-freq 4 (live)": ["--method", "dive", *ACCUM4, "--no-frozen-cache"],
+    "dive --accum-freq 4 (cache)": ["--method", "dive", *ACCUM4]}
 VARIANTS = ("flyp-B", "flyp-B+B'", "dive", "dive-k2", "dive-k4", "dive-k8")
 ALL_VARIANTS = VARIANTS + tuple(v + "+ckpt" for v in VARIANTS)
 
@@ -57,11 +65,24 @@ def variant_cli(variant: str, model: str, batch: int, amp: str, device: str,
 def saved_bytes(run, stream, step_index: int) -> tuple[int, float]:
     """(peak bytes saved for backward during one step of ``stream``, the step's loss)."""
     from dive_fast.train.memory import SavedTensorMeter
-    exclude = [run.method] + ([run.method.frozen.model] if run.method.frozen else [])
+    frozen = run.method.frozen
+    exclude = [run.method] + ([frozen.model] if frozen and frozen.model is not None else [])
     batch = next(stream).to(run.args.device)
     with SavedTensorMeter(exclude=exclude) as meter:
         values = run.step(batch, step_index, run.opt, run.sched, run.guard)
     return meter.peak, float(values["loss"])
+
+
+class FrozenTowerLog(logging.Handler):
+    """The frozen tower's bytes on this rank as the app logs them (0: no tower, or released
+    once the embedding cache answers every reference pair)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def emit(self, record):
+        self.bytes = getattr(record, "frozen_tower_bytes", self.bytes)
 
 
 def run_variant(args) -> dict:
@@ -96,6 +117,7 @@ def run_variant(args) -> dict:
             "accum_freq": int(name.split("-k")[1]) if "-k" in name else 1,
             "grad_checkpointing": args.variant.endswith("+ckpt"),
             "saved_for_backward_MiB": saved / 2**20, "peak_mem_MiB": peak,
+            "frozen_tower_MiB": (run.frozen.tower_bytes if run.frozen else 0) / 2**20,
             "peak_mem_kind": "cuda max allocated" if on_gpu else "process max RSS",
             "step_ms": statistics.median(times) * 1e3, "steps_timed": len(times), "loss": loss}
 
@@ -134,15 +156,18 @@ def fit_budget(args) -> list[dict]:
 
 def user_runs(args) -> list[dict]:
     """``python -m dive_fast.train`` as a user runs it, each in its own process: the whole
-    process's peak memory and the step-1 loss (from metrics.jsonl)."""
+    process's peak memory, the frozen tower's weights on the device (0 once the embedding
+    cache answers every reference pair) and the step-1 loss (from metrics.jsonl)."""
     rows = []
     base = ["--model", "ViT-B-32", "--pretrained", "", "--batch-size", str(args.user_batch),
-            "--steps", "2", "--log-every", "1", "--workers", "0", "--no-frozen-cache",
+            "--steps", "2", "--log-every", "1", "--workers", "0",
             "--train-size", "64", "--ref-size", "64", "--eval-per-task", "8", "--rsa-size", "16",
             "--wise-ft", "", "--no-progress", "--device", args.device]
-    runs = {"flyp (B)": ["--method", "flyp"], "dive (full batch)": ["--method", "dive"],
-            "dive --accum-freq 4": ["--method", "dive", "--batch-size",
-                                    str(args.user_batch // 4), "--accum-freq", "4"]}
+    if args.user_batch % 4:
+        sys.exit(f"--user-batch {args.user_batch}: the --accum-freq 4 runs need a multiple of 4")
+    quarter = ["--batch-size", str(args.user_batch // 4)]
+    runs = {label: USER_RUNS[label] + (quarter if "--accum-freq" in USER_RUNS[label] else [])
+            for label in args.user_variants}
     with tempfile.TemporaryDirectory() as tmp:
         for label, extra in runs.items():
             out = Path(tmp) / label.replace(" ", "_")
@@ -152,13 +177,14 @@ def user_runs(args) -> list[dict]:
                                   text=True)
             if proc.returncode:
                 sys.exit(f"{label} failed:\n{proc.stderr[-4000:]}")
-            peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_MiB"]
+            measured = json.loads(proc.stdout.strip().splitlines()[-1])
+            peak, frozen = measured["peak_rss_MiB"], measured["frozen_tower_MiB"]
             first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
             rows.append({"run": label, "command": "python -m dive_fast.train " + " ".join(cli[:-2]),
-                         "peak_rss_MiB": peak, "step1_loss": first["loss"],
-                         "wall_s": time.time() - t0})
-            print(f"  {label:22s} peak {peak:8.0f} MiB  step-1 loss {first['loss']:.6f}",
-                  flush=True)
+                         "peak_rss_MiB": peak, "frozen_tower_MiB": frozen,
+                         "step1_loss": first["loss"], "wall_s": time.time() - t0})
+            print(f"  {label:30s} peak {peak:8.0f} MiB  frozen tower {frozen:6.0f} MiB  step-1 "
+                  f"loss {first['loss']:.6f}", flush=True)
     return rows
 
 
@@ -172,7 +198,8 @@ def summarize(rows: list[dict]) -> str:
         flyp, dive = v.get("flyp-B"), v.get("dive")
         lines += [f"\n{model} at {size} px, B = B' = {batch} ({rows[0]['device']}):\n",
                   "| variant | saved for backward (MiB) | vs FLYP(B) | peak memory (MiB) | "
-                  "step (ms) | vs DiVE full batch |", "|---|---|---|---|---|---|"]
+                  "frozen tower (MiB/rank) | step (ms) | vs DiVE full batch |",
+                  "|---|---|---|---|---|---|---|"]
         for name in ALL_VARIANTS:
             if name not in v:
                 continue
@@ -181,7 +208,8 @@ def summarize(rows: list[dict]) -> str:
                    if flyp else "")
             t = f"{r['step_ms'] / dive['step_ms']:.2f}x" if dive else ""
             lines.append(f"| {name} | {r['saved_for_backward_MiB']:.1f} | {act} | "
-                         f"{r['peak_mem_MiB']:.0f} | {r['step_ms']:.0f} | {t} |")
+                         f"{r['peak_mem_MiB']:.0f} | {r.get('frozen_tower_MiB', 0):.0f} | "
+                         f"{r['step_ms']:.0f} | {t} |")
     return "\n".join(lines)
 
 
@@ -227,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-runs", action="store_true",
                    help="time whole `python -m dive_fast.train` runs as a user starts them")
     p.add_argument("--user-batch", type=int, default=32, help="--user-runs: the batch size")
+    p.add_argument("--user-variants", nargs="+", choices=list(USER_RUNS), default=list(USER_RUNS),
+                   help="--user-runs: the runs to measure")
     p.add_argument("--cache-dir", default=None,
                    help="embedding cache folder (unset: a temporary one)")
     p.add_argument("--out", default=None,
@@ -240,8 +270,11 @@ def main(argv=None):
     if argv[:1] == ["--train"]:  # (internal) the rest is dive_fast.train's command line
         from dive_fast import train
         from dive_fast.train.memory import peak_memory_mib
+        frozen = FrozenTowerLog()
+        logging.getLogger("dive_fast.train").addHandler(frozen)
         train.main(argv[1:])
-        print(json.dumps({"peak_rss_MiB": peak_memory_mib("cpu")}))
+        print(json.dumps({"peak_rss_MiB": peak_memory_mib("cpu"),
+                          "frozen_tower_MiB": frozen.bytes / 2**20}))
         return
     args = p.parse_args(argv)
     if args.variant:

@@ -98,7 +98,8 @@ def test_no_import_cycles():
 def test_frozen_embeddings_equal_the_trainable_ones_at_step_zero_under_bf16():
     """Identical weights give u = v = 0 up to the rounding of one batch shape against
     another (the trainable forward runs target and reference rows together), also under
-    bf16 autocast, where a frozen copy cast to bf16 would differ by a noise floor."""
+    bf16 autocast with the frozen copy's matmul weights stored in bf16, where a frozen copy
+    cast to bf16 whole would differ by a noise floor."""
     from dive_fast.train.frozen import FrozenReference
     from dive_fast.train.methods import Batch, make_method
     from dive_fast.train.models import frozen_copy, load_clip
@@ -106,7 +107,7 @@ def test_frozen_embeddings_equal_the_trainable_ones_at_step_zero_under_bf16():
     torch.manual_seed(0)
     bundle = load_clip("dive-micro")
     model = bundle.model.train()
-    frozen = FrozenReference(frozen_copy(model), "cpu", torch.bfloat16)
+    frozen = FrozenReference(frozen_copy(model, torch.bfloat16), "cpu", torch.bfloat16)
     method = make_method("dive", model, bundle.tokenizer, ["a", "b"], ["{}"], device="cpu",
                          frozen=frozen, amp_dtype=torch.bfloat16)
     images, ref_images = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)

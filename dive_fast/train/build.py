@@ -115,8 +115,8 @@ def build_run(args, rank: int = 0, world: int = 1, *, resume: dict | None = None
     if before_method is not None:
         before_method(bundle)
     amp_dtype = autocast_dtype(args.precision, device)
-    frozen = make_frozen_side(args, bundle, pretrained, reference, amp_dtype, Path(args.out)) \
-        if METHODS[args.method].uses_frozen else None
+    frozen = make_frozen_side(args, bundle, pretrained, reference, amp_dtype, Path(args.out),
+                              world) if METHODS[args.method].uses_frozen else None
     method = make_method(args.method, bundle.model, bundle.tokenizer, target.classnames,
                          target.templates, device=device, config=MethodConfig.from_args(args),
                          frozen=frozen, amp_dtype=amp_dtype, seed=args.seed, rank=rank,

@@ -1,5 +1,6 @@
 """Memory measurements for the benchmarks: the activation bytes autograd saves for backward
-(exact and the same on any device) and the process's peak memory."""
+(exact and the same on any device), the bytes a module's weights hold on this rank and the
+process's peak memory."""
 from __future__ import annotations
 
 import resource
@@ -77,3 +78,17 @@ def peak_memory_mib(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def module_bytes(module: nn.Module) -> int:
+    """The bytes of ``module``'s parameters and buffers held by this rank: each storage once,
+    a sharded (DTensor) one by its local shard."""
+    from torch.distributed.tensor import DTensor
+    seen, total = set(), 0
+    for t in (*module.parameters(), *module.buffers()):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total

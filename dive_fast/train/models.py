@@ -127,14 +127,60 @@ def compile_towers(model: nn.Module) -> str:
     return "encode_image and encode_text"
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """The pre-trained reference f0, g0: eval mode, no gradients. Its weights stay in the
-    trainable model's dtype and it runs under the same autocast, so that identical weights
-    give identical embeddings (u = v = 0): a frozen copy cast to bf16 against a trainable
-    model under bf16 autocast would hand DiVE a rounding-noise floor to equalise."""
+def frozen_copy(model: nn.Module, autocast_dtype: torch.dtype | None = None) -> nn.Module:
+    """The pre-trained reference f0, g0: eval mode, no gradients. It runs under the run's
+    autocast and gives the embeddings the trainable model gives at the same weights
+    (u = v = 0): under ``autocast_dtype`` the weights autocast casts before every use are
+    stored cast (``store_for_autocast``), the rest stays in the trainable model's dtype. A
+    copy cast to bf16 whole would hand DiVE a rounding-noise floor to equalise."""
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
+    if autocast_dtype is not None:
+        store_for_autocast(frozen, autocast_dtype)
     return frozen
+
+
+MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Packed attention projections (out_proj is an nn.Linear), which open_clip's own Attention
+# passes to F.linear. nn.MultiheadAttention's stay as they are: their dtype decides whether it
+# takes its fused fast path, which CPU autocast leaves on (its check reads CUDA's autocast
+# alone), and the fused and the unfused path round differently.
+ATTENTION_WEIGHTS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+                     "v_proj_weight")
+# open_clip's projections held as bare parameters, applied with ``@`` (matmul).
+PROJECTIONS = ("proj", "text_projection")
+
+
+def store_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Stores in ``dtype``, in place, the weights autocast casts to ``dtype`` before every
+    use (linear layers, convolutions, open_clip's packed attention projections through
+    linear, its ``proj`` and ``text_projection`` through matmul; biases with their weights),
+    so that a forward under that autocast is bit-identical and holds them at half the bytes.
+    Norms, embeddings and everything added outside a matmul keep their dtype (autocast runs
+    norms in float32 and casts no embedding look-up), and so do nn.MultiheadAttention's
+    packed input projections (``ATTENTION_WEIGHTS``)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"store_for_autocast: dtype {dtype}, expected an autocast dtype "
+                         "(torch.bfloat16 or torch.float16)")
+
+    def cast(module, name):
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor) and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+    # open_clip's text towers cast their input embeddings to the dtype of a block's weight
+    # (``get_cast_dtype``): pinned to what it was, so the residual stream keeps its dtype.
+    for module in model.modules():
+        if callable(getattr(module, "get_cast_dtype", None)):
+            module.get_cast_dtype = lambda pinned=module.get_cast_dtype(): pinned
+    for module in model.modules():
+        names = ("weight", "bias") if isinstance(module, MATMUL_MODULES) else ()
+        packed = () if isinstance(module, nn.MultiheadAttention) else ATTENTION_WEIGHTS
+        names += tuple(n for n in packed + PROJECTIONS
+                       if isinstance(getattr(module, n, None), nn.Parameter))
+        for name in names:
+            cast(module, name)
+    return model
 
 
 def find_pretrained(name: str, pretrained: str | None, world_seed: int = 0) -> str | None:

@@ -1,16 +1,23 @@
 """The frozen side's embedding cache: keyed by the reference data and the weights, checked
 against its digest once a run, an error naming it when changed under a live run, and a full
-disk while writing it one sentence with no partial file left."""
+disk while writing it one sentence with no partial file left. The frozen tower's memory: gone
+once the cache serves, its matmul weights in the autocast dtype, sharded under FSDP; the
+run's results the same as with a whole float32 tower."""
+import json
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers.full_disk import limited_run
-from helpers.runs import train_args
+from helpers.runs import train_args, two_processes
 
 from dive_fast import train
+from dive_fast.train import models
+from dive_fast.train.frozen import FrozenReference
 from dive_fast.train.frozen import cache as frozen_cache
+from dive_fast.train.memory import module_bytes
 from dive_fast.world.export import write_captions
 
 
@@ -90,3 +97,97 @@ def test_a_cache_is_checked_against_its_digest_once_a_run(micro_cache, tmp_path,
         f.truncate(200)
     with pytest.raises(RuntimeError, match="cut short"):
         frozen_cache.EmbeddingCache(path, verify_digest=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_frozen_tower_stored_in_the_autocast_dtype_embeds_bit_identically(dtype):
+    """Autocast casts matmul weights before every use, so storing them cast changes no bit
+    (u = v = 0 at identical weights still holds); norms and embeddings keep float32."""
+    torch.manual_seed(0)
+    bundle = models.load_clip("dive-micro")
+    images = torch.randn(6, 3, bundle.image_size, bundle.image_size)
+    tokens = bundle.tokenizer([f"a small red cube number {i}" for i in range(6)])
+    whole, stored = models.frozen_copy(bundle.model), models.frozen_copy(bundle.model, dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        for encode, x in (("encode_image", images), ("encode_text", tokens)):
+            assert torch.equal(getattr(whole, encode)(x), getattr(stored, encode)(x)), encode
+    embedded = [FrozenReference(m, "cpu", dtype).embed(images, tokens) for m in (whole, stored)]
+    assert all(torch.equal(a, b) for a, b in zip(*embedded))
+    params = dict(stored.named_parameters())
+    cast = {n for n, p in params.items() if p.dtype == dtype}
+    assert {"visual.conv1.weight", "visual.proj", "text_projection",
+            "transformer.resblocks.0.mlp.c_fc.weight",
+            "visual.transformer.resblocks.0.attn.out_proj.weight"} <= cast
+    assert not any(n.endswith(("ln_1.weight", "embedding", "embedding.weight", "in_proj_weight"))
+                   for n in cast)
+    fp32 = sum(p.numel() * 4 for n, p in whole.named_parameters() if n in cast)
+    assert module_bytes(whole) - module_bytes(stored) == fp32 // 2  # those weights: half
+    with pytest.raises(ValueError, match="float64, expected an autocast dtype"):
+        models.store_for_autocast(stored, torch.float64)
+
+
+def test_the_frozen_tower_is_released_once_the_cache_serves(micro_cache, tmp_path, monkeypatch):
+    """The tower leaves as soon as the cache is built: nothing holds it any more (on a CPU,
+    freed, not moved), and a reference batch without cache rows is then an error."""
+    released = []
+    release = FrozenReference.release
+
+    def watched(self):
+        tower = weakref.ref(next(self.model.parameters()))
+        release(self)
+        released.append(tower() is None)
+        with pytest.raises(RuntimeError, match="frozen tower was released"):
+            self.embed(torch.zeros(1, 3, 16, 16), None)
+    monkeypatch.setattr(FrozenReference, "release", watched)
+    train.main(train_args(tmp_path / "out", "--method", "dive", "--steps", "1"))
+    assert released == [True]
+
+
+@pytest.mark.parametrize("case", ["cache", "live bf16"])
+def test_a_run_gives_the_results_of_one_holding_a_whole_float32_tower(micro_cache, tmp_path,
+                                                                      monkeypatch, case):
+    """Losses, zero-shot, fine-tuned and WiSE-FT rows and RSA equal those of a run that keeps
+    the whole float32 frozen tower on the device (the behaviour before the tower could
+    leave or be stored in bf16)."""
+    extra = ["--method", "dive", "--steps", "3", "--accum-freq", "2", "--wise-ft", "0.5"] + \
+        (["--no-frozen-cache", "--precision", "amp_bf16"] if case == "live bf16" else [])
+
+    def results(out):
+        train.main(train_args(out, *extra))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+        return losses, json.loads((out / "report.json").read_text())
+
+    now = results(tmp_path / "now")
+    with monkeypatch.context() as m:
+        m.setattr(FrozenReference, "release", lambda self: None)
+        m.setattr(models, "store_for_autocast", lambda model, dtype: model)
+        kept = results(tmp_path / "kept")
+    assert now == kept
+    assert {"zero-shot", "dive", "dive wise-ft 0.5"} <= set(now[1]) and "rsa" in now[1]["dive"]
+
+
+def test_under_fsdp_each_of_two_ranks_holds_half_the_frozen_tower(tmp_path):
+    """``make_frozen_side`` with --fsdp on two gloo processes, in float32 and under bf16
+    autocast: each rank holds half the tower's bytes (counted after a forward, when it is
+    back to its shards), and its embeddings equal a whole copy's."""
+    two_processes(str(Path(__file__).parents[1] / "helpers" / "frozen_shards.py"),
+                  str(tmp_path), timeout=600)
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for precision, f in found.items():
+            assert f["equal"], (rank, precision)
+            # half, up to FSDP's padding of uneven rows and the replicated logit scale
+            assert f["whole_bytes"] / 2 <= f["sharded_bytes"] <= f["whole_bytes"] / 2 + 4096, f
+        assert found["amp_bf16"]["whole_bytes"] < found["fp32"]["whole_bytes"]
+
+
+def test_building_the_cache_leaves_the_run_s_random_stream_alone(micro_cache, tmp_path):
+    """A run that builds the cache (and releases the tower) takes its first step on the
+    batch a run without the cache takes (its augmentation drawn from the global stream with
+    --workers 0), to the same loss: at identical weights DiVE adds nothing."""
+    def first_step(out, *extra):
+        train.main(train_args(out, "--method", "dive", "--steps", "1", "--augment", *extra))
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        return row["loss"], row["clip"]
+    assert first_step(tmp_path / "cached") == first_step(tmp_path / "live", "--no-frozen-cache")

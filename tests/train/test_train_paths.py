@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import train_args
+from helpers.runs import train_args, two_processes
 
 from dive_fast import train
 from dive_fast.train.checkpoint import load_checkpoint
@@ -63,15 +63,6 @@ def user_args(out, world, method, refs, batch=8, steps=3):
         args += ["--reference-shards", str(ref / "shards" / "*.tar"),
                  "--rsa-shards", str(rsa / "shards" / "rsa-heldout-{000000..000002}.tar")]
     return args
-
-
-def two_processes(*target, timeout=900):
-    """``torchrun --nproc_per_node=2 <target>``; asserts that both processes exit cleanly."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", *target],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
 
 
 def torchrun(runs, tmp_path):

@@ -6,26 +6,35 @@ embedding cache (``cache.py``: computed once per reference set, read by row).
 live and cached from the arguments and the reference set."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from .. import distributed
+from .. import distributed, parallel
 from ..models import compile_towers, frozen_copy
 from . import cache
 from .reference import FrozenReference
 
 __all__ = ["FrozenReference", "make_frozen_side"]
+log = logging.getLogger("dive_fast.train")
 
 
 def make_frozen_side(args, bundle, pretrained: str | None, reference, amp_dtype,
-                     out: Path) -> FrozenReference:
+                     out: Path, world: int = 1) -> FrozenReference:
     """The frozen copy of ``bundle.model`` as loaded (call it before anything wraps, shards
-    or compiles the trainable model), with the embedding cache attached when
-    ``--frozen-cache`` is on and ``reference`` = (pairs, id) has an id (an indexed set: a
-    CSV, the world; None when streamed). The cache lives in ``out/cache``, keyed by all
-    that makes its rows: model, weights, data, transform, size, autocast, text truncation."""
-    frozen = FrozenReference(frozen_copy(bundle.model), args.device, amp_dtype,
+    or compiles the trainable model), its matmul weights stored in the autocast dtype
+    (``models.store_for_autocast``: the same embeddings), with the embedding cache attached
+    when ``--frozen-cache`` is on and ``reference`` = (pairs, id) has an id (an indexed set:
+    a CSV, the world; None when streamed). The cache lives in ``out/cache``, keyed by all
+    that makes its rows: model, weights, data, transform, size, autocast, text truncation.
+
+    Once the cache is there it answers every reference pair, and the tower is released:
+    nothing later reads it (the zero-shot row is measured before, WiSE-FT mixes the weights
+    recorded as loaded, RSA reloads them). Live, under ``--fsdp`` on ``world`` ranks, the
+    tower is sharded as the trainable one is, and its forwards gather it block by block."""
+    frozen = FrozenReference(frozen_copy(bundle.model, amp_dtype), args.device, amp_dtype,
                              co_schedule=args.co_schedule)
-    if args.compile:  # the same compiled numerics on both sides: u = v = 0 at the start
+    sharded = args.fsdp and world > 1
+    if args.compile and not sharded:  # the same compiled numerics on both sides: u = v = 0
         compile_towers(frozen.model)
     pairs, pairs_id = reference
     if args.frozen_cache and pairs_id is not None:
@@ -41,4 +50,13 @@ def make_frozen_side(args, bundle, pretrained: str | None, reference, amp_dtype,
         distributed.barrier()
         frozen.cache = built if built is not None else \
             cache.build(frozen, bundle.tokenizer, pairs, path, verify_digest=False)
+        frozen.release()
+        log.info("frozen tower released: the embedding cache answers every reference pair")
+    elif sharded:
+        parallel.shard(frozen.model, args.device)
+        if args.compile:  # after sharding, as the trainable model (build.for_ranks)
+            compile_towers(frozen.model)
+    if frozen.model is not None:
+        log.info("frozen tower: %.1f MiB of weights on this rank", frozen.tower_bytes / 2**20,
+                 extra={"frozen_tower_bytes": frozen.tower_bytes})
     return frozen

@@ -5,13 +5,16 @@ autocast), so identical weights give u = v = 0 up to the rounding of one batch s
 against another."""
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from torch.profiler import record_function
 
+from ..memory import module_bytes
 from .cache import lookup
 
 Pending = Callable[[], tuple[Tensor, Tensor | None]]
@@ -25,6 +28,19 @@ class FrozenReference:
         on_gpu = self.device.type == "cuda"
         self.side_stream = torch.cuda.Stream(self.device) if on_gpu and co_schedule else None
 
+    def release(self) -> None:
+        """Lets go of the frozen tower (the cache answers every reference pair): its memory
+        is freed, on a CPU too, once nothing else holds it. A forward asked for later is an
+        error naming why (``embed``)."""
+        self.model = None
+        gc.collect()  # a compiled block refers to itself: a cycle only a collection frees
+
+    @property
+    def tower_bytes(self) -> int:
+        """The bytes of the frozen tower's weights on this rank (its shards under FSDP; 0
+        once released)."""
+        return 0 if self.model is None else module_bytes(self.model)
+
     @torch.no_grad()
     def embed(self, images: Tensor, tokens: Tensor | None,
               chunks: int = 1) -> tuple[Tensor, Tensor | None]:
@@ -32,6 +48,11 @@ class FrozenReference:
         ``chunks``: encode in that many pieces (the micro-batches of an accumulated step),
         so the frozen forward's transient memory shrinks with the trainable one's.
         no_grad, not inference_mode: the DiVE op saves them for its backward."""
+        if self.model is None:
+            raise RuntimeError("the frozen tower was released once the embedding cache was "
+                               "built (it covers the reference set): a reference batch without "
+                               "cache rows cannot be embedded")
+
         def encode(encoder, x):
             return None if x is None else torch.cat([encoder(c) for c in x.tensor_split(chunks)])
 
@@ -39,6 +60,10 @@ class FrozenReference:
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             img = encode(self.model.encode_image, images)
             txt = encode(self.model.encode_text, tokens)
+        if isinstance(self.model, FSDPModule):
+            # FSDP2 keeps its root's gathered weights for the backward a trainable model runs
+            # next; a frozen tower runs none, so it goes back to its shards at once.
+            self.model.reshard()
         norm = lambda x: None if x is None else F.normalize(x.float(), dim=-1)  # noqa: E731
         return norm(img), norm(txt)
 
