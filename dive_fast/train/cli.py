@@ -25,6 +25,7 @@ from .fileio import DiskFull
 from .methods import METHODS
 from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
 from .runlock import FolderInUse
+from .start_weights import StartMismatch
 from .trainer import run_owned
 
 EXAMPLES = """\
@@ -355,21 +356,7 @@ def check_backend(args) -> None:
 
 
 def check_model(args) -> None:
-    """A model open_clip knows and, for an open_clip tag, a tag it has for that model (a
-    wrong tag would otherwise surface as a download or loading error after other work)."""
-    import open_clip
-    if args.model.startswith("hf-hub:"):  # a model card on the Hugging Face hub: open_clip's
-        return
-    if args.model not in open_clip.list_models():
-        raise ValueError(f"--model {args.model}: unknown to open_clip (e.g. ViT-B-16, "
-                         f"ViT-B-32, {', '.join(TINY_MODELS)}; open_clip.list_models() has all)")
-    if args.pretrained and not is_weights_path(args.pretrained):
-        tags = open_clip.list_pretrained_tags_by_model(args.model)
-        spelled = lambda tag: tag.lower().replace("-", "_")  # noqa: E731  (as open_clip compares)
-        if spelled(args.pretrained) not in {spelled(t) for t in tags}:
-            raise ValueError(f"--pretrained {args.pretrained}: open_clip has no such tag for "
-                             f"{args.model} (its tags: {', '.join(tags) or 'none'}); or give a "
-                             "checkpoint path")
+    validate.model_and_tag(args.model, args.pretrained)
 
 
 def check_inputs(args, world_size: int = 1) -> None:
@@ -378,7 +365,7 @@ def check_inputs(args, world_size: int = 1) -> None:
     if args.imagenet_root:
         args.task = protocol.with_imagenet_root(args.task, args.imagenet_root)
         args.imagenet_root = None  # now in --task (a checked run is not expanded twice)
-    validate.eval_folders(args.task)
+    folders = validate.eval_folders(args.task)
     # What the data is, by content (a resume must see the same data, however it is spelled).
     args.data_ids = {"target": None, "reference": None}
     if args.train_folder:
@@ -405,6 +392,8 @@ def check_inputs(args, world_size: int = 1) -> None:
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
+    validate.outside_inputs(args.out, "--out", {"--train-folder": args.train_folder, **{
+        f"--task {f.kind}:{f.name}": f.path for f in folders}})
     validate.output_paths(args.out, "--out")
     claim_out(args, Path(args.out))
     if args.pretrained is None and args.model in TINY_MODELS and \
@@ -454,7 +443,8 @@ def cli(argv=None) -> None:
 
 # Errors of a run that name their cause and remedy (a full disk, another run holding
 # --out, a checkpoint that cannot be resumed or read); anything else keeps its traceback.
-RUN_ERRORS = (DiskFull, FolderInUse, ResumeMismatch, CorruptCheckpoint, FileExistsError)
+RUN_ERRORS = (DiskFull, FolderInUse, ResumeMismatch, CorruptCheckpoint, FileExistsError,
+              StartMismatch)
 
 
 if __name__ == "__main__":

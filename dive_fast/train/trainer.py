@@ -14,11 +14,12 @@ import functools
 import json
 import logging
 import random
+import uuid
 from pathlib import Path
 
 import torch
 
-from . import distributed, metrics_log, parallel
+from . import distributed, metrics_log, parallel, start_weights
 from .build import Run, build_run, load_model
 from .checkpoint import claim_out, load_resume
 from .evaluate import evaluate, format_table
@@ -42,8 +43,11 @@ def run_owned(args, rank, world, device) -> dict:
             log.info("removed %d temporary file(s) a killed run left, e.g. %s", len(stale),
                      stale[0])
     resume = load_resume(args)  # a corrupt or mismatched checkpoint fails now
+    # The run's identity: a resume continues the checkpoint's run (``claim_out`` compares it).
+    args.run_id = (resume or {}).get("run_id") or uuid.uuid4().hex
+    args.start = None  # the starting weights' record, once they are loaded
     if main_proc:
-        atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
+        write_config(args)
     report, pre_state, sets, rsa_set = {}, None, None, None
 
     def as_loaded(bundle):
@@ -51,6 +55,7 @@ def run_owned(args, rank, world, device) -> dict:
         sets, and the zero-shot row (rank 0 alone, before any sharding)."""
         nonlocal pre_state, sets, rsa_set
         pre_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+        pre_state = record_start(args, bundle, pre_state, resume, main_proc)
         sets, rsa_set = eval_sets(args, bundle)
         if main_proc:
             report["zero-shot"] = evaluate(bundle.model, bundle.tokenizer, sets, device=device,
@@ -73,6 +78,30 @@ def run_owned(args, rank, world, device) -> dict:
     return report
 
 
+def write_config(args) -> None:
+    atomic_write_text(Path(args.out) / "config.json", json.dumps(vars(args), indent=2))
+
+
+def record_start(args, bundle, loaded: dict, resume: dict | None, main_proc: bool) -> dict:
+    """The weights RSA and WiSE-FT compare with: those loaded, recorded in ``args.start``
+    (config.json, checkpoints, the table); for a resume, the checkpoint's recorded start
+    (its kept file when the weights loaded now differ, e.g. other random ones)."""
+    args.start = start_weights.record(loaded, bundle.pretrained, args.out, keep=main_proc)
+    recorded = (resume or {}).get("start")
+    if recorded and recorded["sha256"] != args.start["sha256"]:
+        source = f"--resume {resume['path']}: its starting weights {recorded['path']}"
+        if not recorded["path"] or not Path(recorded["path"]).is_file():
+            raise start_weights.StartMismatch(f"{source} are gone, and the weights loaded now are "
+                                      "others; RSA and WiSE-FT need the run's own start")
+        kept = start_weights.read(recorded["path"])
+        start_weights.check(kept, recorded, source)
+        loaded = {k: v.to(loaded[k].device) for k, v in kept.items()}
+        args.start = recorded
+    if main_proc:
+        write_config(args)
+    return loaded
+
+
 def wise_ft(model, pre_state, ft_state, alpha):
     model.load_state_dict({k: (1 - alpha) * pre_state[k] + alpha * v
                            if v.is_floating_point() else v for k, v in ft_state.items()})
@@ -84,6 +113,7 @@ def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report
     printed."""
     args, method, device, out = run.args, run.method, run.args.device, Path(run.args.out)
     pre_model = load_model(args, run.pretrained, device).model.eval()
+    pre_model.load_state_dict(pre_state)  # the run's own start (random weights differ per load)
     ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if method.trains and args.steps == 0:
         log.info("--steps 0: evaluation only; the table has the zero-shot row alone")
@@ -104,6 +134,7 @@ def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report
         table += "\n\nRSA: no held-out pairs given (--rsa-csv or --rsa-shards)."
     table += "\n\nData: " + "; ".join(f"{part} {src}"
                                       for part, src in data_sources(args).items())
+    table += f"\n\nStarting weights: {start_weights.describe(args.start)}."
     atomic_write_text(out / "table.md", table + "\n")
     atomic_write_json(out / "report.json", report)
     if (out / "metrics.jsonl").is_file():
