@@ -29,12 +29,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dive_fast")
 
 
-def tiny_checkpoint(name: str, seed: int = 0) -> Path:
+# What makes a pre-trained tiny model's weights besides its config, world seed and the
+# pre-training stream: the pre-training's own settings (``pretrain.pretrain``'s defaults;
+# the steps keep dive-tiny's within ~13 minutes on 2 CPU cores, dive-wide's ~25).
+PRETRAIN_STEPS = {"dive-tiny": 1500, "dive-micro": 40, "dive-wide": 1500}
+PRETRAIN_DEFAULTS = {"batch_size": 128, "lr": 5e-4, "warmup": 100}
+
+
+def tiny_checkpoint(name: str, seed: int = 0, **settings) -> Path:
     """The cache file of a pre-trained tiny model. Its name carries a digest of the model
-    config and the pre-training stream's version, so a change to either never reuses
-    stale weights."""
+    config, the pre-training stream's version and any pre-training ``settings`` (steps,
+    batch_size, lr, warmup) that differ from the defaults, so that a change to any never
+    reuses stale weights and a non-default pre-training never replaces the default's."""
+    defaults = {"steps": PRETRAIN_STEPS.get(name, 600), **PRETRAIN_DEFAULTS}
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"tiny_checkpoint: unknown setting(s) {sorted(unknown)}")
+    custom = {k: v for k, v in sorted(settings.items()) if v is not None and v != defaults[k]}
     config = (CONFIG_DIR / f"{name}.json").read_bytes()
-    digest = hashlib.sha1(config + str(PRETRAIN_STREAM_VERSION).encode()).hexdigest()[:8]
+    key = config + str(PRETRAIN_STREAM_VERSION).encode() + (repr(custom).encode() if custom
+                                                             else b"")
+    digest = hashlib.sha1(key).hexdigest()[:8]
     return cache_dir() / f"{name}-world{seed}-{digest}.safetensors"
 
 

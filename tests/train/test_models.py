@@ -119,3 +119,19 @@ def test_pretrain_refuses_what_cannot_make_sense(bad, message):
     from dive_fast.train import pretrain
     with pytest.raises(ValueError, match=message):
         pretrain.main(bad)
+
+
+def test_a_short_pretraining_leaves_the_default_weights_and_says_so(tmp_path, monkeypatch,
+                                                                    capsys):
+    from dive_fast.train import pretrain as pretrain_mod
+    from dive_fast.train.models import CACHE_ENV, tiny_checkpoint
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    default = tiny_checkpoint("dive-micro")
+    default.write_bytes(b"the default run's weights")
+    path = pretrain_mod.main(["--model", "dive-micro", "--steps", "5", "--batch-size", "8",
+                              "--workers", "0"])
+    assert default.read_bytes() == b"the default run's weights"
+    assert path == tiny_checkpoint("dive-micro", steps=5, batch_size=8) != default
+    assert path.parent == tmp_path and path.is_file()
+    said = capsys.readouterr().out
+    assert f"the default dive-micro that runs load ({default}) is left as it was" in said
