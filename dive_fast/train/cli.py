@@ -23,7 +23,14 @@ from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
 from .fileio import DiskFull
 from .methods import METHODS
-from .models import CACHE_ENV, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
+from .models import (
+    CACHE_ENV,
+    TINY_MODELS,
+    DownloadFailed,
+    cache_dir,
+    is_weights_path,
+    tiny_checkpoint,
+)
 from .runlock import FolderInUse
 from .start_weights import StartMismatch
 from .trainer import run_owned
@@ -332,8 +339,8 @@ def check_args(args, world_size: int = 1) -> None:
         args.wise_ft_alphas = [float(a) for a in args.wise_ft.split(",") if a.strip()]
     except ValueError:
         raise ValueError(f"--wise-ft wants comma-separated numbers, got {args.wise_ft!r}") from None
-    for alpha in args.wise_ft_alphas:
-        validate.number("--wise-ft", alpha)
+    for alpha in args.wise_ft_alphas:  # a mixing weight: 0 the start, 1 the fine-tuned
+        validate.number("--wise-ft", alpha, 0, 1)
     if args.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
@@ -437,14 +444,24 @@ def cli(argv=None) -> None:
             return run(args, checked=True)
         except RUN_ERRORS as exc:  # what a user can act on: one line, not a traceback
             parser.exit(1, f"{parser.prog}: error: {exc}\n")
+        except KeyboardInterrupt:
+            parser.exit(130, f"{parser.prog}: interrupted; {last_checkpoint(args.out)}\n")
     run_checked(parser, lambda args: check_args(args, distributed.world_size_from_env()),
                 run_or_say, argv)
+
+
+def last_checkpoint(out) -> str:
+    """Where an interrupted run can continue from, in words."""
+    found = sorted((Path(out) / "checkpoints").glob("step-*.pt"))
+    if not found:
+        return f"no checkpoint was written yet in {Path(out) / 'checkpoints'}"
+    return f"the last checkpoint is {found[-1]} (the same command with --resume auto continues)"
 
 
 # Errors of a run that name their cause and remedy (a full disk, another run holding
 # --out, a checkpoint that cannot be resumed or read); anything else keeps its traceback.
 RUN_ERRORS = (DiskFull, FolderInUse, ResumeMismatch, CorruptCheckpoint, FileExistsError,
-              StartMismatch)
+              StartMismatch, DownloadFailed)
 
 
 if __name__ == "__main__":

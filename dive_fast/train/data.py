@@ -56,6 +56,16 @@ def collate(batch):
     return images, targets, skipped
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a file name read from the disk was valid UTF-8 (Python keeps other bytes as
+    lone surrogates, which no text encoder takes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_regular_file(path) -> bool:
     """Whether ``path`` is a regular file (after links): a FIFO or a device named *.png must
     never be opened, since reading one blocks or never ends."""
@@ -150,6 +160,11 @@ class ImageFolderTask(Dataset):
             log.warning("%s: %d image name(s) that are not regular files (e.g. %s) are skipped",
                         root, len(special), special[0])
         names_file = root / "classnames.txt"
+        unnamed = [d for d in folders if not is_utf8(d.name)]
+        if unnamed and not names_file.is_file():  # the folder's name is its class's, in prompts
+            raise ValueError(f"image folder {root}: the class folder name "
+                             f"{os.fsencode(unnamed[0].name)!r} is not UTF-8; rename it, or "
+                             "name the classes in a classnames.txt")
         classes = protocol.folder_classes(root, [d.name for d in folders],
                                           names_file if names_file.is_file() else None, preset)
         by_name = {d.name: d for d in folders}
@@ -184,7 +199,8 @@ class ImageFolderTask(Dataset):
         root = Path(self.samples[0][0]).parents[1]
         for file, label in self.samples:
             st = os.stat(file)
-            h.update(f"{Path(file).relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{Path(file).relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                     .encode("utf-8", "surrogateescape"))  # any file name, UTF-8 or not
         return f"folder:{h.hexdigest()}"
 
     def describe(self, i: int) -> str:
@@ -345,7 +361,7 @@ def shards_fingerprint(shards: list[str]) -> str:
         local = "://" not in u and not u.startswith("pipe:")
         st = os.stat(u) if local else None
         h.update(f"{Path(u).name if local else u}\0{st.st_size if st else ''}\0"
-                 f"{st.st_mtime_ns if st else ''}\n".encode())
+                 f"{st.st_mtime_ns if st else ''}\n".encode("utf-8", "surrogateescape"))
     return f"shards:{h.hexdigest()}"
 
 

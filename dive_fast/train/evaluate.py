@@ -28,7 +28,7 @@ from .data import (
     heldout_pairs,
 )
 from .fileio import atomic_write_json
-from .models import find_pretrained, is_weights_path, load_clip
+from .models import DownloadFailed, find_pretrained, is_weights_path, load_clip
 from .protocol import chosen_templates, projection_rows, with_imagenet_root
 from .validate import KINDS, TASK_METRICS, EvalFolder
 
@@ -351,10 +351,10 @@ def check_args(args) -> list[EvalFolder]:
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
                         3 if name == "rsa_size" else 1)
-    validate.rsa_pairs(args)
     if (args.rsa_csv or args.rsa_shards) and not args.checkpoint:
         raise ValueError("--rsa-csv/--rsa-shards: RSA compares a fine-tuned model with its "
                          "start; give the fine-tuned --checkpoint too")
+    validate.rsa_pairs(args)
     validate.model_and_tag(args.model, args.pretrained)
     if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
@@ -424,8 +424,10 @@ def run(args) -> dict:
 
 
 # Errors of the run a user can act on (a checkpoint that is not this model's, or does not
-# read, or whose start is gone): one line, exit 2, as the argument checks'.
-USER_ERRORS = (CorruptCheckpoint, WrongModel, start_weights.StartMismatch)
+# read, or whose start is gone; weights not downloaded, a tiny model not pre-trained): one
+# line, exit 2, as the argument checks'.
+USER_ERRORS = (CorruptCheckpoint, WrongModel, start_weights.StartMismatch, DownloadFailed,
+               FileNotFoundError)
 
 
 def main(argv=None) -> dict:

@@ -108,6 +108,8 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu",
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
     validate.device(str(device), "device")
+    if pretrained and not is_weights_path(pretrained):
+        download(name, pretrained)
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, weights_only=True,
@@ -120,6 +122,28 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu",
                            f"{type(exc).__name__}: {exc}") from exc
     tokenizer = text.install(model, open_clip.get_tokenizer(name), text_truncation)
     return ClipBundle(model, train_tf, val_tf, tokenizer, name, pretrained)
+
+
+class DownloadFailed(OSError):
+    """Weights of an open_clip tag that could not be downloaded (nor found in the cache)."""
+
+
+def download(name: str, tag: str) -> None:
+    """Fetches a tag's weights into open_clip's cache before the model is built, so that a
+    failure is said as the download it is (open_clip would log it and go on)."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg:
+        return  # not a tag of this model: open_clip's own error follows
+    try:
+        download_pretrained(cfg)
+    except Exception as exc:  # noqa: BLE001  (hub, HTTP and file errors alike)
+        from huggingface_hub.constants import HF_HUB_CACHE
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DownloadFailed(
+            f"--pretrained {tag}: downloading {name}'s weights failed ({first}); check the "
+            f"network, or put them in the Hugging Face cache ({HF_HUB_CACHE}) and set "
+            "HF_HUB_OFFLINE=1, or give a local checkpoint path") from None
 
 
 def compile_towers(model: nn.Module) -> str:
