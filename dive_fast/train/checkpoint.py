@@ -77,7 +77,10 @@ class CorruptCheckpoint(RuntimeError):
 def _load(path: Path, map_location):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refused to run the file's code
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # no object needing code: not a checkpoint
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a torch checkpoint "
+                                    "(not a pickle torch reads)") from exc
         raise CorruptCheckpoint(f"checkpoint {path} holds Python objects that need code to "
                                 "load (torch.load's weights_only refusal); only tensors and "
                                 "plain values are read, so no code runs: save its state_dict "

@@ -398,3 +398,20 @@ def test_the_backend_variable_is_named(micro_cache, tmp_path, not_loaded, monkey
 def test_steps_zero_is_evaluation_only(micro_cache, tmp_path):
     report = train.main(train_args(tmp_path / "out", "--method", "flyp", "--steps", "0"))
     assert list(report) == ["zero-shot"]
+
+
+def test_ctrl_c_ends_in_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from dive_fast.train import cli
+
+    def interrupted(args, *rest):
+        (Path(args.out) / "checkpoints").mkdir(parents=True)
+        (Path(args.out) / "checkpoints" / "step-00000002.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "run_owned", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        cli.cli(["--model", "dive-micro", "--pretrained", "", "--out", str(tmp_path / "out"),
+                 "--steps", "4", "--no-progress"])
+    said = capsys.readouterr().err.strip().splitlines()
+    assert ended.value.code == 130 and len(said) == 1, said
+    assert said[0].endswith(f"interrupted; the last checkpoint is {tmp_path / 'out'}/checkpoints"
+                            "/step-00000002.pt (the same command with --resume auto continues)")

@@ -135,3 +135,14 @@ def test_a_short_pretraining_leaves_the_default_weights_and_says_so(tmp_path, mo
     assert path.parent == tmp_path and path.is_file()
     said = capsys.readouterr().out
     assert f"the default dive-micro that runs load ({default}) is left as it was" in said
+
+
+def test_an_open_clip_train_checkpoint_loads_without_ddps_module_prefix(tmp_path):
+    """open_clip_train saves a DDP-wrapped model's keys as 'module.<key>' (with epoch,
+    name and optimizer beside); they load as open_clip loads them, prefix stripped."""
+    model = load_clip("dive-micro").model
+    torch.save({"epoch": 1, "name": "run", "state_dict": {
+        f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "epoch_1.pt")
+    other = load_clip("dive-micro").model
+    load_model_weights(other, tmp_path / "epoch_1.pt")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
