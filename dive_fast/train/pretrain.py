@@ -89,8 +89,8 @@ def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kw
                     path)
     else:
         log.info("first use of %s (world seed %d): pre-training it once on the generated "
-                 "world, %d steps, about %s on 2 CPU cores (a GPU: about a minute); cached in "
-                 "%s, which later runs load", name, seed, PRETRAIN_STEPS.get(name, 600),
+                 "world, %d steps, about %s on 2 idle CPU cores; cached in %s, which "
+                 "later runs load", name, seed, PRETRAIN_STEPS.get(name, 600),
                  PRETRAIN_MINUTES.get(name, "a while"), path)
     return pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
 

@@ -146,3 +146,16 @@ def test_an_open_clip_train_checkpoint_loads_without_ddps_module_prefix(tmp_path
     other = load_clip("dive-micro").model
     load_model_weights(other, tmp_path / "epoch_1.pt")
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_the_first_run_says_it_pretrains_once_how_long_and_where(tmp_path, monkeypatch,
+                                                                 caplog):
+    from dive_fast.train import pretrain as pretrain_mod
+    from dive_fast.train.models import CACHE_ENV, tiny_checkpoint
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda **kw: kw["out"])
+    with caplog.at_level("INFO", logger="dive_fast.train.pretrain"):
+        pretrain_mod.ensure_pretrained_tiny("dive-tiny")
+    said = caplog.messages[0]
+    assert "pre-training it once" in said and "about 13 minutes on 2 idle CPU cores" in said
+    assert str(tiny_checkpoint("dive-tiny")) in said
