@@ -22,10 +22,11 @@ def check_common(args, at_least: dict[str, int]) -> None:
     (ValueError: one line, exit 2, through ``run_checked``): each ``at_least`` flag's bound,
     a device that exists here, a model open_clip knows, --out a file."""
     from dive_fast.train import validate
+    from dive_fast.train.models import model_and_tag
     for name, low in at_least.items():
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name), low)
     validate.device(args.device)
-    validate.model_and_tag(args.model, None)
+    model_and_tag(args.model, None)
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the CSV file to write")
 

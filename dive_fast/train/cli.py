@@ -29,6 +29,7 @@ from .models import (
     DownloadFailed,
     cache_dir,
     is_weights_path,
+    model_and_tag,
     tiny_checkpoint,
 )
 from .runlock import FolderInUse
@@ -363,7 +364,7 @@ def check_backend(args) -> None:
 
 
 def check_model(args) -> None:
-    validate.model_and_tag(args.model, args.pretrained)
+    model_and_tag(args.model, args.pretrained)
 
 
 def check_inputs(args, world_size: int = 1) -> None:

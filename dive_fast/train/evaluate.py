@@ -28,7 +28,13 @@ from .data import (
     heldout_pairs,
 )
 from .fileio import atomic_write_json
-from .models import DownloadFailed, find_pretrained, is_weights_path, load_clip
+from .models import (
+    DownloadFailed,
+    find_pretrained,
+    is_weights_path,
+    load_clip,
+    model_and_tag,
+)
 from .protocol import chosen_templates, projection_rows, with_imagenet_root
 from .validate import KINDS, TASK_METRICS, EvalFolder
 
@@ -355,7 +361,7 @@ def check_args(args) -> list[EvalFolder]:
         raise ValueError("--rsa-csv/--rsa-shards: RSA compares a fine-tuned model with its "
                          "start; give the fine-tuned --checkpoint too")
     validate.rsa_pairs(args)
-    validate.model_and_tag(args.model, args.pretrained)
+    model_and_tag(args.model, args.pretrained)
     if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
     if args.checkpoint and not Path(args.checkpoint).is_file():

@@ -25,7 +25,15 @@ from . import optim
 from .data import WorldCaptions, collate
 from .evaluate import evaluate, format_table, world_eval_sets
 from .fileio import atomic_write, atomic_write_text
-from .models import CACHE_ENV, PRETRAIN_STEPS, cache_dir, load_clip, tiny_checkpoint, tiny_intact
+from .models import (
+    CACHE_ENV,
+    PRETRAIN_STEPS,
+    cache_dir,
+    load_clip,
+    model_and_tag,
+    tiny_checkpoint,
+    tiny_intact,
+)
 
 log = logging.getLogger(__name__)
 # The default pre-training's time on 2 CPU cores (an idle machine), said before it starts.
@@ -126,7 +134,6 @@ def check_args(args) -> None:
                          f"configs ({', '.join(TINY_MODELS)}); pass --any-model to pre-train "
                          "another (slow), or fine-tune it from --pretrained weights instead")
     if args.any_model:
-        from .validate import model_and_tag
         model_and_tag(args.model, None)
     number("--steps", args.steps, 1)
     number("--batch-size", args.batch_size, 1)

@@ -190,26 +190,6 @@ def outside_inputs(out, arg: str, inputs: dict) -> None:
                              "write the run's files outside its data")
 
 
-def model_and_tag(model: str, pretrained: str | None) -> None:
-    """A model open_clip knows and, for an open_clip tag, a tag it has for that model (a
-    wrong tag would otherwise surface as a download or loading error after other work)."""
-    import open_clip
-
-    from .models import TINY_MODELS, is_weights_path
-    if model.startswith("hf-hub:"):  # a model card on the Hugging Face hub: open_clip's
-        return
-    if model not in open_clip.list_models():
-        raise ValueError(f"--model {model}: unknown to open_clip (e.g. ViT-B-16, "
-                         f"ViT-B-32, {', '.join(TINY_MODELS)}; open_clip.list_models() has all)")
-    if pretrained and not is_weights_path(pretrained):
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        spelled = lambda tag: tag.lower().replace("-", "_")  # noqa: E731  (as open_clip compares)
-        if spelled(pretrained) not in {spelled(t) for t in tags}:
-            raise ValueError(f"--pretrained {pretrained}: open_clip has no such tag for "
-                             f"{model} (its tags: {', '.join(tags) or 'none'}); or give a "
-                             "checkpoint path")
-
-
 def float32_number(arg: str, value) -> None:
     """A value the float32 kernels can hold (1e39 is inf there)."""
     if value is not None and math.isfinite(value) and \
