@@ -35,7 +35,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, pyplot, result_path, synchronize, train_cli, user_run, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    check_common,
+    environment,
+    pyplot,
+    result_path,
+    synchronize,
+    train_cli,
+    user_run,
+    write_csv,
+)
 
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
 
@@ -276,7 +285,16 @@ def main(argv=None):
         print(json.dumps({"peak_rss_MiB": peak_memory_mib("cpu"),
                           "frozen_tower_MiB": frozen.bytes / 2**20}))
         return
-    args = p.parse_args(argv)
+    from dive_fast._cli.arguments import run_checked
+    return run_checked(p, check_args, lambda args: run(args, argv), argv)
+
+
+def check_args(args) -> None:
+    check_common(args, {"image_size": 8, "batch": 1, "ref_size": 1, "steps": 1, "warmup": 0,
+                        "budget_batch": 1, "max_batch": 1, "user_batch": 1})
+
+
+def run(args, argv):
     if args.variant:
         print(json.dumps(run_variant(args)))
         return

@@ -55,7 +55,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, result_path, synchronize, train_cli, user_run, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    check_common,
+    environment,
+    result_path,
+    synchronize,
+    train_cli,
+    user_run,
+    write_csv,
+)
 from tables import step_table  # noqa: E402
 
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
@@ -346,9 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    check_common(args, {"batch": 1, "ref_batch": 1, "ref_size": 1, "steps": 1, "warmup": 0,
+                        "workers": 0, "rounds": 1, "image_size": 8, "peak_tflops": 1e-9})
+
+
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
+    from dive_fast._cli.arguments import run_checked
+    return run_checked(build_parser(), check_args, lambda args: run(args, argv), argv)
+
+
+def run(args, argv=None):
     if args.variant:
         print(json.dumps(run_variant(args)))
         return

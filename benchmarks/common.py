@@ -17,6 +17,20 @@ from pathlib import Path
 import torch
 
 
+def check_common(args, at_least: dict[str, int]) -> None:
+    """The step and memory benchmarks' shared argument checks, before anything is timed
+    (ValueError: one line, exit 2, through ``run_checked``): each ``at_least`` flag's bound,
+    a device that exists here, a model open_clip knows, --out a file."""
+    from dive_fast.train import validate
+    from dive_fast.train.models import model_and_tag
+    for name, low in at_least.items():
+        validate.number(f"--{name.replace('_', '-')}", getattr(args, name), low)
+    validate.device(args.device)
+    model_and_tag(args.model, None)
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the CSV file to write")
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))

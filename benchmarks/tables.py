@@ -13,6 +13,7 @@ import argparse
 import csv
 import statistics
 import sys
+from pathlib import Path
 
 
 def op_table(rows, mode: str = "fwd+bwd") -> str:
@@ -146,8 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    for path in args.paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such result CSV")
+
+
 def main(argv):
-    args = build_parser().parse_args(argv)
+    from dive_fast._cli.arguments import run_checked
+    run_checked(build_parser(), check_args, run, argv)
+
+
+def run(args) -> None:
     for path in args.paths:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))

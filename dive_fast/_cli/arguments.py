@@ -18,12 +18,16 @@ class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def run_checked(parser: argparse.ArgumentParser, check, run, argv=None):
+def run_checked(parser: argparse.ArgumentParser, check, run, argv=None, user_errors=()):
     """``check(args)`` errors (ValueError, OSError: a bad argument or input) end the command
-    as argparse's own do, one line naming the argument; then ``run(args)``."""
+    as argparse's own do, one line naming the argument, exit code 2; then ``run(args)``,
+    whose ``user_errors`` (a bad file found only when read) end the same way."""
     args = parser.parse_args(argv)
     try:
         check(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
-    return run(args)
+    try:
+        return run(args)
+    except user_errors as exc:
+        parser.error(str(exc))

@@ -11,10 +11,11 @@ The policy: what a checkpoint holds (``checkpoint_state``: weights, method state
 optimiser, schedule, loss scale, random states and the settings a resume must share), which
 one ``--resume`` names (``find_resume``), the refusal of one written with other settings
 or data (``ResumeMismatch``), its restoring into a built run (``restore``), and a run's
-claim on its ``--out`` (``claim_out``: another run's folder only with ``--resume``)."""
+claim on its ``--out`` (``claim_out``: a folder holding a run only to continue that run)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import random
 import zipfile
@@ -76,9 +77,18 @@ class CorruptCheckpoint(RuntimeError):
 def _load(path: Path, map_location):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a torch checkpoint: "
-                                f"{exc}") from exc
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # no object needing code: not a checkpoint
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a torch checkpoint "
+                                    "(not a pickle torch reads)") from exc
+        raise CorruptCheckpoint(f"checkpoint {path} holds Python objects that need code to "
+                                "load (torch.load's weights_only refusal); only tensors and "
+                                "plain values are read, so no code runs: save its state_dict "
+                                "alone") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt, truncated, empty or not a "
+                                f"torch checkpoint ({first})") from exc
     if isinstance(ckpt, dict) and DIGEST_KEY in ckpt:
         expected = ckpt.pop(DIGEST_KEY)
         if payload_digest(ckpt) != expected:
@@ -113,22 +123,42 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CorruptCheckpoint(f"{exc}{hint}") from exc.__cause__
 
 
-def load_model_weights(model: torch.nn.Module, path) -> dict:
-    """Load the model part of a dive_fast.train checkpoint (or a bare state dict, or a
-    weights-only .safetensors: final.safetensors, best.safetensors)."""
-    if str(path).endswith(".safetensors"):
-        from .weights import load_weights
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        ckpt = load_weights(path)
-    else:
-        ckpt = load_checkpoint(path)
+def model_state(ckpt) -> dict:
+    """The model's state dict in a loaded checkpoint (dive_fast's or open_clip_train's, whose
+    DDP-wrapped models save keys with a ``module.`` prefix, stripped as open_clip does) or a
+    bare state dict."""
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"a checkpoint holds {type(state).__name__}, not a state dict")
+    if state and all(str(k).startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, path, ckpt=None) -> dict:
+    """Load the model part of a dive_fast.train checkpoint (or a bare state dict, an
+    open_clip_train checkpoint, or a weights-only .safetensors: final.safetensors,
+    best.safetensors); ``ckpt``: the file already loaded."""
+    if ckpt is None:
+        ckpt = load_weights_file(path) if str(path).endswith(".safetensors") \
+            else load_checkpoint(path)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(model_state(ckpt))
     except RuntimeError as exc:
-        raise RuntimeError(f"checkpoint {path} does not fit this model: {exc}") from exc
+        raise WrongModel(f"checkpoint {path} does not fit this model: "
+                         f"{str(exc).splitlines()[0]}") from exc
     return ckpt
+
+
+def load_weights_file(path) -> dict:
+    from .weights import load_weights
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return load_weights(path)
+
+
+class WrongModel(RuntimeError):
+    """A checkpoint of another model than the one it is loaded into."""
 
 
 def prune(written: list[Path], keep: int) -> None:
@@ -168,21 +198,51 @@ def checkpoint_state(step, args, method, opt, sched, scaler=None) -> dict:
         model_state, opt_state = method.model.state_dict(), opt.state_dict()
     return {"state_dict": model_state, "method_state": method_state,
             "step": step, **{k: getattr(args, k) for k in RESUME_KEYS},
+            "run_id": getattr(args, "run_id", None), "start": getattr(args, "start", None),
             "optimizer": opt_state, "scheduler": sched.state_dict(),
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
 
 def claim_out(args, out: Path) -> None:
-    """A folder holding another run's checkpoints or metrics is refused unless resuming."""
-    if args.resume is not None:
-        return
+    """A run owns its --out: a folder holding a run (checkpoints or metrics) is refused
+    unless this run continues that very run (``--resume auto``, or a checkpoint of the same
+    run identity, ``run_id``); else its checkpoints would be overwritten and pruned."""
     held = sorted((out / "checkpoints").glob("step-*.pt"))
     metrics = out / "metrics.jsonl"
-    if held or (metrics.is_file() and metrics.stat().st_size):
+    if not held and not (metrics.is_file() and metrics.stat().st_size):
+        return
+    where = held[-1] if held else metrics
+    if args.resume is None:
         raise FileExistsError(
-            f"--out {out} already holds a run ({held[-1] if held else metrics}): pass "
-            "--resume auto to continue it, or give another --out")
+            f"--out {out} already holds a run ({where}): pass --resume auto to continue it, "
+            "or give another --out")
+    if args.resume != "auto" and not continues(Path(args.resume), out):
+        raise FileExistsError(
+            f"--out {out} already holds another run ({where}) than the one --resume "
+            f"{args.resume} continues: resume into that run's own folder or a new --out")
+
+
+def continues(checkpoint: Path, out: Path) -> bool:
+    """Whether ``checkpoint`` belongs to the run in ``out``: it lies in its checkpoints/,
+    or it records the run identity that ``out/config.json`` records."""
+    if checkpoint.resolve().parent == (out / "checkpoints").resolve():
+        return True
+    try:
+        folder_id = json.loads((out / "config.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return False
+    return folder_id is not None and folder_id == recorded(checkpoint, "run_id")
+
+
+def recorded(path: Path, key: str):
+    """One setting a checkpoint records, read without loading its tensors (None when the
+    file records none or does not read: the full load reports why)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (any unreadable file: load_checkpoint names it)
+        return None
+    return ckpt.get(key) if isinstance(ckpt, dict) else None
 
 
 def find_resume(args) -> Path | None:

@@ -23,10 +23,20 @@ from .data import csv_options, shards_fingerprint
 from .evaluate import SUMMARY_METRICS
 from .fileio import DiskFull
 from .methods import METHODS
-from .models import CACHE_ENV, HF_HUB, TINY_MODELS, cache_dir, is_weights_path, tiny_checkpoint
+from .models import (
+    CACHE_ENV,
+    HF_HUB,
+    TINY_MODELS,
+    DownloadFailed,
+    cache_dir,
+    is_weights_path,
+    model_and_tag,
+    tiny_checkpoint,
+)
 from .open_clip_flags import REFUSED_VALUES, RefuseValues, adamw_settings, add_refusals
 from .precision import PRECISIONS
 from .runlock import FolderInUse
+from .start_weights import StartMismatch
 from .suite import with_suite
 from .trainer import run_owned
 from .wise_ft import parse_alphas
@@ -484,21 +494,7 @@ def check_backend(args) -> None:
 
 
 def check_model(args) -> None:
-    """A model open_clip knows and, for an open_clip tag, a tag it has for that model (a
-    wrong tag would otherwise surface as a download or loading error after other work)."""
-    import open_clip
-    if args.model.startswith(HF_HUB):  # a model card on the Hugging Face hub: open_clip's
-        return
-    if args.model not in open_clip.list_models():
-        raise ValueError(f"--model {args.model}: unknown to open_clip (e.g. ViT-B-16, "
-                         f"ViT-B-32, {', '.join(TINY_MODELS)}; open_clip.list_models() has all)")
-    if args.pretrained and not is_weights_path(args.pretrained):
-        tags = open_clip.list_pretrained_tags_by_model(args.model)
-        spelled = lambda tag: tag.lower().replace("-", "_")  # noqa: E731  (as open_clip compares)
-        if spelled(args.pretrained) not in {spelled(t) for t in tags}:
-            raise ValueError(f"--pretrained {args.pretrained}: open_clip has no such tag for "
-                             f"{args.model} (its tags: {', '.join(tags) or 'none'}); or give a "
-                             "checkpoint path")
+    model_and_tag(args.model, args.pretrained)
 
 
 def check_inputs(args, world_size: int = 1) -> None:
@@ -510,7 +506,7 @@ def check_inputs(args, world_size: int = 1) -> None:
     if args.zeroshot_suite:
         args.task = with_suite(args.task, *args.zeroshot_suite)
         args.zeroshot_suite = None  # now in --task
-    validate.eval_folders(args.task)
+    folders = validate.eval_folders(args.task)
     # What the data is, by content (a resume must see the same data, however it is spelled).
     args.data_ids = {"target": None, "reference": None}
     if args.train_folder:
@@ -537,6 +533,8 @@ def check_inputs(args, world_size: int = 1) -> None:
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
+    validate.outside_inputs(args.out, "--out", {"--train-folder": args.train_folder, **{
+        f"--task {f.kind}:{f.name}": f.path for f in folders}})
     validate.output_paths(args.out, "--out")
     claim_out(args, Path(args.out))
     if args.pretrained is None and args.model in TINY_MODELS and \
@@ -591,13 +589,24 @@ def cli(argv=None) -> None:
             return run(args, checked=True)
         except RUN_ERRORS as exc:  # what a user can act on: one line, not a traceback
             parser.exit(1, f"{parser.prog}: error: {exc}\n")
+        except KeyboardInterrupt:
+            parser.exit(130, f"{parser.prog}: interrupted; {last_checkpoint(args.out)}\n")
     run_checked(parser, lambda args: check_args(args, distributed.world_size_from_env()),
                 run_or_say, argv)
 
 
+def last_checkpoint(out) -> str:
+    """Where an interrupted run can continue from, in words."""
+    found = sorted((Path(out) / "checkpoints").glob("step-*.pt"))
+    if not found:
+        return f"no checkpoint was written yet in {Path(out) / 'checkpoints'}"
+    return f"the last checkpoint is {found[-1]} (the same command with --resume auto continues)"
+
+
 # Errors of a run that name their cause and remedy (a full disk, another run holding
 # --out, a checkpoint that cannot be resumed or read); anything else keeps its traceback.
-RUN_ERRORS = (DiskFull, FolderInUse, ResumeMismatch, CorruptCheckpoint, FileExistsError)
+RUN_ERRORS = (DiskFull, FolderInUse, ResumeMismatch, CorruptCheckpoint, FileExistsError,
+              StartMismatch, DownloadFailed)
 
 
 if __name__ == "__main__":

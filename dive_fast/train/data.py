@@ -56,6 +56,16 @@ def collate(batch):
     return images, targets, skipped
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a file name read from the disk was valid UTF-8 (Python keeps other bytes as
+    lone surrogates, which no text encoder takes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_regular_file(path) -> bool:
     """Whether ``path`` is a regular file (after links): a FIFO or a device named *.png must
     never be opened, since reading one blocks or never ends."""
@@ -150,6 +160,11 @@ class ImageFolderTask(Dataset):
             log.warning("%s: %d image name(s) that are not regular files (e.g. %s) are skipped",
                         root, len(special), special[0])
         names_file = root / "classnames.txt"
+        unnamed = [d for d in folders if not is_utf8(d.name)]
+        if unnamed and not names_file.is_file():  # the folder's name is its class's, in prompts
+            raise ValueError(f"image folder {root}: the class folder name "
+                             f"{os.fsencode(unnamed[0].name)!r} is not UTF-8; rename it, or "
+                             "name the classes in a classnames.txt")
         classes = protocol.folder_classes(root, [d.name for d in folders],
                                           names_file if names_file.is_file() else None, preset)
         by_name = {d.name: d for d in folders}
@@ -184,7 +199,8 @@ class ImageFolderTask(Dataset):
         root = Path(self.samples[0][0]).parents[1]
         for file, label in self.samples:
             st = os.stat(file)
-            h.update(f"{Path(file).relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{Path(file).relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                     .encode("utf-8", "surrogateescape"))  # any file name, UTF-8 or not
         return f"folder:{h.hexdigest()}"
 
     def describe(self, i: int) -> str:
@@ -204,17 +220,20 @@ class ImageFolderTask(Dataset):
 def read_caption_rows(path: Path, img_key: str, caption_key: str, sep: str):
     """(image, caption) rows of a caption CSV, and how many had an empty caption (dropped).
 
-    Tab-separated files (open_clip's) need no quoting, so their quotes are kept as written.
-    Other separators honour CSV quoting, and a quote that is never closed (which would
-    swallow the rest of the file into one caption) is refused with its line number."""
+    Read as open_clip reads it (``pandas.read_csv(path, sep=sep)``): a field that opens with
+    a double quote may hold the separator and newlines until its closing quote ("" is a
+    quote); a quote inside an unquoted field is kept. Refused with their line, where pandas
+    would swallow the rest of the file into one caption or stop without naming the cause:
+    a quote that never closes, and a row with more fields than the header (a tab inside an
+    unquoted caption)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"caption CSV {path} is not UTF-8 text (byte {exc.start}: "
                          f"{exc.reason}); save it as UTF-8") from None
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))  # long captions are fine
-    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep, quoting=quoting)
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep, restkey=EXTRA)
     missing = {img_key, caption_key} - set(reader.fieldnames or ())
     if missing:
         raise ValueError(f"{path}: header {reader.fieldnames} lacks column(s) "
@@ -222,10 +241,15 @@ def read_caption_rows(path: Path, img_key: str, caption_key: str, sep: str):
     rows, empty, last = [], 0, reader.line_num
     for row in reader:
         first, last = last + 1, reader.line_num
-        if last > first and any("\n" in (v or "") for v in row.values()):
-            raise ValueError(f"{path}:{first}: a double quote opened on this line is not closed "
-                             f"before line {last}, which would join those lines into one "
-                             "caption; remove or close the quote")
+        record = "".join(lines[first - 1:last])
+        if '"' in record and not closes(record, sep):
+            raise ValueError(f"{path}:{first}: a double quote opened on this line is never "
+                             "closed, which would join the rest of the file into one caption; "
+                             "close it (a quote inside a quoted caption is written \"\")")
+        if EXTRA in row:
+            raise ValueError(f"{path}:{first}: more fields than the header's "
+                             f"{len(reader.fieldnames)} (separator {sep!r}); a caption that "
+                             "holds the separator must be quoted: \"...\"")
         if row[img_key] is None or row[caption_key] is None:
             raise ValueError(f"{path}:{first}: malformed row {row} (too few columns for "
                              f"separator {sep!r})")
@@ -234,6 +258,19 @@ def read_caption_rows(path: Path, img_key: str, caption_key: str, sep: str):
             continue
         rows.append((row[img_key], row[caption_key]))
     return rows, empty
+
+
+EXTRA = object()  # DictReader's key of the fields beyond the header's
+
+
+def closes(record: str, sep: str) -> bool:
+    """Whether every quoted field of one record's text is closed (a strict parse reaches
+    no end of data inside quotes; its other complaints are pandas-compatible text)."""
+    try:
+        list(csv.reader(io.StringIO(record, newline=""), delimiter=sep, strict=True))
+    except csv.Error as exc:
+        return "unexpected end of data" not in str(exc)
+    return True
 
 
 class CsvCaptions(Dataset):
@@ -345,7 +382,7 @@ def shards_fingerprint(shards: list[str]) -> str:
         local = "://" not in u and not u.startswith("pipe:")
         st = os.stat(u) if local else None
         h.update(f"{Path(u).name if local else u}\0{st.st_size if st else ''}\0"
-                 f"{st.st_mtime_ns if st else ''}\n".encode())
+                 f"{st.st_mtime_ns if st else ''}\n".encode("utf-8", "surrogateescape"))
     return f"shards:{h.hexdigest()}"
 
 

@@ -10,6 +10,7 @@ accuracy; RSA between the pre-trained and the fine-tuned embedding geometry.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -17,8 +18,14 @@ from torch.utils.data import DataLoader
 
 from .._cli.progress import progress_bar
 from ..world.tasks import TASKS
-from . import validate
-from .checkpoint import load_model_weights
+from . import start_weights, validate
+from .checkpoint import (
+    CorruptCheckpoint,
+    WrongModel,
+    load_checkpoint,
+    load_model_weights,
+    load_weights_file,
+)
 from .data import (
     WorldCaptions,
     WorldTask,
@@ -28,7 +35,13 @@ from .data import (
     heldout_pairs,
 )
 from .fileio import append_rows, atomic_write_json
-from .models import find_pretrained, load_clip
+from .models import (
+    DownloadFailed,
+    find_pretrained,
+    is_weights_path,
+    load_clip,
+    model_and_tag,
+)
 from .precision import PRECISIONS, autocast_dtype
 from .protocol import chosen_templates, projection_rows, with_imagenet_root
 from .suite import eval_dataset, with_suite
@@ -478,6 +491,9 @@ def check_args(args) -> list[EvalFolder]:
     for name in ("n_per_task", "batch_size", "rsa_size"):
         validate.number(f"--{name.replace('_', '-')}", getattr(args, name),
                         3 if name == "rsa_size" else 1)
+    if (args.rsa_csv or args.rsa_shards) and not args.checkpoint:
+        raise ValueError("--rsa-csv/--rsa-shards: RSA compares a fine-tuned model with its "
+                         "start; give the fine-tuned --checkpoint too")
     validate.rsa_pairs(args)
     if args.checkpoint:
         args.checkpoint = str(checkpoint_file(args.checkpoint))
@@ -498,8 +514,13 @@ def check_args(args) -> list[EvalFolder]:
         validate.writable_folder(Path(args.results).parent, "--results")
         if args.save_weights:
             validate.writable_folder(args.save_weights, "--save-weights")
-    if args.out and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give the JSON file to write")
+    model_and_tag(args.model, args.pretrained)
+    if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
+    if args.out:
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder; give the JSON file to write")
+        validate.writable_folder(Path(args.out).absolute().parent, "--out")
     return folders
 
 
@@ -525,14 +546,56 @@ def run_folder(checkpoint) -> Path:
     return folder.parent if folder.name == "checkpoints" else folder
 
 
+def start_source(args, ckpt: dict | None) -> str | None:
+    """What to load as the model's start: --pretrained as given, else the start a checkpoint
+    records (its file, or its tag), else the tiny config's cached weights."""
+    if ckpt is None or args.pretrained is not None:
+        return find_pretrained(args.model, args.pretrained, args.world_seed)
+    recorded = ckpt.get("start") or {}
+    if recorded.get("path") and Path(recorded["path"]).is_file():
+        return recorded["path"]
+    if recorded and not recorded["pretrained"]:
+        raise start_weights.StartMismatch(
+            f"--checkpoint {args.checkpoint}: its run started from random weights, kept in "
+            f"{recorded['path']}, which is gone; give them with --pretrained PATH")
+    return find_pretrained(args.model, ckpt.get("pretrained"),
+                           ckpt.get("world_seed", args.world_seed))
+
+
+def read_checkpoint(path) -> dict:
+    """A training checkpoint as loaded, or a weights-only .safetensors (final.safetensors,
+    best.safetensors) with what its run's config.json records (model, start) beside it."""
+    if not str(path).endswith(".safetensors"):
+        return load_checkpoint(path)
+    config = run_folder(path) / "config.json"
+    recorded = json.loads(config.read_text()) if config.is_file() else {}
+    return {"state_dict": load_weights_file(path),
+            **{k: recorded[k] for k in ("model", "pretrained", "world_seed", "start")
+               if k in recorded}}
+
+
+def load_models(args):
+    """(the model to evaluate, its start for RSA or None): a checkpoint's recorded model and
+    start are used or a mismatch is refused, naming the flag."""
+    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    trained_as = (ckpt or {}).get("model")
+    if trained_as and trained_as != args.model:
+        raise WrongModel(f"--checkpoint {args.checkpoint} was trained as --model {trained_as}, "
+                         f"not {args.model}; pass --model {trained_as}")
+    pretrained = start_source(args, ckpt)
+    bundle = load_clip(args.model, pretrained, args.device)
+    if ckpt is None:
+        return bundle, None
+    pre_model = load_clip(args.model, pretrained, args.device).model.eval()
+    start_weights.check(pre_model.state_dict(), ckpt.get("start"),
+                f"--pretrained {args.pretrained}" if args.pretrained is not None else pretrained)
+    load_model_weights(bundle.model, args.checkpoint, ckpt)
+    return bundle, pre_model
+
+
 def run(args) -> dict:
     folders = validate.eval_folders(args.task, check_folders=False)
-    pretrained = find_pretrained(args.model, args.pretrained, args.world_seed)
-    bundle = load_clip(args.model, pretrained, args.device)
-    pre_model = None
-    if args.checkpoint:
-        pre_model = load_clip(args.model, pretrained, args.device).model.eval()
-        load_model_weights(bundle.model, args.checkpoint)
+    bundle, pre_model = load_models(args)
     tf = bundle.preprocess_val
     sets = folder_eval_sets(folders, tf, chosen_templates(args.templates)) if folders else \
         world_eval_sets(tf, args.n_per_task, args.world_seed, bundle.image_size)
@@ -578,6 +641,13 @@ def wise_ft_sweep(args, bundle, sets, common) -> dict:
     return {f"wise-ft {alpha:g}": report for alpha, report in zip(alphas, reports)}
 
 
+# Errors of the run a user can act on (a checkpoint that is not this model's, or does not
+# read, or whose start is gone; weights not downloaded, a tiny model not pre-trained): one
+# line, exit 2, as the argument checks'.
+USER_ERRORS = (CorruptCheckpoint, WrongModel, start_weights.StartMismatch, DownloadFailed,
+               FileNotFoundError)
+
+
 def main(argv=None) -> dict:
     """The Python entry: errors raise, naming the argument."""
     args = build_parser().parse_args(argv)
@@ -587,4 +657,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     from .._cli.arguments import run_checked
-    run_checked(build_parser(), check_args, run)
+    run_checked(build_parser(), check_args, run, user_errors=USER_ERRORS)

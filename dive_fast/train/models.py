@@ -30,12 +30,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dive_fast")
 
 
-def tiny_checkpoint(name: str, seed: int = 0) -> Path:
+# What makes a pre-trained tiny model's weights besides its config, world seed and the
+# pre-training stream: the pre-training's own settings (``pretrain.pretrain``'s defaults;
+# the steps keep dive-tiny's within ~13 minutes on 2 CPU cores, dive-wide's ~25).
+PRETRAIN_STEPS = {"dive-tiny": 1500, "dive-micro": 40, "dive-wide": 1500}
+PRETRAIN_DEFAULTS = {"batch_size": 128, "lr": 5e-4, "warmup": 100}
+
+
+def tiny_checkpoint(name: str, seed: int = 0, **settings) -> Path:
     """The cache file of a pre-trained tiny model. Its name carries a digest of the model
-    config and the pre-training stream's version, so a change to either never reuses
-    stale weights."""
+    config, the pre-training stream's version and any pre-training ``settings`` (steps,
+    batch_size, lr, warmup) that differ from the defaults, so that a change to any never
+    reuses stale weights and a non-default pre-training never replaces the default's."""
+    defaults = {"steps": PRETRAIN_STEPS.get(name, 600), **PRETRAIN_DEFAULTS}
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"tiny_checkpoint: unknown setting(s) {sorted(unknown)}")
+    custom = {k: v for k, v in sorted(settings.items()) if v is not None and v != defaults[k]}
     config = (CONFIG_DIR / f"{name}.json").read_bytes()
-    digest = hashlib.sha1(config + str(PRETRAIN_STREAM_VERSION).encode()).hexdigest()[:8]
+    key = config + str(PRETRAIN_STREAM_VERSION).encode() + (repr(custom).encode() if custom
+                                                             else b"")
+    digest = hashlib.sha1(key).hexdigest()[:8]
     return cache_dir() / f"{name}-world{seed}-{digest}.safetensors"
 
 
@@ -74,6 +89,23 @@ def is_weights_path(pretrained: str | None) -> bool:
         (".pt", ".pth", ".bin", ".safetensors")))
 
 
+def model_and_tag(model: str, pretrained: str | None) -> None:
+    """A model open_clip knows and, for an open_clip tag, a tag it has for that model (a
+    wrong tag would otherwise surface as a download or loading error after other work)."""
+    if model.startswith("hf-hub:"):  # a model card on the Hugging Face hub: open_clip's
+        return
+    if model not in open_clip.list_models():
+        raise ValueError(f"--model {model}: unknown to open_clip (e.g. ViT-B-16, "
+                         f"ViT-B-32, {', '.join(TINY_MODELS)}; open_clip.list_models() has all)")
+    if pretrained and not is_weights_path(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        spelled = lambda tag: tag.lower().replace("-", "_")  # noqa: E731  (as open_clip compares)
+        if spelled(pretrained) not in {spelled(t) for t in tags}:
+            raise ValueError(f"--pretrained {pretrained}: open_clip has no such tag for "
+                             f"{model} (its tags: {', '.join(tags) or 'none'}); or give a "
+                             "checkpoint path")
+
+
 def load_clip(name: str, pretrained: str | None = None, device="cpu",
               image_size: int | list[int] | None = None,
               text_truncation: bool = True) -> ClipBundle:
@@ -98,6 +130,8 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu",
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
     validate.device(str(device), "device")
+    if pretrained and not is_weights_path(pretrained):
+        download(name, pretrained)
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, weights_only=True,
@@ -110,6 +144,28 @@ def load_clip(name: str, pretrained: str | None = None, device="cpu",
                            f"{type(exc).__name__}: {exc}") from exc
     tokenizer = text.install(model, open_clip.get_tokenizer(name), text_truncation)
     return ClipBundle(model, train_tf, val_tf, tokenizer, name, pretrained)
+
+
+class DownloadFailed(OSError):
+    """Weights of an open_clip tag that could not be downloaded (nor found in the cache)."""
+
+
+def download(name: str, tag: str) -> None:
+    """Fetches a tag's weights into open_clip's cache before the model is built, so that a
+    failure is said as the download it is (open_clip would log it and go on)."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg:
+        return  # not a tag of this model: open_clip's own error follows
+    try:
+        download_pretrained(cfg)
+    except Exception as exc:  # noqa: BLE001  (hub, HTTP and file errors alike)
+        from huggingface_hub.constants import HF_HUB_CACHE
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DownloadFailed(
+            f"--pretrained {tag}: downloading {name}'s weights failed ({first}); check the "
+            f"network, or put them in the Hugging Face cache ({HF_HUB_CACHE}) and set "
+            "HF_HUB_OFFLINE=1, or give a local checkpoint path") from None
 
 
 def compile_towers(model: nn.Module) -> str:

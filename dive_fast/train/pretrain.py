@@ -25,20 +25,29 @@ from . import optim
 from .data import WorldCaptions, collate
 from .evaluate import evaluate, format_table, world_eval_sets
 from .fileio import atomic_write, atomic_write_text
-from .models import load_clip, tiny_checkpoint, tiny_intact
+from .models import (
+    CACHE_ENV,
+    PRETRAIN_STEPS,
+    cache_dir,
+    load_clip,
+    model_and_tag,
+    tiny_checkpoint,
+    tiny_intact,
+)
 
 log = logging.getLogger(__name__)
-# Steps that keep the default pre-training within ~10 minutes on 2 CPU cores (dive-wide,
-# the capacity check of benchmarks/results/diagnosis.md: about 25 minutes).
-DEFAULT_STEPS = {"dive-tiny": 1500, "dive-micro": 40, "dive-wide": 1500}
+# The default pre-training's time on 2 CPU cores (an idle machine), said before it starts.
+PRETRAIN_MINUTES = {"dive-tiny": "13 minutes", "dive-micro": "10 seconds",
+                    "dive-wide": "25 minutes"}
 
 
 def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None = None,
              batch_size: int = 128, lr: float = 5e-4, warmup: int = 100, workers: int = 1,
              device: str = "cpu", progress: bool = True, eval_per_task: int = 300) -> Path:
     torch.manual_seed(seed)
-    steps = steps or DEFAULT_STEPS.get(name, 600)
-    out = Path(out) if out else tiny_checkpoint(name, seed)
+    steps = steps or PRETRAIN_STEPS.get(name, 600)
+    out = Path(out) if out else tiny_checkpoint(name, seed, steps=steps,
+                                                batch_size=batch_size, lr=lr, warmup=warmup)
     # Full-length text: the cached weights (and the tables made with them) come from the
     # arithmetic before text truncation; fine-tuning trims exactly either way.
     bundle = load_clip(name, None, device, text_truncation=False)
@@ -68,7 +77,7 @@ def pretrain(name: str = "dive-tiny", seed: int = 0, out=None, steps: int | None
     payload = save({k: v.contiguous() for k, v in model.state_dict().items()})
     atomic_write(out, lambda f: f.write(payload))
     meta = {"model": name, "world_seed": seed, "steps": steps, "batch_size": batch_size,
-            "lr": lr, "seconds": round(time.time() - start, 1),
+            "lr": lr, "warmup": warmup, "seconds": round(time.time() - start, 1),
             "sha256": hashlib.sha256(payload).hexdigest()}  # checked before reuse
     if eval_per_task:
         sets = world_eval_sets(bundle.preprocess_val, eval_per_task, seed, bundle.image_size)
@@ -87,6 +96,11 @@ def ensure_pretrained_tiny(name: str = "dive-tiny", seed: int = 0, **pretrain_kw
             return path
         log.warning("the cached %s does not match its recorded digest: pre-training it again",
                     path)
+    else:
+        log.info("first use of %s (world seed %d): pre-training it once on the generated "
+                 "world, %d steps, about %s on 2 idle CPU cores; cached in %s, which "
+                 "later runs load", name, seed, PRETRAIN_STEPS.get(name, 600),
+                 PRETRAIN_MINUTES.get(name, "a while"), path)
     return pretrain(name=name, seed=seed, out=path, **pretrain_kwargs)
 
 
@@ -115,18 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     from .models import TINY_MODELS
-    from .validate import device, number
+    from .validate import device, number, seed, writable_folder
     if args.model not in TINY_MODELS and not args.any_model:
         raise ValueError(f"--model {args.model}: pre-training on the world is meant for the tiny "
                          f"configs ({', '.join(TINY_MODELS)}); pass --any-model to pre-train "
                          "another (slow), or fine-tune it from --pretrained weights instead")
+    if args.any_model:
+        model_and_tag(args.model, None)
     number("--steps", args.steps, 1)
     number("--batch-size", args.batch_size, 1)
     number("--lr", args.lr, 0, above=True)
     number("--workers", args.workers, 0)
+    seed("--seed", args.seed)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device(args.device)
+    if args.out is not None:
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder; give the weights file to write "
+                             "(e.g. weights.safetensors)")
+        writable_folder(Path(args.out).absolute().parent, "--out")
+    else:
+        writable_folder(cache_dir(), f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
 
 
 def run(args):
@@ -137,6 +161,11 @@ def run(args):
     if "zeroshot" in meta:
         print(format_table({f"{args.model} pre-trained": meta["zeroshot"]}))
     print(f"saved {path}")
+    default = tiny_checkpoint(args.model, args.seed)
+    if path.resolve() != default.resolve():
+        print(f"the default {args.model} that runs load ({default}) is left as it was "
+              f"({'present' if default.is_file() else 'not pre-trained yet'}); these weights "
+              f"load with --pretrained {path}")
     return path
 
 

@@ -19,6 +19,7 @@ import functools
 import logging
 import pkgutil
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,13 @@ def check_templates(templates, source) -> None:
     if not templates:
         raise ValueError(f"{source}: no prompt templates")
     for t in templates:
-        try:
-            ok = t.format("x") != t.format("y")
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{source}: prompt template {t!r} must contain {{}} once for the "
-                             "class name, e.g. 'a photo of a {}.'")
+        try:  # only a bare {}: '{.upper}' or '{[0]}' would reach into the class name's str
+            fields = [f[1:] for f in string.Formatter().parse(t) if f[1] is not None]
+        except ValueError:
+            fields = []
+        if fields != [("", "", None)]:
+            raise ValueError(f"{source}: prompt template {t!r} must contain {{}} once, bare, for "
+                             "the class name, e.g. 'a photo of a {}.'")
 
 
 def _timm_lines(name: str) -> list[str]:

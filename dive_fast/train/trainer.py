@@ -15,11 +15,12 @@ import functools
 import json
 import logging
 import random
+import uuid
 from pathlib import Path
 
 import torch
 
-from . import distributed, metrics_log, parallel
+from . import distributed, metrics_log, parallel, start_weights
 from .build import Run, build_run, load_model
 from .checkpoint import claim_out, load_resume
 from .evaluate import evaluate, evaluate_variants, format_table, summary_value
@@ -64,8 +65,11 @@ def _run_owned(args, rank, world, device) -> dict:
             log.info("removed %d temporary file(s) a killed run left, e.g. %s", len(stale),
                      stale[0])
     resume = load_resume(args)  # a corrupt or mismatched checkpoint fails now
+    # The run's identity: a resume continues the checkpoint's run (``claim_out`` compares it).
+    args.run_id = (resume or {}).get("run_id") or uuid.uuid4().hex
+    args.start = None  # the starting weights' record, once they are loaded
     if main_proc:
-        atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2))
+        write_config(args)
     report, pre_state, sets, rsa_set = {}, None, None, None
     log.info("python -m dive_fast.train %s", json.dumps(vars(args), default=str))
     amp_dtype = autocast_dtype(args.precision, device)
@@ -77,6 +81,7 @@ def _run_owned(args, rank, world, device) -> dict:
         sets, and the zero-shot row (rank 0 alone, before any sharding)."""
         nonlocal pre_state, sets, rsa_set
         pre_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+        pre_state = record_start(args, bundle, pre_state, resume, main_proc)
         sets, rsa_set = eval_sets(args, bundle)
         if main_proc:
             report["zero-shot"] = evaluate(bundle.model, bundle.tokenizer, sets, device=device,
@@ -100,6 +105,30 @@ def _run_owned(args, rank, world, device) -> dict:
     return report
 
 
+def write_config(args) -> None:
+    atomic_write_text(Path(args.out) / "config.json", json.dumps(vars(args), indent=2))
+
+
+def record_start(args, bundle, loaded: dict, resume: dict | None, main_proc: bool) -> dict:
+    """The weights RSA and WiSE-FT compare with: those loaded, recorded in ``args.start``
+    (config.json, checkpoints, the table); for a resume, the checkpoint's recorded start
+    (its kept file when the weights loaded now differ, e.g. other random ones)."""
+    args.start = start_weights.record(loaded, bundle.pretrained, args.out, keep=main_proc)
+    recorded = (resume or {}).get("start")
+    if recorded and recorded["sha256"] != args.start["sha256"]:
+        source = f"--resume {resume['path']}: its starting weights {recorded['path']}"
+        if not recorded["path"] or not Path(recorded["path"]).is_file():
+            raise start_weights.StartMismatch(f"{source} are gone, and the weights loaded now are "
+                                      "others; RSA and WiSE-FT need the run's own start")
+        kept = start_weights.read(recorded["path"])
+        start_weights.check(kept, recorded, source)
+        loaded = {k: v.to(loaded[k].device) for k, v in kept.items()}
+        args.start = recorded
+    if main_proc:
+        write_config(args)
+    return loaded
+
+
 def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report: dict,
                  keep_best: KeepBest | None = None) -> None:
     """Rank 0: the fine-tuned and WiSE-FT rows added to ``report`` (which holds the
@@ -111,6 +140,7 @@ def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report
         log.info("--steps 0: evaluation only; the table has the zero-shot row alone")
     if method.trains and args.steps > 0:
         pre_model = load_model(args, run.pretrained, device).model.eval()
+        pre_model.load_state_dict(pre_state)  # the run's own start (random weights differ)
         mix = WeightMix(model, pre_state, ft_state)
         rows = {args.method: (1.0, method.eval_heads())}
         rows.update({f"{args.method} wise-ft {alpha:g}": (alpha, method.eval_heads(alpha))
@@ -133,6 +163,7 @@ def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report
         table += "\n\nRSA: no held-out pairs given (--rsa-csv or --rsa-shards)."
     table += "\n\nData: " + "; ".join(f"{part} {src}"
                                       for part, src in data_sources(args).items())
+    table += f"\n\nStarting weights: {start_weights.describe(args.start)}."
     atomic_write_text(out / "table.md", table + "\n")
     atomic_write_json(out / "report.json", report)
     if (out / "metrics.jsonl").is_file():

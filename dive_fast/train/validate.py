@@ -180,6 +180,16 @@ def output_paths(out, arg: str = "--out") -> Path:
     return out
 
 
+def outside_inputs(out, arg: str, inputs: dict) -> None:
+    """``out`` not inside an input folder ({flag: folder or None}): a run's checkpoints/ and
+    cache/ would become classes of a training folder, or files among its images."""
+    inside = Path(out).resolve()
+    for flag, folder in inputs.items():
+        if folder and Path(folder).is_dir() and inside.is_relative_to(Path(folder).resolve()):
+            raise ValueError(f"{arg} {out} is inside the input folder of {flag} ({folder}); "
+                             "write the run's files outside its data")
+
+
 def float32_number(arg: str, value) -> None:
     """A value the float32 kernels can hold (1e39 is inf there)."""
     if value is not None and math.isfinite(value) and \

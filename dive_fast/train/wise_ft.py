@@ -33,7 +33,7 @@ def parse_alphas(text: str, flag: str = "--wise-ft") -> list[float]:
     except ValueError:
         raise ValueError(expected) from None
     for alpha in alphas:
-        validate.number(flag, alpha)  # a finite number
+        validate.number(flag, alpha, 0, 1)  # a mixing weight: 0 the start, 1 the fine-tuned
     return list(dict.fromkeys(alphas))
 
 

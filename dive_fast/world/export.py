@@ -123,6 +123,8 @@ def main(argv=None):
                       ("rsa_pairs", 0), ("shard_size", 1)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 32:  # numpy's generators take 0 .. 2**32 - 1
+        p.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     formats = tuple(f for f in args.formats.split(",") if f)
     if not formats or set(formats) - {"csv", "wds"}:
         p.error(f"--formats wants a comma-separated subset of csv,wds, got {args.formats!r}")

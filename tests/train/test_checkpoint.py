@@ -188,3 +188,33 @@ def test_a_killed_writes_leftovers_are_removed_at_the_next_start(micro_cache, tm
     leftover.write_bytes(b"half a checkpoint")
     train.main([*args, "--resume", "auto"])
     assert not leftover.exists()
+
+
+def test_a_resume_never_writes_into_another_finished_run(micro_cache, tmp_path):
+    """--resume PATH --out DIR, DIR holding another run: refused before anything is written
+    (--keep would otherwise prune that run's checkpoints); its own folder or a new one is
+    fine."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    args = ("--method", "flyp", "--keep", "2")
+    train.main(train_args(mine, *args))
+    train.main(train_args(other, *args, "--seed", "1"))
+    before = {p.relative_to(mine): p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    theirs = str(other / "checkpoints" / "step-00000002.pt")
+    with pytest.raises(FileExistsError, match=r"holds another run .* --resume .*other"):
+        train.main(train_args(mine, *args, "--seed", "1", "--resume", theirs))
+    after = {p.relative_to(mine): p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    assert after == before
+    train.main(train_args(tmp_path / "new", *args, "--seed", "1", "--resume", theirs))
+    continued = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert continued["run_id"] == json.loads((other / "config.json").read_text())["run_id"]
+    train.main(train_args(other, *args, "--seed", "1", "--resume", str(
+        tmp_path / "new" / "checkpoints" / "step-00000004.pt")))  # the same run's folder
+
+
+def test_out_inside_an_input_folder_is_refused(micro_cache, tmp_path, not_loaded):
+    from helpers.images import image_folder
+    data = image_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match="--out .* inside the input folder of --train-folder"):
+        train.main(train_args(data / "run", "--train-folder", str(data), "--use-world",
+                              "reference,eval,rsa"))
+    assert not (data / "run").exists()

@@ -145,11 +145,16 @@ def test_csv_keys_and_separator(micro_cache, tmp_path):
 
 def test_evaluate_reads_rsa_csvs_as_train_does(micro_cache, tmp_path, monkeypatch):
     """evaluate takes the same --csv-* flags, and checks the CSV before a model loads."""
+    from dive_fast.train.checkpoint import atomic_save
+    from dive_fast.train.models import load_clip, tiny_checkpoint
     pairs, read = comma_csv(tmp_path, n=8), []
+    start = load_clip("dive-micro", str(tiny_checkpoint("dive-micro"))).model.state_dict()
+    ckpt = str(atomic_save({"state_dict": start}, tmp_path / "c.pt"))
     heldout_pairs = evaluate.heldout_pairs
     monkeypatch.setattr(evaluate, "heldout_pairs",
                         lambda *a, **k: read.append(heldout_pairs(*a, **k)) or read[-1])
     evaluate.main(["--model", "dive-micro", "--n-per-task", "2", "--rsa-csv", str(pairs),
+                   "--checkpoint", ckpt,
                    "--rsa-size", "6", "--csv-separator", ",", "--csv-img-key", "image",
                    "--csv-caption-key", "caption"])
     assert len(read[0]) == 6 and all(isinstance(caption, str) for _, caption in read[0])
@@ -158,9 +163,12 @@ def test_evaluate_reads_rsa_csvs_as_train_does(micro_cache, tmp_path, monkeypatc
         raise AssertionError("the model was loaded before the bad CSV was found")
     monkeypatch.setattr(evaluate, "load_clip", too_late)
     with pytest.raises(ValueError, match=r"--rsa-csv: .*lacks column\(s\) \['filepath', 'title'\]"):
-        evaluate.main(["--rsa-csv", str(pairs)])
+        evaluate.main(["--rsa-csv", str(pairs), "--checkpoint", ckpt])
     with pytest.raises(FileNotFoundError, match="--rsa-csv"):
-        evaluate.main(["--rsa-csv", str(tmp_path / "none.csv")])
+        evaluate.main(["--rsa-csv", str(tmp_path / "none.csv"), "--checkpoint", ckpt])
+    with pytest.raises(ValueError, match="--rsa-csv/--rsa-shards: .* give the fine-tuned "
+                                         "--checkpoint"):
+        evaluate.main(["--rsa-csv", str(pairs)])
 
 
 def test_report_to_tensorboard_writes_event_files(micro_cache, tmp_path):
@@ -293,8 +301,11 @@ def test_wise_ft_is_parsed_before_anything_runs(tmp_path, not_loaded):
     with pytest.raises(ValueError, match=r"--wise-ft wants comma-separated numbers .* or "
                                          r"START:STOP:STEP .*, got 'abc'"):
         train.main(train_args(tmp_path, "--wise-ft", "abc"))
-    with pytest.raises(ValueError, match="--wise-ft must be a finite number, got nan"):
+    with pytest.raises(ValueError, match="--wise-ft must be a finite number >= 0 and <= 1, "
+                                         "got nan"):
         train.main(train_args(tmp_path, "--wise-ft", "0.5,nan"))
+    with pytest.raises(ValueError, match="--wise-ft must be .* <= 1, got 1.5"):
+        train.main(train_args(tmp_path, "--wise-ft", "1.5,-0.5"))
     assert not (tmp_path / "config.json").exists()
 
 
@@ -415,3 +426,20 @@ def test_the_backend_variable_is_named(micro_cache, tmp_path, not_loaded, monkey
 def test_steps_zero_is_evaluation_only(micro_cache, tmp_path):
     report = train.main(train_args(tmp_path / "out", "--method", "flyp", "--steps", "0"))
     assert list(report) == ["zero-shot"]
+
+
+def test_ctrl_c_ends_in_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from dive_fast.train import cli
+
+    def interrupted(args, *rest):
+        (Path(args.out) / "checkpoints").mkdir(parents=True)
+        (Path(args.out) / "checkpoints" / "step-00000002.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "run_owned", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        cli.cli(["--model", "dive-micro", "--pretrained", "", "--out", str(tmp_path / "out"),
+                 "--steps", "4", "--no-progress"])
+    said = capsys.readouterr().err.strip().splitlines()
+    assert ended.value.code == 130 and len(said) == 1, said
+    assert said[0].endswith(f"interrupted; the last checkpoint is {tmp_path / 'out'}/checkpoints"
+                            "/step-00000002.pt (the same command with --resume auto continues)")

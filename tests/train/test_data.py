@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,25 +276,48 @@ def test_a_latin1_csv_is_named(tmp_path, not_loaded):
         train.main(train_args(tmp_path / "out", "--train-folder", str(folder)))
 
 
-def test_an_unclosed_quote_is_refused_with_its_line_and_closed_quotes_are_kept(tmp_path):
+def test_an_unclosed_quote_or_a_stray_tab_is_refused_with_its_line(tmp_path):
     root = write_captions(tmp_path / "w", "reference", 8, 0, 16, 100, formats=("csv",))
     rows = (root / "captions.csv").read_text().splitlines()
     paths = [r.split("\t")[0] for r in rows[1:]]
-    unclosed = '"Unclosed quote: a red circle'
-    comma = tmp_path / "comma.csv"
-    comma.write_text("filepath,title\n" + "".join(
-        f"{root / p},{unclosed if i == 2 else f'caption {i}'}\n" for i, p in enumerate(paths)))
-    with pytest.raises(ValueError, match=r"comma.csv:4: a double quote opened on this line is "
-                                         r"not closed before line 9"):
-        CsvCaptions(comma, None, sep=",")
-    tab = tmp_path / "tab.csv"  # open_clip's format: no quoting, quotes are caption text
-    quoted = ['say "hi" %d' % i for i in range(8)]
-    tab.write_text("filepath\ttitle\n" + "".join(
-        f"{root / p}\t{unclosed if i == 2 else quoted[i]}\n" for i, p in enumerate(paths)))
-    pairs = CsvCaptions(tab, None)
-    assert len(pairs) == 8
-    assert pairs.rows[2][1] == '"Unclosed quote: a red circle'
-    assert pairs.rows[3][1] == 'say "hi" 3'
+    for name, sep, bad, expected in (
+            ("comma.csv", ",", '"Unclosed quote: a red circle', "is never closed"),
+            ("tab.csv", "\t", '"Unclosed quote: a red circle', "is never closed"),
+            ("last.csv", "\t", '"Unclosed on the last line', "is never closed"),
+            ("stray.csv", "\t", "a red\tcircle", "more fields than the header's 2")):
+        at = 7 if name == "last.csv" else 2
+        path = tmp_path / name
+        path.write_text(f"filepath{sep}title\n" + "".join(
+            f"{root / p}{sep}{bad if i == at else f'caption {i}'}\n" for i, p in enumerate(paths)))
+        with pytest.raises(ValueError, match=f"{name}:{at + 2}: .*{expected}"):
+            CsvCaptions(path, None, sep=sep)
+
+
+# Captions as pandas reads them (open_clip's CsvDataset: pd.read_csv(path, sep="\t")): a
+# quoted field holds tabs and newlines, "" is a quote, a quote inside a field is text.
+AS_PANDAS = {'"a cat\twith a tab"': "a cat\twith a tab", '"two\nlines"': "two\nlines",
+             'say "hi" there': 'say "hi" there', '"an ""inner"" quote"': 'an "inner" quote',
+             '"x"y': "xy"}
+
+
+def tsv_as_open_clip_writes(tmp_path, captions) -> Path:
+    root = image_folder(tmp_path / "img", classes=("a",), n=len(captions))
+    path = tmp_path / "quoted.tsv"
+    path.write_text("filepath\ttitle\n" + "".join(
+        f"{root / 'a' / f'{i}.png'}\t{c}\n" for i, c in enumerate(captions)))
+    return path
+
+
+def test_a_tsv_reads_as_pandas_reads_it(tmp_path):
+    path = tsv_as_open_clip_writes(tmp_path, list(AS_PANDAS))
+    assert [c for _, c in CsvCaptions(path, None).rows] == list(AS_PANDAS.values())
+
+
+def test_pandas_reads_the_same_tsv_as_ours(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tsv_as_open_clip_writes(tmp_path, list(AS_PANDAS))
+    theirs = pd.read_csv(path, sep="\t")
+    assert CsvCaptions(path, None).rows == list(zip(theirs["filepath"], theirs["title"]))
 
 
 def test_empty_captions_are_dropped_and_counted_and_a_bom_is_stripped(tmp_path):

@@ -255,3 +255,28 @@ def test_bf16_autocast_scores_as_fp32_within_bf16s_own_error(micro_cache):
         kind = sets[name][0]
         moved = abs(reports[0][kind][name] - reports[1][kind][name])
         assert moved <= (~sure).float().mean() + 1e-9
+
+
+def test_rsa_and_wise_ft_compare_with_the_runs_own_random_start(micro_cache, tmp_path):
+    """--pretrained '' (random weights) and a learning rate too small to move them: the
+    fine-tuned model is its start, so RSA is 1, in the app and in evaluate (which reads the
+    start the checkpoint records); other weights offered as the start are refused."""
+    from helpers.runs import train_args
+
+    from dive_fast import train
+    out = tmp_path / "out"
+    report = train.main(train_args(out, "--method", "flyp", "--pretrained", "", "--lr", "1e-12",
+                                   "--wise-ft", "0.5"))
+    for row in ("flyp", "flyp wise-ft 0.5"):
+        assert all(abs(v - 1) < 1e-6 for v in report[row]["rsa"].values()), report[row]["rsa"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["start"]["path"].endswith("start-weights.safetensors")
+    assert config["start"]["sha256"][:16] in (out / "table.md").read_text()
+    ckpt = str(out / "checkpoints" / "step-00000004.pt")
+    again = evaluate_main(["--model", "dive-micro", "--checkpoint", ckpt, "--n-per-task", "2"])
+    assert all(abs(v - 1) < 1e-6 for v in again["rsa"].values()), again["rsa"]
+    from dive_fast.train.models import tiny_checkpoint
+    with pytest.raises(ValueError, match=r"--pretrained .*dive-micro.*not the weights the run "
+                                         r"started from .*random weights"):
+        evaluate_main(["--model", "dive-micro", "--checkpoint", ckpt, "--n-per-task", "2",
+                       "--pretrained", str(tiny_checkpoint("dive-micro"))])

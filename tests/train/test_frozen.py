@@ -4,6 +4,7 @@ disk while writing it one sentence with no partial file left. The frozen tower's
 once the cache serves, its matmul weights in the autocast dtype, sharded under FSDP; the
 run's results the same as with a whole float32 tower."""
 import json
+import shutil
 import weakref
 from pathlib import Path
 
@@ -40,7 +41,11 @@ def test_frozen_cache_is_rebuilt_when_the_reference_or_the_weights_change(micro_
     torch.manual_seed(1)
     other = load_clip("dive-micro").model.state_dict()
     save_file({k: v.contiguous() for k, v in other.items()}, weights)
-    train.main(args + ["--resume", "auto"])
+    with pytest.raises(ValueError, match="not the weights the run started from"):
+        train.main(args + ["--resume", "auto"])  # the run's start is gone: refused by name
+    shutil.rmtree(tmp_path / "out" / "checkpoints")  # as a run killed before its first
+    (tmp_path / "out" / "metrics.jsonl").unlink()  # checkpoint leaves its folder: the cache
+    train.main(args)
     assert len(caches()) == 2
     # An image of the reference set regenerated in place: other data, so the run cannot
     # resume (test_checkpoint.py), and a new run's cache has another key.

@@ -119,3 +119,43 @@ def test_pretrain_refuses_what_cannot_make_sense(bad, message):
     from dive_fast.train import pretrain
     with pytest.raises(ValueError, match=message):
         pretrain.main(bad)
+
+
+def test_a_short_pretraining_leaves_the_default_weights_and_says_so(tmp_path, monkeypatch,
+                                                                    capsys):
+    from dive_fast.train import pretrain as pretrain_mod
+    from dive_fast.train.models import CACHE_ENV, tiny_checkpoint
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    default = tiny_checkpoint("dive-micro")
+    default.write_bytes(b"the default run's weights")
+    path = pretrain_mod.main(["--model", "dive-micro", "--steps", "5", "--batch-size", "8",
+                              "--workers", "0"])
+    assert default.read_bytes() == b"the default run's weights"
+    assert path == tiny_checkpoint("dive-micro", steps=5, batch_size=8) != default
+    assert path.parent == tmp_path and path.is_file()
+    said = capsys.readouterr().out
+    assert f"the default dive-micro that runs load ({default}) is left as it was" in said
+
+
+def test_an_open_clip_train_checkpoint_loads_without_ddps_module_prefix(tmp_path):
+    """open_clip_train saves a DDP-wrapped model's keys as 'module.<key>' (with epoch,
+    name and optimizer beside); they load as open_clip loads them, prefix stripped."""
+    model = load_clip("dive-micro").model
+    torch.save({"epoch": 1, "name": "run", "state_dict": {
+        f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "epoch_1.pt")
+    other = load_clip("dive-micro").model
+    load_model_weights(other, tmp_path / "epoch_1.pt")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_the_first_run_says_it_pretrains_once_how_long_and_where(tmp_path, monkeypatch,
+                                                                 caplog):
+    from dive_fast.train import pretrain as pretrain_mod
+    from dive_fast.train.models import CACHE_ENV, tiny_checkpoint
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda **kw: kw["out"])
+    with caplog.at_level("INFO", logger="dive_fast.train.pretrain"):
+        pretrain_mod.ensure_pretrained_tiny("dive-tiny")
+    said = caplog.messages[0]
+    assert "pre-training it once" in said and "about 13 minutes on 2 idle CPU cores" in said
+    assert str(tiny_checkpoint("dive-tiny")) in said
