@@ -172,8 +172,6 @@ def user_runs(args) -> list[dict]:
             "--steps", "2", "--log-every", "1", "--workers", "0",
             "--train-size", "64", "--ref-size", "64", "--eval-per-task", "8", "--rsa-size", "16",
             "--wise-ft", "", "--no-progress", "--device", args.device]
-    if args.user_batch % 4:
-        sys.exit(f"--user-batch {args.user_batch}: the --accum-freq 4 runs need a multiple of 4")
     quarter = ["--batch-size", str(args.user_batch // 4)]
     runs = {label: USER_RUNS[label] + (quarter if "--accum-freq" in USER_RUNS[label] else [])
             for label in args.user_variants}
@@ -292,6 +290,10 @@ def main(argv=None):
 def check_args(args) -> None:
     check_common(args, {"image_size": 8, "batch": 1, "ref_size": 1, "steps": 1, "warmup": 0,
                         "budget_batch": 1, "max_batch": 1, "user_batch": 1})
+    if args.user_runs and args.user_batch % 4 and \
+            any("--accum-freq" in USER_RUNS[label] for label in args.user_variants):
+        raise ValueError(f"--user-batch {args.user_batch}: the --accum-freq 4 runs need a "
+                         "multiple of 4 (a step of B in micro-batches of B/4)")
 
 
 def run(args, argv):

@@ -26,7 +26,7 @@ def parse_alphas(text: str, flag: str = "--wise-ft") -> list[float]:
             start, stop, step = (float(x) for x in text.split(":"))
             if not (step > 0 and stop >= start) or not math.isfinite(stop - start):
                 raise ValueError
-            n = round((stop - start) / step)
+            n = math.floor((stop - start) / step + 1e-9)  # never past STOP
             alphas = [round(start + i * step, 10) for i in range(n + 1)]
         else:
             alphas = [float(a) for a in text.split(",") if a.strip()]

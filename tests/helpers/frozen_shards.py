@@ -33,4 +33,5 @@ for precision, amp in (("fp32", None), ("amp_bf16", torch.bfloat16)):
         "fp32_whole_bytes": module_bytes(frozen_copy(bundle.model)),
         "equal": all(torch.equal(a, b) for a, b in zip(sharded_emb, whole_emb))}
 (out / f"rank{rank}.json").write_text(json.dumps(found))
+dist.barrier()  # both ranks done with the group before either tears it down
 dist.destroy_process_group()

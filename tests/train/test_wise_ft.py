@@ -117,8 +117,11 @@ def test_wise_ft_grid_and_its_refusals(micro_cache, tmp_path, not_loaded):
     for bad in ("1:0:0.1", "0:1:0", "a,b", "0:1"):
         with pytest.raises(ValueError, match=r"--wise-ft wants comma-separated numbers"):
             parse_alphas(bad)
-    with pytest.raises(ValueError, match=r"--wise-ft must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"--wise-ft must be a finite number >= 0 and <= 1, "
+                                         r"got nan"):
         parse_alphas("0.5,nan")
+    with pytest.raises(ValueError, match=r"--wise-ft must be .* <= 1, got 1.5"):
+        parse_alphas("1.5,-0.5")
     with pytest.raises(ValueError, match=r"--wise-ft mixes .* give --checkpoint"):
         evaluate.main([*EVAL, "--wise-ft", "0:1:0.1"])
     with pytest.raises(ValueError, match=r"--save-weights belongs to --wise-ft"):
