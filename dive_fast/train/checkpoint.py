@@ -123,7 +123,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CorruptCheckpoint(f"{exc}{hint}") from exc.__cause__
 
 
-def model_state(ckpt) -> dict:
+def state_dict_in(ckpt) -> dict:
     """The model's state dict in a loaded checkpoint (dive_fast's or open_clip_train's, whose
     DDP-wrapped models save keys with a ``module.`` prefix, stripped as open_clip does) or a
     bare state dict."""
@@ -143,7 +143,7 @@ def load_model_weights(model: torch.nn.Module, path, ckpt=None) -> dict:
         ckpt = load_weights_file(path) if str(path).endswith(".safetensors") \
             else load_checkpoint(path)
     try:
-        model.load_state_dict(model_state(ckpt))
+        model.load_state_dict(state_dict_in(ckpt))
     except RuntimeError as exc:
         raise WrongModel(f"checkpoint {path} does not fit this model: "
                          f"{str(exc).splitlines()[0]}") from exc

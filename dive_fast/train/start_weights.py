@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save
 
-from .checkpoint import load_checkpoint, model_state, payload_digest
+from .checkpoint import load_checkpoint, payload_digest, state_dict_in
 from .fileio import atomic_write
 from .models import is_weights_path
 
@@ -37,7 +37,7 @@ def read(path) -> dict:
     """The model state in a weights file: safetensors, or a torch checkpoint / state dict."""
     if str(path).endswith(".safetensors"):
         return load_file(str(path))
-    return model_state(load_checkpoint(path))
+    return state_dict_in(load_checkpoint(path))
 
 
 def check(state: dict, start: dict | None, source: str) -> None:

@@ -80,7 +80,7 @@ def _run_owned(args, rank, world, device) -> dict:
         """The model before the method takes it: its weights (for WiSE-FT), the evaluation
         sets, and the zero-shot row (rank 0 alone, before any sharding)."""
         nonlocal pre_state, sets, rsa_set
-        pre_state = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+        pre_state = model_state(bundle.model)
         pre_state = record_start(args, bundle, pre_state, resume, main_proc)
         sets, rsa_set = eval_sets(args, bundle)
         if main_proc:
