@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._cli.arguments import DefaultsFormatter, run_checked
-from . import data, distributed, parallel, protocol, runlock, validate
+from . import data, distributed, listing, parallel, protocol, runlock, validate
 from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
 from .evaluate import SUMMARY_METRICS
@@ -498,7 +498,12 @@ def check_model(args) -> None:
 
 
 def check_inputs(args, world_size: int = 1) -> None:
-    """The files and folders a run reads and writes, before any expensive work."""
+    """The files and folders a run reads and writes, before any expensive work. Under
+    torchrun the process group starts here: rank 0 lists the data folders and digests the
+    CSVs, and sends the listings and digests to the other ranks (``listing``)."""
+    listing.forget()  # a new run: its folders are read anew
+    if world_size > 1:
+        distributed.init_from_env(args.device)
     protocol.chosen_templates(args.templates)
     if args.imagenet_root:
         args.task = protocol.with_imagenet_root(args.task, args.imagenet_root)
@@ -518,7 +523,7 @@ def check_inputs(args, world_size: int = 1) -> None:
         args.data_ids["target"] = folder.fingerprint()
     if args.reference_csv:
         pairs = validate.caption_csv(args.reference_csv, "--reference-csv", **csv_options(args))
-        args.data_ids["reference"] = pairs.fingerprint()
+        args.data_ids["reference"] = distributed.from_rank0(pairs.fingerprint)
     if args.reference_shards:
         shards = validate.shard_urls("--reference-shards", args.reference_shards)
         args.data_ids["reference"] = shards_fingerprint(shards)
@@ -569,6 +574,7 @@ def run(args, checked: bool = False) -> dict:
             report = run_owned(args, rank, world, device)
     finally:
         parallel.release_groups()
+        listing.forget()
     distributed.shutdown()
     return report
 

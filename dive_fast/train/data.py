@@ -23,12 +23,11 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..world.tasks import TASKS, Task, caption_pair, task_image
 from . import protocol
+from .listing import IMAGE_EXTENSIONS, walk
 from .protocol import check_templates, text_lines
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
-# What open_clip's loaders and PIL read (a .gif counts as its first frame).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _warned = [0]
 
 
@@ -66,26 +65,49 @@ def is_utf8(name: str) -> bool:
     return True
 
 
-def is_regular_file(path) -> bool:
-    """Whether ``path`` is a regular file (after links): a FIFO or a device named *.png must
-    never be opened, since reading one blocks or never ends."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _open_image(source, name=None) -> Image.Image | None:
-    if isinstance(source, (str, os.PathLike)) and not is_regular_file(source):
-        warn_unreadable(f"image {name or source}", "missing, or not a regular file")
+def open_regular(path):
+    """``path`` opened for reading when it is a regular file (after links), else None;
+    FileNotFoundError when nothing is there. Checked on the open descriptor (``fstat``), so
+    that no separate stat looks the path up again, and opened without blocking: a FIFO or
+    a device named *.png is never read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | \
+        getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         return None
+    return os.fdopen(fd, "rb")
+
+
+def _decode(source, name) -> Image.Image | None:
     try:
         with Image.open(source) as img:
             return img.convert("RGB")
-    # missing, truncated, not an image
+    # truncated, not an image
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        warn_unreadable(f"image {name or source}", exc)
+        warn_unreadable(f"image {name}", exc)
         return None
+
+
+def _open_image(source, name=None, *, elsewhere=()) -> Image.Image | None:
+    """The image at path ``source`` (or, when nothing is there, at the first of
+    ``elsewhere`` that holds a file), or in a file object; None, logged, when unreadable."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _decode(source, name)
+    for path in (source, *elsewhere):
+        try:
+            file = open_regular(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            warn_unreadable(f"image {name or path}", exc)
+            return None
+        if file is None:
+            break
+        with file:
+            return _decode(file, name or path)
+    warn_unreadable(f"image {name or source}", "missing, or not a regular file")
+    return None
 
 
 # --- the embedded world ----------------------------------------------------------------
@@ -136,18 +158,13 @@ class ImageFolderTask(Dataset):
     templates.txt and the defaults. ``head_classes`` and ``projection`` (None unless the
     folder is a subset of ImageNet's classes): score over the rows ``projection`` of the
     head over ``head_classes``."""
+    listing, label_order = None, ()  # a suite set's samples come from no listing
 
-    def __init__(self, root, transform, templates=None, preset=None):
+    def __init__(self, root, transform, templates=None, preset=None, listing=None):
+        """``listing``: the folder's ``listing.FolderListing`` (the run's), else walked now."""
         root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        subfolders = sorted(p for p in root.iterdir() if p.is_dir())
-        hidden = [p.name for p in subfolders if p.name.startswith(".")]
-        listed = {d: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not f.name.startswith("."))
-                  for d in subfolders if not d.name.startswith(".")}
-        empty = [d.name for d, files in listed.items() if not files]
-        folders = [d for d, files in listed.items() if files]
+        listing = listing or walk(root)
+        hidden, empty, folders = listing.hidden, listing.empty, list(listing.folders)
         if hidden or empty:  # never a class: a hidden folder would shift every label
             log.warning("%s: skipped %s", root, "; ".join(
                 part for part in (f"hidden folders {hidden}" if hidden else "",
@@ -155,22 +172,22 @@ class ImageFolderTask(Dataset):
         if not folders:
             raise ValueError(f"image folder {root} has no class sub-folders with images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
-        special = [f for d in folders for f in listed[d] if not is_regular_file(f)]
-        if special:
+        if listing.special:
             log.warning("%s: %d image name(s) that are not regular files (e.g. %s) are skipped",
-                        root, len(special), special[0])
+                        root, len(listing.special), Path(listing.special[0]))
         names_file = root / "classnames.txt"
-        unnamed = [d for d in folders if not is_utf8(d.name)]
-        if unnamed and not names_file.is_file():  # the folder's name is its class's, in prompts
+        has_names = names_file.name in listing.root_files
+        unnamed = [d for d in folders if not is_utf8(d)]
+        if unnamed and not has_names:  # the folder's name is its class's, in prompts
             raise ValueError(f"image folder {root}: the class folder name "
-                             f"{os.fsencode(unnamed[0].name)!r} is not UTF-8; rename it, or "
+                             f"{os.fsencode(unnamed[0])!r} is not UTF-8; rename it, or "
                              "name the classes in a classnames.txt")
-        classes = protocol.folder_classes(root, [d.name for d in folders],
-                                          names_file if names_file.is_file() else None, preset)
-        by_name = {d.name: d for d in folders}
-        self.samples = [(f, classes.label[name])
-                        for name in protocol.folder_order(list(classes.label))
-                        for f in listed[by_name[name]] if is_regular_file(f)]
+        classes = protocol.folder_classes(root, folders, names_file if has_names else None,
+                                          preset)
+        self.listing, self.folder_label = listing, dict(classes.label)
+        self.label_order = protocol.folder_order(list(classes.label))
+        self.samples = [(root / name / f, classes.label[name]) for name in self.label_order
+                        for f in listing.folders[name].names]
         if not self.samples:
             raise ValueError(f"image folder {root} has no readable image files")
         self.classnames = classes.classnames
@@ -183,7 +200,7 @@ class ImageFolderTask(Dataset):
                              "(their zero-shot heads would be identical)")
         tmpl_file = root / "templates.txt"
         self.templates = tuple(templates or (
-            text_lines(tmpl_file) if tmpl_file.is_file() else
+            text_lines(tmpl_file) if tmpl_file.name in listing.root_files else
             protocol.template_set("openai") if classes.imagenet else DEFAULT_TEMPLATES))
         check_templates(self.templates, "the templates given" if templates else tmpl_file)
         self.transform = transform
@@ -193,15 +210,25 @@ class ImageFolderTask(Dataset):
 
     def fingerprint(self) -> str:
         """A digest of what the folder holds: class names, templates, and each image's path,
-        size and modification time (no image is read). A folder at another spelling of the
-        same path has the same one; other contents at the same path do not."""
+        size and modification time (no image is read; the sizes and times are the listing's,
+        no stat again). A folder at another spelling of the same path has the same one;
+        other contents at the same path do not."""
         h = hashlib.sha256(repr((self.classnames, self.templates)).encode())
-        root = Path(self.samples[0][0]).parents[1]
-        for file, label in self.samples:
-            st = os.stat(file)
-            h.update(f"{Path(file).relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                     .encode("utf-8", "surrogateescape"))  # any file name, UTF-8 or not
+        if self.listing is None:  # a suite set, read from its release's own files
+            for file, label in self.samples:
+                st = os.stat(file)
+                h.update(f"{file}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                         .encode("utf-8", "surrogateescape"))
+        for name in self.label_order:
+            files, label = self.listing.folders[name], self.folder_label[name]
+            for file, size, mtime in zip(files.names, files.sizes, files.mtimes):
+                h.update(f"{name}/{file}\0{label}\0{size}\0{mtime}\n"
+                         .encode("utf-8", "surrogateescape"))  # any file name, UTF-8 or not
         return f"folder:{h.hexdigest()}"
+
+    def image(self, i: int) -> Image.Image | None:
+        """Sample ``i``'s image as read, untransformed (None when unreadable)."""
+        return _open_image(self.samples[i][0])
 
     def describe(self, i: int) -> str:
         return str(self.samples[i][0])
@@ -298,11 +325,13 @@ class CsvCaptions(Dataset):
     def fingerprint(self) -> str:
         """A digest of what the pairs are: the CSV's bytes and each image file's size and
         modification time (a manifest: no image is read), so that a CSV or an image
-        rewritten in place is a different data set (the embedding cache's key)."""
+        rewritten in place is a different data set (the embedding cache's key). One stat an
+        image: where a relative path lies is read from its folders' listings."""
         h = hashlib.sha256(self.path.read_bytes())
-        for i, (file, _) in enumerate(self.rows):
+        where = ImageLocations(self.root)
+        for file, _ in self.rows:
             try:
-                st = os.stat(self.image_path(i))
+                st = os.stat(where.path(file))
                 h.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             except OSError:
                 h.update(f"{file}\0missing\n".encode())
@@ -314,10 +343,39 @@ class CsvCaptions(Dataset):
     def describe(self, i: int) -> str:
         return str(self.image_path(i))
 
+    def image(self, i: int) -> Image.Image | None:
+        """Pair ``i``'s image as read, untransformed (None when unreadable): the path as
+        written, else under the CSV's folder (no stat first: the first open that finds a
+        file decides, as ``image_path`` would)."""
+        file = Path(self.rows[i][0])
+        return _open_image(file, elsewhere=() if file.is_absolute() else (self.root / file,))
+
     def __getitem__(self, i):
-        text = self.rows[i][1]
-        img = _open_image(self.image_path(i))
-        return None if img is None else (self.transform(img), text)
+        img = self.image(i)
+        return None if img is None else (self.transform(img), self.rows[i][1])
+
+
+class ImageLocations:
+    """Where a CSV's image paths lie (``CsvCaptions.image_path``'s rule) without a stat a
+    path: a relative path is taken as written when its folder's listing (read once a
+    folder) names it, else under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root, self._names = root, {}
+
+    def _listed(self, folder: str) -> set[str]:
+        if folder not in self._names:
+            try:
+                self._names[folder] = set(os.listdir(folder or "."))
+            except OSError:
+                self._names[folder] = set()
+        return self._names[folder]
+
+    def path(self, file: str) -> str:
+        if os.path.isabs(file):
+            return file
+        folder, name = os.path.split(file)
+        return file if name in self._listed(folder) else os.path.join(self.root, file)
 
 
 

@@ -61,3 +61,22 @@ def sum_over_ranks(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def from_rank0(make):
+    """``make()`` computed once: on rank 0, its result (or its error, raised on every rank
+    alike, so that none waits for a result that never comes) sent to all ranks; in a single
+    process, called. Every rank must call it at the same point (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return make()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(make(), None)]
+        except Exception as exc:  # noqa: BLE001  (whatever it is, every rank raises it)
+            box = [(None, exc)]
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .._cli.progress import progress_bar
 from ..world.tasks import TASKS
-from . import start_weights, validate
+from . import listing, start_weights, validate
 from .checkpoint import (
     CorruptCheckpoint,
     WrongModel,
@@ -477,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> list[EvalFolder]:
     """Every argument checked before a model loads; returns the parsed ``--task`` folders."""
+    listing.forget()  # a new command: its folders are read anew
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     validate.device(args.device)

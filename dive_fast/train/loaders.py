@@ -9,7 +9,7 @@ import functools
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import validate
+from . import listing, validate
 from .data import (
     CsvCaptions,
     ImageFolderTask,
@@ -50,8 +50,9 @@ def train_transform(args, bundle):
 def target_data(args, bundle):
     """The labelled target set: ``--train-folder``, else the world's ID task."""
     tf = train_transform(args, bundle)
-    if args.train_folder:
-        return ImageFolderTask(args.train_folder, tf, templates=chosen_templates(args.templates))
+    if args.train_folder:  # the listing the argument checks made (``listing.folder``)
+        return ImageFolderTask(args.train_folder, tf, templates=chosen_templates(args.templates),
+                               listing=listing.folder(args.train_folder))
     return WorldTask("shapes", "train", args.train_size, tf, args.world_seed, bundle.image_size)
 
 

@@ -19,7 +19,9 @@ import json
 import logging
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS, ImageFolderTask
+from . import listing
+from .data import ImageFolderTask
+from .listing import IMAGE_EXTENSIONS
 from .protocol import check_templates
 
 log = logging.getLogger(__name__)
@@ -258,7 +260,8 @@ def with_suite(tasks: list[str], suite: str, root, arg: str = "--zeroshot-suite"
 
 def eval_dataset(path, transform, preset=None, templates=None):
     """A ``--task`` folder as its NAME reads it: a suite set (``SuiteSet``), else an
-    ``ImageFolderTask`` (with ImageNet's presets)."""
+    ``ImageFolderTask`` (with ImageNet's presets) of the run's listing of the folder."""
     if preset is not None and suite_name(preset):
         return SuiteSet(preset, path, transform, templates)
-    return ImageFolderTask(path, transform, templates=templates, preset=preset)
+    return ImageFolderTask(path, transform, templates=templates, preset=preset,
+                           listing=listing.folder(path))

@@ -126,8 +126,9 @@ def task_metric(path: str, arg: str) -> tuple[str, str]:
 
 def image_folder(path, arg: str, templates=None, preset=None):
     """Lists an image folder as ``data.ImageFolderTask`` does (class folders, images,
-    classnames.txt, templates.txt) and opens its images until one reads, so that a bad
-    folder fails now, not after training. Returns the listing."""
+    classnames.txt, templates.txt; the run's listing, ``listing.folder``) and opens its
+    images until one reads, so that a bad folder fails now, not after training. Returns the
+    data set."""
     from .suite import eval_dataset
     folder = _opens(arg, lambda: eval_dataset(path, None, preset, templates))
     _one_readable(arg, folder)
@@ -137,9 +138,8 @@ def image_folder(path, arg: str, templates=None, preset=None):
 def _one_readable(arg: str, dataset, tries: int = 64) -> None:
     """At least one of the first ``tries`` samples opens (a set of only missing or broken
     images fails now, not after the model loads); later ones are skipped as they come."""
-    from .data import _open_image
     for i in range(min(tries, len(dataset))):
-        if _open_image(dataset.describe(i)) is not None:
+        if dataset.image(i) is not None:
             return
     raise ValueError(f"{arg}: none of the first {min(tries, len(dataset))} images reads "
                      f"(e.g. {dataset.describe(0)}): missing, broken or not images")

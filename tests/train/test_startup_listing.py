@@ -1,0 +1,68 @@
+"""A run's start lists its data once: the file-system look-ups of a run up to its first step,
+per image, counted (``helpers.fs_calls``), and under torchrun only rank 0 walks the folders."""
+import json
+from pathlib import Path
+
+from helpers.fs_calls import Calls, counted
+from helpers.images import image_folder
+from helpers.runs import two_processes
+
+from dive_fast import train
+
+MAX_STATS_PER_IMAGE = 1.2  # the issue's goal for a whole job's start
+HELPER = Path(__file__).parents[1] / "helpers" / "counted_ranks.py"
+
+
+def data_tree(root, per_class=50, refs=40):
+    """train/ (4 classes x ``per_class``), val/ (2 a class), and ``refs`` reference pairs in
+    ref/ named by ref/captions.csv (paths relative to the CSV's folder)."""
+    classes = ("cat", "dog", "cow", "owl")
+    image_folder(root / "train", classes, n=per_class)
+    image_folder(root / "val", classes, n=2)
+    image_folder(root / "ref" / "images", ("all",), n=refs)
+    rows = [f"images/all/{i}.png\ta photo number {i}" for i in range(refs)]
+    (root / "ref" / "captions.csv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    return len(classes) * (per_class + 2) + refs
+
+
+def start_args(root, out, method="dive"):
+    """One step of a user's run: the folders, the CSV and the zero-shot row before step 1."""
+    return ["--model", "dive-micro", "--method", method, "--out", str(out), "--steps", "1",
+            "--batch-size", "4", "--no-augment", "--workers", "0", "--no-progress",
+            "--wise-ft", "", "--log-every", "1",
+            "--train-folder", str(root / "train"), "--task", f"id:own:{root / 'val'}",
+            "--reference-csv", str(root / "ref" / "captions.csv")]
+
+
+def test_a_run_stats_each_image_about_once(micro_cache, tmp_path):
+    """Listing, fingerprints, validation, the frozen cache and the zero-shot row together:
+    at most 1.2 path stats an image (today's 1.0: the listing's), each folder listed once."""
+    images = data_tree(tmp_path / "data")
+    with counted() as calls:
+        train.main(start_args(tmp_path / "data", tmp_path / "out"))
+    per_image = calls.image_stats(tmp_path / "data") / images
+    assert per_image <= MAX_STATS_PER_IMAGE, (per_image, dict(calls.paths))
+    assert calls.listings_of(tmp_path / "data" / "train") == 1
+    assert calls.listings_of(tmp_path / "data" / "train" / "cat") == 1
+    assert calls.listings_of(tmp_path / "data" / "val") == 1
+
+
+def test_under_torchrun_rank_1_walks_nothing(micro_cache, tmp_path):
+    """Two gloo processes: rank 0 lists the folders and stats the images (once each, for
+    the job), rank 1 receives the listings and digests and looks up no image path (it
+    reads its images by opening them)."""
+    data = tmp_path / "data"
+    images = data_tree(data, per_class=10, refs=16)
+    two_processes(str(HELPER), str(tmp_path / "calls"),
+                  *start_args(data, tmp_path / "out"), timeout=600)
+    ranks = []
+    for r in (0, 1):
+        calls = Calls()
+        calls.paths.update(json.loads((tmp_path / f"calls.{r}.json").read_text()))
+        ranks.append(calls)
+    folders = [data / "train", data / "train" / "cat", data / "val", data / "ref/images/all"]
+    assert [ranks[1].listings_of(f) for f in folders] == [0, 0, 0, 0]
+    assert ranks[1].image_stats(data / "train") == ranks[1].image_stats(data / "ref/images") == 0
+    assert [ranks[0].listings_of(f) for f in folders[:3]] == [1, 1, 1]
+    job = sum(calls.image_stats(data) for calls in ranks) / images
+    assert job <= MAX_STATS_PER_IMAGE, job
