@@ -103,7 +103,7 @@ _this_run: dict[str, FolderListing] = {}
 def folder(root) -> FolderListing:
     """The run's listing of ``root``: walked on first use (rank 0, sent to every rank under
     torchrun, a collective then), the same object after."""
-    key = os.path.abspath(root)
+    key = os.path.realpath(root)  # one folder however it is spelled
     if key not in _this_run:
         _this_run[key] = distributed.from_rank0(lambda: walk(root))
     return _this_run[key]

@@ -1,16 +1,19 @@
-"""A run's start lists its data once: the file-system look-ups of a run up to its first step,
-per image, counted (``helpers.fs_calls``), and under torchrun only rank 0 walks the folders."""
+"""A run's start lists its data once: the file-system look-ups of a run, per image, counted
+(``benchmarks/common.counted``), and under torchrun only rank 0 walks the folders."""
 import json
+import sys
 from pathlib import Path
 
-from helpers.fs_calls import Calls, counted
 from helpers.images import image_folder
 from helpers.runs import two_processes
 
 from dive_fast import train
 
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+from common import counted  # noqa: E402
+
 MAX_STATS_PER_IMAGE = 1.2  # the issue's goal for a whole job's start
-HELPER = Path(__file__).parents[1] / "helpers" / "counted_ranks.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_startup.py"  # its --worker
 
 
 def data_tree(root, per_class=50, refs=40):
@@ -42,9 +45,9 @@ def test_a_run_stats_each_image_about_once(micro_cache, tmp_path):
         train.main(start_args(tmp_path / "data", tmp_path / "out"))
     per_image = calls.image_stats(tmp_path / "data") / images
     assert per_image <= MAX_STATS_PER_IMAGE, (per_image, dict(calls.paths))
-    assert calls.listings_of(tmp_path / "data" / "train") == 1
-    assert calls.listings_of(tmp_path / "data" / "train" / "cat") == 1
-    assert calls.listings_of(tmp_path / "data" / "val") == 1
+    listed = calls.listings_under(tmp_path / "data")
+    assert [listed.get(str(tmp_path / "data" / f)) for f in ("train", "train/cat", "val")] == \
+        [1, 1, 1]
 
 
 def test_under_torchrun_rank_1_walks_nothing(micro_cache, tmp_path):
@@ -53,16 +56,10 @@ def test_under_torchrun_rank_1_walks_nothing(micro_cache, tmp_path):
     reads its images by opening them)."""
     data = tmp_path / "data"
     images = data_tree(data, per_class=10, refs=16)
-    two_processes(str(HELPER), str(tmp_path / "calls"),
+    two_processes(str(BENCH), "--worker", str(tmp_path / "figures"), "--",
                   *start_args(data, tmp_path / "out"), timeout=600)
-    ranks = []
-    for r in (0, 1):
-        calls = Calls()
-        calls.paths.update(json.loads((tmp_path / f"calls.{r}.json").read_text()))
-        ranks.append(calls)
-    folders = [data / "train", data / "train" / "cat", data / "val", data / "ref/images/all"]
-    assert [ranks[1].listings_of(f) for f in folders] == [0, 0, 0, 0]
-    assert ranks[1].image_stats(data / "train") == ranks[1].image_stats(data / "ref/images") == 0
-    assert [ranks[0].listings_of(f) for f in folders[:3]] == [1, 1, 1]
-    job = sum(calls.image_stats(data) for calls in ranks) / images
+    ranks = [json.loads((tmp_path / f"figures.{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1]["listings"] == {} and ranks[1]["image_stats"] == 0
+    assert [ranks[0]["listings"].get(f) for f in ("train", "train/cat", "val")] == [1, 1, 1]
+    job = sum(r["image_stats"] for r in ranks) / images
     assert job <= MAX_STATS_PER_IMAGE, job
