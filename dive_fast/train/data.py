@@ -378,8 +378,6 @@ class ImageLocations:
         return file if name in self._listed(folder) else os.path.join(self.root, file)
 
 
-
-
 # --- training views: full batches, unreadable samples replaced and counted ---------------
 
 class Readable(Dataset):
