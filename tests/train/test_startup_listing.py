@@ -63,3 +63,27 @@ def test_under_torchrun_rank_1_walks_nothing(micro_cache, tmp_path):
     assert [ranks[0]["listings"].get(f) for f in ("train", "train/cat", "val")] == [1, 1, 1]
     job = sum(r["image_stats"] for r in ranks) / images
     assert job <= MAX_STATS_PER_IMAGE, job
+
+
+def test_digests_are_those_checkpoints_recorded_before(tmp_path):
+    """The listing's digests equal the formulas checkpoints recorded with one stat a file
+    per use (so that older checkpoints resume): the folder's over class folder/name, label,
+    size and time in label order, the CSV's over its bytes and each image's size and time."""
+    import hashlib
+    import os
+
+    from dive_fast.train.data import CsvCaptions, ImageFolderTask
+    data_tree(tmp_path, per_class=3, refs=4)
+    folder = ImageFolderTask(tmp_path / "train", None)
+    h = hashlib.sha256(repr((folder.classnames, folder.templates)).encode())
+    for file, label in folder.samples:
+        st = os.stat(file)
+        h.update(f"{file.parent.name}/{file.name}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                 .encode())
+    assert folder.fingerprint() == f"folder:{h.hexdigest()}"
+    pairs = CsvCaptions(tmp_path / "ref" / "captions.csv", None)
+    h = hashlib.sha256((tmp_path / "ref" / "captions.csv").read_bytes())
+    for file, _ in pairs.rows:
+        st = os.stat(tmp_path / "ref" / file)
+        h.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    assert pairs.fingerprint() == f"csv:{h.hexdigest()}"
