@@ -250,9 +250,9 @@ class Calls:
     def image_stats(self, root) -> int:
         """Path stats (``os.stat``, ``os.lstat``, ``DirEntry.stat``) of image files under
         ``root`` (the data's fixed costs, its folders and CSVs, apart)."""
-        from dive_fast.train.listing import is_image_name
+        from dive_fast.train.data import IMAGE_EXTENSIONS
         root = os.path.abspath(root) + os.sep
-        return sum(os.path.abspath(p).startswith(root) and is_image_name(os.path.basename(p))
+        return sum(p.startswith(root) and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS
                    for kind in ("stat", "lstat", "entry.stat") for p in self.paths[kind])
 
     def listings_under(self, root) -> dict[str, int]:
