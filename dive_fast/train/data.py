@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..world.tasks import TASKS, Task, caption_pair, task_image
 from . import protocol
@@ -40,6 +40,17 @@ def warn_unreadable(what, exc) -> None:
         more = (" (from now on every 100th is logged)" if n == 10
                 else f" ({n} so far)" if n > 10 else "")
         log.warning("skipping unreadable %s: %s%s", what, exc, more)
+
+
+def in_order_loader(dataset, batch_size: int, workers: int, collate_fn, seed: int = 0,
+                    **kwargs) -> DataLoader:
+    """A DataLoader in dataset order that draws nothing from the global RNG: without a
+    generator of its own, each iterator it starts takes a seed from it, so the frozen cache
+    (DiVE's alone) or an evaluation before step 1 would move the augmentation that
+    ``--workers 0`` draws from that RNG, and FLYP and DiVE would train on other crops.
+    ``seed``: its workers' seeds (their augmentation) derive from it."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def collate(batch):

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from .._cli.progress import progress_bar
 from ..world.tasks import TASKS
@@ -33,6 +32,7 @@ from .data import (
     collate,
     csv_options,
     heldout_pairs,
+    in_order_loader,
 )
 from .fileio import append_rows, atomic_write_json
 from .models import (
@@ -304,7 +304,7 @@ def evaluate_variants(model, tokenizer, eval_sets: dict, variants: list, *, pre_
             scored.append((set_weights, head))
             if note:
                 report.setdefault("notes", {})[name] = note
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        loader = in_order_loader(dataset, batch_size, workers, collate)
         owner = projection_rows(dataset.projection)[1] \
             if getattr(dataset, "head_classes", None) is not None else None
         found_all, seen, n_skipped = score_variants(
@@ -325,7 +325,7 @@ def evaluate_variants(model, tokenizer, eval_sets: dict, variants: list, *, pre_
             report[f"{kind}_mean"] = sum(vals) / len(vals) if vals else None
         report["skipped_images"] = skipped
     if pre_model is not None and rsa_set is not None:
-        loader = DataLoader(rsa_set, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        loader = in_order_loader(rsa_set, batch_size, workers, collate)
         (pre,) = embed_pairs(pre_model, tokenizer, loader, device, amp_dtype)
         embedded = embed_pairs(model, tokenizer, loader, device, amp_dtype,
                                [set_weights for set_weights, _ in variants])

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..._cli.progress import progress_bar
+from ..data import in_order_loader
 from ..fileio import atomic_write, atomic_write_text, file_digest
 
 
@@ -125,8 +126,7 @@ def build(frozen, tokenizer, dataset, path: Path, batch_size=256, workers=0,
     path = Path(path)
     if path.is_file():
         return EmbeddingCache(path, verify_digest)
-    loader = DataLoader(_Numbered(dataset), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate)
+    loader = in_order_loader(_Numbered(dataset), batch_size, workers, _collate)
     emb = None
     for rows, images, texts in progress_bar(loader, desc="frozen reference embeddings",
                                             disable=not progress, leave=False):
