@@ -276,6 +276,14 @@ def test_coop_splits_named_by_clip_benchmark_through_the_releases_own_files(tmp_
     _split(eurosat, [["SeaLake/SeaLake_7.jpg", 1, "Sea or Lake"],
                      ["AnnualCrop/AnnualCrop_1.jpg", 0, "Annual Crop Land"]], "EuroSAT")
     assert SuiteSet("eurosat", eurosat, None).classnames == ("annual crop land", "lake or sea")
+    flowers = tmp_path / "oxford_flowers"
+    _split(flowers, [["image_00005.jpg", 0, "orchid"], ["image_00002.jpg", 1, "lily"]],
+           "OxfordFlowers")
+    assert SuiteSet("flowers", flowers, None).classnames == ("orchid", "lily")
+    from scipy.io import savemat
+    savemat(flowers / "imagelabels.mat", {"labels": [[1, 102, 3, 1, 2]]})  # 1-based classes
+    assert SuiteSet("flowers", flowers, None).classnames == ("hard-leaved pocket orchid",
+                                                            "blackberry lily")
     food = tmp_path / "food-101"
     _split(food, [["waffles/7.jpg", 1, "waffles"], ["apple_pie/12.jpg", 0, "apple_pie"]],
            "Food101")
