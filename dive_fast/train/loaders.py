@@ -61,7 +61,8 @@ def reference_data(args, bundle, rank, world):
     tf = bundle.preprocess_val  # deterministic, so the frozen embeddings can be cached
     if args.reference_shards:
         return ShardedCaptions(args.reference_shards, tf, seed=args.seed, rank=rank,
-                               world_size=world), None
+                               world_size=world, resampled=args.dataset_resampled,
+                               upsampling_factors=args.reference_upsampling_factors), None
     if args.reference_csv:
         ds = CsvCaptions(args.reference_csv, tf, **csv_options(args))
         # its contents (cli.check_inputs digested them): a CSV rewritten in place is new data
