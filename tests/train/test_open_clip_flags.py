@@ -241,6 +241,24 @@ def test_siglip_on_two_processes_equals_one_process(micro_cache, tmp_path, sigli
     torch.testing.assert_close(two["logit_bias"], one["logit_bias"], rtol=1e-4, atol=1e-6)
 
 
+def test_a_locked_tower_stays_as_loaded_under_fsdp_on_two_processes(micro_cache, tmp_path):
+    """--lock-image with FSDP2 (which shards locked and trainable parameters together): after
+    training, the locked image groups equal the loaded weights; the unlocked last group (the
+    projection) and the text tower moved."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    two_processes("-m", "dive_fast.train", *train_args(out, "--method", "flyp", "--steps", "2",
+                                                      "--batch-size", "4", "--fsdp",
+                                                      "--lock-image",
+                                                      "--lock-image-unlocked-groups", "1"))
+    state = load_checkpoint(sorted((out / "checkpoints").glob("step-*.pt"))[-1])["state_dict"]
+    start = load_file(tiny_checkpoint("dive-micro"))
+    moved = {k for k in state if not torch.equal(state[k], start[k])}
+    assert {k for k in moved if k.startswith("visual.")} == {"visual.proj"}
+    assert "text_projection" in moved
+
+
 def test_hf_hub_names_load_through_open_clip(micro_cache, tmp_path, monkeypatch):
     """``hf-hub:org/repo``: open_clip's own resolution of config and weights, the hub's
     download patched to a local folder."""
