@@ -231,10 +231,10 @@ def embed_pairs(model, tokenizer, loader, device="cpu", amp_dtype=None, weight_s
                 txts.append(model.encode_text(tokens, normalize=True).float().cpu())
     found = [(torch.cat(imgs) if imgs else None, torch.cat(txts) if txts else None)
              for imgs, txts in found]
-    if over_ranks:
-        found = [tuple(torch.cat([f for f in part if f is not None])
-                       for part in zip(*every)) for every in
-                 zip(*distributed.gather_in_rank_order(found))]
+    if over_ranks:  # every_rank[rank][setter] = (images, texts); None: a share with none
+        every_rank = distributed.gather_in_rank_order(found)
+        found = [tuple(torch.cat([t for t in column if t is not None]) for column in zip(*ranks))
+                 for ranks in zip(*every_rank)]
     return found
 
 
