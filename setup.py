@@ -53,7 +53,8 @@ TRAIN = ["open_clip_torch>=3.0", "numpy", "pillow", "tqdm", "webdataset", "brace
 TEST = ["pytest>=7.3", "pytest-benchmark", "scipy", "ruff", "wandb"]
 # The paper's zero-shot suite (--zeroshot-suite paper, --task zeroshot:flowers102:PATH): class
 # names and templates from clip_benchmark's data files (its builder is never imported, so
-# `pip install --no-deps clip_benchmark` is enough); scipy reads Flowers102's label files.
+# `pip install --no-deps clip_benchmark` is enough); scipy reads Flowers102's and
+# StanfordCars' MATLAB label files.
 SUITE = ["clip_benchmark>=1.6", "scipy"]
 
 
@@ -172,7 +173,7 @@ setup(
     version=VERSION,
     description="Fused kernels and a lean training loop for DiVE robust fine-tuning of CLIP",
     packages=find_packages(include=["dive_fast", "dive_fast.*"]),
-    package_data={"dive_fast.train": ["model_configs/*.json"]},
+    package_data={"dive_fast.train": ["model_configs/*.json", "suite_templates/*.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     extras_require={"train": TRAIN, "test": TRAIN + TEST + SUITE, "suite": TRAIN + SUITE,

@@ -21,7 +21,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
         ROOT / "benchmarks" / "README.md"]
 # Commands a user runs that this test cannot run here: installs, the test suite itself,
 # the GPU check, shell built-ins. Anything else must match a rule below.
-NOT_RUN = ("pip", "git", "cd", "bash", "python -m pytest", "nvidia-smi")
+NOT_RUN = ("pip", "git", "cd", "bash", "python -m pytest", "nvidia-smi", "export")
 
 
 def blocks(kind: str):
@@ -92,7 +92,7 @@ def test_python_blocks_run(code, tmp_path):
 @pytest.mark.parametrize("argv", list(commands()))
 def test_commands_parse_or_run(argv, tmp_path):
     line = " ".join(argv)
-    if argv[0] == "torchrun":  # torchrun's own options, then -m MODULE and its arguments
+    if argv[0] in ("torchrun", "srun"):  # the launcher's options, then -m MODULE, arguments
         module = argv.index("-m")
         parse_or_fail(module_parser(argv[module + 1]), argv[module + 2:])
         return

@@ -77,7 +77,8 @@ def test_the_wheel_holds_the_package_alone_and_asks_for_torch(tree, tmp_path):
     assert all(n.split("/")[0] == "dive_fast" or ".dist-info/" in n for n in names), \
         [n for n in names if not n.startswith("dive_fast")]
     for kept in ("dive_fast/ops/dive_triton.py", "dive_fast/train/model_configs/dive-tiny.json",
-                 "dive_fast/world/render.py", "dive_fast/_C_not_built.txt"):
+                 "dive_fast/train/suite_templates/ucf101.txt", "dive_fast/world/render.py",
+                 "dive_fast/_C_not_built.txt"):
         assert kept in names, kept
     assert not [n for n in names if "emulat" in n or n.endswith((".cpp", ".cu", ".h"))]
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]

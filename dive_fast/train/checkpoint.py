@@ -178,7 +178,8 @@ RESUME_KEYS = ("method", "model", "pretrained", "batch_size", "ref_batch_size", 
                "precision", "augment", "data_ids", "world_parts", "train_size", "ref_size",
                "world_seed", "seed", "fsdp", "accum_freq", "beta1", "beta2", "eps",
                "lock_image", "lock_image_unlocked_groups", "lock_text",
-               "lock_text_unlocked_layers", "force_image_size", "siglip")
+               "lock_text_unlocked_layers", "force_image_size", "siglip",
+               "dataset_resampled", "reference_upsampling_factors")
 # What checkpoints written before data_ids (2026-12-05) recorded of their data, by path.
 OLD_DATA_KEYS = ("train_folder", "reference_csv", "reference_shards")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._cli.arguments import DefaultsFormatter, run_checked
-from . import data, distributed, listing, parallel, protocol, runlock, validate
+from . import data, distributed, listing, parallel, protocol, runlock, shard_plan, validate
 from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
 from .evaluate import SUMMARY_METRICS
@@ -135,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="reference image-caption pairs (e.g. CC3M) as an open_clip CSV")
     g("--reference-shards", default=None,
       help="reference pairs as webdataset tar shards: brace pattern, glob or '::'-separated "
-           "list")
+           "sources, read one after another (open_clip's --train-data)")
+    g("--dataset-resampled", action="store_true",
+      help="--reference-shards: draw shards with replacement, seeded per rank, worker and "
+           "epoch (open_clip's); unset: each pair once per epoch")
+    g("--reference-upsampling-factors", "--train-data-upsampling-factors", default=None,
+      metavar="F1::F2", help="--dataset-resampled: one weight per '::' source of "
+      "--reference-shards; each shard weighs its source's factor (open_clip's)")
     g("--templates", default=None, metavar="openai|simple|PATH",
       help="prompt templates of the target and the id and ood sets: openai (open_clip's 80, "
            "the paper's), simple (open_clip's 7) or a file, one per line with {} (unset: a "
@@ -527,12 +533,12 @@ def check_inputs(args, world_size: int = 1) -> None:
     if args.reference_shards:
         shards = validate.shard_urls("--reference-shards", args.reference_shards)
         args.data_ids["reference"] = shards_fingerprint(shards)
-        readers = world_size * max(1, args.workers)
-        if len(shards) < readers:
-            raise ValueError(f"--reference-shards: {len(shards)} shard(s) for {world_size} "
-                             f"rank(s) x {max(1, args.workers)} loader worker(s): each reader "
-                             "needs a shard of its own; write more, smaller shards or use "
-                             "fewer --workers")
+        check_resampling(args)
+    elif args.dataset_resampled or args.reference_upsampling_factors:
+        flag = "--dataset-resampled" if args.dataset_resampled else \
+            "--reference-upsampling-factors"
+        raise ValueError(f"{flag}: draws webdataset shards with replacement; give "
+                         "--reference-shards")
     validate.rsa_pairs(args)
     if is_weights_path(args.pretrained) and not Path(args.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {args.pretrained}")
@@ -546,6 +552,23 @@ def check_inputs(args, world_size: int = 1) -> None:
             not tiny_checkpoint(args.model, args.world_seed).is_file():  # pre-training will write
         validate.writable_folder(cache_dir(),
                                  f"the model cache (${CACHE_ENV} or ~/.cache/dive_fast)")
+
+
+def check_resampling(args) -> None:
+    """--reference-upsampling-factors: only with --dataset-resampled (as open_clip_train
+    asserts), one number per '::' source."""
+    factors = args.reference_upsampling_factors
+    if factors is None:
+        return
+    if not args.dataset_resampled:
+        raise ValueError(f"--reference-upsampling-factors {factors}: weights apply to shards "
+                         "drawn with replacement, so it needs --dataset-resampled (as in "
+                         "open_clip_train); without it the '::' sources are read one after "
+                         "another, each pair once per epoch")
+    try:
+        shard_plan.parse_factors(factors, len(data.shard_sources(args.reference_shards)))
+    except ValueError as exc:
+        raise ValueError(f"--reference-upsampling-factors {exc}") from None
 
 
 def set_tf32(enabled: bool, device: str) -> None:

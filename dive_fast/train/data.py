@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..world.tasks import TASKS, Task, caption_pair, task_image
-from . import protocol
+from . import protocol, shard_plan
 from .listing import IMAGE_EXTENSIONS, walk
 from .protocol import check_templates, text_lines
 
@@ -39,6 +39,17 @@ def warn_unreadable(what, exc) -> None:
         more = (" (from now on every 100th is logged)" if n == 10
                 else f" ({n} so far)" if n > 10 else "")
         log.warning("skipping unreadable %s: %s%s", what, exc, more)
+
+
+def in_order_loader(dataset, batch_size: int, workers: int, collate_fn, seed: int = 0,
+                    **kwargs) -> DataLoader:
+    """A DataLoader in dataset order that draws nothing from the global RNG: without a
+    generator of its own, each iterator it starts takes a seed from it, so the frozen cache
+    (DiVE's alone) or an evaluation before step 1 would move the augmentation that
+    ``--workers 0`` draws from that RNG, and FLYP and DiVE would train on other crops.
+    ``seed``: its workers' seeds (their augmentation) derive from it."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def collate(batch):
@@ -453,21 +464,37 @@ def _split_commas(pattern: str) -> list[str]:
     return [p for p in parts + [pattern[start:]] if p]
 
 
-def shard_list(urls) -> list[str]:
-    """Shard paths from brace patterns ('/d/{00000..00331}.tar', '/d/{a,b}.tar'), globs
-    (in any part of the path), '::'- or ','-separated lists, or a list. A name that exists
-    as written is taken whole (commas included). Missing local files, and a list whose local
-    shards are all empty, fail here, before any training."""
-    import glob
-
+def shard_sources(urls) -> list[list[str]]:
+    """The shards of each '::'-separated source of ``urls`` (a list: one source), each source
+    a brace pattern ('/d/{00000..00331}.tar', '/d/{a,b}.tar'), glob (in any part of the path)
+    or ','-separated list. A name that exists as written is taken whole (commas included).
+    Missing local files, and a list whose local shards are all empty, fail here, before any
+    training."""
     import braceexpand
 
     if isinstance(urls, (str, Path)):
-        urls = [x for chunk in str(urls).split("::") if chunk
-                for part in ([chunk] if Path(chunk).is_file() else _split_commas(chunk))
-                for x in braceexpand.braceexpand(part)]
+        chunks = [[x for part in ([chunk] if Path(chunk).is_file() else _split_commas(chunk))
+                   for x in braceexpand.braceexpand(part)]
+                  for chunk in str(urls).split("::") if chunk]
+    else:
+        chunks = [list(map(str, urls))]
+    sources = [_found(chunk) for chunk in chunks]
+    out = [u for source in sources for u in source]
+    if not out:
+        raise ValueError(f"no webdataset shards in {urls!r}")
+    local = [u for u in out if "://" not in u and not u.startswith("pipe:")]
+    if local and len(local) == len(out) and not any(os.path.getsize(u) for u in local):
+        raise ValueError(f"every webdataset shard is empty (0 bytes): {', '.join(local[:3])}"
+                         f"{' ...' if len(local) > 3 else ''}")
+    return sources
+
+
+def _found(urls: list[str]) -> list[str]:
+    """``urls`` with their globs expanded; a missing local shard fails."""
+    import glob
+
     out = []
-    for u in map(str, urls):
+    for u in urls:
         remote = "://" in u or u.startswith("pipe:")
         if not remote and not Path(u).is_file() and any(c in u for c in "*?["):
             found = sorted(glob.glob(u))
@@ -478,22 +505,22 @@ def shard_list(urls) -> list[str]:
             raise FileNotFoundError(f"webdataset shard not found: {u}")
         else:
             out.append(u)
-    if not out:
-        raise ValueError(f"no webdataset shards in {urls!r}")
-    local = [u for u in out if "://" not in u and not u.startswith("pipe:")]
-    if local and len(local) == len(out) and not any(os.path.getsize(u) for u in local):
-        raise ValueError(f"every webdataset shard is empty (0 bytes): {', '.join(local[:3])}"
-                         f"{' ...' if len(local) > 3 else ''}")
     return out
+
+
+def shard_list(urls) -> list[str]:
+    """Every shard of ``urls`` (``shard_sources``), the '::' sources one after another."""
+    return [u for source in shard_sources(urls) for u in source]
 
 
 SHARD_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
-def shard_pairs(shard: str, transform, counter: list):
+def shard_pairs(shard: str, transform, counter: list, select=None):
     """(image, caption) of one tar shard (jpg/png/jpeg/webp + txt, as img2dataset writes CC3M).
     A truncated or corrupt shard ends at its last good member; each such failure, and
-    each undecodable or incomplete sample, adds 1 to ``counter[0]``."""
+    each undecodable or incomplete sample, adds 1 to ``counter[0]``. ``select``: called once
+    per sample, in order, before it is decoded; a sample it refuses is passed over unread."""
     from webdataset import tariterators
 
     def on_error(exc):
@@ -502,6 +529,8 @@ def shard_pairs(shard: str, transform, counter: list):
         return True
 
     for sample in tariterators.tarfile_samples([{"url": shard}], handler=on_error):
+        if select is not None and not select():
+            continue
         key = f"{sample.get('__key__')} of {shard}"
         # webdataset keys a member at its first dot: 'a.b.jpg' is key 'a', field 'b.jpg'
         data = next((v for k, v in sample.items() if not k.startswith("__")
@@ -519,53 +548,91 @@ def shard_pairs(shard: str, transform, counter: list):
 class ShardedCaptions(IterableDataset):
     """Reference pairs streamed from webdataset shards, endlessly, epoch after epoch.
 
-    Each epoch shuffles the shard list with (seed, epoch); rank r of R takes shards r, r+R,
-    ... and loader worker w of W every W-th of those, so across ranks and workers each pair
-    is read once per epoch (exactly so when the shard count divides by R*W; otherwise the
-    ranks' epochs differ by a shard, and a warning says so). Pairs are shuffled within a
-    buffer, drained at each epoch's end. Items are ``(image, caption, -1, skipped)``:
-    streamed pairs have no index, so their frozen embeddings are computed each step
-    rather than cached.
+    ``shard_plan`` says which shards, and which of their samples, each reader (a loader
+    worker of a rank) reads in an epoch: without ``resampled``, each pair once per epoch
+    across readers (by shards, or by samples when there are fewer shards than readers;
+    when the shards do not divide among the readers, their epochs differ by a shard, and a
+    warning says so); with it, shards drawn with replacement, weighted by the
+    ``upsampling_factors`` ('F1::F2', one per '::' source of ``urls``) as open_clip's
+    --dataset-resampled draws them. Pairs are shuffled within a buffer, drained at each
+    epoch's end. Items are ``(image, caption, -1, skipped)``: streamed pairs have no index,
+    so their frozen embeddings are computed each step rather than cached.
     Resuming starts the stream at epoch ``start_epoch`` (shards have no random access): a
-    resumed run sees other pairs than an unbroken one would; everything else is exact."""
+    resumed run sees other pairs than an unbroken one would, the same ones each time it is
+    resumed from the same step with the same workers; everything else is exact."""
 
     def __init__(self, urls, transform, seed: int = 0, shuffle_buffer: int = 1000,
-                 rank: int = 0, world_size: int = 1, start_epoch: int = 0):
-        self.shards = shard_list(urls)
+                 rank: int = 0, world_size: int = 1, start_epoch: int = 0,
+                 resampled: bool = False, upsampling_factors: str | None = None):
+        sources = shard_sources(urls)
+        self.shards = [u for source in sources for u in source]
+        self.weights = None
+        if upsampling_factors is not None:
+            if not resampled:
+                raise ValueError("upsampling factors weigh shards drawn with replacement: "
+                                 "they need resampled=True (open_clip's --dataset-resampled)")
+            factors = shard_plan.parse_factors(upsampling_factors, len(sources))
+            self.weights = shard_plan.shard_weights(sources, factors)
         self.transform, self.seed, self.buffer = transform, seed, shuffle_buffer
         self.rank, self.world, self.start_epoch = rank, world_size, start_epoch
+        self.resampled = resampled
 
     def my_shards(self, epoch: int, worker: int = 0, workers: int = 1) -> list[str]:
-        order = list(self.shards)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[self.rank::self.world][worker::workers]
+        """The shards this rank's ``worker`` reads in ``epoch``, in order (under the sample
+        split: every shard, of which it decodes its share)."""
+        _, readers = shard_plan.reader(self.rank, self.world, worker, workers)
+        if self.resampled:
+            return shard_plan.resampled(self.shards, self.weights, self.seed, epoch, self.rank,
+                                        worker, shard_plan.draws_per_epoch(len(self.shards),
+                                                                           readers))
+        order = shard_plan.epoch_order(self.shards, self.seed, epoch)
+        if shard_plan.splits_samples(len(self.shards), readers):
+            return order
+        return shard_plan.shard_split(order, self.rank, self.world, worker, workers)
+
+    def epoch_pairs(self, epoch: int, worker: int = 0, workers: int = 1, counter=None):
+        """The (image, caption) pairs this rank's ``worker`` reads in ``epoch``, in shard
+        order (before the shuffle buffer); unreadable ones add to ``counter[0]``."""
+        counter = [0] if counter is None else counter
+        index, readers = shard_plan.reader(self.rank, self.world, worker, workers)
+        select = None
+        if not self.resampled and shard_plan.splits_samples(len(self.shards), readers):
+            select = shard_plan.sample_share(index, readers)
+        for shard in self.my_shards(epoch, worker, workers):
+            yield from shard_pairs(shard, self.transform, counter, select)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if len(self.shards) < self.world * workers:
-            raise ValueError(f"{len(self.shards)} webdataset shard(s) for {self.world} rank(s) x "
-                             f"{workers} loader worker(s): each needs at least one; write "
-                             "more, smaller shards or use fewer --workers")
-        if worker == 0 and self.rank == 0 and len(self.shards) % (self.world * workers):
+        _, readers = shard_plan.reader(self.rank, self.world, worker, workers)
+        if worker == 0 and self.rank == 0 and not self.resampled and \
+                len(self.shards) > readers and len(self.shards) % readers:
             log.warning("%d shards do not divide among %d rank(s) x %d worker(s): epochs "
                         "differ by a shard between them", len(self.shards), self.world, workers)
         rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_epoch}")
         counter, buffer, epoch = [0], [], self.start_epoch
         while True:
-            shards = self.my_shards(epoch, worker, workers)
             read = 0
-            for pair in (p for s in shards for p in shard_pairs(s, self.transform, counter)):
+            for pair in self.epoch_pairs(epoch, worker, workers, counter):
                 read += 1
                 buffer.append(pair)
                 if len(buffer) >= self.buffer:
                     yield self._emit(buffer, rng, counter)
             if read == 0:
-                raise RuntimeError(f"no readable pairs in webdataset shards {shards} "
-                                   f"({counter[0]} unreadable)")
+                raise RuntimeError(self._nothing_read(epoch, worker, workers, counter[0]))
             while buffer:  # drained at the epoch's end, so that epochs do not mix
                 yield self._emit(buffer, rng, counter)
             epoch += 1
+
+    def _nothing_read(self, epoch: int, worker: int, workers: int, unreadable: int) -> str:
+        shards = self.my_shards(epoch, worker, workers)
+        _, readers = shard_plan.reader(self.rank, self.world, worker, workers)
+        if not self.resampled and shard_plan.splits_samples(len(self.shards), readers):
+            return (f"no readable pairs for rank {self.rank}'s loader worker {worker} in "
+                    f"webdataset shards {shards} ({unreadable} unreadable): split by samples "
+                    f"among {self.world} rank(s) x {workers} worker(s), the shards hold fewer "
+                    "readable pairs than readers; use fewer --workers or more pairs")
+        return f"no readable pairs in webdataset shards {shards} ({unreadable} unreadable)"
 
     @staticmethod
     def _emit(buffer, rng, counter):

@@ -14,11 +14,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import Subset
 
 from .._cli.progress import progress_bar
 from ..world.tasks import TASKS
-from . import listing, start_weights, validate
+from . import distributed, listing, start_weights, validate
 from .checkpoint import (
     CorruptCheckpoint,
     WrongModel,
@@ -33,6 +33,7 @@ from .data import (
     collate,
     csv_options,
     heldout_pairs,
+    in_order_loader,
 )
 from .fileio import append_rows, atomic_write_json
 from .models import (
@@ -100,6 +101,15 @@ class Tally:
         self.predicted += torch.bincount(best[:, 0], minlength=self.classes)
         self.actual += torch.bincount(labels, minlength=self.classes)
 
+    def counts(self) -> torch.Tensor:
+        """Every count as one integer vector (``from_counts`` reads it back): what ranks add."""
+        return torch.cat([torch.tensor([self.top1, self.top5, self.seen]), self.true_pos,
+                          self.predicted, self.actual])
+
+    def from_counts(self, counts: torch.Tensor) -> None:
+        self.top1, self.top5, self.seen = (int(c) for c in counts[:3])
+        self.true_pos, self.predicted, self.actual = counts[3:].cpu().view(3, self.classes)
+
     def result(self) -> dict:
         """top5 is None for 5 classes or fewer (it would be 1 by construction); macro_f1 is
         the mean F1 over the classes that occur in the labels (WILDS's, as iWildCam is
@@ -121,11 +131,12 @@ def logits(model, head: torch.Tensor, images, device="cpu", amp_dtype=None) -> t
 
 @torch.no_grad()
 def score_variants(model, variants: list, loader, device="cpu", desc: str | None = None,
-                   owner: list[int] | None = None, amp_dtype=None):
+                   owner: list[int] | None = None, amp_dtype=None, over_ranks: bool = False):
     """([{top1, top5, macro_f1} per variant], samples seen, samples skipped) in one pass over
     ``loader`` (each image read once for all of them); streams, memory flat in set size.
     ``variants``: (set_weights or None, head) pairs; ``set_weights()`` puts that variant's
-    weights into ``model`` (a WiSE-FT mix) before its forward."""
+    weights into ``model`` (a WiSE-FT mix) before its forward. ``over_ranks``: ``loader`` is
+    this rank's share, and the counts of every rank's are added (exact, integers)."""
     tallies = [Tally(head.shape[0], owner, head.device) for _, head in variants]
     skipped, applied = 0, None
     for images, labels, n_skipped in progress_bar(loader, desc=desc, leave=False,
@@ -138,7 +149,30 @@ def score_variants(model, variants: list, loader, device="cpu", desc: str | None
                 set_weights()
                 applied = set_weights
             tally.add(logits(model, head, images, device, amp_dtype).float(), labels)
+    if over_ranks:
+        skipped = add_over_ranks(tallies, skipped, device)
     return [t.result() for t in tallies], tallies[0].seen, skipped
+
+
+def add_over_ranks(tallies: list[Tally], skipped: int, device) -> int:
+    """Every rank's counts added into ``tallies`` in one collective; returns the skipped
+    total."""
+    packed = torch.cat([torch.tensor([skipped])] + [t.counts() for t in tallies])
+    packed = distributed.sum_tensor_over_ranks(packed.to(device)).cpu()
+    at = 1
+    for t in tallies:
+        size = 3 + 3 * t.classes
+        t.from_counts(packed[at:at + size])
+        at += size
+    return int(packed[0])
+
+
+def share(dataset, batch_size: int, rank: int, world: int):
+    """This rank's share of an evaluation set: whole batches (``distributed.batch_slice``),
+    so that the batches, and so every logit, are those of one process."""
+    if world == 1:
+        return dataset
+    return Subset(dataset, distributed.batch_slice(len(dataset), batch_size, rank, world))
 
 
 def scores(model, head: torch.Tensor, loader, device="cpu", desc: str | None = None,
@@ -179,9 +213,11 @@ def rsa(pre: torch.Tensor, ft: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def embed_pairs(model, tokenizer, loader, device="cpu", amp_dtype=None, weight_setters=(None,)):
+def embed_pairs(model, tokenizer, loader, device="cpu", amp_dtype=None, weight_setters=(None,),
+                over_ranks: bool = False):
     """[(image embeddings, text embeddings)] of the pairs, one per weight setter (None: the
-    model as it is), in one pass over ``loader``."""
+    model as it is), in one pass over ``loader``. ``over_ranks``: ``loader`` is this rank's
+    share (``share``), and every rank gets all the rows, in rank order."""
     found, applied = [([], []) for _ in weight_setters], None
     for images, texts, _ in loader:
         if images is None:
@@ -194,7 +230,13 @@ def embed_pairs(model, tokenizer, loader, device="cpu", amp_dtype=None, weight_s
             with autocast(device, amp_dtype):
                 imgs.append(model.encode_image(images.to(device), normalize=True).float().cpu())
                 txts.append(model.encode_text(tokens, normalize=True).float().cpu())
-    return [(torch.cat(imgs), torch.cat(txts)) for imgs, txts in found]
+    found = [(torch.cat(imgs) if imgs else None, torch.cat(txts) if txts else None)
+             for imgs, txts in found]
+    if over_ranks:  # every_rank[rank][setter] = (images, texts); None: a share with none
+        every_rank = distributed.gather_in_rank_order(found)
+        found = [tuple(torch.cat([t for t in column if t is not None]) for column in zip(*ranks))
+                 for ranks in zip(*every_rank)]
+    return found
 
 
 def rsa_of(pre: tuple, ft: tuple) -> dict:
@@ -270,26 +312,32 @@ def set_head(model, tokenizer, dataset, heads: dict, cache: dict, device="cpu",
 
 
 def evaluate(model, tokenizer, eval_sets: dict, *, pre_model=None, rsa_set=None, device="cpu",
-             batch_size=256, workers=0, progress=True, heads=None, amp_dtype=None) -> dict:
+             batch_size=256, workers=0, progress=True, heads=None, amp_dtype=None,
+             rank=0, world=1) -> dict:
     """The report: per set grouped by kind its metric (top-1 unless the set's ``metric``
     says otherwise), their means, every set's top-1, top-5 and macro-F1 in "metrics", and
     RSA (if pre_model). Forwards run under ``amp_dtype``'s autocast (None: float32).
 
     ``heads`` maps class-name tuples to trained classifier weights [classes, dim] (FT's
-    linear head), used instead of the zero-shot head for sets with those classes."""
+    linear head), used instead of the zero-shot head for sets with those classes.
+
+    On ``world`` ranks every rank calls it with the same arguments: each scores its share of
+    every set (``share``), and every rank returns the report one process gives."""
     (report,) = evaluate_variants(model, tokenizer, eval_sets, [(None, heads)],
                                   pre_model=pre_model, rsa_set=rsa_set, device=device,
                                   batch_size=batch_size, workers=workers, progress=progress,
-                                  amp_dtype=amp_dtype)
+                                  amp_dtype=amp_dtype, rank=rank, world=world)
     return report
 
 
 def evaluate_variants(model, tokenizer, eval_sets: dict, variants: list, *, pre_model=None,
                       rsa_set=None, device="cpu", batch_size=256, workers=0, progress=True,
-                      amp_dtype=None) -> list[dict]:
+                      amp_dtype=None, rank=0, world=1) -> list[dict]:
     """``evaluate``'s report for each of ``variants``, (set_weights or None, heads or None)
     pairs, reading each set once for all: ``set_weights()`` puts a variant's weights
-    (a WiSE-FT mix) into ``model`` before each of its forwards."""
+    (a WiSE-FT mix) into ``model`` before each of its forwards. ``rank``, ``world``: as
+    ``evaluate``'s."""
+    progress = progress and rank == 0
     model.eval()
     reports = [{k: {} for k in KINDS} for _ in variants]
     caches = [{} for _ in variants]  # per variant {templates: {class name: zero-shot row}}
@@ -304,12 +352,13 @@ def evaluate_variants(model, tokenizer, eval_sets: dict, variants: list, *, pre_
             scored.append((set_weights, head))
             if note:
                 report.setdefault("notes", {})[name] = note
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        loader = in_order_loader(share(dataset, batch_size, rank, world), batch_size, workers,
+                                 collate)
         owner = projection_rows(dataset.projection)[1] \
             if getattr(dataset, "head_classes", None) is not None else None
         found_all, seen, n_skipped = score_variants(
             model, scored, loader, device, desc=name if progress else None, owner=owner,
-            amp_dtype=amp_dtype)
+            amp_dtype=amp_dtype, over_ranks=world > 1)
         metric = getattr(dataset, "metric", "top1")  # the task's own (--task ...@macro_f1)
         for found, report in zip(found_all, reports):
             report[kind][name] = found[metric] if seen else None
@@ -325,10 +374,12 @@ def evaluate_variants(model, tokenizer, eval_sets: dict, variants: list, *, pre_
             report[f"{kind}_mean"] = sum(vals) / len(vals) if vals else None
         report["skipped_images"] = skipped
     if pre_model is not None and rsa_set is not None:
-        loader = DataLoader(rsa_set, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-        (pre,) = embed_pairs(pre_model, tokenizer, loader, device, amp_dtype)
+        loader = in_order_loader(share(rsa_set, batch_size, rank, world), batch_size, workers,
+                                 collate)
+        (pre,) = embed_pairs(pre_model, tokenizer, loader, device, amp_dtype,
+                             over_ranks=world > 1)
         embedded = embed_pairs(model, tokenizer, loader, device, amp_dtype,
-                               [set_weights for set_weights, _ in variants])
+                               [set_weights for set_weights, _ in variants], world > 1)
         for report, ft in zip(reports, embedded):
             report["rsa"] = rsa_of(pre, ft)
     return reports

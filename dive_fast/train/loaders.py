@@ -20,6 +20,7 @@ from .data import (
     WorldTask,
     csv_options,
     heldout_pairs,
+    in_order_loader,
     train_collate,
 )
 from .evaluate import folder_eval_sets, world_eval_sets, world_rsa_set
@@ -61,7 +62,8 @@ def reference_data(args, bundle, rank, world):
     tf = bundle.preprocess_val  # deterministic, so the frozen embeddings can be cached
     if args.reference_shards:
         return ShardedCaptions(args.reference_shards, tf, seed=args.seed, rank=rank,
-                               world_size=world), None
+                               world_size=world, resampled=args.dataset_resampled,
+                               upsampling_factors=args.reference_upsampling_factors), None
     if args.reference_csv:
         ds = CsvCaptions(args.reference_csv, tf, **csv_options(args))
         # its contents (cli.check_inputs digested them): a CSV rewritten in place is new data
@@ -92,8 +94,10 @@ def eval_sets(args, bundle):
 def loader(ds, batch, seed, start_step, rank, world, workers, pin, tokenizer=None):
     collate = functools.partial(train_collate, tokenizer=tokenizer)
     if isinstance(ds, IterableDataset):  # streamed shards: split by rank inside, no sampler
-        return DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate,
-                          pin_memory=pin, persistent_workers=workers > 0)
+        # each rank's workers augment with their own seeds, as they drew them from the
+        # global RNG (seeded per rank) before
+        return in_order_loader(ds, batch, workers, collate, seed=seed * 1009 + rank,
+                               pin_memory=pin, persistent_workers=workers > 0)
     sampler = ResumableSampler(len(ds), seed, batch, start_step, rank, world)
     # An own generator: creating the iterator must not draw from the global RNG, whose
     # state a resumed run restores (and which drives the augmentation with workers=0).

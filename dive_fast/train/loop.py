@@ -19,23 +19,31 @@ from .fileio import DiskFull
 from .precision import autocast_dtype
 
 
+def whole_model(run: Run):
+    """The model being trained, whole on every rank: itself, or for a sharded one a whole
+    copy loaded with its gathered weights (a collective)."""
+    model = run.method.model
+    if not parallel.is_sharded(model):
+        return model
+    state = parallel.whole_model_state(model)
+    whole = load_model(run.args, run.pretrained, run.args.device).model
+    whole.load_state_dict(state)
+    return whole
+
+
 def evaluate_during_training(run: Run, sets, keep_best=None, step: int = 0) -> dict | None:
-    """Rank 0's evaluation of the model being trained (its trained heads too), flattened for
-    the metrics log; every rank calls it (a sharded model is gathered first). ``keep_best``
-    (``weights.KeepBest``, rank 0's) keeps the weights when --keep-best's metric is the best
-    so far."""
+    """The evaluation of the model being trained (its trained heads too), flattened for the
+    metrics log (rank 0's; None elsewhere): every rank calls it and scores its share of each
+    set. ``keep_best`` (``weights.KeepBest``, rank 0's) keeps the weights when --keep-best's
+    metric is the best so far."""
     args, method = run.args, run.method
-    model = method.model
-    if parallel.is_sharded(model):
-        state = parallel.full_model_state(model)  # a collective
-        if distributed.is_main():
-            model = load_model(args, run.pretrained, args.device).model
-            model.load_state_dict(state)
+    model = whole_model(run)
+    report = evaluate(model, run.bundle.tokenizer, sets, heads=method.eval_heads(),
+                      device=args.device, workers=args.workers, progress=False,
+                      amp_dtype=autocast_dtype(args.precision, args.device), rank=run.rank,
+                      world=run.world)
     result = None
     if distributed.is_main():
-        report = evaluate(model, run.bundle.tokenizer, sets, heads=method.eval_heads(),
-                          device=args.device, workers=args.workers, progress=False,
-                          amp_dtype=autocast_dtype(args.precision, args.device))
         if keep_best is not None:
             keep_best.offer(step, summary_value(report, args.keep_best), model.state_dict())
         result = {f"eval/{name}": value for kind in ("id", "ood", "zeroshot")
@@ -43,7 +51,6 @@ def evaluate_during_training(run: Run, sets, keep_best=None, step: int = 0) -> d
         result.update({f"eval/{kind}_mean": report[f"{kind}_mean"]
                        for kind in ("id", "ood", "zeroshot")})
     method.train()  # evaluate() left the towers in eval mode
-    distributed.barrier()
     return result
 
 

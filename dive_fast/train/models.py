@@ -2,6 +2,7 @@
 project's own tiny configs, whose pre-trained weights ``dive_fast.train.pretrain`` caches."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -197,24 +198,36 @@ def frozen_copy(model: nn.Module, autocast_dtype: torch.dtype | None = None) -> 
 
 
 MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Packed attention projections (out_proj is an nn.Linear), which open_clip's own Attention
-# passes to F.linear. nn.MultiheadAttention's stay as they are: their dtype decides whether it
-# takes its fused fast path, which CPU autocast leaves on (its check reads CUDA's autocast
-# alone), and the fused and the unfused path round differently.
+# Packed attention projections, which nn.MultiheadAttention's unfused path (the only one the
+# frozen tower takes: ``unfused_attention``) and open_clip's own Attention pass to F.linear.
 ATTENTION_WEIGHTS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
                      "v_proj_weight")
 # open_clip's projections held as bare parameters, applied with ``@`` (matmul).
 PROJECTIONS = ("proj", "text_projection")
 
 
+@contextlib.contextmanager
+def unfused_attention():
+    """nn.MultiheadAttention on its unfused path, the one a training model takes. Its fused
+    fast path (eval mode, no grad, weights in the input's dtype) rounds differently, so a
+    frozen tower on it would embed identical weights differently from the trainable model
+    (~1e-6 in float32); on it, identical weights give u = v = 0 bit for bit. A process-wide
+    flag (torch.backends.mha), restored on exit."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 def store_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Stores in ``dtype``, in place, the weights autocast casts to ``dtype`` before every
-    use (linear layers, convolutions, open_clip's packed attention projections through
-    linear, its ``proj`` and ``text_projection`` through matmul; biases with their weights),
-    so that a forward under that autocast is bit-identical and holds them at half the bytes.
-    Norms, embeddings and everything added outside a matmul keep their dtype (autocast runs
-    norms in float32 and casts no embedding look-up), and so do nn.MultiheadAttention's
-    packed input projections (``ATTENTION_WEIGHTS``)."""
+    use (linear layers, convolutions, packed attention projections through linear, open_clip's
+    ``proj`` and ``text_projection`` through matmul; biases with their weights), so that a
+    forward under that autocast and ``unfused_attention`` is bit-identical and holds them at
+    half the bytes. Norms, embeddings and everything added outside a matmul keep their dtype
+    (autocast runs norms in float32 and casts no embedding look-up)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"store_for_autocast: dtype {dtype}, expected an autocast dtype "
                          "(torch.bfloat16 or torch.float16)")
@@ -231,8 +244,7 @@ def store_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             module.get_cast_dtype = lambda pinned=module.get_cast_dtype(): pinned
     for module in model.modules():
         names = ("weight", "bias") if isinstance(module, MATMUL_MODULES) else ()
-        packed = () if isinstance(module, nn.MultiheadAttention) else ATTENTION_WEIGHTS
-        names += tuple(n for n in packed + PROJECTIONS
+        names += tuple(n for n in ATTENTION_WEIGHTS + PROJECTIONS
                        if isinstance(getattr(module, n, None), nn.Parameter))
         for name in names:
             cast(module, name)

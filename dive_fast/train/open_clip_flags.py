@@ -16,13 +16,10 @@ TRANSFORMS = "the model's own transforms are used (open_clip's preprocess for th
 # open_clip_train option -> what to write here instead.
 REFUSED = {
     "--train-data": f"give {OWN_DATA}",
-    "--train-data-upsampling-factors": "one reference source is read; merge sources into "
-                                       "one CSV or shard list",
     "--val-data": "evaluate on image folders with --task KIND:NAME:PATH",
     "--train-num-samples": "the target folder's size sets an epoch (--epochs) or give --steps",
     "--val-num-samples": "evaluation reads each --task folder whole",
     "--dataset-type": "name the format by the flag: --reference-csv or --reference-shards",
-    "--dataset-resampled": "shards are read without replacement, an epoch at a time",
     "--imagenet-val": "use --task id:imagenet:PATH (or --imagenet-root DIR)",
     "--imagenet-v2": "use --task ood:imagenet-v2:PATH (or --imagenet-root DIR)",
     "--cache-dir": "set $HF_HUB_CACHE (open_clip downloads through huggingface_hub)",

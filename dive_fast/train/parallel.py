@@ -136,6 +136,12 @@ def full_model_state(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=FULL)
 
 
+def whole_model_state(model: nn.Module) -> dict:
+    """The whole model's state dict on every rank (on the rank's device, for each rank's
+    share of an evaluation): a collective."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def full_optimizer_state(module: nn.Module, opt) -> dict:
     return get_optimizer_state_dict(module, opt, options=FULL)
 

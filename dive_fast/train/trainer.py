@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, metrics_log, parallel, start_weights
+from . import distributed, metrics_log, start_weights
 from .build import Run, build_run, load_model
 from .checkpoint import claim_out, load_resume
 from .evaluate import evaluate, evaluate_variants, format_table, summary_value
 from .fileio import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .loaders import data_sources, eval_sets
-from .loop import evaluate_during_training, train_loop
+from .loop import evaluate_during_training, train_loop, whole_model
 from .precision import autocast_dtype
 from .weights import FINAL, KeepBest, model_state, save_weights
 from .wise_ft import WeightMix
@@ -64,6 +64,7 @@ def _run_owned(args, rank, world, device) -> dict:
         if stale:
             log.info("removed %d temporary file(s) a killed run left, e.g. %s", len(stale),
                      stale[0])
+    distributed.barrier()  # before any rank writes its share of the cache (a .tmp part)
     resume = load_resume(args)  # a corrupt or mismatched checkpoint fails now
     # The run's identity: a resume continues the checkpoint's run (``claim_out`` compares it).
     args.run_id = (resume or {}).get("run_id") or uuid.uuid4().hex
@@ -78,15 +79,14 @@ def _run_owned(args, rank, world, device) -> dict:
 
     def as_loaded(bundle):
         """The model before the method takes it: its weights (for WiSE-FT), the evaluation
-        sets, and the zero-shot row (rank 0 alone, before any sharding)."""
+        sets, and the zero-shot row (each rank scores its share, before any sharding)."""
         nonlocal pre_state, sets, rsa_set
         pre_state = model_state(bundle.model)
         pre_state = record_start(args, bundle, pre_state, resume, main_proc)
         sets, rsa_set = eval_sets(args, bundle)
-        if main_proc:
-            report["zero-shot"] = evaluate(bundle.model, bundle.tokenizer, sets, device=device,
-                                           workers=args.workers, progress=not args.no_progress,
-                                           amp_dtype=amp_dtype)
+        report["zero-shot"] = evaluate(bundle.model, bundle.tokenizer, sets, device=device,
+                                       workers=args.workers, progress=not args.no_progress,
+                                       amp_dtype=amp_dtype, rank=rank, world=world)
 
     run = build_run(args, rank, world, resume=resume, before_method=as_loaded)
     skipped = 0
@@ -94,14 +94,7 @@ def _run_owned(args, rank, world, device) -> dict:
         evaluator = functools.partial(evaluate_during_training, run, sets, keep_best) \
             if args.eval_every else None
         skipped = train_loop(run, evaluator)
-    model = run.model
-    if parallel.is_sharded(model):  # gathered (a collective); rank 0 evaluates it whole
-        state = parallel.full_model_state(model)
-        if main_proc:
-            model = load_model(args, run.pretrained, device).model
-            model.load_state_dict(state)
-    if main_proc:
-        final_report(run, model, pre_state, sets, rsa_set, skipped, report, keep_best)
+    final_report(run, whole_model(run), pre_state, sets, rsa_set, skipped, report, keep_best)
     return report
 
 
@@ -131,9 +124,10 @@ def record_start(args, bundle, loaded: dict, resume: dict | None, main_proc: boo
 
 def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report: dict,
                  keep_best: KeepBest | None = None) -> None:
-    """Rank 0: the fine-tuned and WiSE-FT rows added to ``report`` (which holds the
-    zero-shot row) in one pass over each set, final.safetensors (and best.safetensors)
-    written, then table.md, report.json and curves.png, and the table printed."""
+    """The fine-tuned and WiSE-FT rows added to ``report`` (which holds the zero-shot row)
+    in one pass over each set, every rank scoring its share; then rank 0 writes
+    final.safetensors (and best.safetensors), table.md, report.json and curves.png, and
+    prints the table."""
     args, method, device, out = run.args, run.method, run.args.device, Path(run.args.out)
     ft_state = model_state(model)
     if method.trains and args.steps == 0:
@@ -150,13 +144,16 @@ def final_report(run: Run, model, pre_state, sets, rsa_set, skipped: int, report
             [(mix.setter(alpha) if len(rows) > 1 else None, heads)
              for alpha, heads in rows.values()],
             pre_model=pre_model, rsa_set=rsa_set, device=device, workers=args.workers,
-            progress=not args.no_progress, amp_dtype=autocast_dtype(args.precision, device))
+            progress=not args.no_progress, amp_dtype=autocast_dtype(args.precision, device),
+            rank=run.rank, world=run.world)
         report.update(zip(rows, found))
         report[args.method]["skipped_train_samples"] = skipped
         model.load_state_dict(ft_state)
         if keep_best is not None:
             keep_best.offer(args.steps, summary_value(report[args.method], args.keep_best),
                             ft_state)
+    if not distributed.is_main():
+        return
     save_weights(ft_state, out / FINAL)
     table = format_table(report)
     if rsa_set is None:

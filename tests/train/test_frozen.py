@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.full_disk import limited_run
 from helpers.runs import train_args, two_processes
 
@@ -104,31 +105,60 @@ def test_a_cache_is_checked_against_its_digest_once_a_run(micro_cache, tmp_path,
         frozen_cache.EmbeddingCache(path, verify_digest=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_frozen_tower_stored_in_the_autocast_dtype_embeds_bit_identically(dtype):
-    """Autocast casts matmul weights before every use, so storing them cast changes no bit
-    (u = v = 0 at identical weights still holds); norms and embeddings keep float32."""
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_the_frozen_tower_embeds_as_the_trainable_model_does(dtype):
+    """u = v = 0 at identical weights, bit for bit: the trainable model's forward (training,
+    with grad) and the frozen tower's, its matmul weights stored in the autocast dtype
+    (attention's packed projections too) and nn.MultiheadAttention kept off its fused fast
+    path, which eval without grad would take in float32 and which rounds differently."""
     torch.manual_seed(0)
     bundle = models.load_clip("dive-micro")
     images = torch.randn(6, 3, bundle.image_size, bundle.image_size)
     tokens = bundle.tokenizer([f"a small red cube number {i}" for i in range(6)])
     whole, stored = models.frozen_copy(bundle.model), models.frozen_copy(bundle.model, dtype)
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        for encode, x in (("encode_image", images), ("encode_text", tokens)):
-            assert torch.equal(getattr(whole, encode)(x), getattr(stored, encode)(x)), encode
-    embedded = [FrozenReference(m, "cpu", dtype).embed(images, tokens) for m in (whole, stored)]
-    assert all(torch.equal(a, b) for a, b in zip(*embedded))
+    bundle.model.train()
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        trained = [F.normalize(bundle.model.encode_image(images).float(), dim=-1),
+                   F.normalize(bundle.model.encode_text(tokens).float(), dim=-1)]
+    frozen = FrozenReference(stored, "cpu", dtype).embed(images, tokens)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(trained, frozen))
+    if dtype is None:
+        return
     params = dict(stored.named_parameters())
     cast = {n for n, p in params.items() if p.dtype == dtype}
     assert {"visual.conv1.weight", "visual.proj", "text_projection",
             "transformer.resblocks.0.mlp.c_fc.weight",
+            "visual.transformer.resblocks.0.attn.in_proj_weight",
             "visual.transformer.resblocks.0.attn.out_proj.weight"} <= cast
-    assert not any(n.endswith(("ln_1.weight", "embedding", "embedding.weight", "in_proj_weight"))
-                   for n in cast)
+    assert not any(n.endswith(("ln_1.weight", "embedding", "embedding.weight")) for n in cast)
     fp32 = sum(p.numel() * 4 for n, p in whole.named_parameters() if n in cast)
     assert module_bytes(whole) - module_bytes(stored) == fp32 // 2  # those weights: half
     with pytest.raises(ValueError, match="float64, expected an autocast dtype"):
         models.store_for_autocast(stored, torch.float64)
+
+
+def test_unfused_attention_restores_the_fast_path_flag():
+    assert torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(KeyError):
+        with models.unfused_attention():
+            assert not torch.backends.mha.get_fastpath_enabled()
+            raise KeyError
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_flyp_and_dive_train_on_the_same_crops(micro_cache, tmp_path):
+    """Building the frozen cache (DiVE's alone) draws nothing from the global RNG, which
+    drives the augmentation under --workers 0: both methods' first step sees the same crops
+    (48 px, where random crops of the world's images differ), so their contrastive losses
+    agree (DiVE's term is ~0 at the start)."""
+    def first_clip(method):
+        out = tmp_path / method
+        train.main(train_args(out, "--method", method, "--steps", "1", "--force-image-size",
+                              "48", "--pretrained", "", "--train-size", "64", "--ref-size",
+                              "64", "--eval-per-task", "8", "--rsa-size", "16"))
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["clip"]
+
+    assert first_clip("flyp") == first_clip("dive")
 
 
 def test_the_frozen_tower_is_released_once_the_cache_serves(micro_cache, tmp_path, monkeypatch):

@@ -13,14 +13,14 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.runs import train_args
+from helpers.runs import train_args, two_processes
 from open_clip.loss import ClipLoss, SigLipLoss
 from open_clip_train import params
 
 from dive_fast import train
 from dive_fast.train import cli, open_clip_flags
 from dive_fast.train.build import build_run
-from dive_fast.train.checkpoint import ResumeMismatch
+from dive_fast.train.checkpoint import ResumeMismatch, load_checkpoint
 from dive_fast.train.models import CONFIG_DIR, load_clip, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,13 +181,18 @@ def test_force_image_size_resizes_the_model_and_its_inputs(micro_cache, tmp_path
 
 
 @pytest.fixture(scope="module")
-def siglip_micro(tmp_path_factory):
+def siglip_config_dir(tmp_path_factory):
     """dive-micro with SigLIP's logit bias, as open_clip's SigLIP configs give it (a name
     without "siglip", which would make open_clip pick the T5 tokenizer of SigLIP)."""
     folder = tmp_path_factory.mktemp("configs")
     config = json.loads((CONFIG_DIR / "dive-micro.json").read_text())
     (folder / "dive-micro-sigmoid.json").write_text(json.dumps({**config, "init_logit_bias": -10}))
     open_clip.add_model_config(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def siglip_micro(siglip_config_dir):
     return "dive-micro-sigmoid"
 
 
@@ -207,6 +212,51 @@ def test_siglip_models_train_with_siglips_loss_and_bias(micro_cache, tmp_path, s
     assert method.model.logit_bias.grad is not None and method.model.logit_bias.grad.abs() > 0
     no_decay = [p for g in run.opt.param_groups if g["weight_decay"] == 0 for p in g["params"]]
     assert any(p is method.model.logit_bias for p in no_decay)
+
+
+def test_siglip_on_two_processes_equals_one_process(micro_cache, tmp_path, siglip_micro,
+                                                    siglip_config_dir):
+    """SigLipLoss across ranks (its neighbour exchange of text features, under DDP's gradient
+    average) trains as one process on the global batch: the same update within the 2% the
+    other two-process tests allow (float sums in another order), the same logit bias."""
+    from safetensors.torch import load_file
+
+    common = ["--model", siglip_micro, "--pretrained", "", "--method", "flyp", "--steps", "3",
+              "--lr", "1e-3", "--no-augment", "--workers", "0", "--no-progress", "--wise-ft", "",
+              "--eval-per-task", "4", "--train-size", "32", "--checkpoint-every", "3"]
+    train.main([*common, "--batch-size", "8", "--out", str(tmp_path / "one")])
+    two_processes(str(Path(__file__).parents[1] / "helpers" / "model_config_run.py"),
+                  str(siglip_config_dir), *common, "--batch-size", "4", "--out",
+                  str(tmp_path / "two"))
+    start = load_file(tmp_path / "one" / "start-weights.safetensors")
+    assert torch.equal(start["logit_bias"],
+                       load_file(tmp_path / "two" / "start-weights.safetensors")["logit_bias"])
+    one, two = (load_checkpoint(sorted((tmp_path / n / "checkpoints").glob("step-*.pt"))[-1])
+                ["state_dict"] for n in ("one", "two"))
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(one[k], start[k])
+             and not k.endswith("in_proj_bias")]
+    d1 = torch.cat([(one[k] - start[k]).flatten() for k in moved])
+    d2 = torch.cat([(two[k] - start[k]).flatten() for k in moved])
+    assert "logit_bias" in moved and ((d1 - d2).norm() / d1.norm()).item() < 0.02
+    torch.testing.assert_close(two["logit_bias"], one["logit_bias"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_locked_tower_stays_as_loaded_under_fsdp_on_two_processes(micro_cache, tmp_path):
+    """--lock-image with FSDP2 (which shards locked and trainable parameters together): after
+    training, the locked image groups equal the loaded weights; the unlocked last group (the
+    projection) and the text tower moved."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    two_processes("-m", "dive_fast.train", *train_args(out, "--method", "flyp", "--steps", "2",
+                                                      "--batch-size", "4", "--fsdp",
+                                                      "--lock-image",
+                                                      "--lock-image-unlocked-groups", "1"))
+    state = load_checkpoint(sorted((out / "checkpoints").glob("step-*.pt"))[-1])["state_dict"]
+    start = load_file(tiny_checkpoint("dive-micro"))
+    moved = {k for k in state if not torch.equal(state[k], start[k])}
+    assert {k for k in moved if k.startswith("visual.")} == {"visual.proj"}
+    assert "text_projection" in moved
 
 
 def test_hf_hub_names_load_through_open_clip(micro_cache, tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ def make_frozen_side(args, bundle, pretrained: str | None, reference, amp_dtype,
     (``models.store_for_autocast``: the same embeddings), with the embedding cache attached
     when ``--frozen-cache`` is on and ``reference`` = (pairs, id) has an id (an indexed set:
     a CSV, the world; None when streamed). The cache lives in ``out/cache``, keyed by all
-    that makes its rows: model, weights, data, transform, size, autocast, text truncation.
+    that makes its rows: model, weights, data, transform, size, autocast, text truncation,
+    attention path.
 
     Once the cache is there it answers every reference pair, and the tower is released:
     nothing later reads it (the zero-shot row is measured before, WiSE-FT mixes the weights
@@ -41,15 +42,14 @@ def make_frozen_side(args, bundle, pretrained: str | None, reference, amp_dtype,
         key = cache.cache_key(model=args.model, weights=cache.weights_id(pretrained),
                               data=pairs_id, transform=repr(bundle.preprocess_val),
                               n=len(pairs), amp=str(amp_dtype),
-                              text_truncation=str(args.text_truncation))
+                              text_truncation=str(args.text_truncation),
+                              attention="unfused")
         path = out / "cache" / f"frozen-ref-{key}.npy"
-        # Rank 0 builds the cache, or checks the one there against its digest (a read of
-        # the whole file); the other ranks open what it checked, once it is there.
-        built = cache.build(frozen, bundle.tokenizer, pairs, path, workers=args.workers,
-                            progress=not args.no_progress) if distributed.is_main() else None
-        distributed.barrier()
-        frozen.cache = built if built is not None else \
-            cache.build(frozen, bundle.tokenizer, pairs, path, verify_digest=False)
+        # Every rank embeds its share and rank 0 assembles them (or checks the cache there
+        # against its digest, a read of the whole file); the others open what it wrote.
+        rank, world_now = distributed.rank_and_world()
+        frozen.cache = cache.build(frozen, bundle.tokenizer, pairs, path, workers=args.workers,
+                                   progress=not args.no_progress, rank=rank, world=world_now)
         frozen.release()
         log.info("frozen tower released: the embedding cache answers every reference pair")
     elif sharded:

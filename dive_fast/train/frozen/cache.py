@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..._cli.progress import progress_bar
+from .. import distributed
+from ..data import in_order_loader
 from ..fileio import atomic_write, atomic_write_text, file_digest
 
 
@@ -115,33 +117,85 @@ def _collate(batch):
             [x[1] for _, x in kept])
 
 
-@torch.no_grad()
-def build(frozen, tokenizer, dataset, path: Path, batch_size=256, workers=0,
-          progress=True, verify_digest=True) -> EmbeddingCache:
-    """[N, 2, D] float32 (image, text) frozen embeddings, normalised, on disk beside a digest.
-    ``frozen`` is a ``FrozenReference``. Rows of unreadable samples stay zero: the
-    training loader never uses them (``data.Readable`` replaces such samples). A cache
-    already at ``path`` is opened (``verify_digest``: see ``EmbeddingCache``)."""
-    path = Path(path)
-    if path.is_file():
-        return EmbeddingCache(path, verify_digest)
-    loader = DataLoader(_Numbered(dataset), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate)
-    emb = None
-    for rows, images, texts in progress_bar(loader, desc="frozen reference embeddings",
-                                            disable=not progress, leave=False):
+def _embed_rows(frozen, tokenizer, dataset, rows: range, batch_size, workers, progress):
+    """[len(rows), 2, D] float32 embeddings of ``dataset``'s ``rows``, batched from their
+    first; an empty array (shape (0,)) when none of them is readable (D unknown)."""
+    loader = in_order_loader(Subset(_Numbered(dataset), rows), batch_size, workers, _collate)
+    emb = np.zeros((0,), dtype=np.float32)
+    for index, images, texts in progress_bar(loader, desc="frozen reference embeddings",
+                                             disable=not progress, leave=False):
         if images is None:
             continue
         img, txt = frozen.embed(images.to(frozen.device), tokenizer(texts).to(frozen.device))
-        if emb is None:
-            emb = np.zeros((len(dataset), 2, img.shape[1]), dtype=np.float32)
-        emb[rows.numpy()] = torch.stack((img, txt), 1).cpu().numpy()
-    if emb is None:
+        if not emb.size:
+            emb = np.zeros((len(rows), 2, img.shape[1]), dtype=np.float32)
+        emb[index.numpy() - rows.start] = torch.stack((img, txt), 1).cpu().numpy()
+    return emb
+
+
+def _write_npy(f, parts: list[np.ndarray], lengths: list[int], block_rows=4096) -> None:
+    """The bytes ``np.save`` writes for the rows of ``parts`` stacked (a part of shape (0,)
+    stands for ``lengths``' count of zero rows), part by part, a block at a time: memory
+    flat in the reference set's size."""
+    dim = next(p.shape[2] for p in parts if p.size)
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
+        np.dtype(np.float32)), "fortran_order": False, "shape": (sum(lengths), 2, dim)})
+    for part, n in zip(parts, lengths):
+        for start in range(0, n, block_rows):
+            stop = min(start + block_rows, n)
+            block = part[start:stop] if part.size else \
+                np.zeros((stop - start, 2, dim), dtype=np.float32)
+            f.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+
+
+def _part_path(path: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` leaves its share: a temporary name (``.*.tmp``), so what a killed
+    run left is removed at the next start (``fileio.remove_stale_temporaries``)."""
+    return path.with_name(f".{path.name}.part-{rank}-of-{world}.tmp")
+
+
+@torch.no_grad()
+def build(frozen, tokenizer, dataset, path: Path, batch_size=256, workers=0,
+          progress=True, verify_digest=True, rank=0, world=1) -> EmbeddingCache:
+    """[N, 2, D] float32 (image, text) frozen embeddings, normalised, on disk beside a digest.
+    ``frozen`` is a ``FrozenReference``. Rows of unreadable samples stay zero: the
+    training loader never uses them (``data.Readable`` replaces such samples). A cache
+    already at ``path`` is opened (``verify_digest``: see ``EmbeddingCache``; rank 0 reads
+    the digest, the others open what it checked).
+
+    On ``world`` ranks every rank calls it: each embeds its share of the rows
+    (``distributed.batch_slice``: the batches one process makes) into a part file beside
+    ``path``, and rank 0 puts the parts together into the bytes one process writes."""
+    path = Path(path)
+    exists = distributed.gather_in_rank_order(path.is_file())[0]  # rank 0's view decides
+    if exists:
+        opened = EmbeddingCache(path, verify_digest) if rank == 0 else None
+        distributed.barrier()
+        return opened or EmbeddingCache(path, verify_digest=False)
+    shares = [distributed.batch_slice(len(dataset), batch_size, r, world) for r in range(world)]
+    rows = _embed_rows(frozen, tokenizer, dataset, shares[rank], batch_size, workers,
+                       progress and rank == 0)
+    if world > 1:
+        atomic_write(_part_path(path, rank, world), lambda f: np.save(f, rows),
+                     size_hint=rows.nbytes)
+        distributed.barrier()
+        parts = [np.load(_part_path(path, r, world), mmap_mode="r") for r in range(world)]
+    else:
+        parts = [rows]
+    if not any(p.size for p in parts):  # every rank sees it: none waits for rank 0
         raise RuntimeError(f"no readable sample in the reference set ({len(dataset)} listed)")
-    path.with_suffix(".sha256").unlink(missing_ok=True)  # never a stale record beside new rows
-    atomic_write(path, lambda f: np.save(f, emb), size_hint=emb.nbytes)
-    atomic_write_text(path.with_suffix(".sha256"), file_digest(path))
-    return EmbeddingCache(path, verify_digest=False)  # the digest was just read from the file
+    if rank == 0:
+        lengths = [len(s) for s in shares]
+        path.with_suffix(".sha256").unlink(missing_ok=True)  # never a stale record by new rows
+        atomic_write(path, lambda f: _write_npy(f, parts, lengths),
+                     size_hint=sum(lengths) * next(p[0].nbytes for p in parts if p.size))
+        atomic_write_text(path.with_suffix(".sha256"), file_digest(path))
+    parts.clear()  # the part files' maps, before rank 0 deletes them
+    if rank == 0 and world > 1:
+        for r in range(world):
+            _part_path(path, r, world).unlink()
+    distributed.barrier()
+    return EmbeddingCache(path, verify_digest=False)  # rank 0 just read its digest
 
 
 def lookup(cache: EmbeddingCache, indices, device) -> tuple[torch.Tensor, torch.Tensor]:

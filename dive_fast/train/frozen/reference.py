@@ -1,8 +1,8 @@
 """The frozen pre-trained model's normalised reference embeddings f0(x), g0(t): looked up in
 the embedding cache (``cache.py``), or computed, on GPUs on a side stream that overlaps the
 trainable forward. Same numerics as the trainable model (its weights' dtype, the run's
-autocast), so identical weights give u = v = 0 up to the rounding of one batch shape
-against another."""
+autocast, nn.MultiheadAttention's unfused path), so identical weights give u = v = 0 up to
+the rounding of one batch shape against another."""
 from __future__ import annotations
 
 import gc
@@ -15,6 +15,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.profiler import record_function
 
 from ..memory import module_bytes
+from ..models import unfused_attention
 from .cache import lookup
 
 Pending = Callable[[], tuple[Tensor, Tensor | None]]
@@ -56,7 +57,7 @@ class FrozenReference:
         def encode(encoder, x):
             return None if x is None else torch.cat([encoder(c) for c in x.tensor_split(chunks)])
 
-        with record_function("dive_fast.frozen_forward"), torch.autocast(
+        with record_function("dive_fast.frozen_forward"), unfused_attention(), torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             img = encode(self.model.encode_image, images)
             txt = encode(self.model.encode_text, tokens)
