@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
-from dive_fast.train.evaluate import evaluate, world_eval_sets, zeroshot_head
+from dive_fast.train.heads import zeroshot_head
 from dive_fast.train.models import load_clip
+from dive_fast.train.scoring import evaluate, world_eval_sets
 from dive_fast.world.tasks import TASKS, task_image
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "diagnosis.json"

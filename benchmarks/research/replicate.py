@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dive_fast import train
 from dive_fast._cli.arguments import DefaultsFormatter  # noqa: E402
-from dive_fast.train.evaluate import format_table
+from dive_fast.train.report_tables import format_table
 
 DEFAULT = ["zeroshot", "ft", "lp-ft", "flyp", "flyp+replay", "snd-like", "dive", "dive-avl",
            "dive-pvl"]

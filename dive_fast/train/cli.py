@@ -20,7 +20,6 @@ from .._cli.arguments import DefaultsFormatter, run_checked
 from . import data, distributed, listing, parallel, protocol, runlock, shard_plan, validate
 from .checkpoint import CorruptCheckpoint, ResumeMismatch, claim_out
 from .data import csv_options, shards_fingerprint
-from .evaluate import SUMMARY_METRICS
 from .fileio import DiskFull
 from .methods import METHODS
 from .models import (
@@ -35,6 +34,7 @@ from .models import (
 )
 from .open_clip_flags import REFUSED_VALUES, RefuseValues, adamw_settings, add_refusals
 from .precision import PRECISIONS
+from .report_tables import SUMMARY_METRICS
 from .runlock import FolderInUse
 from .start_weights import StartMismatch
 from .suite import with_suite

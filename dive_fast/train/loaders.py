@@ -23,9 +23,9 @@ from .data import (
     in_order_loader,
     train_collate,
 )
-from .evaluate import folder_eval_sets, world_eval_sets, world_rsa_set
 from .methods import Batch
 from .protocol import chosen_templates
+from .scoring import folder_eval_sets, world_eval_sets, world_rsa_set
 
 
 def data_sources(args) -> dict[str, str]:

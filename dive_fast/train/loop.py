@@ -14,9 +14,10 @@ from .._cli.progress import progress_bar
 from . import distributed, metrics_log, parallel
 from .build import Run, load_model
 from .checkpoint import atomic_save, checkpoint_state, prune
-from .evaluate import evaluate, summary_value
 from .fileio import DiskFull
 from .precision import autocast_dtype
+from .report_tables import summary_value
+from .scoring import evaluate
 
 
 def whole_model(run: Run):

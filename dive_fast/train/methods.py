@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ..loss import DiVELoss
-from .evaluate import zeroshot_head
 from .frozen import FrozenReference
+from .heads import zeroshot_head
 
 
 @dataclass

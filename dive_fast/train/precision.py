@@ -16,3 +16,9 @@ def autocast_dtype(precision: str, device: str):
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else None
     return dtype
+
+
+def autocast(device, dtype):
+    """The run's autocast (``dtype`` None: float32), around every forward of an evaluation,
+    as open_clip's zero-shot evaluation runs under its --precision."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 from .._cli.progress import progress_bar
 from . import optim
 from .data import WorldCaptions, collate
-from .evaluate import evaluate, format_table, world_eval_sets
 from .fileio import atomic_write, atomic_write_text
 from .models import (
     CACHE_ENV,
@@ -34,6 +33,8 @@ from .models import (
     tiny_checkpoint,
     tiny_intact,
 )
+from .report_tables import format_table
+from .scoring import evaluate, world_eval_sets
 
 log = logging.getLogger(__name__)
 # The default pre-training's time on 2 CPU cores (an idle machine), said before it starts.

@@ -23,11 +23,12 @@ import torch
 from . import distributed, metrics_log, start_weights
 from .build import Run, build_run, load_model
 from .checkpoint import claim_out, load_resume
-from .evaluate import evaluate, evaluate_variants, format_table, summary_value
 from .fileio import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from .loaders import data_sources, eval_sets
 from .loop import evaluate_during_training, train_loop, whole_model
 from .precision import autocast_dtype
+from .report_tables import format_table, summary_value
+from .scoring import evaluate, evaluate_variants
 from .weights import FINAL, KeepBest, model_state, save_weights
 from .wise_ft import WeightMix
 

@@ -12,10 +12,10 @@ from torch.utils.data import Dataset
 
 from dive_fast.train import distributed
 from dive_fast.train.data import WorldCaptions
-from dive_fast.train.evaluate import evaluate_variants, world_eval_sets, world_rsa_set
 from dive_fast.train.frozen import FrozenReference
 from dive_fast.train.frozen import cache as frozen_cache
 from dive_fast.train.models import frozen_copy, load_clip
+from dive_fast.train.scoring import evaluate_variants, world_eval_sets, world_rsa_set
 from dive_fast.train.weights import model_state
 from dive_fast.train.wise_ft import WeightMix
 

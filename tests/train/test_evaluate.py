@@ -10,17 +10,12 @@ import torch.nn.functional as F
 from helpers.images import image_folder
 
 from dive_fast.train import validate
-from dive_fast.train.evaluate import (
-    evaluate,
-    folder_eval_sets,
-    format_table,
-    rsa,
-    spearman,
-    trained_head,
-    zeroshot_head,
-)
 from dive_fast.train.evaluate import main as evaluate_main
 from dive_fast.train.fileio import atomic_write_json
+from dive_fast.train.heads import trained_head, zeroshot_head
+from dive_fast.train.report_tables import format_table
+from dive_fast.train.rsa import rsa, spearman
+from dive_fast.train.scoring import evaluate, folder_eval_sets
 
 
 class LabelSet(torch.utils.data.Dataset):
@@ -123,7 +118,7 @@ class Logits(torch.nn.Module):
 
 
 def test_top1_top5_and_macro_f1_by_hand():
-    from dive_fast.train.evaluate import scores
+    from dive_fast.train.scoring import scores
     rows = torch.tensor([[6., 5, 4, 3, 2, 1],   # label 0: predicted 0
                          [0., 5, 6, 4, 3, 2],   # label 1: predicted 2, 2nd best: top-5 hit
                          [0., 0, 9, 0, 0, 0],   # label 2: predicted 2
@@ -228,8 +223,8 @@ def test_bf16_autocast_scores_as_fp32_within_bf16s_own_error(micro_cache):
     from torch.utils.data import DataLoader
 
     from dive_fast.train.data import collate
-    from dive_fast.train.evaluate import logits, world_eval_sets
     from dive_fast.train.models import find_pretrained, load_clip
+    from dive_fast.train.scoring import logits, world_eval_sets
     bundle = load_clip("dive-micro", find_pretrained("dive-micro", None))
     model, tok = bundle.model.eval(), bundle.tokenizer
     sets = world_eval_sets(bundle.preprocess_val, 100, 0, bundle.image_size)

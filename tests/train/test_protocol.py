@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dive_fast.train import evaluate, protocol, validate
-from dive_fast.train.data import DEFAULT_TEMPLATES, ImageFolderTask
+from dive_fast.train import heads, protocol, scoring, validate
+from dive_fast.train.data import DEFAULT_TEMPLATES, ImageFolderTask, collate
 
 PILToTensor = __import__("torchvision").transforms.PILToTensor
 
@@ -114,13 +114,13 @@ def test_r_image_is_scored_only_among_r_classes(tmp_path):
     feature = torch.zeros(1000)
     feature[TENCH[0]], feature[GOLDFISH[0]] = 1.0, 0.5  # tench (not in R) is best of 1000
     model = Stub(feature)
-    head, _ = evaluate.set_head(model, tokenizer, r, {}, {})
+    head, _ = heads.set_head(model, tokenizer, r, {}, {})
     assert head.shape == (200, 1000) and head[0].argmax() == GOLDFISH[0]
-    loader = torch.utils.data.DataLoader(r, batch_size=4, collate_fn=evaluate.collate)
-    top1, seen, _ = evaluate.accuracy(model, head, loader)
+    loader = torch.utils.data.DataLoader(r, batch_size=4, collate_fn=collate)
+    top1, seen, _ = scoring.accuracy(model, head, loader)
     assert (top1, seen) == (1.0, 1)  # among R's 200, goldfish (R's class 0) wins
     trained = torch.arange(1000.)[:, None].expand(1000, 3)  # row i holds i
-    head, _ = evaluate.set_head(model, tokenizer, r, {names: trained}, {})
+    head, _ = heads.set_head(model, tokenizer, r, {names: trained}, {})
     assert head[:3, 0].tolist() == list(R_FIRST)  # the 1000-way head's rows, by position
 
 
@@ -190,13 +190,13 @@ def test_objectnet_scores_each_class_by_its_best_imagenet_class(tmp_path):
     feature = torch.zeros(1000)
     feature[TENCH[0]], feature[530], feature[954] = 1.0, 0.6, 0.5
     model = Stub(feature)
-    head, _ = evaluate.set_head(model, tokenizer, ds, {}, {})
+    head, _ = heads.set_head(model, tokenizer, ds, {}, {})
     assert [int(r.argmax()) for r in head] == [409, 530, 954]
-    report = evaluate.evaluate(model, tokenizer, {"objectnet": ("ood", ds)}, progress=False)
+    report = scoring.evaluate(model, tokenizer, {"objectnet": ("ood", ds)}, progress=False)
     assert report["ood"]["objectnet"] == 0.5  # both read as the alarm clock (digital: 0.6)
     # a class's logit is its rows' largest: analog 0, digital .6 beat banana .5
     logits = torch.tensor([[0., .6, .5]])
-    found, _, _ = evaluate.scores(Stub(None), torch.eye(3), [(logits, torch.tensor([0]), 0)],
+    found, _, _ = scoring.scores(Stub(None), torch.eye(3), [(logits, torch.tensor([0]), 0)],
                                   owner=[0, 0, 1])
     assert found["top1"] == 1.0
     with pytest.raises(ValueError, match="mappings folder"):

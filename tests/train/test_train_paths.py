@@ -165,7 +165,7 @@ TWO_PROCESS_RUNS = [(n, d, m) for d in ("world", "csv") for n, methods in
 
 @pytest.mark.parametrize("layout,data,method", TWO_PROCESS_RUNS)
 def test_two_processes_equal_one_process_on_the_global_batch(ddp_runs, layout, data, method):
-    from dive_fast.train.evaluate import zeroshot_head
+    from dive_fast.train.heads import zeroshot_head
     from dive_fast.train.models import load_clip, tiny_checkpoint
     from dive_fast.world import TASKS
     one, two = (final(ddp_runs[data, method, n][0]) for n in ("one", layout))
