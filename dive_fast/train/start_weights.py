@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from .checkpoint import load_checkpoint, payload_digest, state_dict_in
-from .fileio import atomic_write
 from .models import is_weights_path
+from .weights import save_weights
 
 KEPT_NAME = "start-weights.safetensors"
 
@@ -27,8 +27,7 @@ def record(state: dict, pretrained: str | None, out, keep: bool = True) -> dict:
     if not pretrained:
         path = Path(out) / KEPT_NAME
         if keep:
-            payload = save({k: v.detach().cpu().contiguous() for k, v in state.items()})
-            atomic_write(path, lambda f: f.write(payload))
+            save_weights(state, path)
     return {"pretrained": pretrained, "path": str(Path(path).resolve()) if path else None,
             "sha256": payload_digest(state)}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
@@ -21,10 +22,44 @@ BEST_RECORD = "best.json"
 
 
 def save_weights(state: dict, path) -> Path:
-    """``state`` (a model's state dict) as safetensors, atomically."""
+    """``state`` (a model's state dict) as safetensors, atomically: the bytes of
+    safetensors' ``save``, written tensor by tensor (``save`` builds the whole file in
+    memory, twice the weights at its peak, on top of the run's own memory)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    header, order = _safetensors_header(tensors)
+    return atomic_write(path, lambda f: _write_safetensors(f, header, order, tensors),
+                        size_hint=len(header) + sum(t.nbytes for t in tensors.values()))
+
+
+def _safetensors_header(tensors: dict) -> tuple[bytes, list]:
+    """(8-byte length + JSON header, names in file order) as safetensors' ``save`` lays them
+    out: by dtype in its order (asked of safetensors on one element of each), then name."""
     from safetensors.torch import save
-    payload = save({k: v.detach().cpu().contiguous() for k, v in state.items()})
-    return atomic_write(path, lambda f: f.write(payload), size_hint=len(payload))
+    dtypes = list(dict.fromkeys(t.dtype for t in tensors.values()))
+    probe = _header_of(save({str(i): torch.zeros(1, dtype=d) for i, d in enumerate(dtypes)}))
+    rank = {dtypes[int(i)]: at for at, i in enumerate(probe)}
+    names = {dtypes[int(i)]: entry["dtype"] for i, entry in probe.items()}
+    order = sorted(tensors, key=lambda k: (rank[tensors[k].dtype], k))
+    entries, offset = {}, 0
+    for k in order:
+        t = tensors[k]
+        entries[k] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                      "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def _header_of(payload: bytes) -> dict:
+    return json.loads(payload[8:8 + struct.unpack("<Q", payload[:8])[0]])
+
+
+def _write_safetensors(f, header: bytes, order: list, tensors: dict) -> None:
+    f.write(header)
+    for k in order:
+        if tensors[k].numel():
+            f.write(tensors[k].reshape(-1).view(torch.uint8).numpy().data)
 
 
 def load_weights(path) -> dict:
