@@ -167,7 +167,7 @@ def build(frozen, tokenizer, dataset, path: Path, batch_size=256, workers=0,
     (``distributed.batch_slice``: the batches one process makes) into a part file beside
     ``path``, and rank 0 puts the parts together into the bytes one process writes."""
     path = Path(path)
-    exists = distributed.gather_in_rank_order(path.is_file())[0]  # rank 0's view decides
+    exists = distributed.from_rank0(path.is_file)  # rank 0's view decides
     if exists:
         opened = EmbeddingCache(path, verify_digest) if rank == 0 else None
         distributed.barrier()
